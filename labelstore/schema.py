@@ -1,0 +1,175 @@
+"""Schema version 1 of the FKD label store: names, dtypes, metadata and the on-disk layout.
+
+One Zarr v3 group. Its attributes hold a dict under :data:`ATTR_KEY`; its arrays are
+
+=========  ===========  =================================  ==========================================
+array      shape        dtype                              meaning
+=========  ===========  =================================  ==========================================
+files      (N,)         string                             image path relative to the train root
+targets    (N,)         int32                              ground-truth class index
+sizes      (N, 2)       int32                              (height, width) of the decoded image
+boxes      (N, C, 4)    uint16 (int32 if a side > 65535)   (top, left, height, width) in pixels, exact
+flips      (N, C)       bool                               horizontal flip after the crop
+topk_idx   (N, C, k)    int16 (int32 if classes > 32767)   class ids, most probable first
+topk_val   (N, C, k)    float16                            teacher probabilities (temperature softmax)
+done       (N,)         bool                               the row is fully written (resume marker)
+=========  ===========  =================================  ==========================================
+
+Layout (why these chunks and codecs)
+------------------------------------
+Two access patterns decide everything:
+
+* **generation writes blocks of whole rows** (R images x all C crops) and several ranks write at once;
+* **training reads one round**: all N images x ``n`` consecutive crops, once per pass, into RAM.
+
+So every per-crop array is *sharded by rows* (one shard file = R rows x all C crops: the unit a writer
+owns and writes in one piece, so no two ranks ever touch one file) and *chunked by crops inside the shard*
+(inner chunk = R rows x c crops, so a round reads only the byte ranges of its own crops). Per-row arrays
+that generation writes (``sizes``, ``done``) are chunked with the same R rows, so a writer owns those
+chunks too. ``files`` and ``targets`` are written once at creation.
+
+R is chosen so that one shard holds about 2**18 crops (C=500 -> R=512; C=64 -> R=4096): measured on
+the 2-core development VM with 100k images x 64 crops x top-5, read_round(n=4) ran at 1.8 M crops/s with
+R=1024, 2.2 M with R=2048 and 5.3 M with R=4096 (zarr-python costs ~1 ms per inner-chunk read, so
+fewer, larger reads win), while appending stayed at 1.8-2.7 M crops/s. Larger R also coarsens resume
+(a crash loses at most one shard of work per rank), hence the cap. c defaults to 4, FKD's num_crops:
+a round of n=4 reads exactly one inner chunk per shard; n=8 reads two.
+
+Codec: Blosc(zstd, clevel 5, bitshuffle) then CRC32C on every inner chunk (the sharding index has its
+own CRC32C), so a damaged chunk is detected, never decoded into wrong labels. On simulated teacher
+output (1000 classes, 500 crops, top-5) the options measured within ~0.5 B/crop of each other
+(plain zstd 3 .. 19, blosc shuffle vs bitshuffle, transposed layouts, chunk heights 250..1000, even
+pcodec): the float16 probabilities (~8 B/crop) and exact boxes (~4.2 B/crop) sit near their entropy,
+so the layout is chosen for read speed and the codec for write speed (zstd 9 wrote 6x slower for 0.6 B).
+``fkd-dali bench store`` re-measures all of this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+ATTR_KEY = "fkd"
+
+CROP_ARRAYS = ("boxes", "flips", "topk_idx", "topk_val")
+ROW_ARRAYS = ("files", "targets", "sizes", "done")
+ALL_ARRAYS = ROW_ARRAYS[:3] + CROP_ARRAYS + ("done",)
+
+TARGET_CROPS_PER_SHARD = 1 << 18
+MIN_ROWS_PER_SHARD = 64
+MAX_ROWS_PER_SHARD = 8192
+DEFAULT_CROPS_PER_CHUNK = 4
+FILES_CHUNK = 1 << 16
+
+EXIF_POLICY = "ignore"
+"""Orientation policy shared by generate, train and import: EXIF orientation tags are *not* applied.
+
+Boxes refer to the pixel grid as stored in the file, which is what PIL/torchvision ImageFolder (and so
+FKD's official labels) use; every DALI decoder in this project runs with ``adjust_orientation=False``.
+"""
+
+
+def box_dtype(max_side: int) -> np.dtype:
+    return np.dtype(np.uint16) if max_side <= np.iinfo(np.uint16).max else np.dtype(np.int32)
+
+
+def class_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Rows per shard (the write unit) and crops per inner chunk (the read unit of a round)."""
+
+    rows_per_shard: int
+    crops_per_chunk: int
+
+    @classmethod
+    def choose(cls, num_images: int, num_crops: int, rows_per_shard: int | None = None,
+               crops_per_chunk: int | None = None) -> "Layout":
+        c = crops_per_chunk or DEFAULT_CROPS_PER_CHUNK
+        c = max(1, min(c, num_crops))
+        if rows_per_shard is None:
+            r = TARGET_CROPS_PER_SHARD // max(1, num_crops)
+            r = 1 << max(0, int(math.log2(max(1, r))))  # a power of two
+            rows_per_shard = min(MAX_ROWS_PER_SHARD, max(MIN_ROWS_PER_SHARD, r))
+        rows_per_shard = max(1, min(rows_per_shard, max(1, num_images)))
+        return cls(rows_per_shard=int(rows_per_shard), crops_per_chunk=int(c))
+
+    def shard_crops(self, num_crops: int) -> int:
+        """Crop extent of one shard: C rounded up to a multiple of the inner chunk."""
+        return -(-num_crops // self.crops_per_chunk) * self.crops_per_chunk
+
+    def shard_ranges(self, num_images: int) -> list[tuple[int, int]]:
+        r = self.rows_per_shard
+        return [(s, min(num_images, s + r)) for s in range(0, num_images, r)]
+
+
+@dataclasses.dataclass
+class StoreMeta:
+    """Everything under the group attribute ``fkd``; see DESIGN.md "Label store"."""
+
+    num_images: int
+    num_crops: int
+    top_k: int
+    num_classes: int
+    classes: list[str]
+    dataset_root: str
+    fingerprint: str
+    temperature: float = 1.0
+    teachers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    crop: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int | None = None
+    exif: str = EXIF_POLICY
+    complete: bool = False
+    schema_version: int = SCHEMA_VERSION
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "num_images": self.num_images,
+            "num_crops": self.num_crops,
+            "top_k": self.top_k,
+            "num_classes": self.num_classes,
+            "temperature": self.temperature,
+            "teachers": self.teachers,
+            "crop": self.crop,
+            "seed": self.seed,
+            "exif": self.exif,
+            "dataset": {"root": self.dataset_root, "fingerprint": self.fingerprint,
+                        "classes": list(self.classes)},
+            "complete": self.complete,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str) -> "StoreMeta":
+        missing = [k for k in ("schema_version", "num_images", "num_crops", "top_k", "num_classes",
+                               "dataset") if k not in attrs]
+        if missing:
+            from .errors import StoreFormatError
+            raise StoreFormatError(f"{where}: the '{ATTR_KEY}' attributes lack {', '.join(missing)}; "
+                                   "this is not a complete fkd-dali label store")
+        ds = attrs["dataset"]
+        return cls(
+            schema_version=int(attrs["schema_version"]),
+            num_images=int(attrs["num_images"]),
+            num_crops=int(attrs["num_crops"]),
+            top_k=int(attrs["top_k"]),
+            num_classes=int(attrs["num_classes"]),
+            classes=list(ds.get("classes", [])),
+            dataset_root=str(ds.get("root", "")),
+            fingerprint=str(ds.get("fingerprint", "")),
+            temperature=float(attrs.get("temperature", 1.0)),
+            teachers=list(attrs.get("teachers", [])),
+            crop=dict(attrs.get("crop", {})),
+            seed=attrs.get("seed"),
+            exif=str(attrs.get("exif", EXIF_POLICY)),
+            complete=bool(attrs.get("complete", False)),
+            source=dict(attrs.get("source", {})),
+        )

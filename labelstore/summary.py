@@ -1,0 +1,80 @@
+"""Human-readable summary of a label store, for ``fkd-dali inspect STORE``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .schema import CROP_ARRAYS
+from .store import LabelStore
+
+
+def disk_usage(path: str) -> dict[str, int]:
+    """Bytes per top-level array (apparent size of its files), plus 'total'."""
+    out: dict[str, int] = {}
+    for entry in os.scandir(path):
+        if entry.is_dir():
+            out[entry.name] = sum(os.path.getsize(os.path.join(d, f))
+                                  for d, _, fs in os.walk(entry.path) for f in fs)
+    out["total"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return out
+
+
+def summarize(store: LabelStore) -> dict:
+    m = store.meta
+    done = store.done()
+    usage = disk_usage(store.path)
+    crops = m.num_images * m.num_crops
+    arrays = {}
+    for name in ("files", "targets", "sizes", "done") + CROP_ARRAYS:
+        a = store.array(name)
+        arrays[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
+                        "shards": list(a.shards) if a.shards else None, "bytes": usage.get(name, 0)}
+    crop_bytes = sum(usage.get(n, 0) for n in CROP_ARRAYS)
+    return {
+        "path": store.path,
+        "schema_version": m.schema_version,
+        "num_images": m.num_images, "num_crops": m.num_crops, "top_k": m.top_k,
+        "num_classes": m.num_classes, "temperature": m.temperature,
+        "rows_done": int(done.sum()), "complete": bool(m.complete),
+        "layout": {"rows_per_shard": store.layout.rows_per_shard,
+                   "crops_per_chunk": store.layout.crops_per_chunk},
+        "bytes_total": usage["total"],
+        "bytes_per_crop": usage["total"] / crops if crops else 0.0,
+        "label_bytes_per_crop": crop_bytes / max(1, int(done.sum()) * m.num_crops),
+        "teachers": m.teachers, "crop": m.crop, "seed": m.seed, "exif": m.exif,
+        "dataset": {"root": m.dataset_root, "fingerprint": m.fingerprint,
+                    "classes": len(m.classes)},
+        "source": m.source,
+        "arrays": arrays,
+    }
+
+
+def format_summary(s: dict) -> str:
+    mb = s["bytes_total"] / 2**20
+    lines = [
+        f"label store  {s['path']}  (schema v{s['schema_version']})",
+        f"  images     {s['num_images']:,}  x  {s['num_crops']} crops  x  top-{s['top_k']} of "
+        f"{s['num_classes']} classes",
+        f"  complete   {'yes' if s['complete'] else 'NO'}  ({s['rows_done']:,} / {s['num_images']:,} rows done)",
+        f"  on disk    {mb:,.2f} MiB;  {s['bytes_per_crop']:.2f} B per crop "
+        f"(labels+boxes+flips of done rows: {s['label_bytes_per_crop']:.2f} B/crop)",
+        f"  layout     {s['layout']['rows_per_shard']} rows per shard file, "
+        f"{s['layout']['crops_per_chunk']} crops per inner chunk",
+        f"  dataset    root '{s['dataset']['root']}', {s['dataset']['classes']} classes, "
+        f"fingerprint {s['dataset']['fingerprint'][:23]}...",
+        f"  temperature {s['temperature']}   seed {s['seed']}   EXIF orientation: {s['exif']}",
+    ]
+    if s["crop"]:
+        lines.append("  crops      " + ", ".join(f"{k}={v}" for k, v in s["crop"].items()))
+    for t in s["teachers"] or []:
+        lines.append("  teacher    " + ", ".join(f"{k}={v}" for k, v in t.items()))
+    if s["source"]:
+        lines.append("  source     " + ", ".join(f"{k}={v}" for k, v in s["source"].items()))
+    lines.append("  arrays")
+    for name, a in s["arrays"].items():
+        shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""
+        lines.append(f"    {name:9s} {str(tuple(a['shape'])):22s} {a['dtype']:8s} chunks "
+                     f"{str(tuple(a['chunks'])):16s}{shards}  {a['bytes'] / 2**20:9.2f} MiB")
+    return "\n".join(lines)
