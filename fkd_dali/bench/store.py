@@ -1,0 +1,117 @@
+"""``fkd-dali bench store``: label-store size against FKD's per-image files, and read/append speed.
+
+Size: the same content (simulated teacher top-5 over 1000 classes, exact boxes of ImageNet-like images,
+flips) written as our store and as FKD's ``torch.save`` files in float32 and float16; both the apparent
+size (sum of file lengths) and the allocated size on this filesystem (``st_blocks``), since a million
+14 KB files also pay for partly used blocks.
+
+Speed: a store of N images x C crops x top-k; ``append`` = ``write_block`` over all shards (content made
+beforehand, one shard's worth reused), ``read_round`` = rounds of n crops read into RAM (best of 3).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import labelstore
+from labelstore import create_store, open_store
+
+from ..crops import normalized
+from .simulated import imagenet_like_crops, teacher_topk
+
+
+def _sizes_on_disk(path: str) -> tuple[int, int]:
+    apparent = allocated = 0
+    for d, _, fs in os.walk(path):
+        for f in fs:
+            st = os.stat(os.path.join(d, f))
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+def _make_store(path: str, n: int, c: int, k: int, classes: int = 1000, **layout) -> labelstore.LabelStore:
+    files = [f"c{i % classes:04d}/img_{i:08d}.JPEG" for i in range(n)]
+    return create_store(path, files=files, targets=[i % classes for i in range(n)],
+                        classes=[f"c{i:04d}" for i in range(classes)], fingerprint="sha256:bench",
+                        dataset_root="train", num_crops=c, top_k=k, overwrite=True, **layout)
+
+
+def size_vs_fkd(images: int = 1000, crops: int = 500, k: int = 5, workdir: str | None = None) -> dict:
+    tmp = tempfile.mkdtemp(prefix="fkd-bench-size-", dir=workdir)
+    try:
+        sizes, boxes, flips = imagenet_like_crops(images, crops)
+        idx, val = teacher_topk(images, crops, k)
+        store = _make_store(os.path.join(tmp, "store"), images, crops, k)
+        for a, b in store.shard_ranges():
+            store.write_block(a, sizes=sizes[a:b], boxes=boxes[a:b], flips=flips[a:b], topk_idx=idx[a:b],
+                              topk_val=val[a:b])
+        store.finalize()
+        ours = _sizes_on_disk(os.path.join(tmp, "store"))
+        per_array = {name: _sizes_on_disk(os.path.join(tmp, "store", name))[0] / (images * crops)
+                     for name in labelstore.CROP_ARRAYS}
+        coords = normalized(boxes, sizes)
+        fkd = {}
+        for dt in (np.float32, np.float16):
+            d = os.path.join(tmp, f"fkd_{np.dtype(dt).name}")
+            os.makedirs(d)
+            for i in range(images):
+                output = np.stack([idx[i].astype(np.float64), val[i].astype(np.float64)], axis=1)
+                torch.save([coords[i].astype(dt), flips[i], output.astype(dt)], os.path.join(d, f"{i}.tar"))
+            fkd[np.dtype(dt).name] = _sizes_on_disk(d)
+        n = images * crops
+        return {
+            "images": images, "crops": crops, "top_k": k, "content": "simulated teacher (1000 classes)",
+            "ours_bytes_per_crop": {"apparent": ours[0] / n, "allocated": ours[1] / n},
+            "ours_bytes_per_crop_by_array": per_array,
+            "fkd_fp32_bytes_per_crop": {"apparent": fkd["float32"][0] / n, "allocated": fkd["float32"][1] / n},
+            "fkd_fp16_bytes_per_crop": {"apparent": fkd["float16"][0] / n, "allocated": fkd["float16"][1] / n},
+            "ratio_vs_fp16": {"apparent": ours[0] / fkd["float16"][0], "allocated": ours[1] / fkd["float16"][1]},
+            "ratio_vs_fp32": {"apparent": ours[0] / fkd["float32"][0], "allocated": ours[1] / fkd["float32"][1]},
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def throughput(images: int = 100_000, crops: int = 64, k: int = 5, n: int = 4, rounds: int = 3,
+               workdir: str | None = None) -> dict:
+    tmp = tempfile.mkdtemp(prefix="fkd-bench-speed-", dir=workdir)
+    try:
+        path = os.path.join(tmp, "store")
+        store = _make_store(path, images, crops, k)
+        R = store.layout.rows_per_shard
+        sizes, boxes, flips = imagenet_like_crops(R, crops)
+        idx, val = teacher_topk(R, crops, k)
+        t0 = time.perf_counter()
+        for a, b in store.shard_ranges():
+            m = b - a
+            store.write_block(a, sizes=sizes[:m], boxes=boxes[:m], flips=flips[:m], topk_idx=idx[:m],
+                              topk_val=val[:m])
+        append_s = time.perf_counter() - t0
+        store.finalize()
+        reader = open_store(path)
+        times = []
+        for r in range(min(rounds, reader.num_rounds(n))):
+            t0 = time.perf_counter()
+            rnd = reader.read_round(r, n)
+            times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rows = np.random.default_rng(0).choice(images, 1000, replace=False)
+        reader.read_rows(rows)
+        rows_s = time.perf_counter() - t0
+        return {
+            "images": images, "crops": crops, "top_k": k, "round_crops": n,
+            "layout": {"rows_per_shard": R, "crops_per_chunk": store.layout.crops_per_chunk},
+            "append_crops_per_s": images * crops / append_s,
+            "read_round_crops_per_s": images * n / min(times), "read_round_s": times,
+            "round_mib_in_ram": rnd.nbytes / 2**20,
+            "read_rows_1000_random_s": rows_s,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,281 @@
+"""Interop with FKD's official soft-label files (szq0214/FKD, FKD_SLG/generate_soft_label.py).
+
+FKD writes one ``torch.save``d file per training image, ``<root>/<class>/<stem>.tar`` (``stem`` = the file
+name up to its first dot), holding the list ``[coords, flips, output]`` of numpy arrays:
+
+* ``coords`` (C, 4) float32 (float16 with ``--use_fp16``): ``(i/H, j/W, h/H, w/W)`` of the undecorated PIL
+  image (no EXIF rotation);
+* ``flips`` (C,) bool: horizontal flip after the crop;
+* ``output``: ``(C,)`` int64 class ids for ``hard``, ``(C, 2)`` ``[id, p]`` for ``smoothing``, ``(C, 2, k)``
+  ``[[ids], [probs]]`` for ``marginal_*`` (ids stored as floats).
+
+``import_fkd`` turns such a folder into our store (pixel boxes recovered exactly as FKD's replay crops
+them), ``export_fkd`` writes a store back in that format under ``OUT/<split>/<class>/<stem>.tar``, so
+FKD's own trainer reads it with ``--softlabel_path OUT``. Files are unpickled with ``weights_only=True``
+and only numpy's array reconstruction allowed: a label file cannot run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+import labelstore
+from labelstore import LabelStore, create_store
+
+from .crops import from_normalized, normalized
+from .dataset import Dataset, scan_image_folder, split_dir
+from .progress import progress
+
+
+class FKDFormatError(Exception):
+    """An FKD label file or folder cannot be imported as it is."""
+
+
+def _safe_globals() -> list:
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    names = [core._reconstruct, np.ndarray, np.dtype]
+    names += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int64, np.int32, np.bool_)]
+    aliases = [(core._reconstruct, "numpy.core.multiarray._reconstruct"),
+               (core._reconstruct, "numpy._core.multiarray._reconstruct"),
+               (core.scalar, "numpy.core.multiarray.scalar"), (core.scalar, "numpy._core.multiarray.scalar")]
+    return names + aliases
+
+
+def load_fkd_file(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(coords, flips, output)`` of one FKD label file, as numpy arrays; FKDFormatError if unreadable."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FKDFormatError(f"{path}: cannot be read as an FKD label file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); the file is truncated or corrupt: "
+                             "re-download or regenerate it") from e
+    if not isinstance(state, (list, tuple)) or len(state) != 3:
+        raise FKDFormatError(f"{path}: expected [coords, flips, output], got {type(state).__name__}"
+                             f"{' of length ' + str(len(state)) if hasattr(state, '__len__') else ''}")
+    coords, flips, output = (a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a) for a in state)
+    return coords, flips, output
+
+
+def split_output(output: np.ndarray, path: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(ids (C, k) int64, probs (C, k) float32, FKD label type) of an FKD ``output`` array."""
+    if output.ndim == 1:  # hard: class ids; the probability is unknown, stored as 1.0
+        ids, probs, kind = output[:, None], np.ones((len(output), 1), np.float32), "hard"
+    elif output.ndim == 2 and output.shape[1] == 2:
+        ids, probs, kind = output[:, :1], output[:, 1:], "smoothing"
+    elif output.ndim == 3 and output.shape[1] == 2:
+        ids, probs, kind = output[:, 0, :], output[:, 1, :], f"marginal_k{output.shape[2]}"
+    else:
+        raise FKDFormatError(f"{path}: output of shape {output.shape} is none of FKD's label layouts "
+                             "(C,), (C, 2) or (C, 2, k)")
+    fids = np.asarray(ids, dtype=np.float64)
+    rid = np.round(fids)
+    if not np.all(np.abs(fids - rid) < 1e-3):
+        raise FKDFormatError(f"{path}: class ids are not whole numbers; the file is not FKD output")
+    return rid.astype(np.int64), np.asarray(probs, dtype=np.float32), kind
+
+
+def label_stem(rel: str) -> str:
+    """FKD's key of an image: ``<class>/<file name up to its first dot>``."""
+    parts = rel.replace(os.sep, "/").split("/")
+    return f"{parts[0]}/{parts[-1].split('.')[0]}"
+
+
+def find_label_root(src: str, classes: Sequence[str]) -> str:
+    """The folder holding ``<class>/<stem>.tar``: SRC itself, SRC/train or SRC/<name>/train."""
+    cands = [src, os.path.join(src, "train")]
+    if os.path.isdir(src):
+        cands += [os.path.join(src, d, "train") for d in sorted(os.listdir(src))]
+    for c in cands:
+        if any(os.path.isdir(os.path.join(c, cls)) for cls in classes[:50]):
+            return c
+    raise FKDFormatError(f"{src} holds no FKD label folders named after the dataset's classes (looked in "
+                         f"{src}, {src}/train and {src}/*/train for e.g. {classes[0]}/)")
+
+
+@dataclasses.dataclass
+class ImportReport:
+    store: str
+    imported: int
+    missing: list[str]
+    label_type: str
+    coord_dtype: str
+    max_rounding_px: float
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as e:
+        raise FKDFormatError(f"{path}: cannot read the image header ({type(e).__name__}: {e}); the image "
+                             "is corrupt or not an image") from e
+    return h, w
+
+
+def _load_rows(args: tuple) -> dict:
+    """Worker: load the label files and image sizes of one shard."""
+    label_root, image_root, files, C, k = args
+    out = {"sizes": [], "coords": [], "flips": [], "ids": [], "probs": [], "present": [], "kind": set(),
+           "dtype": set(), "rounding": 0.0, "errors": [], "missing": []}
+    for rel in files:
+        lpath = os.path.join(label_root, label_stem(rel) + ".tar")
+        if not os.path.isfile(lpath):
+            out["missing"].append(rel)
+            out["present"].append(False)
+            continue
+        try:
+            coords, flips, output = load_fkd_file(lpath)
+            ids, probs, kind = split_output(output, lpath)
+            if coords.shape != (C, 4) or flips.shape != (C,) or ids.shape != (C, k):
+                raise FKDFormatError(f"{lpath}: coords {coords.shape}, flips {flips.shape}, output "
+                                     f"{output.shape}; expected {C} crops with top-{k} like the first file")
+            size = _image_size(os.path.join(image_root, rel))
+        except FKDFormatError as e:
+            out["errors"].append(str(e))
+            out["present"].append(False)
+            continue
+        out["sizes"].append(size)
+        out["coords"].append(coords)
+        out["flips"].append(flips.astype(bool))
+        out["ids"].append(ids)
+        out["probs"].append(probs)
+        out["present"].append(True)
+        out["kind"].add(kind)
+        out["dtype"].add(str(coords.dtype))
+    return out
+
+
+def _shard_jobs(store: LabelStore, label_root: str, image_root: str, C: int, k: int) -> Iterator[tuple]:
+    files = store.files
+    for a, b in store.shard_ranges():
+        yield (label_root, image_root, list(files[a:b]), C, k)
+
+
+def import_fkd(src: str, data: str, save_path: str, *, allow_missing: bool = False, workers: int = 0,
+               overwrite: bool = False, show_progress: bool = True) -> ImportReport:
+    """Convert FKD's per-image label folder into a label store for DATA/train."""
+    ds: Dataset = scan_image_folder(split_dir(data, "train"))
+    label_root = find_label_root(src, ds.classes)
+    stems = [label_stem(f) for f in ds.files]
+    if len(set(stems)) != len(stems):
+        seen: dict[str, str] = {}
+        for f, s in zip(ds.files, stems):
+            if s in seen:
+                raise FKDFormatError(f"{seen[s]} and {f} map to the same FKD label file {s}.tar (FKD keys "
+                                     "images by class and name up to the first dot); rename one of them")
+            seen[s] = f
+    # The first readable file fixes C, k and the label type.
+    first = None
+    for s in stems:
+        p = os.path.join(label_root, s + ".tar")
+        if os.path.isfile(p):
+            coords, _, output = load_fkd_file(p)
+            ids, _, kind = split_output(output, p)
+            first = (len(coords), ids.shape[1], kind, p)
+            break
+    if first is None:
+        raise FKDFormatError(f"{label_root} holds none of the {len(stems)} label files the dataset needs "
+                             f"(e.g. {stems[0]}.tar)")
+    C, k, kind, first_path = first
+    store = create_store(save_path, files=ds.files, targets=ds.targets, classes=ds.classes,
+                         fingerprint=ds.fingerprint, dataset_root=ds.name, num_crops=C, top_k=k,
+                         temperature=1.0, teachers=[{"name": "unknown (imported from FKD)"}],
+                         crop={"interpolation": "bilinear (FKD replay)"}, seed=None,
+                         source={"kind": "import-fkd", "path": os.path.abspath(src), "label_type": kind},
+                         overwrite=overwrite)
+    missing: list[str] = []
+    errors: list[str] = []
+    dtypes: set[str] = set()
+    rounding = 0.0
+    imported = 0
+    jobs = list(_shard_jobs(store, label_root, ds.root, C, k))
+    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    results = pool.map(_load_rows, jobs) if pool else map(_load_rows, jobs)
+    bar = progress(total=len(ds), desc="import-fkd", unit="img", disable=not show_progress)
+    try:
+        for (a, b), res in zip(store.shard_ranges(), results):
+            missing += res["missing"]
+            errors += res["errors"]
+            dtypes |= res["dtype"]
+            present = np.asarray(res["present"], dtype=bool)
+            bar.update(b - a)
+            if res["kind"] - {kind}:
+                raise FKDFormatError(f"{label_root}: label files mix layouts {sorted(res['kind'] | {kind})}; "
+                                     f"the first file ({first_path}) is {kind}")
+            if not present.any():
+                continue
+            count = b - a
+            sizes = np.ones((count, 2), np.int64)
+            boxes = np.zeros((count, C, 4), np.int64)
+            boxes[..., 2:] = 1
+            flips = np.zeros((count, C), bool)
+            ids = np.zeros((count, C, k), np.int64)
+            probs = np.zeros((count, C, k), np.float32)
+            sizes[present] = np.asarray(res["sizes"])
+            got_boxes, r = from_normalized(np.stack(res["coords"]), sizes[present])
+            rounding = max(rounding, r)
+            boxes[present] = got_boxes
+            flips[present] = np.stack(res["flips"])
+            ids[present] = np.stack(res["ids"])
+            probs[present] = np.stack(res["probs"])
+            try:
+                store.write_block(a, sizes=sizes, boxes=boxes, flips=flips, topk_idx=ids, topk_val=probs,
+                                  rows_done=present)
+            except labelstore.StoreError as e:
+                raise FKDFormatError(f"importing {label_root} rows {a}..{b - 1}: {e}") from e
+            imported += int(present.sum())
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    if errors:
+        raise FKDFormatError(f"{len(errors)} label file(s) could not be imported; first: {errors[0]}")
+    if missing and not allow_missing:
+        raise FKDFormatError(
+            f"{len(missing)} of {len(ds)} images have no FKD label file under {label_root} (first: "
+            f"{label_stem(missing[0])}.tar for {missing[0]}). Pass --allow-missing to import the rest and "
+            "leave those rows not done (training then needs --allow-incomplete)")
+    store.update_meta(source={**store.meta.source, "coord_dtype": "/".join(sorted(dtypes)),
+                              "max_box_rounding_px": rounding, "missing": len(missing)})
+    store.finalize()
+    return ImportReport(store=save_path, imported=imported, missing=missing, label_type=kind,
+                        coord_dtype="/".join(sorted(dtypes)), max_rounding_px=rounding)
+
+
+def export_fkd(store_path: str, out: str, *, fp16: bool = False, show_progress: bool = True) -> int:
+    """Write every done row of a store as FKD label files ``OUT/<split>/<class>/<stem>.tar``."""
+    store = labelstore.open_store(store_path)
+    split = store.meta.dataset_root or "train"
+    dt = np.float16 if fp16 else np.float32
+    written = 0
+    files = store.files
+    bar = progress(total=store.num_images, desc="export-fkd", unit="img", disable=not show_progress)
+    try:
+        for a, b in store.shard_ranges():
+            rows = store.read_rows(np.arange(a, b))
+            coords = normalized(rows["boxes"], rows["sizes"])
+            for i in range(b - a):
+                bar.update(1)
+                if not rows["done"][i]:
+                    continue
+                ids = rows["topk_idx"][i].astype(np.float64)
+                vals = rows["topk_val"][i].astype(np.float64)
+                if store.top_k == 1:
+                    output = np.stack([ids[:, 0], vals[:, 0]], axis=1)
+                else:
+                    output = np.stack([ids, vals], axis=1)
+                dest = os.path.join(out, split, label_stem(files[a + i]) + ".tar")
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                torch.save([coords[i].astype(dt), rows["flips"][i].astype(bool), output.astype(dt)], dest)
+                written += 1
+    finally:
+        bar.close()
+    return written
