@@ -1,0 +1,56 @@
+"""The command line as a user runs it: entry points, help, errors without tracebacks, bench store."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fkd_dali.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_fkd_style_entry_points_parse_help(script):
+    r = run(script, "--help")
+    assert r.returncode == 0 and "usage:" in r.stdout and "DATA" in r.stdout
+
+
+def test_console_script_lists_its_commands():
+    r = run("-m", "fkd_dali", "--help")
+    assert r.returncode == 0
+    for cmd in ("generate", "train", "inspect", "import-fkd", "export-fkd", "bench", "synth"):
+        assert cmd in r.stdout
+
+
+def test_inspect_of_a_missing_store_is_one_clear_line(tmp_path):
+    r = run("-m", "fkd_dali", "inspect", str(tmp_path / "missing"))
+    assert r.returncode == 1
+    assert "does not exist: expected an fkd-dali label store" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bench_store_writes_its_figures(tmp_path, capsys):
+    out = str(tmp_path / "store.json")
+    assert main(["bench", "store", "--size-images", "20", "--size-crops", "50", "--images", "3000",
+                 "--crops", "16", "--out", out, "--workdir", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "| FKD files, float16 |" in text and "read_round (n=4" in text
+    r = json.load(open(out))
+    assert r["size"]["ours_bytes_per_crop"]["apparent"] < r["size"]["fkd_fp16_bytes_per_crop"]["apparent"]
+    assert r["speed"]["append_crops_per_s"] > 0 and r["speed"]["read_round_crops_per_s"] > 0
+    assert r["machine"]["cores"] >= 1
+
+
+def test_synth_writes_an_image_folder(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "d"), "--classes", "2", "--per-class", "2",
+                 "--val-per-class", "1", "--size", "64"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["images"] == 6 and info["mean_bytes"] > 1000
+    assert sorted(os.listdir(tmp_path / "d" / "train")) == ["class_0000", "class_0001"]

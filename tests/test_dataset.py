@@ -1,0 +1,74 @@
+"""Dataset scan: identical to torchvision's ImageFolder; clear errors for bad folders."""
+
+import os
+
+import numpy as np
+import pytest
+from torchvision.datasets import ImageFolder
+
+from fkd_dali.dataset import DatasetError, scan_image_folder, split_dir
+from tests.conftest import make_image_folder, textured, write_jpeg
+
+
+def test_same_classes_files_and_order_as_torchvision(tmp_path):
+    root = tmp_path / "train"
+    rng = np.random.default_rng(0)
+    layout = ["b_cls/z.jpg", "b_cls/A.JPG", "b_cls/sub/deeper/x.jpeg", "b_cls/sub/y.png", "a_cls/1.webp",
+              "a_cls/10.jpg", "a_cls/2.jpg", "a_cls/notes.txt", "a_cls/.hidden.jpg", "C_cls/q.Jpg",
+              "C_cls/img.tiff"]
+    for rel in layout:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            p.write_text("not an image")
+        else:
+            from PIL import Image
+            fmt = {"png": "PNG", "webp": "WEBP", "tiff": "TIFF"}.get(rel.rsplit(".", 1)[1].lower(), "JPEG")
+            Image.fromarray(textured(rng, 16, 16)).save(p, fmt)
+    ours = scan_image_folder(str(root))
+    tv = ImageFolder(str(root))
+    assert ours.classes == tv.classes
+    assert [os.path.join(str(root), f) for f in ours.files] == [p for p, _ in tv.samples]
+    assert ours.targets.tolist() == [t for _, t in tv.samples]
+    assert "a_cls/notes.txt" not in ours.files
+    assert ours.byte_sizes.tolist() == [os.path.getsize(p) for p, _ in tv.samples]
+
+
+def test_fingerprint_tracks_paths_and_sizes(tmp_path):
+    split = make_image_folder(str(tmp_path / "d"), classes=2, per_class=3)
+    a = scan_image_folder(split).fingerprint
+    assert scan_image_folder(split).fingerprint == a and a.startswith("sha256:")
+    victim = os.path.join(split, "class_1", "img_002.jpg")
+    write_jpeg(victim, textured(np.random.default_rng(9), 80, 80))  # replaced by another image
+    assert scan_image_folder(split).fingerprint != a
+    os.remove(victim)
+    assert len(scan_image_folder(split)) == 5
+
+
+def test_errors_name_the_folder(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        split_dir(str(tmp_path / "nope"), "train")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DatasetError, match="data/train does not exist"):
+        split_dir(str(tmp_path / "data"), "train")
+    (tmp_path / "data" / "train").mkdir()
+    with pytest.raises(DatasetError, match="no class folders"):
+        scan_image_folder(split_dir(str(tmp_path / "data"), "train"))
+    make_image_folder(str(tmp_path / "data"), classes=2, per_class=2)
+    (tmp_path / "data" / "train" / "empty_cls").mkdir()
+    (tmp_path / "data" / "train" / "txt_only").mkdir()
+    (tmp_path / "data" / "train" / "txt_only" / "readme.txt").write_text("x")
+    with pytest.raises(DatasetError, match="empty_cls, txt_only contain no image"):
+        scan_image_folder(str(tmp_path / "data" / "train"))
+
+
+def test_split_folder_may_be_given_directly(tmp_path):
+    split = make_image_folder(str(tmp_path / "d"), classes=2, per_class=1)
+    assert split_dir(split, "train") == split
+
+
+def test_symlink_loop_is_an_error_not_a_hang(tmp_path):
+    split = make_image_folder(str(tmp_path / "d"), classes=2, per_class=1)
+    os.symlink(os.path.join(split, "class_0"), os.path.join(split, "class_0", "loop"))
+    with pytest.raises(DatasetError, match="symlink loop"):
+        scan_image_folder(split)

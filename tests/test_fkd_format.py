@@ -1,0 +1,179 @@
+"""import-fkd / export-fkd against files written exactly as FKD's generator writes them."""
+
+import io
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fkd_dali.cli import main
+from tests.conftest import make_image_folder
+from fkd_dali.crops import sample_crops
+from fkd_dali.dataset import scan_image_folder
+from fkd_dali.fkd_format import FKDFormatError, export_fkd, import_fkd, load_fkd_file
+from labelstore import open_store
+
+C, K = 20, 5
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> str:
+    """6 classes x 2 images: enough classes for top-5 labels."""
+    root = str(tmp_path / "data")
+    make_image_folder(root, classes=6, per_class=2)
+    return root
+
+
+def write_fkd_labels(data_root: str, out: str, *, fp16=False, layout="marginal", seed=0, skip=()):
+    """FKD_SLG/generate_soft_label.py's output: out/<class>/<stem>.tar = [coords, flips, output]."""
+    ds = scan_image_folder(os.path.join(data_root, "train"))
+    rng = np.random.default_rng(seed)
+    truth = {}
+    for i, rel in enumerate(ds.files):
+        if rel in skip:
+            continue
+        W, H = Image.open(os.path.join(ds.root, rel)).size
+        boxes, flips = sample_crops(seed, [i], [[H, W]], C)
+        boxes, flips = boxes[0], flips[0]
+        coords = np.stack([torch.FloatTensor((b[0] / H, b[1] / W, b[2] / H, b[3] / W)).numpy() for b in boxes])
+        p = torch.tensor(rng.dirichlet(np.ones(6) * 0.3, C), dtype=torch.float32)
+        order = torch.argsort(p, dim=1, descending=True)
+        if layout == "marginal":
+            output = torch.stack([torch.stack([order[c, :K].float(), p[c, order[c, :K]]]) for c in range(C)]).numpy()
+        elif layout == "smoothing":
+            output = torch.stack([torch.stack([order[c, 0].float(), p[c, order[c, 0]]]) for c in range(C)]).numpy()
+        else:
+            output = order[:, 0].numpy()
+        if fp16:
+            coords, output = coords.astype(np.float16), output.astype(np.float16)
+        cls, name = rel.split("/")
+        dest = os.path.join(out, cls, name.split(".")[0] + ".tar")
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        torch.save([coords, flips, output], dest)
+        truth[rel] = (boxes, flips, output)
+    return ds, truth
+
+
+def test_import_recovers_exact_pixel_boxes_and_labels(image_folder, tmp_path):
+    src = str(tmp_path / "fkd" / "imagenet" / "train")  # FKD generator's save_path/<name>/train/<class>
+    ds, truth = write_fkd_labels(image_folder, src)
+    rep = import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "store"), show_progress=False)
+    assert rep.imported == len(ds) and rep.label_type == "marginal_k5" and rep.coord_dtype == "float32"
+    assert rep.max_rounding_px < 0.01
+    store = open_store(str(tmp_path / "store"))
+    assert store.complete and store.num_crops == C and store.top_k == K
+    rows = store.read_rows(np.arange(len(ds)))
+    for i, rel in enumerate(ds.files):
+        boxes, flips, output = truth[rel]
+        np.testing.assert_array_equal(rows["boxes"][i], boxes)
+        np.testing.assert_array_equal(rows["flips"][i], flips)
+        np.testing.assert_array_equal(rows["topk_idx"][i], output[:, 0, :].astype(int))
+        np.testing.assert_array_equal(rows["topk_val"][i], output[:, 1, :].astype(np.float16))
+    store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets)
+
+
+def test_float16_files_report_their_rounding(image_folder, tmp_path):
+    write_fkd_labels(image_folder, str(tmp_path / "fkd"), fp16=True)
+    rep = import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "store"), show_progress=False)
+    assert rep.coord_dtype == "float16" and 0 < rep.max_rounding_px < 0.5
+    assert open_store(str(tmp_path / "store")).meta.source["max_box_rounding_px"] == rep.max_rounding_px
+
+
+@pytest.mark.parametrize("layout,kind,k", [("smoothing", "smoothing", 1), ("hard", "hard", 1)])
+def test_other_fkd_label_layouts(image_folder, tmp_path, layout, kind, k):
+    ds, truth = write_fkd_labels(image_folder, str(tmp_path / "fkd"), layout=layout)
+    rep = import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "store"), show_progress=False)
+    assert rep.label_type == kind
+    store = open_store(str(tmp_path / "store"))
+    assert store.top_k == k
+    out = truth[ds.files[0]][2]
+    ids = out[:, 0] if layout == "smoothing" else out
+    np.testing.assert_array_equal(store.read_rows([0])["topk_idx"][0, :, 0], ids.astype(int))
+
+
+def test_export_then_import_round_trips(image_folder, tmp_path):
+    write_fkd_labels(image_folder, str(tmp_path / "fkd"))
+    import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "a"), show_progress=False)
+    n = export_fkd(str(tmp_path / "a"), str(tmp_path / "exported"), show_progress=False)
+    assert n == 12
+    # FKD's trainer reads --softlabel_path/train/<class>/<stem>.tar with a plain torch.load.
+    coords, flips, output = torch.load(str(tmp_path / "exported" / "train" / "class_0" / "img_000.tar"),
+                                       weights_only=False)
+    orig = torch.load(str(tmp_path / "fkd" / "class_0" / "img_000.tar"), weights_only=False)
+    np.testing.assert_array_equal(coords, orig[0])
+    np.testing.assert_array_equal(flips, orig[1])
+    np.testing.assert_allclose(output, orig[2], rtol=1e-3)  # probabilities went through float16
+    import_fkd(str(tmp_path / "exported"), image_folder, str(tmp_path / "b"), show_progress=False)
+    a, b = open_store(str(tmp_path / "a")), open_store(str(tmp_path / "b"))
+    for name in ("boxes", "flips", "topk_idx", "topk_val", "sizes"):
+        np.testing.assert_array_equal(a.read_rows(range(12))[name], b.read_rows(range(12))[name])
+
+
+def test_missing_files_are_counted_and_named(image_folder, tmp_path):
+    write_fkd_labels(image_folder, str(tmp_path / "fkd"), skip={"class_1/img_001.jpg", "class_2/img_000.jpg"})
+    with pytest.raises(FKDFormatError, match=r"2 of 12 images have no FKD label file.*class_1/img_001.tar.*"
+                                             "--allow-missing"):
+        import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "s"), show_progress=False)
+    rep = import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "s2"), allow_missing=True,
+                     show_progress=False)
+    assert rep.imported == 10 and len(rep.missing) == 2
+    store = open_store(str(tmp_path / "s2"))
+    assert not store.complete and int((~store.done()).sum()) == 2
+
+
+def test_corrupt_file_is_named(image_folder, tmp_path):
+    write_fkd_labels(image_folder, str(tmp_path / "fkd"))
+    victim = tmp_path / "fkd" / "class_2" / "img_001.tar"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(FKDFormatError, match=r"1 label file\(s\).*class_2/img_001.tar.*truncated or corrupt"):
+        import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "s"), show_progress=False)
+
+
+def test_mismatched_crop_count_is_named(image_folder, tmp_path):
+    write_fkd_labels(image_folder, str(tmp_path / "fkd"))
+    victim = str(tmp_path / "fkd" / "class_1" / "img_001.tar")
+    coords, flips, output = torch.load(victim, weights_only=False)
+    torch.save([coords[:10], flips[:10], output[:10]], victim)
+    with pytest.raises(FKDFormatError, match="class_1/img_001.tar.*expected 20 crops"):
+        import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "s"), show_progress=False)
+
+
+def test_files_pickled_by_numpy_1_load_safely(tmp_path):
+    """FKD's published files were written with numpy 1.x (module numpy.core); a code-running pickle is refused."""
+    state = [np.zeros((2, 4), np.float32), np.zeros(2, bool), np.zeros((2, 2, 5), np.float32)]
+    torch.save(state, str(tmp_path / "new.tar"))
+    src = zipfile.ZipFile(str(tmp_path / "new.tar"))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(item, data)
+    (tmp_path / "old.tar").write_bytes(buf.getvalue())
+    coords, flips, output = load_fkd_file(str(tmp_path / "old.tar"))
+    assert coords.shape == (2, 4) and output.shape == (2, 2, 5)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save([Evil(), 1, 2], str(tmp_path / "evil.tar"))
+    with pytest.raises(FKDFormatError, match="cannot be read as an FKD label file"):
+        load_fkd_file(str(tmp_path / "evil.tar"))
+
+
+def test_cli_import_and_inspect(image_folder, tmp_path, capsys):
+    write_fkd_labels(image_folder, str(tmp_path / "fkd"))
+    assert main(["import-fkd", str(tmp_path / "fkd"), "--data", image_folder, "--save-path",
+                 str(tmp_path / "s")]) == 0
+    assert "imported 12 images" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "s"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verified 1 shards" in out and "complete   yes" in out and "source     kind=import-fkd" in out
+    assert main(["import-fkd", str(tmp_path / "nothing"), "--data", image_folder, "--save-path",
+                 str(tmp_path / "s3")]) == 1
+    assert "holds no FKD label folders" in capsys.readouterr().err
