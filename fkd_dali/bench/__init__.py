@@ -8,6 +8,8 @@ import os
 
 from .machine import describe, one_line
 
+LOADERS = ("fkd-dali", "fkd-original", "standard", "standard-noaa", "decode")
+
 
 def add_parser(sub, func) -> None:
     b = sub.add_parser("bench", help="measure the label store, the loader and the generator")
@@ -23,46 +25,69 @@ def add_parser(sub, func) -> None:
     s.add_argument("--out", default="bench-results/store.json")
     s.set_defaults(func=func)
 
+    lo = bs.add_parser("loader", help="FKD-DALI vs FKD's loader, standard DALI and decode-only")
+    lo.add_argument("--data", default=None, help="dataset root with train/ (default: synthesize photo-like JPEGs)")
+    lo.add_argument("--images", type=int, default=1024, help="images to synthesize when --data is not given")
+    lo.add_argument("--classes", type=int, default=16)
+    lo.add_argument("--pool", type=int, default=16, help="crops per image in the bench label store")
+    lo.add_argument("--num-crops", type=int, default=4)
+    lo.add_argument("-b", "--batch-size", type=int, default=64, help="images per batch, every contender")
+    lo.add_argument("--threads", type=int, default=None, help="DALI threads = DataLoader workers (default: all cores)")
+    lo.add_argument("--epochs", type=int, default=3, help="measured epochs per contender (after one warm-up)")
+    lo.add_argument("--device", choices=("cpu", "gpu"), default=None, help="default: gpu when there is one")
+    lo.add_argument("--only", default=",".join(LOADERS), help=f"comma-separated subset of {','.join(LOADERS)}")
+    lo.add_argument("--workdir", default="bench-data", help="where the synthetic data and stores are kept")
+    lo.add_argument("--out", default="bench-results/loader.json", help="JSON result; a PNG chart goes beside it")
+    lo.set_defaults(func=func)
+
+
+def _write(result: dict, out: str | None) -> None:
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {out}")
+
 
 def run(args: argparse.Namespace) -> int:
     machine = describe()
+    print(f"Machine: {one_line(machine)}\n")
     if args.bench == "store":
-        from .store import size_vs_fkd, throughput
+        from .store import format_store, size_vs_fkd, throughput
         size = size_vs_fkd(args.size_images, args.size_crops, args.top_k, args.workdir)
         speed = throughput(args.images, args.crops, args.top_k, args.round_crops, workdir=args.workdir)
         result = {"machine": machine, "size": size, "speed": speed}
         print(format_store(result))
+        _write(result, args.out)
+    elif args.bench == "loader":
+        import torch
+
+        from .loader import benchmark, format_table, plot, prepare_data
+        device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
+        threads = args.threads or (os.cpu_count() or 1)
+        which = [w.strip() for w in args.only.split(",") if w.strip()]
+        bad = set(which) - set(LOADERS)
+        if bad:
+            raise ValueError(f"unknown loader(s) {', '.join(sorted(bad))}; choose from {', '.join(LOADERS)}")
+        p = prepare_data(args.workdir, args.data, args.images, args.classes, args.pool)
+        if p["synthetic"]:
+            s = p["synthetic"]
+            print(f"Data: {p['images']} synthetic photo-like JPEGs, mean {s['mean_bytes'] / 1e3:.0f} KB and "
+                  f"{s['mean_pixels'] / 1e3:.0f} kpx per image (quality {s['quality']}, 4:2:0)")
+        else:
+            print(f"Data: {p['images']} images from {p['data']}")
+        print(f"{args.num_crops} crops/image, {args.batch_size} images/batch, {threads} threads/workers, "
+              f"device {device}\n")
+        result = benchmark(p, device=device, batch_size=args.batch_size, num_crops=args.num_crops,
+                           threads=threads, epochs=args.epochs, which=which)
+        result["machine"] = machine
+        print()
+        print(format_table(result))
+        _write(result, args.out)
+        if args.out:
+            png = os.path.splitext(args.out)[0] + ".png"
+            plot(result, png)
+            print(f"wrote {png}")
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(args.bench)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"\nwrote {args.out}")
     return 0
-
-
-def format_store(r: dict) -> str:
-    s, p = r["size"], r["speed"]
-    lines = [f"Machine: {one_line(r['machine'])}", "",
-             f"Store size, {s['images']} images x {s['crops']} crops x top-{s['top_k']}, {s['content']}:", "",
-             "| format | B/crop apparent | B/crop allocated | ours ÷ it (apparent) | ours ÷ it (allocated) |",
-             "|---|---|---|---|---|",
-             f"| fkd-dali store | {s['ours_bytes_per_crop']['apparent']:.2f} | "
-             f"{s['ours_bytes_per_crop']['allocated']:.2f} | 1 | 1 |",
-             f"| FKD files, float16 | {s['fkd_fp16_bytes_per_crop']['apparent']:.2f} | "
-             f"{s['fkd_fp16_bytes_per_crop']['allocated']:.2f} | {s['ratio_vs_fp16']['apparent']:.3f} | "
-             f"{s['ratio_vs_fp16']['allocated']:.3f} |",
-             f"| FKD files, float32 | {s['fkd_fp32_bytes_per_crop']['apparent']:.2f} | "
-             f"{s['fkd_fp32_bytes_per_crop']['allocated']:.2f} | {s['ratio_vs_fp32']['apparent']:.3f} | "
-             f"{s['ratio_vs_fp32']['allocated']:.3f} |", "",
-             "Our bytes per crop by array: " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                       s["ours_bytes_per_crop_by_array"].items()), "",
-             f"Store speed, {p['images']:,} images x {p['crops']} crops x top-{p['top_k']} "
-             f"({p['layout']['rows_per_shard']} rows/shard, {p['layout']['crops_per_chunk']} crops/chunk):", "",
-             "| operation | crops/s |", "|---|---|",
-             f"| append (write_block, whole shards) | {p['append_crops_per_s'] / 1e6:.2f} M |",
-             f"| read_round (n={p['round_crops']}, into RAM) | {p['read_round_crops_per_s'] / 1e6:.2f} M |",
-             "", f"A round of n={p['round_crops']} holds {p['round_mib_in_ram']:.1f} MiB in RAM; read_rows of "
-             f"1000 random rows took {p['read_rows_1000_random_s']:.2f} s."]
-    return "\n".join(lines)

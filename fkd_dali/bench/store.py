@@ -115,3 +115,26 @@ def throughput(images: int = 100_000, crops: int = 64, k: int = 5, n: int = 4, r
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_store(r: dict) -> str:
+    s, p = r["size"], r["speed"]
+    lines = [f"Store size, {s['images']} images x {s['crops']} crops x top-{s['top_k']}, {s['content']}:", "",
+             "| format | B/crop apparent | B/crop allocated | ours ÷ it (apparent) | ours ÷ it (allocated) |",
+             "|---|---|---|---|---|",
+             f"| fkd-dali store | {s['ours_bytes_per_crop']['apparent']:.2f} | "
+             f"{s['ours_bytes_per_crop']['allocated']:.2f} | 1 | 1 |"]
+    for label, key, ratio in (("FKD files, float16", "fkd_fp16_bytes_per_crop", "ratio_vs_fp16"),
+                              ("FKD files, float32", "fkd_fp32_bytes_per_crop", "ratio_vs_fp32")):
+        lines.append(f"| {label} | {s[key]['apparent']:.2f} | {s[key]['allocated']:.2f} | "
+                     f"{s[ratio]['apparent']:.3f} | {s[ratio]['allocated']:.3f} |")
+    lines += ["", "Our bytes per crop by array: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                        s["ours_bytes_per_crop_by_array"].items()), "",
+              f"Store speed, {p['images']:,} images x {p['crops']} crops x top-{p['top_k']} "
+              f"({p['layout']['rows_per_shard']} rows/shard, {p['layout']['crops_per_chunk']} crops/chunk):", "",
+              "| operation | crops/s |", "|---|---|",
+              f"| append (write_block, whole shards) | {p['append_crops_per_s'] / 1e6:.2f} M |",
+              f"| read_round (n={p['round_crops']}, into RAM) | {p['read_round_crops_per_s'] / 1e6:.2f} M |",
+              "", f"A round of n={p['round_crops']} holds {p['round_mib_in_ram']:.1f} MiB in RAM; read_rows of "
+              f"1000 random rows took {p['read_rows_1000_random_s']:.2f} s."]
+    return "\n".join(lines)

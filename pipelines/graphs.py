@@ -1,0 +1,221 @@
+"""DALI graphs: pure functions of DataNodes, one definition for ``cpu`` and ``gpu``.
+
+On ``gpu`` the decoder runs ``mixed`` (nvJPEG / the hardware JPEG engine) and every image op runs on the
+GPU; on ``cpu`` (DALI's CPU backend, no GPU needed) the same graph runs with CPU ops. Box and flip
+arguments are always CPU DataNodes (DALI's rule for argument inputs).
+
+Crop convention (DESIGN.md): a stored box ``(top, left, height, width)`` in pixels with flip ``f`` becomes
+``fn.resize(roi_start=(t, l + f*w), roi_end=(t + h, l + w - f*w), roi_relative=False, antialias=True)``;
+swapping the x ends flips the crop. Linear interpolation with antialiasing matches torchvision's
+``resized_crop`` (bilinear, antialias) on PIL images to within 1 grey level away from the 1-px border
+(notes/dali-2.4.md §3). EXIF orientation is never applied (the store's ``exif: ignore`` policy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
+import nvidia.dali.types as types
+from nvidia.dali import pipeline_def
+from nvidia.dali.data_node import DataNode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+INTERPOLATION = {
+    "bilinear": types.INTERP_LINEAR,
+    "bicubic": types.INTERP_CUBIC,
+    "lanczos": types.INTERP_LANCZOS3,
+    "nearest": types.INTERP_NN,
+}
+OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "uint8": types.UINT8}
+
+
+def devices(device: str) -> tuple[str, str]:
+    """(decoder device, op device) for "cpu" or "gpu"."""
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    return ("mixed", "gpu") if device == "gpu" else ("cpu", "cpu")
+
+
+def interpolation(name: str) -> types.DALIInterpType:
+    try:
+        return INTERPOLATION[name]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {name!r}; use one of {', '.join(INTERPOLATION)}") from None
+
+
+def decode(encoded: DataNode, device: str, **decoder_args) -> DataNode:
+    """Decode JPEG/PNG/... bytes to HWC uint8 RGB, EXIF orientation not applied."""
+    dec, _ = devices(device)
+    return fn.decoders.image(encoded, device=dec, output_type=types.RGB, adjust_orientation=False,
+                             **decoder_args)
+
+
+def replay_crops(images: DataNode, roi_start: DataNode, roi_end: DataNode, num_crops: int, size: int,
+                 device: str, interp: str = "bilinear") -> DataNode:
+    """The stored crops of each decoded image: ``(num_crops, size, size, 3)`` uint8, layout FHWC.
+
+    ``roi_start``/``roi_end``: per sample ``(num_crops, 2)`` float (y, x) pixel coordinates with the flip
+    already encoded (see :func:`pipelines.reader.roi_from_boxes`). The image is decoded once; each crop is
+    one ROI resize of it.
+    """
+    _, dev = devices(device)
+    crops = [fn.resize(images, device=dev, roi_start=roi_start[k], roi_end=roi_end[k], roi_relative=False,
+                       size=(size, size), interp_type=interpolation(interp), antialias=True)
+             for k in range(num_crops)]
+    if num_crops == 1:
+        return fn.expand_dims(crops[0], axes=0, new_axis_names="F")
+    return fn.stack(*crops, axis_name="F")
+
+
+def roi_of(boxes: DataNode, flips: DataNode) -> tuple[DataNode, DataNode]:
+    """In-graph ROI of per-sample boxes ``(n, 4)`` (top, left, height, width; pixels, float) and flips
+    ``(n,)`` (0/1, float): the flip swaps the x ends. CPU DataNodes in, CPU DataNodes ``(n, 2)`` out."""
+    t, l, h, w = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    start = fn.stack(t, l + flips * w, axis=1)
+    end = fn.stack(t + h, l + w - flips * w, axis=1)
+    return start, end
+
+
+def fkd_crops(images: DataNode, boxes: DataNode, flips: DataNode, num_crops: int, size: int, device: str,
+              interp: str = "bilinear") -> DataNode:
+    """Drop-in block for an existing DALI pipeline: the ``num_crops`` crops of each decoded image given
+    its stored boxes and flips as DataNodes; ``(num_crops, size, size, 3)`` uint8, layout FHWC."""
+    start, end = roi_of(boxes, flips)
+    return replay_crops(images, start, end, num_crops, size, device, interp)
+
+
+def to_model_input(frames: DataNode, device: str, *, normalize: bool = True, dtype: str = "float32",
+                   channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD, mirror: DataNode | None = None) -> DataNode:
+    """Normalise (``(x/255 - mean)/std``) and lay out FHWC frames as FCHW, or FHWC if ``channels_last``;
+    ``normalize=False`` keeps uint8 RGB."""
+    _, dev = devices(device)
+    layout = "FHWC" if channels_last else "FCHW"
+    kw = {} if mirror is None else {"mirror": mirror}
+    if not normalize:
+        return fn.crop_mirror_normalize(frames, device=dev, dtype=types.UINT8, output_layout=layout, **kw)
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"normalised output dtype must be float32 or float16 (DALI 2.4 has no bfloat16; "
+                         f"the loader casts float32 to bfloat16 on the device), got {dtype!r}")
+    return fn.crop_mirror_normalize(frames, device=dev, dtype=OUTPUT_DTYPES[dtype], output_layout=layout,
+                                    mean=[m * 255 for m in mean], std=[s * 255 for s in std], **kw)
+
+
+def as_frames(image: DataNode) -> DataNode:
+    """HWC image -> (1, H, W, C) FHWC, so single-crop graphs share :func:`to_model_input`."""
+    return fn.expand_dims(image, axes=0, new_axis_names="F")
+
+
+def _round_half_even_half(d: DataNode) -> DataNode:
+    """Python's ``round(d / 2)`` for integer DataNodes (torchvision's centre-crop offset)."""
+    k = d // 2
+    return k + (d - 2 * k) * (k - 2 * (k // 2))
+
+
+def center_crop(images: DataNode, size: int, resize_size: int, device: str,
+                interp: str = "bilinear") -> DataNode:
+    """Validation view exactly as torchvision's ``Resize(resize_size)`` + ``CenterCrop(size)``: shorter
+    side to ``resize_size``, longer side ``int(resize_size * long / short)``, crop offset
+    ``round((new - size) / 2)``; computed per image inside the graph."""
+    _, dev = devices(device)
+    shape = images.shape(dtype=types.INT32)
+    H, W = shape[0], shape[1]
+    h_short = fn.cast(H <= W, dtype=types.INT32)
+    new_long = (resize_size * dmath.max(H, W)) // dmath.min(H, W)
+    new_h = h_short * resize_size + (1 - h_short) * new_long
+    new_w = (1 - h_short) * resize_size + h_short * new_long
+    resized = fn.resize(images, device=dev, resize_x=fn.cast(new_w, dtype=types.FLOAT),
+                        resize_y=fn.cast(new_h, dtype=types.FLOAT), interp_type=interpolation(interp),
+                        antialias=True)
+    dy, dx = new_h - size, new_w - size
+    pos_y = fn.cast(_round_half_even_half(dy), dtype=types.FLOAT) / fn.cast(dmath.max(dy, 1), dtype=types.FLOAT)
+    pos_x = fn.cast(_round_half_even_half(dx), dtype=types.FLOAT) / fn.cast(dmath.max(dx, 1), dtype=types.FLOAT)
+    return fn.crop(resized, device=dev, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y)
+
+
+def random_resized_crop(encoded: DataNode, size: int, device: str, *, scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3), antialias: bool = True,
+                        interp: str = "bilinear", seed: int = -1) -> DataNode:
+    """The standard DALI ImageNet augmentation: fused decode + random crop (ROI decoding), resize."""
+    dec, dev = devices(device)
+    img = fn.decoders.image_random_crop(encoded, device=dec, output_type=types.RGB, adjust_orientation=False,
+                                        random_area=list(scale), random_aspect_ratio=list(ratio),
+                                        num_attempts=10, seed=seed)
+    return fn.resize(img, device=dev, size=(size, size), interp_type=interpolation(interp), antialias=antialias)
+
+
+# ---------------------------------------------------------------------------------------------- pipelines
+@pipeline_def(enable_conditionals=False)
+def fkd_pipeline(source, *, num_crops: int, size: int, device: str, normalize: bool = True,
+                 dtype: str = "float32", channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear", labels_on_device: bool = True):
+    """FKD replay: outputs images (B, n, 3, S, S) [or (B, n, S, S, 3)], topk_idx, topk_val, target, index,
+    crop_ids, all aligned per sample. ``source`` is a :class:`pipelines.reader.FKDReader`."""
+    nodes = source.nodes()
+    images = decode(fn.io.file.read(nodes["paths"]), device)
+    frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
+    out = to_model_input(frames, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
+                         mean=mean, std=std)
+    labels = [nodes[k] for k in ("topk_idx", "topk_val", "target", "index", "crop_ids")]
+    if device == "gpu" and labels_on_device:
+        labels = [x.gpu() for x in labels]
+    return (out, *labels)
+
+
+@pipeline_def(enable_conditionals=False)
+def eval_pipeline(source, *, size: int, resize_size: int, device: str, normalize: bool = True,
+                  dtype: str = "float32", channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
+                  std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear"):
+    """Validation: resize shorter side + centre crop; outputs images (B, 1, 3, S, S), target, index."""
+    nodes = source.nodes()
+    images = decode(fn.io.file.read(nodes["paths"]), device)
+    view = as_frames(center_crop(images, size, resize_size, device, interp))
+    out = to_model_input(view, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
+                         mean=mean, std=std)
+    labels = [nodes["target"], nodes["index"]]
+    if device == "gpu":
+        labels = [x.gpu() for x in labels]
+    return (out, *labels)
+
+
+@pipeline_def(enable_conditionals=False)
+def standard_pipeline(source, *, size: int, device: str, normalize: bool = True, dtype: str = "float32",
+                      channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
+                      std: Sequence[float] = IMAGENET_STD, scale: Sequence[float] = (0.08, 1.0),
+                      ratio: Sequence[float] = (3 / 4, 4 / 3), antialias: bool = True, interp: str = "bilinear"):
+    """The usual DALI ImageNet training pipeline (one random crop per decode, flip p=0.5, hard labels)."""
+    nodes = source.nodes()
+    crop = random_resized_crop(fn.io.file.read(nodes["paths"]), size, device, scale=scale, ratio=ratio,
+                               antialias=antialias, interp=interp)
+    out = to_model_input(as_frames(crop), device, normalize=normalize, dtype=dtype,
+                         channels_last=channels_last, mean=mean, std=std,
+                         mirror=fn.random.coin_flip(probability=0.5))
+    labels = [nodes["target"], nodes["index"]]
+    if device == "gpu":
+        labels = [x.gpu() for x in labels]
+    return (out, *labels)
+
+
+@pipeline_def(enable_conditionals=False)
+def generation_pipeline(source, *, num_crops: int, size: int, device: str, mean: Sequence[float],
+                        std: Sequence[float], interp: str = "bicubic", dtype: str = "float32",
+                        channels_last: bool = False):
+    """Teacher inputs: a group of ``num_crops`` stored crops per sample at the teacher's input size,
+    with the teacher's interpolation and normalisation; outputs crops, index, group."""
+    nodes = source.nodes()
+    images = decode(fn.io.file.read(nodes["paths"]), device)
+    frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
+    out = to_model_input(frames, device, dtype=dtype, channels_last=channels_last, mean=mean, std=std)
+    return out, nodes["index"], nodes["crop_ids"], images.shape()
+
+
+@pipeline_def(enable_conditionals=False)
+def decode_pipeline(source, *, device: str):
+    """The decoder alone (the ceiling for decode-once designs); outputs each image's shape."""
+    nodes = source.nodes()
+    images = decode(fn.io.file.read(nodes["paths"]), device)
+    return images.shape(), nodes["index"]

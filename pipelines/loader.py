@@ -1,0 +1,302 @@
+"""Loaders: a reader (epoch plan + external source) and a DALI pipeline, yielding dicts of torch tensors.
+
+``FKDLoader`` replays stored crops with their soft labels; ``EvalLoader`` is the validation view;
+``StandardLoader`` is the usual random-resized-crop DALI pipeline with hard labels (the baseline and
+``--labels hard``). All three shard like DistributedSampler and deliver the last partial batch unless
+``drop_last``.
+
+Outputs reach torch without a host round trip: each DALI output is wrapped with DLPack (zero copy) on
+the pipeline's device, so on a GPU the crops never leave it before the model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from labelstore import LabelStore
+
+from . import graphs
+from .errors import LoaderError, probe_image
+from .reader import EpochPlan, FKDReader, ImageReader
+
+
+def default_threads() -> int:
+    """CPU threads for one pipeline: the cores available, shared by the ranks on this node."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _device(device: str) -> str:
+    device = {"cuda": "gpu"}.get(device, device)
+    graphs.devices(device)  # validates the name
+    if device == "gpu" and not torch.cuda.is_available():
+        raise LoaderError("device='gpu' was asked for but torch sees no CUDA device; use device='cpu' "
+                          "(DALI's CPU backend runs the same pipeline)")
+    return device
+
+
+class _DaliLoader:
+    """Pipeline lifecycle and the epoch loop shared by the loaders."""
+
+    output_names: tuple[str, ...] = ()
+
+    def __init__(self, reader: ImageReader, *, device: str, num_threads: int | None, device_id: int | None,
+                 prefetch_queue_depth: int):
+        self.reader = reader
+        self.device = _device(device)
+        self.num_threads = num_threads or default_threads()
+        if self.device == "gpu":
+            self.device_id = torch.cuda.current_device() if device_id is None else device_id
+        else:
+            self.device_id = None
+        self.prefetch_queue_depth = prefetch_queue_depth
+        self.epoch = 0
+        self._pipe = None
+        self._at_boundary = False  # the built pipeline has finished an epoch: a reset is enough
+
+    @property
+    def batch_size(self) -> int:
+        return self.reader.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: a new permutation (and, for FKD, the next round of stored crops)."""
+        self.epoch = int(epoch)
+
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        return self.reader.plan(self.epoch if epoch is None else epoch)
+
+    def __len__(self) -> int:
+        """Steps per epoch (identical on every rank)."""
+        return len(self.reader)
+
+    def _new_pipeline(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _convert(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _pipeline_args(self) -> dict:
+        return dict(batch_size=self.reader.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+                    prefetch_queue_depth=self.prefetch_queue_depth,
+                    seed=self.reader.seed + 1000 * self.reader.rank, exec_dynamic=True)
+
+    def _to_torch(self, outputs) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, tl in zip(self.output_names, outputs):
+            t = tl.as_tensor()
+            if self.device == "gpu":
+                with torch.cuda.device(self.device_id):
+                    out[name] = torch.from_dlpack(t)
+            else:
+                out[name] = torch.from_dlpack(t)
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        plan = self.reader.start_epoch(self.epoch, reset=True)
+        if self._pipe is not None and self._at_boundary:
+            self._pipe.reset()
+        else:  # first epoch, or the last one was abandoned half way / failed: start afresh
+            self._pipe = self._new_pipeline()
+            self._pipe.build()
+        pipe = self._pipe
+        self._at_boundary = False
+        pipe.schedule_run()
+        for i in range(plan.num_batches):
+            try:
+                outputs = pipe.share_outputs()
+            except StopIteration:
+                self._pipe = None
+                raise LoaderError(f"the pipeline ended after {i} of {plan.num_batches} batches") from None
+            except RuntimeError as e:
+                self._pipe = None
+                raise self._explain(e, plan, i) from e
+            tensors = self._to_torch(outputs)
+            pipe.release_outputs()
+            pipe.schedule_run()
+            yield self._convert(tensors)
+        try:
+            pipe.share_outputs()
+        except StopIteration:
+            self._at_boundary = True
+        except RuntimeError:
+            self._pipe = None  # a read-ahead past the end failed; the next epoch rebuilds
+        else:  # pragma: no cover - the reader always ends the epoch
+            self._pipe = None
+
+    def _explain(self, err: RuntimeError, plan: EpochPlan, i: int) -> Exception:
+        """DALI's error as one that names the file (read-ahead means it is in this batch or the next few)."""
+        msg = str(err)
+        m = re.search(r"File mapping failed: (.+?)(?:\s*C\+\+ context|$)", msg, flags=re.S)
+        if m:
+            path = m.group(1).strip()
+            reason = probe_image(path) or "it cannot be read"
+            return LoaderError(f"{path}: {reason}. Restore or remove the file (a removed file needs a new "
+                               "label store: the dataset fingerprint no longer matches)")
+        for j in range(i, min(plan.num_batches, i + self.prefetch_queue_depth + 1)):
+            for r in plan.batch_rows(j):
+                path = self.reader.path_of(r)
+                reason = probe_image(path)
+                if reason:
+                    return LoaderError(f"{path}: {reason}. Replace the file with a valid image, or regenerate "
+                                       "the labels with --skip-corrupt so that it is left out")
+        last = msg.strip().splitlines()[-1] if msg.strip() else type(err).__name__
+        return LoaderError(f"DALI failed on batch {i} of epoch {plan.epoch} ({last}); every file of the batch "
+                           f"decodes with Pillow, so the cause is not a corrupt image. Full error: {msg[:2000]}")
+
+    def close(self) -> None:
+        self._pipe = None
+
+
+class FKDLoader(_DaliLoader):
+    """Replays the stored crops of a label store, each with its stored soft label.
+
+    >>> loader = FKDLoader(data="DATA/train", store="STORE", batch_size=B, num_crops=n, crop_size=S,
+    ...                    device="cpu", rank=0, world_size=1, seed=0, normalize=True)
+    >>> loader.set_epoch(e)               # new permutation, next round of stored crops
+    >>> for batch in loader: ...          # images (B*n, 3, S, S), topk_idx, topk_val (B*n, k),
+    ...                                   # targets, indices (store row), crop_ids (pool column), (B*n,)
+
+    Crops of one image are adjacent. ``batch_size`` counts images; a batch holds ``batch_size * n`` crops.
+    ``dtype``: float32 / float16 / bfloat16 (DALI 2.4 has no bfloat16: cast from float32 on the device) /
+    uint8 (no normalisation, RGB). ``channels_last`` gives NCHW tensors with channels-last strides.
+    """
+
+    output_names = ("images", "topk_idx", "topk_val", "targets", "indices", "crop_ids")
+
+    def __init__(self, data: str, store: str | LabelStore, batch_size: int, num_crops: int = 4,
+                 crop_size: int = 224, device: str = "gpu", rank: int = 0, world_size: int = 1, seed: int = 0,
+                 normalize: bool = True, dtype: str = "float32", channels_last: bool = False,
+                 mean: Sequence[float] = graphs.IMAGENET_MEAN, std: Sequence[float] = graphs.IMAGENET_STD,
+                 interp: str = "bilinear", shuffle: bool = True, drop_last: bool = False,
+                 allow_incomplete: bool = False, verify_files: bool = True, num_threads: int | None = None,
+                 device_id: int | None = None, prefetch_queue_depth: int = 2):
+        if dtype not in ("float32", "float16", "bfloat16", "uint8"):
+            raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype!r}")
+        reader = FKDReader(data, store, num_crops=num_crops, batch_size=batch_size, seed=seed, rank=rank,
+                           world_size=world_size, shuffle=shuffle, drop_last=drop_last,
+                           allow_incomplete=allow_incomplete, verify_files=verify_files)
+        super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
+                         prefetch_queue_depth=prefetch_queue_depth)
+        self.store = reader.store
+        self.num_crops, self.crop_size = num_crops, crop_size
+        self.normalize = normalize and dtype != "uint8"
+        self.dtype, self.channels_last = dtype, channels_last
+        self.mean, self.std, self.interp = tuple(mean), tuple(std), interp
+
+    @property
+    def num_classes(self) -> int:
+        return self.store.num_classes
+
+    @property
+    def num_rounds(self) -> int:
+        return self.reader.num_rounds
+
+    def round_of(self, epoch: int) -> int:
+        return self.reader.round_of(epoch)
+
+    def _new_pipeline(self):
+        return graphs.fkd_pipeline(
+            self.reader, num_crops=self.num_crops, size=self.crop_size, device=self.device,
+            normalize=self.normalize, dtype="float32" if self.dtype == "bfloat16" else self.dtype,
+            channels_last=self.channels_last, mean=self.mean, std=self.std, interp=self.interp,
+            **self._pipeline_args())
+
+    def _convert(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        n, S = self.num_crops, self.crop_size
+        images = t["images"]
+        B = images.shape[0]
+        if self.channels_last:  # (B, n, S, S, 3) -> NCHW view with channels-last strides
+            images = images.view(B * n, S, S, 3).permute(0, 3, 1, 2)
+        else:
+            images = images.view(B * n, 3, S, S)
+        if self.dtype == "bfloat16":
+            images = images.to(torch.bfloat16)
+        return {
+            "images": images,
+            "topk_idx": t["topk_idx"].reshape(B * n, -1).long(),
+            "topk_val": t["topk_val"].reshape(B * n, -1).float(),
+            "targets": t["targets"].repeat_interleave(n),
+            "indices": t["indices"].repeat_interleave(n),
+            "crop_ids": t["crop_ids"].reshape(B * n),
+        }
+
+    def close(self) -> None:
+        super().close()
+        self.reader.close()
+
+
+class _SingleViewLoader(_DaliLoader):
+    """One view per image from explicit (root, files, targets)."""
+
+    output_names = ("images", "targets", "indices")
+
+    def __init__(self, reader: ImageReader, *, crop_size: int, device: str, normalize: bool, dtype: str,
+                 channels_last: bool, mean: Sequence[float], std: Sequence[float], interp: str,
+                 num_threads: int | None, device_id: int | None, prefetch_queue_depth: int):
+        super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
+                         prefetch_queue_depth=prefetch_queue_depth)
+        self.root = reader.root
+        self.crop_size = crop_size
+        self.normalize, self.dtype, self.channels_last = normalize, dtype, channels_last
+        self.mean, self.std, self.interp = tuple(mean), tuple(std), interp
+
+    def _convert(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = t["images"]
+        B, S = images.shape[0], self.crop_size
+        images = images.view(B, S, S, 3).permute(0, 3, 1, 2) if self.channels_last else images.view(B, 3, S, S)
+        return {"images": images, "targets": t["targets"], "indices": t["indices"]}
+
+    def _view_args(self) -> dict:
+        return dict(size=self.crop_size, device=self.device, normalize=self.normalize, dtype=self.dtype,
+                    channels_last=self.channels_last, mean=self.mean, std=self.std, interp=self.interp)
+
+
+class EvalLoader(_SingleViewLoader):
+    """Validation exactly as torchvision's Resize(round(S*256/224)) + CenterCrop(S); fixed order. With
+    several ranks the shards are padded by wrapping: use ``indices`` to count each image once."""
+
+    def __init__(self, root: str, files: Sequence[str], targets: Sequence[int], batch_size: int,
+                 crop_size: int = 224, resize_size: int | None = None, device: str = "gpu", rank: int = 0,
+                 world_size: int = 1, normalize: bool = True, dtype: str = "float32",
+                 channels_last: bool = False, mean: Sequence[float] = graphs.IMAGENET_MEAN,
+                 std: Sequence[float] = graphs.IMAGENET_STD, interp: str = "bilinear",
+                 num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2):
+        self.resize_size = resize_size or round(crop_size * 256 / 224)
+        reader = ImageReader(root, files, targets, batch_size=batch_size, rank=rank, world_size=world_size,
+                             shuffle=False)
+        super().__init__(reader, crop_size=crop_size, device=device, normalize=normalize, dtype=dtype,
+                         channels_last=channels_last, mean=mean, std=std, interp=interp,
+                         num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch_queue_depth)
+
+    def _new_pipeline(self):
+        return graphs.eval_pipeline(self.reader, resize_size=self.resize_size, **self._view_args(),
+                                    **self._pipeline_args())
+
+
+class StandardLoader(_SingleViewLoader):
+    """The usual DALI ImageNet training input: fused decode + random-resized crop, flip, hard labels."""
+
+    def __init__(self, root: str, files: Sequence[str], targets: Sequence[int], batch_size: int,
+                 crop_size: int = 224, device: str = "gpu", rank: int = 0, world_size: int = 1, seed: int = 0,
+                 normalize: bool = True, dtype: str = "float32", channels_last: bool = False,
+                 mean: Sequence[float] = graphs.IMAGENET_MEAN, std: Sequence[float] = graphs.IMAGENET_STD,
+                 scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 antialias: bool = True, interp: str = "bilinear", drop_last: bool = False,
+                 num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2):
+        self.scale, self.ratio, self.antialias = tuple(scale), tuple(ratio), antialias
+        reader = ImageReader(root, files, targets, batch_size=batch_size, seed=seed, rank=rank,
+                             world_size=world_size, shuffle=True, drop_last=drop_last)
+        super().__init__(reader, crop_size=crop_size, device=device, normalize=normalize, dtype=dtype,
+                         channels_last=channels_last, mean=mean, std=std, interp=interp,
+                         num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch_queue_depth)
+
+    def _new_pipeline(self):
+        return graphs.standard_pipeline(self.reader, scale=self.scale, ratio=self.ratio,
+                                        antialias=self.antialias, **self._view_args(), **self._pipeline_args())

@@ -1,0 +1,290 @@
+"""The reader side of the pipelines: epoch order, DDP sharding, rounds, and the external sources.
+
+Everything per batch is O(1) numpy slicing of arrays held in memory (one round of the label store); the
+JPEG files are read by ``fn.io.file.read`` inside DALI's own threads, so the Python callback never opens a
+file and needs no worker processes (and so no fork-after-CUDA hazard).
+
+Sharding follows ``torch.utils.data.DistributedSampler(drop_last=False)``: one permutation per epoch from
+``(seed, epoch)``, identical on every rank, padded by wrapping to a multiple of the world size, and rank
+``r`` takes positions ``r, r + world, ...``; every rank serves the same number of samples and so runs the
+same number of steps.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
+from nvidia.dali.types import BatchInfo
+
+import labelstore
+from labelstore import LabelStore, Round
+
+from .errors import LoaderError
+
+ROUND_STREAM = 0x726F756E64  # separates the round schedule's random stream from the epoch order's
+
+
+def encode_paths(root: str, files: Sequence[str]) -> list[np.ndarray]:
+    """Absolute paths as the 1-D uint8 arrays ``fn.io.file.read`` takes."""
+    root = os.path.abspath(root)
+    return [np.frombuffer(os.path.join(root, f).encode("utf-8", "surrogateescape"), dtype=np.uint8)
+            for f in files]
+
+
+def roi_from_boxes(boxes: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) ROI start/end in pixels for ``fn.resize``: the flip swaps the x ends (DESIGN.md)."""
+    b = np.asarray(boxes, dtype=np.float32)
+    f = np.asarray(flips, dtype=np.float32)
+    t, l, h, w = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
+    start = np.stack([t, l + f * w], axis=-1)
+    end = np.stack([t + h, l + w - f * w], axis=-1)
+    return np.ascontiguousarray(start), np.ascontiguousarray(end)
+
+
+def epoch_permutation(num: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    if not shuffle:
+        return np.arange(num)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num)
+
+
+def shard_positions(num: int, rank: int, world: int, order: np.ndarray) -> np.ndarray:
+    """DistributedSampler(drop_last=False): pad ``order`` by wrapping to a multiple of ``world``."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside 0..{world - 1}")
+    per_rank = -(-num // world)
+    total = per_rank * world
+    reps = -(-total // max(1, num))
+    padded = np.tile(order, reps)[:total] if num else order
+    return padded[rank:total:world]
+
+
+def round_for_epoch(seed: int, epoch: int, num_rounds: int) -> int:
+    """Which round of the crop pool an epoch (pass) uses: every round once per cycle, seeded order."""
+    if num_rounds < 1:
+        raise ValueError("the crop pool holds no complete round")
+    cycle, pos = divmod(int(epoch), num_rounds)
+    return int(np.random.default_rng([int(seed), ROUND_STREAM, cycle]).permutation(num_rounds)[pos])
+
+
+@dataclasses.dataclass
+class EpochPlan:
+    """What one rank serves in one epoch: store rows in order, in batches (the last one may be short)."""
+
+    epoch: int
+    rows: np.ndarray
+    batch_size: int
+    drop_last: bool = False
+    round_index: int = 0
+    crop_start: int = 0
+
+    @property
+    def num_batches(self) -> int:
+        n = len(self.rows)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batch_rows(self, i: int) -> np.ndarray:
+        if i >= self.num_batches:
+            raise StopIteration
+        return self.rows[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+class ImageReader:
+    """Epoch plans (order, DDP shard, batches) and the batch-mode external source of single-view pipelines.
+
+    The pipeline calls the reader once per batch with ``BatchInfo`` and gets encoded paths, targets and
+    row indices. :meth:`start_epoch` chooses the epoch the pipeline's next epoch serves; when the pipeline
+    starts another epoch without it (an iterator with ``auto_reset=True`` resets and reads ahead at once),
+    the reader advances to the following epoch by itself, so batches never mix two epochs' plans.
+    """
+
+    names = ("paths", "target", "index")
+    dtypes = (types.UINT8, types.INT64, types.INT64)
+    ndims = (1, 0, 0)
+
+    def __init__(self, root: str, files: Sequence[str], targets: Sequence[int], *, batch_size: int,
+                 rows: np.ndarray | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.root = root
+        self.paths = encode_paths(root, files)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.rows = np.arange(len(files)) if rows is None else np.asarray(rows, dtype=np.int64)
+        if len(self.rows) == 0:
+            raise LoaderError("there is no image to load (0 usable rows)")
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.current: EpochPlan | None = None
+        self._pipeline_epoch: int | None = None  # the pipeline's epoch_idx that ``current`` is serving
+        self._serving = False  # the pipeline is inside ``current`` (not past its end)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        order = epoch_permutation(len(self.rows), self.seed, epoch, self.shuffle)
+        positions = shard_positions(len(self.rows), self.rank, self.world_size, order)
+        return EpochPlan(epoch=epoch, rows=self.rows[positions], batch_size=self.batch_size,
+                         drop_last=self.drop_last)
+
+    def start_epoch(self, epoch: int, reset: bool = False) -> EpochPlan:
+        """Make the pipeline's next epoch serve ``epoch``; returns its plan.
+
+        Asking again for the epoch the reader is on is a no-op (an iterator may already have read it
+        ahead). ``reset=True`` says the caller resets or rebuilds the pipeline right after, discarding
+        whatever it read ahead, so the next pipeline epoch serves ``epoch`` from its start (also when it is
+        the same epoch again).
+        """
+        epoch = int(epoch)
+        if reset:
+            self._pipeline_epoch, self._serving = None, False
+        elif self.current is not None and self.current.epoch == epoch:
+            return self.current
+        elif self._serving:  # the pipeline is inside another epoch it started by itself (auto_reset)
+            raise LoaderError(
+                f"the pipeline already reads epoch {self.current.epoch} ahead (an iterator with auto_reset "
+                f"resets and prefetches at once); start_epoch({epoch}) came too late. Call start_epoch before "
+                "the pipeline resets, or let the reader advance by itself")
+        self.current = self._begin(epoch)
+        self._pipeline_epoch = None
+        return self.current
+
+    def _begin(self, epoch: int) -> EpochPlan:
+        return self.plan(epoch)
+
+    def _plan_for(self, info: BatchInfo) -> EpochPlan:
+        if self.current is None:
+            self.current = self._begin(0)
+        if self._pipeline_epoch is None:
+            self._pipeline_epoch = info.epoch_idx
+        elif info.epoch_idx != self._pipeline_epoch:  # the pipeline was reset without start_epoch
+            self.current = self._begin(self.current.epoch + info.epoch_idx - self._pipeline_epoch)
+            self._pipeline_epoch = info.epoch_idx
+        self._serving = info.iteration < self.current.num_batches
+        return self.current
+
+    def __len__(self) -> int:
+        """Batches per epoch: the same on every rank and every epoch."""
+        return self.plan(0).num_batches
+
+    def path_of(self, row: int) -> str:
+        return bytes(self.paths[row]).decode("utf-8", "surrogateescape")
+
+    def _rows(self, info: BatchInfo) -> np.ndarray:
+        return self._plan_for(info).batch_rows(info.iteration)
+
+    def __call__(self, info: BatchInfo):
+        rows = self._rows(info)
+        return [self.paths[r] for r in rows], self.targets[rows], rows.astype(np.int64)
+
+    def nodes(self) -> dict:
+        """This reader's DataNodes by name (call inside a pipeline definition)."""
+        out = fn.external_source(self, num_outputs=len(self.names), batch=True, batch_info=True,
+                                 dtype=list(self.dtypes), ndim=list(self.ndims))
+        return dict(zip(self.names, out))
+
+
+class FKDReader(ImageReader):
+    """The FKD reader: per image its encoded path, the ``num_crops`` ROI boxes (flip encoded) of the
+    epoch's round, its ``num_crops`` top-k rows, its target, its store row and the crop ids.
+
+    Epoch ``e`` serves round ``round_for_epoch(seed, e, C // num_crops)`` of the pool: crops
+    ``[r*n, (r+1)*n)`` of every image, each round once per cycle, so no crop repeats before the pool is
+    used up. The round is read from the store in bulk (never per sample) and the next epoch's round is
+    read in the background. Only rows marked done are served.
+    """
+
+    names = ("paths", "roi_start", "roi_end", "topk_idx", "topk_val", "target", "index", "crop_ids")
+    ndims = (1, 2, 2, 2, 2, 0, 0, 1)
+
+    def __init__(self, data: str, store: str | LabelStore, *, num_crops: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = False,
+                 allow_incomplete: bool = False, verify_files: bool = True):
+        self.store = store if isinstance(store, LabelStore) else labelstore.open_store(store)
+        s = self.store
+        if num_crops < 1 or num_crops > s.num_crops:
+            raise LoaderError(f"num_crops={num_crops} but {s.path} stores {s.num_crops} crops per image; use "
+                              f"--num-crops <= {s.num_crops} or generate a larger pool")
+        done = s.require_complete(allow_incomplete)
+        root = resolve_root(data, s)
+        if verify_files:
+            check_files(root, s)
+        self.num_crops = num_crops
+        self.num_rounds = s.num_rounds(num_crops)
+        idx_dtype = _dali_int(s.array("topk_idx").dtype)
+        self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, idx_dtype, types.FLOAT16, types.INT64,
+                       types.INT64, types.INT64)
+        super().__init__(root, list(s.files), s.targets, batch_size=batch_size, rows=np.flatnonzero(done),
+                         seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, drop_last=drop_last)
+        self._rounds: dict[int, concurrent.futures.Future] = {}
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fkd-round")
+        self._loaded: int | None = None
+        self.roi_start = self.roi_end = self.topk_idx = self.topk_val = self.crop_ids = None
+
+    def round_of(self, epoch: int) -> int:
+        return round_for_epoch(self.seed, epoch, self.num_rounds)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        p = super().plan(epoch)
+        p.round_index = self.round_of(epoch)
+        p.crop_start = p.round_index * self.num_crops
+        return p
+
+    def _round(self, r: int) -> concurrent.futures.Future:
+        if r not in self._rounds:
+            self._rounds[r] = self._io.submit(self.store.read_round, r, self.num_crops)
+        return self._rounds[r]
+
+    def _begin(self, epoch: int) -> EpochPlan:
+        plan = self.plan(epoch)
+        r = plan.round_index
+        if self._loaded != r:
+            rnd: Round = self._round(r).result()
+            self.roi_start, self.roi_end = roi_from_boxes(rnd.boxes, rnd.flips)
+            self.topk_idx = np.ascontiguousarray(rnd.topk_idx)
+            self.topk_val = np.ascontiguousarray(rnd.topk_val, dtype=np.float16)
+            self.crop_ids = rnd.crop_start + np.arange(self.num_crops, dtype=np.int64)
+            self._loaded = r
+        nxt = self.round_of(epoch + 1)
+        self._rounds = {k: v for k, v in self._rounds.items() if k in (r, nxt)}
+        self._round(nxt)  # read the next epoch's round while this one trains
+        return plan
+
+    def __call__(self, info: BatchInfo):
+        rows = self._rows(info)
+        return ([self.paths[r] for r in rows], self.roi_start[rows], self.roi_end[rows], self.topk_idx[rows],
+                self.topk_val[rows], self.targets[rows], rows.astype(np.int64),
+                np.tile(self.crop_ids, (len(rows), 1)))
+
+    def close(self) -> None:
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+
+def _dali_int(dtype) -> types.DALIDataType:
+    return {"int16": types.INT16, "int32": types.INT32, "int64": types.INT64}[np.dtype(dtype).name]
+
+
+def resolve_root(data: str, store: LabelStore) -> str:
+    """The image folder the store's relative paths live in: DATA/<split> or DATA itself."""
+    split = store.meta.dataset_root or "train"
+    cand = os.path.join(data, split)
+    if os.path.isdir(cand):
+        return cand
+    if os.path.isdir(data):
+        return data
+    raise LoaderError(f"{data} does not exist (expected the dataset root holding {split}/, or {split}/ itself)")
+
+
+def check_files(root: str, store: LabelStore) -> None:
+    """Every stored file exists with the size it had when the labels were made (the fingerprint)."""
+    fp = labelstore.fingerprint_dir(root, list(store.files))
+    if fp != store.meta.fingerprint:
+        raise labelstore.StoreMismatchError(
+            f"{store.path}: the images under {root} differ from those the labels were made from (same names, "
+            "different sizes: some file was replaced or modified). Restore the original files or regenerate "
+            "the store")
