@@ -55,6 +55,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+    run(args.workdir, quick=args.quick)
+    return 0
+
+
 def _not_yet(name: str, issue: str):
     def run(args: argparse.Namespace) -> int:
         print(f"fkd-dali {name} is not yet available ({issue}).", file=sys.stderr)
@@ -111,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-j", "--workers", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
+
+    d = sub.add_parser("demo", help="the end-to-end flow on generated data (what `make demo` runs)")
+    d.add_argument("--workdir", default="demo-out")
+    d.add_argument("--quick", action="store_true", help="fewer images and epochs (for tests)")
+    d.set_defaults(func=_cmd_demo)
 
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub, _cmd_bench)

@@ -29,7 +29,8 @@ def summarize(store: LabelStore) -> dict:
     arrays = {}
     for name in ("files", "targets", "sizes", "done") + CROP_ARRAYS:
         a = store.array(name)
-        arrays[name] = {"shape": list(a.shape), "dtype": str(a.dtype), "chunks": list(a.chunks),
+        dtype = "string" if name == "files" else str(a.dtype)
+        arrays[name] = {"shape": list(a.shape), "dtype": dtype, "chunks": list(a.chunks),
                         "shards": list(a.shards) if a.shards else None, "bytes": usage.get(name, 0)}
     crop_bytes = sum(usage.get(n, 0) for n in CROP_ARRAYS)
     return {

@@ -205,8 +205,8 @@ def generation_pipeline(source, *, num_crops: int, size: int, device: str, mean:
                         std: Sequence[float], interp: str = "bicubic", dtype: str = "float32",
                         channels_last: bool = False):
     """Teacher inputs: a group of ``num_crops`` stored crops per sample at the teacher's input size,
-    with the teacher's interpolation and normalisation; outputs crops, index, group."""
-    nodes = source.nodes()
+    with the teacher's interpolation and normalisation; outputs crops, index, crop ids, image shape."""
+    nodes = source.nodes(("paths", "roi_start", "roi_end", "index", "crop_ids"))
     images = decode(fn.io.file.read(nodes["paths"]), device)
     frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
     out = to_model_input(frames, device, dtype=dtype, channels_last=channels_last, mean=mean, std=std)
@@ -216,6 +216,6 @@ def generation_pipeline(source, *, num_crops: int, size: int, device: str, mean:
 @pipeline_def(enable_conditionals=False)
 def decode_pipeline(source, *, device: str):
     """The decoder alone (the ceiling for decode-once designs); outputs each image's shape."""
-    nodes = source.nodes()
+    nodes = source.nodes(("paths", "index"))
     images = decode(fn.io.file.read(nodes["paths"]), device)
     return images.shape(), nodes["index"]

@@ -125,6 +125,7 @@ class ImageReader:
         self.current: EpochPlan | None = None
         self._pipeline_epoch: int | None = None  # the pipeline's epoch_idx that ``current`` is serving
         self._serving = False  # the pipeline is inside ``current`` (not past its end)
+        self._selected: tuple[int, ...] | None = None  # outputs a pipeline asked for (None: all)
 
     def plan(self, epoch: int) -> EpochPlan:
         order = epoch_permutation(len(self.rows), self.seed, epoch, self.shuffle)
@@ -178,15 +179,26 @@ class ImageReader:
     def _rows(self, info: BatchInfo) -> np.ndarray:
         return self._plan_for(info).batch_rows(info.iteration)
 
-    def __call__(self, info: BatchInfo):
-        rows = self._rows(info)
+    def batch(self, rows: np.ndarray) -> tuple:
+        """Every output for the given rows, in ``names`` order."""
         return [self.paths[r] for r in rows], self.targets[rows], rows.astype(np.int64)
 
-    def nodes(self) -> dict:
-        """This reader's DataNodes by name (call inside a pipeline definition)."""
-        out = fn.external_source(self, num_outputs=len(self.names), batch=True, batch_info=True,
-                                 dtype=list(self.dtypes), ndim=list(self.ndims))
-        return dict(zip(self.names, out))
+    def __call__(self, info: BatchInfo):
+        out = self.batch(self._rows(info))
+        return out if self._selected is None else tuple(out[i] for i in self._selected)
+
+    def nodes(self, names: Sequence[str] | None = None) -> dict:
+        """This reader's DataNodes by name (call inside a pipeline definition); ``names`` limits the
+        outputs to those the pipeline uses."""
+        names = tuple(self.names if names is None else names)
+        unknown = set(names) - set(self.names)
+        if unknown:
+            raise ValueError(f"unknown reader output(s) {sorted(unknown)}; available: {', '.join(self.names)}")
+        sel = tuple(self.names.index(n) for n in names)
+        self._selected = None if sel == tuple(range(len(self.names))) else sel
+        out = fn.external_source(self, num_outputs=len(sel), batch=True, batch_info=True,
+                                 dtype=[self.dtypes[i] for i in sel], ndim=[self.ndims[i] for i in sel])
+        return dict(zip(names, out if len(sel) > 1 else [out]))
 
 
 class FKDReader(ImageReader):
@@ -255,8 +267,7 @@ class FKDReader(ImageReader):
         self._round(nxt)  # read the next epoch's round while this one trains
         return plan
 
-    def __call__(self, info: BatchInfo):
-        rows = self._rows(info)
+    def batch(self, rows: np.ndarray) -> tuple:
         return ([self.paths[r] for r in rows], self.roi_start[rows], self.roi_end[rows], self.topk_idx[rows],
                 self.topk_val[rows], self.targets[rows], rows.astype(np.int64),
                 np.tile(self.crop_ids, (len(rows), 1)))

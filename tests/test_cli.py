@@ -54,3 +54,13 @@ def test_synth_writes_an_image_folder(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["images"] == 6 and info["mean_bytes"] > 1000
     assert sorted(os.listdir(tmp_path / "d" / "train")) == ["class_0000", "class_0001"]
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--quick"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| FKD original |", "| FKD-DALI |", "| standard DALI |", "| decode only (x n: the ceiling) |", "complete   yes"):
+        assert row in out
+    from PIL import Image
+    with Image.open(tmp_path / "demo" / "loader.png") as im:
+        assert im.size[0] > 400 and im.size[1] > 200

@@ -296,3 +296,34 @@ def test_standard_loader_pairs_images_with_hard_labels(coded):
             assert t == ds.targets[r]
         total += len(b["indices"])
     assert total == 30 and len(ld) == 4
+
+
+def test_data_may_name_the_train_folder_itself(coded):
+    ld = FKDLoader(os.path.join(coded["data"], "train"), coded["store"], batch_size=8, num_crops=2, crop_size=24,
+                   device="cpu", normalize=False)
+    assert sum(b["images"].shape[0] for b in ld) == 60
+
+
+def test_generation_crops_at_the_teacher_size(coded):
+    """Teacher inputs: stored crops at the teacher's size, bicubic like FKD's generator, its normalisation."""
+    from pipelines import FKDReader, generation_pipeline
+    reader = FKDReader(coded["data"], coded["store"], num_crops=3, batch_size=5, shuffle=False)
+    plan = reader.start_epoch(0)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    pipe = generation_pipeline(reader, num_crops=3, size=40, device="cpu", mean=mean, std=std, interp="bicubic",
+                               batch_size=5, num_threads=1, device_id=None)
+    crops, index, crop_ids, shapes = (np.array(x.as_tensor()) for x in pipe.run())
+    assert crops.shape == (5, 3, 3, 40, 40) and crops.dtype == np.float32
+    assert index.tolist() == plan.batch_rows(0).tolist()
+    ds = coded["ds"]
+    for i, r in enumerate(index):
+        assert shapes[i][:2].tolist() == coded["sizes"][r].tolist()
+        img = Image.open(ds.path(r)).convert("RGB")
+        for j, k in enumerate(crop_ids[i]):
+            t, l, h, w = (int(v) for v in coded["boxes"][r, k])
+            ref = TF.resized_crop(img, t, l, h, w, [40, 40], TF.InterpolationMode.BICUBIC, antialias=True)
+            if coded["flips"][r, k]:
+                ref = TF.hflip(ref)
+            ref = (np.asarray(ref).astype(np.float32).transpose(2, 0, 1) / 255 - 0.5) / 0.5
+            diff = np.abs(crops[i, j] - ref)[:, 2:-2, 2:-2] * 0.5 * 255  # in grey levels
+            assert diff.mean() < 1.0 and diff.max() <= 12, (r, k, diff.mean(), diff.max())

@@ -33,7 +33,7 @@ def add_parser(sub, func) -> None:
     lo.add_argument("--num-crops", type=int, default=4)
     lo.add_argument("-b", "--batch-size", type=int, default=64, help="images per batch, every contender")
     lo.add_argument("--threads", type=int, default=None, help="DALI threads = DataLoader workers (default: all cores)")
-    lo.add_argument("--epochs", type=int, default=3, help="measured epochs per contender (after one warm-up)")
+    lo.add_argument("--epochs", type=int, default=5, help="measured epochs per contender (after one warm-up)")
     lo.add_argument("--device", choices=("cpu", "gpu"), default=None, help="default: gpu when there is one")
     lo.add_argument("--only", default=",".join(LOADERS), help=f"comma-separated subset of {','.join(LOADERS)}")
     lo.add_argument("--workdir", default="bench-data", help="where the synthetic data and stores are kept")
