@@ -61,11 +61,108 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+FKD_LABEL_TYPE_TOP_K = {"hard": 1, "smoothing": 1, "marginal_smoothing_k5": 5, "marginal_renorm": 5,
+                        "marginal_renorm_k5": 5, "marginal_smoothing_k10": 10}
+
+
+def _pair(text: str, name: str) -> tuple[float, float]:
+    parts = [_fraction(x) for x in text.split(",")]
+    if len(parts) != 2 or parts[0] > parts[1]:
+        raise ValueError(f"{name} takes two increasing values 'min,max', got {text!r}")
+    return parts[0], parts[1]
+
+
+def _fraction(x: str) -> float:
+    """'3/4' or '0.75' -> 0.75."""
+    a, _, b = x.strip().partition("/")
+    return float(a) / float(b) if b else float(a)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import GenerateConfig, generate
+    from .teachers import parse_teachers
+    if not args.save_path and not args.evaluate:
+        raise ValueError("--save-path STORE is required (the label store to write or resume)")
+    top_k = args.top_k
+    if top_k is None:
+        top_k = FKD_LABEL_TYPE_TOP_K.get(args.label_type, 5) if args.label_type else 5
+    cfg = GenerateConfig(
+        data=args.data, save_path=args.save_path,
+        teachers=parse_teachers(args.arch, args.teacher_path, args.weights, args.input_size, args.interpolation,
+                                args.mean, args.std),
+        num_crops=args.num_crops, top_k=top_k, temperature=args.temperature,
+        scale=(args.min_scale_crops, args.max_scale_crops), ratio=_pair(args.ratio, "--ratio"), seed=args.seed,
+        group_size=args.num_seg, batch_size=args.batch_size, device=args.device, num_classes=args.num_classes,
+        skip_corrupt=args.skip_corrupt, reference=args.reference, rows_per_shard=args.rows_per_shard,
+        crops_per_chunk=args.crops_per_chunk, threads=args.workers, amp=False if args.no_amp else None,
+        channels_last=False if args.no_channels_last else None, label_type=args.label_type, rank=args.rank,
+        world_size=args.world_size, show_progress=not args.quiet, evaluate=args.evaluate)
+    rep = generate(cfg)
+    if args.evaluate:
+        return 0
+    tag = f"rank {rep.rank}/{rep.world_size}: " if rep.world_size > 1 else ""
+    print(f"{tag}labelled {rep.images:,} images, {rep.crops:,} crops in {rep.seconds:.1f} s "
+          f"({rep.crops_per_s:,.0f} crops/s) in {rep.shards} shard(s) -> {rep.store}")
+    if rep.skipped:
+        print(f"{tag}left out {len(rep.skipped)} unreadable image(s) (--skip-corrupt; recorded in the store, never "
+              "trained on): " + "; ".join(why for _, why in rep.skipped[:5]) + (" ..." if len(rep.skipped) > 5 else ""))
+    print(f"{tag}store {'complete' if rep.complete else 'not complete yet (other ranks, or rerun to resume)'}")
+    return 0
+
+
 def _not_yet(name: str, issue: str):
     def run(args: argparse.Namespace) -> int:
         print(f"fkd-dali {name} is not yet available ({issue}).", file=sys.stderr)
         return 2
     return run
+
+
+def add_generate_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
+    g.add_argument("--save-path", "--save_path", dest="save_path", help="the label store to write (or resume)")
+    g.add_argument("-a", "--arch", required=True,
+                   help="teacher(s), comma-separated: a torchvision model name, 'torchscript' or 'export' with "
+                        "--teacher-path, or a timm name when timm is installed")
+    g.add_argument("--weights", help="torchvision weights name (e.g. IMAGENET1K_V2, DEFAULT), from the local hub cache")
+    g.add_argument("--teacher-path", "--teacher_path", dest="teacher_path",
+                   help="checkpoint or serialized model per teacher (comma-separated)")
+    g.add_argument("--input-size", "--input_size", dest="input_size", default="224",
+                   help="teacher input size (one, or one per teacher)")
+    g.add_argument("--interpolation", default="bicubic", help="crop resampling per teacher: bicubic (FKD), bilinear")
+    g.add_argument("--mean", help="per-teacher normalisation mean, e.g. 0.5/0.5/0.5 (default ImageNet's)")
+    g.add_argument("--std", help="per-teacher normalisation std, e.g. 0.5/0.5/0.5 (default ImageNet's)")
+    g.add_argument("--num-crops", "--num_crops", dest="num_crops", type=int, default=500, help="crops per image (C)")
+    g.add_argument("--num-seg", "--num_seg", dest="num_seg", type=int, default=50,
+                   help="crops cut from one decode (a group); the teacher batch is -b x --num-seg crops")
+    g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=4, help="groups per pipeline batch")
+    g.add_argument("--top-k", dest="top_k", type=int, help="probabilities kept per crop (default 5; num_classes = full)")
+    g.add_argument("--label-type", "--label_type", dest="label_type",
+                   help="FKD's label type; sets --top-k (marginal_smoothing_k5: 5, k10: 10, hard/smoothing: 1) and "
+                        "is recorded as the intended training label type")
+    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=1.0,
+                   help="softmax temperature of the stored probabilities")
+    g.add_argument("--min-scale-crops", "--min_scale_crops", dest="min_scale_crops", type=float, default=0.08)
+    g.add_argument("--max-scale-crops", "--max_scale_crops", dest="max_scale_crops", type=float, default=0.936)
+    g.add_argument("--ratio", default="3/4,4/3", help="aspect-ratio range of the crops")
+    g.add_argument("--seed", type=int, default=0, help="crops of row r depend only on (seed, r)")
+    g.add_argument("--use-fp16", "--use_fp16", dest="use_fp16", action="store_true",
+                   help="accepted for FKD compatibility: probabilities are always stored as float16")
+    g.add_argument("--reference", "--reference-path", "--reference_path", dest="reference",
+                   help="reuse the boxes and flips of this store (a new store is written; see docs)")
+    g.add_argument("--device", choices=("cpu", "gpu"), help="default: the GPU when there is one")
+    g.add_argument("--num-classes", dest="num_classes", type=int,
+                   help="store the teacher's class count when it differs from the dataset's (deliberately)")
+    g.add_argument("--skip-corrupt", action="store_true",
+                   help="leave unreadable images out (recorded in the store, never trained on) instead of stopping")
+    g.add_argument("--rows-per-shard", type=int, help="images per shard file (default: about 2^18 crops per shard)")
+    g.add_argument("--crops-per-chunk", type=int, help="crops per inner chunk (default 4)")
+    g.add_argument("-j", "--workers", type=int, help="DALI CPU threads (default: the cores of this rank)")
+    g.add_argument("--rank", type=int, help="this process's rank, for launches without torchrun")
+    g.add_argument("--world-size", type=int, help="number of processes, for launches without torchrun")
+    g.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the teacher(s) on DATA/val")
+    g.add_argument("--no-amp", action="store_true", help="run the teachers in float32 on the GPU (default bf16)")
+    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on the GPU")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(generate), then train students that replay those exact crops on the GPU (train)."))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="label a dataset's crops with one or several teachers")
-    g.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
-    g.set_defaults(func=_not_yet("generate", "the generate issue"))
+    g = sub.add_parser("generate", help="label a dataset's crops with one or several teachers",
+                       description="Label every training image's RandomResizedCrop crops with one or several "
+                       "teachers into a label store. Rerun the same command to resume; launch with torchrun (or "
+                       "--rank/--world-size) to shard the work. FKD's option spellings are accepted.")
+    add_generate_args(g)
+    g.set_defaults(func=_cmd_generate)
 
     t = sub.add_parser("train", help="train a student from a label store")
     t.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")

@@ -128,6 +128,7 @@ class StoreMeta:
     complete: bool = False
     schema_version: int = SCHEMA_VERSION
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    skipped: list[list] = dataclasses.field(default_factory=list)  # [[row, reason], ...] left out on purpose
 
     def to_attrs(self) -> dict[str, Any]:
         return {
@@ -145,6 +146,7 @@ class StoreMeta:
                         "classes": list(self.classes)},
             "complete": self.complete,
             "source": self.source,
+            "skipped": self.skipped,
         }
 
     @classmethod
@@ -172,4 +174,5 @@ class StoreMeta:
             exif=str(attrs.get("exif", EXIF_POLICY)),
             complete=bool(attrs.get("complete", False)),
             source=dict(attrs.get("source", {})),
+            skipped=[list(x) for x in attrs.get("skipped", [])],
         )

@@ -9,7 +9,9 @@ sample.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import shutil
 from collections.abc import Sequence
@@ -194,10 +196,25 @@ class LabelStore:
                 raise StoreFormatError(f"{self.path}: array '{name}' has shape {got}, the metadata says "
                                        f"{shape}; the store is damaged")
 
-    def _set_attr(self, **updates: Any) -> None:
-        attrs = dict(self.group.attrs.asdict()[ATTR_KEY])
-        attrs.update(updates)
-        self.group.attrs.update({ATTR_KEY: attrs})
+    @contextlib.contextmanager
+    def _attrs_lock(self):
+        """Serialise read-modify-write of the group attributes between processes (ranks) on one host."""
+        fd = os.open(self.path, os.O_RDONLY)  # the store directory itself: no extra file in the hierarchy
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _set_attr(self, _merge=None, **updates: Any) -> None:
+        with self._attrs_lock():
+            fresh = zarr.open_group(self.path, mode="r").attrs.asdict()[ATTR_KEY]
+            attrs = dict(fresh)
+            attrs.update(updates)
+            if _merge is not None:
+                _merge(attrs)
+            self.group.attrs.update({ATTR_KEY: attrs})
         self.meta = StoreMeta.from_attrs(attrs, self.path)
 
     def update_meta(self, **updates: Any) -> None:
@@ -227,13 +244,34 @@ class LabelStore:
     def shard_ranges(self) -> list[tuple[int, int]]:
         return self.layout.shard_ranges(self.num_images)
 
+    def skipped_rows(self) -> np.ndarray:
+        """Rows left out on purpose (e.g. corrupt images under --skip-corrupt), never served."""
+        return np.array(sorted({int(r) for r, _ in self.meta.skipped}), dtype=np.int64)
+
+    def settled(self) -> np.ndarray:
+        """Per row: done, or skipped on purpose."""
+        mask = self.done()
+        mask[self.skipped_rows()] = True
+        return mask
+
     def missing_rows(self) -> np.ndarray:
-        return np.flatnonzero(~self.done())
+        """Rows neither done nor skipped."""
+        return np.flatnonzero(~self.settled())
 
     def pending_shards(self) -> list[int]:
-        """Indices of shards with at least one row not yet done."""
-        done = self.done()
-        return [i for i, (a, b) in enumerate(self.shard_ranges()) if not done[a:b].all()]
+        """Indices of shards with at least one row neither done nor skipped."""
+        settled = self.settled()
+        return [i for i, (a, b) in enumerate(self.shard_ranges()) if not settled[a:b].all()]
+
+    def mark_skipped(self, rows_and_reasons: list[tuple[int, str]]) -> None:
+        """Record rows left out on purpose, with the reason (e.g. the file and its decode error)."""
+        self._require_writable()
+        new = [[int(r), str(why)] for r, why in rows_and_reasons]
+
+        def merge(attrs):
+            have = {int(r) for r, _ in attrs.get("skipped", [])}
+            attrs["skipped"] = list(attrs.get("skipped", [])) + [x for x in new if x[0] not in have]
+        self._set_attr(_merge=merge)
 
     # ------------------------------------------------------------------ writing
     def _require_writable(self) -> None:
@@ -297,11 +335,24 @@ class LabelStore:
         self._set_attr(complete=False)
 
     def finalize(self) -> bool:
-        """Set ``complete`` if every row is done; returns the new value."""
+        """Set ``complete`` once every row is done or skipped; returns whether it is. Never clears the flag
+        (so ranks finishing at different times cannot undo each other); ``clear_done`` does."""
         self._require_writable()
-        complete = bool(self.done().all())
-        self._set_attr(complete=complete)
+        complete = bool(self.settled().all())
+        if complete and not self.meta.complete:
+            self._set_attr(complete=True)
         return complete
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary chunk files left by a writer killed mid-write (zarr writes ``*.partial`` and
+        renames); returns how many."""
+        count = 0
+        for d, _, fs in os.walk(self.path):
+            for f in fs:
+                if f.endswith(".partial"):
+                    os.remove(os.path.join(d, f))
+                    count += 1
+        return count
 
     # ------------------------------------------------------------------ reading
     def _read(self, name: str, *selection: Any) -> np.ndarray:
@@ -353,11 +404,13 @@ class LabelStore:
                         "rerun generation")
 
     def require_complete(self, allow_incomplete: bool = False) -> np.ndarray:
-        """Return the done mask; raise StoreIncompleteError if rows are missing and not allowed."""
+        """Return the done mask (the rows to serve); raise StoreIncompleteError if rows are neither done nor
+        skipped on purpose, unless allowed."""
         done = self.done()
-        missing = int((~done).sum())
+        missing_mask = ~self.settled()
+        missing = int(missing_mask.sum())
         if missing and not allow_incomplete:
-            first = int(np.flatnonzero(~done)[0])
+            first = int(np.flatnonzero(missing_mask)[0])
             raise StoreIncompleteError(
                 f"{self.path}: {missing} of {self.num_images} rows have no labels yet (first: row {first}, "
                 f"{self.files[first]}). Finish generation by rerunning the same `fkd-dali generate` command, "
@@ -412,10 +465,10 @@ class LabelStore:
                       targets: Sequence[int] | None = None, data_dir: str = "the dataset") -> None:
         """Raise StoreMismatchError naming the first difference (count, classes, files, fingerprint)."""
         m = self.meta
-        if len(classes) != m.num_classes or list(classes) != list(m.classes):
+        if list(classes) != list(m.classes):
             diff = _first_difference(list(m.classes), list(classes))
             raise StoreMismatchError(
-                f"{self.path} was made for {m.num_classes} classes, {data_dir} has {len(classes)}; "
+                f"{self.path} was made for {len(m.classes)} classes, {data_dir} has {len(classes)}; "
                 f"first difference: {diff}. Use the store made for this dataset, or regenerate it")
         if len(files) != m.num_images:
             raise StoreMismatchError(

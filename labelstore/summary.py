@@ -72,7 +72,7 @@ def format_summary(s: dict) -> str:
     for t in s["teachers"] or []:
         lines.append("  teacher    " + ", ".join(f"{k}={v}" for k, v in t.items()))
     if s["source"]:
-        lines.append("  source     " + ", ".join(f"{k}={v}" for k, v in s["source"].items()))
+        lines.append("  source     " + ", ".join(f"{k}={v}" for k, v in s["source"].items() if k != "settings"))
     lines.append("  arrays")
     for name, a in s["arrays"].items():
         shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""

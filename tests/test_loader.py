@@ -305,25 +305,35 @@ def test_data_may_name_the_train_folder_itself(coded):
 
 
 def test_generation_crops_at_the_teacher_size(coded):
-    """Teacher inputs: stored crops at the teacher's size, bicubic like FKD's generator, its normalisation."""
-    from pipelines import FKDReader, generation_pipeline
-    reader = FKDReader(coded["data"], coded["store"], num_crops=3, batch_size=5, shuffle=False)
-    plan = reader.start_epoch(0)
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    pipe = generation_pipeline(reader, num_crops=3, size=40, device="cpu", mean=mean, std=std, interp="bicubic",
-                               batch_size=5, num_threads=1, device_id=None)
-    crops, index, crop_ids, shapes = (np.array(x.as_tensor()) for x in pipe.run())
-    assert crops.shape == (5, 3, 3, 40, 40) and crops.dtype == np.float32
-    assert index.tolist() == plan.batch_rows(0).tolist()
+    """Teacher inputs: each decode cut into a group of stored crops at every teacher's size (bicubic, like
+    FKD's generator) with its normalisation; a short last group is padded with crop id -1."""
+    from pipelines import GenerationReader, generation_pipeline
     ds = coded["ds"]
-    for i, r in enumerate(index):
-        assert shapes[i][:2].tolist() == coded["sizes"][r].tolist()
-        img = Image.open(ds.path(r)).convert("RGB")
-        for j, k in enumerate(crop_ids[i]):
-            t, l, h, w = (int(v) for v in coded["boxes"][r, k])
-            ref = TF.resized_crop(img, t, l, h, w, [40, 40], TF.InterpolationMode.BICUBIC, antialias=True)
-            if coded["flips"][r, k]:
-                ref = TF.hflip(ref)
-            ref = (np.asarray(ref).astype(np.float32).transpose(2, 0, 1) / 255 - 0.5) / 0.5
-            diff = np.abs(crops[i, j] - ref)[:, 2:-2, 2:-2] * 0.5 * 255  # in grey levels
-            assert diff.mean() < 1.0 and diff.max() <= 12, (r, k, diff.mean(), diff.max())
+    reader = GenerationReader(ds.root, ds.files, group_size=4, batch_size=5)
+    rows = np.arange(5, 12)
+    nb = reader.start_job(rows, coded["boxes"][rows], coded["flips"][rows])  # 6 crops -> groups of 4 + 2(+2 pad)
+    assert nb == 3
+    views = [(40, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), (24, "bilinear", (0.485, 0.456, 0.406),
+                                                                   (0.229, 0.224, 0.225))]
+    pipe = generation_pipeline(reader, num_crops=4, views=views, device="cpu", batch_size=5, num_threads=1,
+                               device_id=None)
+    seen = []
+    for _ in range(nb):
+        big, small, index, crop_ids, shapes = (np.array(x.as_tensor()) for x in pipe.run())
+        assert big.shape[1:] == (4, 3, 40, 40) and small.shape[1:] == (4, 3, 24, 24)
+        for i, r in enumerate(index):
+            assert shapes[i][:2].tolist() == coded["sizes"][r].tolist()
+            img = Image.open(ds.path(r)).convert("RGB")
+            for j, k in enumerate(crop_ids[i]):
+                seen.append((int(r), int(k)))
+                if k < 0:
+                    continue
+                t, l, h, w = (int(v) for v in coded["boxes"][r, k])
+                ref = TF.resized_crop(img, t, l, h, w, [40, 40], TF.InterpolationMode.BICUBIC, antialias=True)
+                if coded["flips"][r, k]:
+                    ref = TF.hflip(ref)
+                ref = (np.asarray(ref).astype(np.float32).transpose(2, 0, 1) / 255 - 0.5) / 0.5
+                diff = np.abs(big[i, j] - ref)[:, 2:-2, 2:-2] * 0.5 * 255  # in grey levels
+                assert diff.mean() < 1.0 and diff.max() <= 12, (r, k, diff.mean(), diff.max())
+    assert sorted(x for x in seen if x[1] >= 0) == [(r, k) for r in rows for k in range(6)]
+    assert sum(1 for x in seen if x[1] < 0) == 2 * len(rows)

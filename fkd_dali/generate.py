@@ -1,0 +1,534 @@
+"""``fkd-dali generate``: label every image's crops with one or several teachers, into a label store.
+
+The work unit is one *shard* of the store (R images x all C crops, one file per array): the image sizes are
+read from the file headers, the boxes and flips drawn per row from ``(seed, row)`` (or taken from a
+``--reference`` store), the DALI generation pipeline decodes each image once per group of ``num_seg``
+crops and cuts the group at each teacher's input size, the teachers run (bf16 autocast + channels-last on
+a GPU) and the softmax(logits / T), averaged over teachers, is reduced to its top-k. A finished shard is
+handed to a writer thread (data first, ``done`` last) while the next one is generated.
+
+Resume: rerunning the same command opens the store, checks that every setting matches, and generates only
+the shards still pending. Teacher batches never span shards, so a shard's labels are bit-identical whether
+it is generated in one run, after a kill, or by another rank. Sharding: with torchrun (or ``--rank`` /
+``--world-size``) rank r generates the pending shards s with s % world_size == r; no two ranks ever write one
+file.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+import labelstore
+from labelstore import LabelStore, create_store, open_store
+from pipelines import graphs
+from pipelines.errors import probe_image
+from pipelines.loader import EvalLoader, default_threads
+from pipelines.reader import GenerationReader
+
+from . import distributed
+from .crops import sample_crops
+from .dataset import Dataset, scan_image_folder, split_dir
+from .progress import progress
+from .teachers import TeacherError, TeacherSpec, build_teacher, output_classes
+
+DEFAULT_SCALE = (0.08, 0.936)  # FKD's generator defaults (the EfficientNet-L2-475 teacher's range)
+DEFAULT_RATIO = (3 / 4, 4 / 3)
+
+
+class GenerateError(Exception):
+    """Generation cannot go on; the message names the file or setting and the fix."""
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    data: str
+    save_path: str
+    teachers: list[TeacherSpec]
+    num_crops: int = 500
+    top_k: int = 5
+    temperature: float = 1.0
+    scale: tuple[float, float] = DEFAULT_SCALE
+    ratio: tuple[float, float] = DEFAULT_RATIO
+    seed: int = 0
+    group_size: int = 50
+    batch_size: int = 4
+    device: str | None = None
+    num_classes: int | None = None
+    skip_corrupt: bool = False
+    reference: str | None = None
+    rows_per_shard: int | None = None
+    crops_per_chunk: int | None = None
+    threads: int | None = None
+    amp: bool | None = None
+    channels_last: bool | None = None
+    label_type: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    show_progress: bool = True
+    evaluate: bool = False
+    eval_batch_size: int = 64
+
+
+@dataclasses.dataclass
+class GenerateReport:
+    store: str
+    rank: int
+    world_size: int
+    shards: int
+    images: int
+    crops: int
+    skipped: list[tuple[int, str]]
+    seconds: float
+    complete: bool
+
+    @property
+    def crops_per_s(self) -> float:
+        return self.crops / self.seconds if self.seconds > 0 else 0.0
+
+
+class Teachers:
+    """The ensemble on its device; teachers with the same view share crops."""
+
+    def __init__(self, specs: Sequence[TeacherSpec], dataset_classes: int, num_classes: int | None, device: str,
+                 amp: bool, channels_last: bool):
+        self.specs = list(specs)
+        self.torch_device = torch.device("cuda") if device == "gpu" else torch.device("cpu")
+        self.amp = amp and device == "gpu"
+        self.channels_last = channels_last
+        expected = num_classes or dataset_classes
+        if expected < dataset_classes:
+            raise TeacherError(f"--num-classes {expected} is fewer than the dataset's {dataset_classes} classes: the "
+                               "ground-truth classes would fall outside the teacher's; use a teacher with at least "
+                               f"{dataset_classes} classes")
+        self.models = []
+        counts = []
+        for spec in self.specs:
+            model = build_teacher(spec, expected).to(self.torch_device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            counts.append(output_classes(model, spec, self.torch_device))
+            self.models.append(model)
+        for spec, c in zip(self.specs, counts):
+            if c != expected:
+                how = (f"--num-classes {num_classes}" if num_classes else
+                       f"the dataset's {dataset_classes} classes")
+                raise TeacherError(f"teacher {spec.arch} outputs {c} classes but {how} were expected. Use a "
+                                   f"teacher for this dataset, or pass --num-classes {c} to store its {c} classes "
+                                   "deliberately")
+        self.num_classes = expected
+        self.views: list[tuple] = []
+        self.view_of: list[int] = []
+        for spec in self.specs:
+            if spec.view not in self.views:
+                self.views.append(spec.view)
+            self.view_of.append(self.views.index(spec.view))
+
+    @torch.no_grad()
+    def probs(self, crops_by_view: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
+        """Mean over teachers of softmax(logits / T), float32 (N, classes)."""
+        total = None
+        for model, v in zip(self.models, self.view_of):
+            x = crops_by_view[v]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                logits = model(x)
+            p = torch.softmax(logits.float() / temperature, dim=1)
+            total = p if total is None else total + p
+        return total / len(self.models)
+
+
+def _header_size(path: str) -> tuple[tuple[int, int] | None, str | None]:
+    """(height, width) from the file header, or the reason the file is unusable."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Image.DecompressionBombError as e:
+        return None, f"refused: {e}"
+    except FileNotFoundError:
+        return None, "the file does not exist"
+    except PermissionError:
+        return None, "the file cannot be read (permission denied)"
+    except Exception as e:  # noqa: BLE001
+        return None, f"not a readable image ({type(e).__name__}: {e})"
+    if h < 1 or w < 1:
+        return None, f"the header claims {w}x{h} pixels"
+    return (h, w), None
+
+
+def read_sizes(ds: Dataset, rows: np.ndarray, workers: int = 8) -> tuple[np.ndarray, dict[int, str]]:
+    """Image sizes of ``rows`` from their headers (threads); rows that cannot be read, with the reason."""
+    sizes = np.ones((len(rows), 2), np.int64)
+    bad: dict[int, str] = {}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for i, (size, why) in enumerate(pool.map(_header_size, [ds.path(int(r)) for r in rows])):
+            if size is None:
+                bad[int(rows[i])] = why
+            else:
+                sizes[i] = size
+    return sizes, bad
+
+
+class _ShardWriter:
+    """Writes finished shards in a background thread, so the teachers never wait for compression or disk."""
+
+    def __init__(self, store: LabelStore):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="fkd-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            start, arrays, mask = item
+            try:
+                self.store.write_block(start, rows_done=mask, overwrite=True, **arrays)
+            except BaseException as e:  # noqa: BLE001 - surfaced in put()/close()
+                self.error = e
+
+    def put(self, start: int, arrays: dict, mask: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((start, arrays, mask))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _settings(cfg: GenerateConfig, num_crops: int, teachers: Teachers) -> dict:
+    """What a resumed run must agree on, by option name."""
+    return {"--num-crops": num_crops, "--top-k": cfg.top_k, "--num-classes": teachers.num_classes,
+            "--temperature": float(cfg.temperature), "--seed": cfg.seed,
+            "--min/max-scale-crops": [float(x) for x in cfg.scale], "--ratio": [float(x) for x in cfg.ratio],
+            "teachers (-a, --weights, --input-size, --interpolation, --mean, --std)":
+                [{k: t.record(teachers.num_classes)[k] for k in ("name", "weights", "input_size", "interpolation",
+                                                                 "mean", "std")} for t in teachers.specs],
+            "--reference": os.path.abspath(cfg.reference) if cfg.reference else None}
+
+
+def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_crops: int,
+                      d: distributed.DistInfo) -> LabelStore:
+    settings = _settings(cfg, num_crops, teachers)
+    path = cfg.save_path
+    if d.is_main and not os.path.exists(os.path.join(path, "zarr.json")):
+        if os.path.exists(path) and os.listdir(path):
+            raise GenerateError(f"{path} exists and is not a label store; choose another --save-path")
+        create_store(path, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
+                     dataset_root=ds.name, num_crops=num_crops, top_k=cfg.top_k, num_classes=teachers.num_classes,
+                     temperature=cfg.temperature, teachers=[t.record(teachers.num_classes) for t in teachers.specs],
+                     crop={"scale": list(cfg.scale), "ratio": list(cfg.ratio), "interpolation":
+                           [t.interpolation for t in teachers.specs], "input_size": [t.input_size for t in teachers.specs],
+                           "group_size": cfg.group_size},
+                     seed=cfg.seed, source={"kind": "generate", "settings": settings, "label_type": cfg.label_type},
+                     rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk, overwrite=bool(
+                         os.path.exists(path)))
+    if d.group:
+        d.barrier()
+    else:
+        _wait_for_store(path)
+    store = open_store(path, mode="r+")
+    store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets,
+                        data_dir=ds.root)
+    made = store.meta.source.get("settings")
+    if made is None:
+        raise GenerateError(f"{path} was not made by `fkd-dali generate` (its source is "
+                            f"{store.meta.source.get('kind', 'unknown')}); choose another --save-path")
+    for key, value in settings.items():
+        if made.get(key) != value:
+            raise GenerateError(f"{path} was generated with {key} = {made.get(key)!r} but this run asks for "
+                                f"{value!r}. Rerun with the same options to resume it, or choose a new --save-path")
+    if d.world_size == 1:
+        store.remove_partial_files()  # left by a writer killed mid-write; safe when no other rank writes
+    return store
+
+
+def _wait_for_store(path: str, timeout_s: float = 600.0) -> None:
+    """Plain multi-process launches: ranks > 0 wait for rank 0 to create the store."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            open_store(path)
+            return
+        except labelstore.StoreError:
+            if time.monotonic() - t0 > timeout_s:
+                raise GenerateError(f"waited {timeout_s:.0f} s for rank 0 to create {path}; start rank 0 (it "
+                                    "creates the store) or create it with a single-process run first") from None
+            time.sleep(0.5)
+
+
+def _open_reference(path: str, ds: Dataset, num_crops: int | None) -> LabelStore:
+    ref = open_store(path)
+    try:
+        ref.check_dataset(files=ds.files, classes=ref.classes, fingerprint=ds.fingerprint, data_dir=ds.root)
+    except labelstore.StoreMismatchError as e:
+        raise GenerateError(f"--reference {path} was made from another dataset: {e}") from e
+    ref.require_complete()
+    if num_crops is not None and num_crops != ref.num_crops:
+        raise GenerateError(f"--reference {path} holds {ref.num_crops} crops per image but --num-crops "
+                            f"{num_crops} was asked for; drop --num-crops to reuse its crops")
+    return ref
+
+
+def generate(cfg: GenerateConfig) -> GenerateReport:
+    device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise GenerateError("--device gpu was asked for but torch sees no CUDA device; use --device cpu")
+    d = distributed.setup(device, cfg.rank, cfg.world_size)
+    try:
+        return _generate(cfg, device, d)
+    finally:
+        d.close()
+
+
+def _generate(cfg: GenerateConfig, device: str, d: distributed.DistInfo) -> GenerateReport:
+    t_start = time.perf_counter()
+    ds = scan_image_folder(split_dir(cfg.data, "train"))
+    amp = cfg.amp if cfg.amp is not None else device == "gpu"
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device == "gpu"
+    teachers = Teachers(cfg.teachers, len(ds.classes), cfg.num_classes, device, amp, channels_last)
+    if not 1 <= cfg.top_k <= teachers.num_classes:
+        raise GenerateError(f"--top-k {cfg.top_k} must be between 1 and the number of classes "
+                            f"({teachers.num_classes}); --top-k {teachers.num_classes} stores full labels")
+    if cfg.evaluate:
+        evaluate_teachers(cfg, teachers, device, d)
+        return GenerateReport(store="", rank=d.rank, world_size=d.world_size, shards=0, images=0, crops=0,
+                              skipped=[], seconds=time.perf_counter() - t_start, complete=False)
+    ref = _open_reference(cfg.reference, ds, None if cfg.num_crops is None else cfg.num_crops) if cfg.reference \
+        else None
+    num_crops = ref.num_crops if ref else cfg.num_crops
+    store = _create_or_resume(cfg, ds, teachers, num_crops, d)
+    jobs = [s for s in store.pending_shards() if s % d.world_size == d.rank]
+    ranges = store.shard_ranges()
+    skipped_before = set(store.skipped_rows().tolist())
+    todo_rows = sum(b - a for s in jobs for a, b in [ranges[s]])
+    gen = _ShardGenerator(cfg, ds, teachers, store, ref, device, num_crops)
+    bar = progress(total=todo_rows, desc=f"generate r{d.rank}" if d.world_size > 1 else "generate", unit="img",
+                   disable=not cfg.show_progress)
+    writer = _ShardWriter(store)
+    skipped: list[tuple[int, str]] = []
+    crops = images = 0
+    t0 = time.perf_counter()
+    sizes_next = None
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fkd-sizes")
+    try:
+        for n, s in enumerate(jobs):
+            a, b = ranges[s]
+            rows = np.array([r for r in range(a, b) if r not in skipped_before], dtype=np.int64)
+            sizes_f = sizes_next or pool.submit(gen.sizes_for, rows)
+            if n + 1 < len(jobs):  # read the next shard's image headers while this one runs
+                na, nb = ranges[jobs[n + 1]]
+                sizes_next = pool.submit(gen.sizes_for, np.array([r for r in range(na, nb)
+                                                                  if r not in skipped_before], dtype=np.int64))
+            else:
+                sizes_next = None
+            sizes, bad = sizes_f.result()
+            arrays, mask, bad = gen.shard(a, b, rows, sizes, bad)
+            for r, why in bad.items():
+                skipped.append((r, f"{ds.files[r]}: {why}"))
+            if bad:
+                store.mark_skipped([(r, f"{ds.files[r]}: {why}") for r, why in bad.items()])
+            writer.put(a, arrays, mask)
+            done_rows = int(mask.sum())
+            images += done_rows
+            crops += done_rows * num_crops
+            bar.update(b - a)
+            bar.set_postfix(crops_s=f"{crops / max(1e-9, time.perf_counter() - t0):,.0f}", refresh=False)
+        writer.close()
+    finally:
+        bar.close()
+        pool.shutdown(wait=False, cancel_futures=True)
+        gen.close()
+    seconds = time.perf_counter() - t0
+    d.barrier()
+    complete = store.finalize()
+    return GenerateReport(store=cfg.save_path, rank=d.rank, world_size=d.world_size, shards=len(jobs),
+                          images=images, crops=crops, skipped=skipped, seconds=seconds, complete=complete)
+
+
+class _ShardGenerator:
+    """One DALI generation pipeline fed shard by shard, and the teachers behind it."""
+
+    def __init__(self, cfg: GenerateConfig, ds: Dataset, teachers: Teachers, store: LabelStore,
+                 ref: LabelStore | None, device: str, num_crops: int):
+        self.cfg, self.ds, self.teachers, self.store, self.ref = cfg, ds, teachers, store, ref
+        self.device, self.num_crops = device, num_crops
+        self.group = max(1, min(cfg.group_size, num_crops))
+        self.reader = GenerationReader(ds.root, ds.files, self.group, cfg.batch_size)
+        self.threads = cfg.threads or default_threads()
+        self.pipe = None
+        self.k = cfg.top_k
+
+    def sizes_for(self, rows: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+        if self.ref is not None:
+            return self.ref.read_rows(rows)["sizes"].astype(np.int64), {}
+        return read_sizes(self.ds, rows)
+
+    def _boxes(self, rows: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.ref is not None:
+            got = self.ref.read_rows(rows)
+            return got["boxes"].astype(np.int64), got["flips"]
+        return sample_crops(self.cfg.seed, rows, sizes, self.num_crops, self.cfg.scale, self.cfg.ratio)
+
+    def _pipeline(self):
+        if self.pipe is None:
+            self.pipe = graphs.generation_pipeline(
+                self.reader, num_crops=self.group, views=self.teachers.views, device=self.device,
+                channels_last=self.teachers.channels_last, batch_size=self.cfg.batch_size,
+                num_threads=self.threads, device_id=torch.cuda.current_device() if self.device == "gpu" else None,
+                prefetch_queue_depth=2, exec_dynamic=True)
+            self.pipe.build()
+        else:
+            self.pipe.reset()
+        return self.pipe
+
+    def _to_torch(self, tl) -> torch.Tensor:
+        if self.device == "gpu":
+            with torch.cuda.device(torch.cuda.current_device()):
+                return torch.from_dlpack(tl.as_tensor())
+        return torch.from_dlpack(tl.as_tensor())
+
+    def shard(self, a: int, b: int, rows: np.ndarray, sizes: np.ndarray, bad: dict[int, str]):
+        """Labels of one shard: (arrays for write_block, rows_done mask, rows left out with reasons)."""
+        bad = dict(bad)
+        while True:
+            keep = np.array([r not in bad for r in rows], dtype=bool)
+            ok_rows, ok_sizes = rows[keep], sizes[keep]
+            if bad and not self.cfg.skip_corrupt:
+                r, why = next(iter(bad.items()))
+                raise GenerateError(f"{self.ds.path(r)}: {why}. Replace or remove the file, or pass --skip-corrupt "
+                                    f"to leave such images out (they are recorded in the store and never trained on)"
+                                    + (f"; {len(bad)} such files in rows {a}..{b - 1}" if len(bad) > 1 else ""))
+            boxes_ok, flips_ok = self._boxes(ok_rows, ok_sizes)
+            try:
+                idx, val = self._label(ok_rows, ok_sizes, boxes_ok, flips_ok)
+                break
+            except _BadImage as e:
+                bad[e.row] = e.reason
+                self.pipe = None  # DALI's pipeline is unusable after an error: rebuild
+        R, C, k = b - a, self.num_crops, self.k
+        arrays = {"sizes": np.ones((R, 2), np.int64), "boxes": np.tile(np.array([0, 0, 1, 1]), (R, C, 1)),
+                  "flips": np.zeros((R, C), bool), "topk_idx": np.zeros((R, C, k), np.int64),
+                  "topk_val": np.zeros((R, C, k), np.float32)}
+        local = ok_rows - a
+        arrays["sizes"][local] = ok_sizes
+        arrays["boxes"][local] = boxes_ok
+        arrays["flips"][local] = flips_ok
+        arrays["topk_idx"][local] = idx
+        arrays["topk_val"][local] = val
+        mask = np.zeros(R, bool)
+        mask[local] = True
+        return arrays, mask, {r: why for r, why in bad.items()}
+
+    def _label(self, rows: np.ndarray, sizes: np.ndarray, boxes: np.ndarray,
+               flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids and probabilities (m, C, k) of every crop of ``rows``."""
+        m, C, k = len(rows), self.num_crops, self.k
+        dev = self.teachers.torch_device
+        idx = torch.zeros((m, C, k), dtype=torch.int64, device=dev)
+        val = torch.zeros((m, C, k), dtype=torch.float32, device=dev)
+        if m == 0:
+            return idx.cpu().numpy(), val.cpu().numpy()
+        nb = self.reader.start_job(rows, boxes, flips)
+        pipe = self._pipeline()
+        pipe.schedule_run()
+        V = len(self.teachers.views)
+        for i in range(nb):
+            try:
+                outs = pipe.share_outputs()
+            except RuntimeError as e:
+                raise self._explain(e, i, nb) from e
+            crops = [self._to_torch(o) for o in outs[:V]]
+            index = np.array(outs[V].as_tensor())
+            crop_ids = np.array(outs[V + 1].as_tensor())
+            shapes = np.array(outs[V + 2].as_tensor())
+            pos = np.searchsorted(rows, index)
+            if not np.array_equal(shapes[:, :2], sizes[pos]):
+                j = int(np.flatnonzero((shapes[:, :2] != sizes[pos]).any(axis=1))[0])
+                raise _BadImage(int(index[j]), f"decodes to {shapes[j][1]}x{shapes[j][0]} px but its header says "
+                                               f"{sizes[pos[j]][1]}x{sizes[pos[j]][0]}")
+            x = []
+            for c, (size, *_rest) in zip(crops, self.teachers.views):
+                B, G = c.shape[0], c.shape[1]
+                if self.teachers.channels_last:
+                    x.append(c.view(B * G, size, size, 3).permute(0, 3, 1, 2))
+                else:
+                    x.append(c.view(B * G, 3, size, size))
+            probs = self.teachers.probs(x, self.cfg.temperature)
+            pv, pi = probs.topk(k, dim=1)
+            valid = torch.from_numpy(crop_ids.reshape(-1) >= 0)
+            r_pos = torch.from_numpy(np.repeat(pos, crop_ids.shape[1]))[valid].to(dev)
+            c_pos = torch.from_numpy(crop_ids.reshape(-1))[valid].to(dev)
+            idx[r_pos, c_pos] = pi[valid.to(dev)]
+            val[r_pos, c_pos] = pv[valid.to(dev)]
+            pipe.release_outputs()
+            pipe.schedule_run()
+        try:
+            pipe.share_outputs()
+        except StopIteration:
+            pass
+        except RuntimeError:
+            self.pipe = None
+        return idx.cpu().numpy(), val.cpu().numpy()
+
+    def _explain(self, err: RuntimeError, i: int, nb: int) -> Exception:
+        for j in range(i, min(nb, i + 3)):
+            for r in self.reader.rows_of_batch(j):
+                why = probe_image(self.ds.path(int(r)))
+                if why:
+                    return _BadImage(int(r), why)
+        return GenerateError(f"DALI failed while generating (batch {i}): {str(err)[:2000]}")
+
+    def close(self) -> None:
+        self.pipe = None
+
+
+class _BadImage(Exception):
+    def __init__(self, row: int, reason: str):
+        super().__init__(reason)
+        self.row, self.reason = row, reason
+
+
+def evaluate_teachers(cfg: GenerateConfig, teachers: Teachers, device: str, d: distributed.DistInfo) -> dict:
+    """Top-1/top-5 of the teacher(s) (mean of probabilities) on DATA/val, FKD's view: Resize(int(256/224*S))
+    + CenterCrop(S). Rank 0 evaluates; the result is printed and returned."""
+    result = {}
+    if d.is_main:
+        val = scan_image_folder(split_dir(cfg.data, "val"))
+        if len(val.classes) > teachers.num_classes:
+            raise GenerateError(f"{val.root} has {len(val.classes)} classes but the teachers output "
+                                f"{teachers.num_classes}: their class ids cannot be checked against these folders")
+        loaders = [EvalLoader(val.root, val.files, val.targets, batch_size=cfg.eval_batch_size, crop_size=size,
+                              resize_size=int(256 / 224 * size), device=device, mean=mean, std=std,
+                              channels_last=teachers.channels_last, num_threads=cfg.threads)
+                   for size, _interp, mean, std in teachers.views]
+        top1 = top5 = n = 0
+        for batches in zip(*loaders):
+            probs = teachers.probs([b["images"] for b in batches], temperature=1.0)
+            target = batches[0]["targets"].to(probs.device)
+            top = probs.topk(min(5, probs.shape[1]), dim=1).indices
+            top1 += int((top[:, 0] == target).sum())
+            top5 += int((top == target[:, None]).any(dim=1).sum())
+            n += len(target)
+        result = {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "images": n}
+        names = "+".join(t.arch for t in teachers.specs)
+        print(f"teacher {names} on {val.root}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+              f"({n} images)")
+    d.barrier()
+    return result
