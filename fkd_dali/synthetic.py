@@ -43,7 +43,7 @@ def photo_like(rng: np.random.Generator, height: int, width: int, hue: float | N
     img = np.tensordot(np.stack(base, -1), mix.T, axes=1)
     img = 128 + 38 * img
     if hue is not None:
-        img += 30 * np.array([np.cos(hue), np.cos(hue + 2.1), np.cos(hue + 4.2)])
+        img += 50 * np.array([np.cos(hue), np.cos(hue + 2.1), np.cos(hue + 4.2)])  # the class colour cast
     yy, xx = np.mgrid[0:height, 0:width]
     for _ in range(int(rng.integers(3, 9))):  # shapes with hard edges and gradients
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)

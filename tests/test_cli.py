@@ -64,3 +64,14 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     from PIL import Image
     with Image.open(tmp_path / "demo" / "loader.png") as im:
         assert im.size[0] > 400 and im.size[1] > 200
+
+
+def test_bench_generate_smoke(tmp_path, capsys):
+    assert main(["bench", "generate", "--images", "24", "--classes", "3", "--input-size", "32", "--num-crops", "4",
+                 "--num-seg", "4", "-b", "4", "--train-epochs", "1", "--device", "cpu", "--workdir",
+                 str(tmp_path / "w"), "--out", str(tmp_path / "g.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| teacher forward only" in text and "(the loader's geometry) |" in text
+    r = json.load(open(tmp_path / "g.json"))
+    assert r["runs"]["loader-geometry"]["top1_agreement"] == 1.0  # same pixels, same teacher: same top-1
+    assert 0 < r["runs"]["fkd-default"]["ratio_to_forward_only"]

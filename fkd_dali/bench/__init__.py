@@ -40,6 +40,22 @@ def add_parser(sub, func) -> None:
     lo.add_argument("--out", default="bench-results/loader.json", help="JSON result; a PNG chart goes beside it")
     lo.set_defaults(func=func)
 
+    ge = bs.add_parser("generate", help="generation crops/s vs the teacher alone; label fidelity")
+    ge.add_argument("--data", default=None, help="dataset root with train/ (default: synthesize photo-like JPEGs)")
+    ge.add_argument("--images", type=int, default=512)
+    ge.add_argument("--classes", type=int, default=16)
+    ge.add_argument("-a", "--arch", default=None, help="default: resnet50 on a GPU, resnet18 on the CPU")
+    ge.add_argument("--input-size", type=int, default=None, help="default: 224 on a GPU, 112 on the CPU")
+    ge.add_argument("--num-crops", type=int, default=8)
+    ge.add_argument("--num-seg", type=int, default=8, help="crops per decode")
+    ge.add_argument("-b", "--batch-size", type=int, default=8, help="groups per batch (teacher batch = b x num-seg)")
+    ge.add_argument("--train-epochs", type=int, default=4, help="epochs to train the benchmark teacher")
+    ge.add_argument("--threads", type=int, default=None)
+    ge.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    ge.add_argument("--workdir", default="bench-data")
+    ge.add_argument("--out", default="bench-results/generate.json")
+    ge.set_defaults(func=func)
+
 
 def _write(result: dict, out: str | None) -> None:
     if out:
@@ -88,6 +104,18 @@ def run(args: argparse.Namespace) -> int:
             png = os.path.splitext(args.out)[0] + ".png"
             plot(result, png)
             print(f"wrote {png}")
+    elif args.bench == "generate":
+        import torch
+
+        from .generate import format_table as gen_table
+        from .generate import run as gen_run
+        device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
+        result = gen_run(args.workdir, args.data, args.images, args.classes, args.arch, args.input_size,
+                         args.num_crops, args.num_seg, args.batch_size, device, args.threads or (os.cpu_count() or 1),
+                         args.train_epochs)
+        result["machine"] = machine
+        print(gen_table(result))
+        _write(result, args.out)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(args.bench)
     return 0
