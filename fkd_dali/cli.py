@@ -96,7 +96,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         skip_corrupt=args.skip_corrupt, reference=args.reference, rows_per_shard=args.rows_per_shard,
         crops_per_chunk=args.crops_per_chunk, threads=args.workers, amp=False if args.no_amp else None,
         channels_last=False if args.no_channels_last else None, label_type=args.label_type, rank=args.rank,
-        world_size=args.world_size, show_progress=not args.quiet, evaluate=args.evaluate)
+        world_size=args.world_size, show_progress=not args.quiet, evaluate=args.evaluate,
+        crop_dtype=args.crop_dtype)
     rep = generate(cfg)
     if args.evaluate:
         return 0
@@ -160,6 +161,8 @@ def add_generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, help="this process's rank, for launches without torchrun")
     g.add_argument("--world-size", type=int, help="number of processes, for launches without torchrun")
     g.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the teacher(s) on DATA/val")
+    g.add_argument("--crop-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the teacher's input crops out of DALI (float16 halves the bandwidth)")
     g.add_argument("--no-amp", action="store_true", help="run the teachers in float32 on the GPU (default bf16)")
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on the GPU")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -77,6 +77,7 @@ class GenerateConfig:
     show_progress: bool = True
     evaluate: bool = False
     eval_batch_size: int = 64
+    crop_dtype: str = "float32"  # teacher inputs out of DALI: float32, or float16 (half the bandwidth)
 
 
 @dataclasses.dataclass
@@ -390,7 +391,7 @@ class _ShardGenerator:
         if self.pipe is None:
             self.pipe = graphs.generation_pipeline(
                 self.reader, num_crops=self.group, views=self.teachers.views, device=self.device,
-                channels_last=self.teachers.channels_last, batch_size=self.cfg.batch_size,
+                dtype=self.cfg.crop_dtype, channels_last=self.teachers.channels_last, batch_size=self.cfg.batch_size,
                 num_threads=self.threads, device_id=torch.cuda.current_device() if self.device == "gpu" else None,
                 prefetch_queue_depth=2, exec_dynamic=True)
             self.pipe.build()
@@ -470,6 +471,8 @@ class _ShardGenerator:
                     x.append(c.view(B * G, size, size, 3).permute(0, 3, 1, 2))
                 else:
                     x.append(c.view(B * G, 3, size, size))
+            if not self.teachers.amp:  # float16 crops feed a float32 teacher
+                x = [t.float() for t in x]
             probs = self.teachers.probs(x, self.cfg.temperature)
             pv, pi = probs.topk(k, dim=1)
             valid = torch.from_numpy(crop_ids.reshape(-1) >= 0)

@@ -100,6 +100,15 @@ def test_labels_equal_a_direct_computation(world, tmp_path):
     assert m.crop["scale"] == [0.08, 0.936] and m.seed == 2 and m.top_k == 3
 
 
+def test_float16_crops_give_nearly_the_same_labels(world, tmp_path):
+    generate(config(world, str(tmp_path / "a")))
+    generate(config(world, str(tmp_path / "b"), crop_dtype="float16"))
+    a = labelstore.open_store(str(tmp_path / "a")).read_rows(range(30))
+    b = labelstore.open_store(str(tmp_path / "b")).read_rows(range(30))
+    assert (a["topk_idx"][..., 0] == b["topk_idx"][..., 0]).mean() > 0.97
+    assert np.abs(a["topk_val"].astype(np.float32) - b["topk_val"].astype(np.float32)).max() < 0.02
+
+
 def test_rerun_resumes_and_refuses_other_settings(world, tmp_path):
     save = str(tmp_path / "s")
     generate(config(world, save))
