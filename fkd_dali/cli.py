@@ -111,11 +111,113 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str, issue: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"fkd-dali {name} is not yet available ({issue}).", file=sys.stderr)
-        return 2
-    return run
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .models import is_transformer
+    from .train import TrainConfig, train
+    if args.multiprocessing_distributed or (args.world_size and args.world_size > 1):
+        raise ValueError("launch multi-GPU training with torchrun: torchrun --nproc_per_node N train.py ... "
+                         "(--multiprocessing-distributed/--world-size/--dist-url are FKD's mp.spawn flags)")
+    if args.pretrained:
+        raise ValueError("--pretrained is not supported: students start from scratch (FKD's recipe)")
+    cfg = TrainConfig(
+        data=args.data, arch=args.arch, labels=args.labels, softlabel_path=args.softlabel_path,
+        soft_label_type=args.soft_label_type, temperature=args.temp, num_crops=args.num_crops,
+        batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size, opt=args.opt, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay,
+        cos=args.cos or args.sched == "cosine" or (args.sched is None and is_transformer(args.arch)),
+        schedule=tuple(args.schedule), warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr, opt_eps=args.opt_eps, drop_path=args.drop_path, clip_grad=args.clip_grad,
+        mixup_cutmix=args.mixup_cutmix, mixup=args.mixup, cutmix=args.cutmix,
+        mixup_cutmix_prob=args.mixup_cutmix_prob, mixup_switch_prob=args.mixup_switch_prob,
+        label_smoothing=args.label_smoothing, teacher_arch=args.teacher_arch, teacher_path=args.teacher_path,
+        teacher_weights=args.teacher_weights, teacher_input_size=args.teacher_input_size,
+        model_ema=args.model_ema, model_ema_decay=args.model_ema_decay, amp=args.amp,
+        channels_last=args.channels_last, device=args.device, output=args.output, resume=args.resume or None,
+        evaluate=args.evaluate, seed=args.seed if args.seed is not None else 0, workers=args.workers,
+        num_classes=args.num_classes, allow_incomplete=args.allow_incomplete,
+        checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, val_batch_size=args.val_batch_size,
+        show_progress=not args.quiet)
+    result = train(cfg)
+    if not args.evaluate and "best_top1" in result:
+        last = result["last"] or {}
+        print(f"done: {result['arch']} ({result['labels']} labels), best val top-1 {result['best_top1']:.2f}%, last "
+              f"{last.get('val_top1', float('nan')):.2f}%, {result['global_step']} steps in {result['seconds']:.0f} s; "
+              f"checkpoints in {result['output']}" + (" (stopped by --max-steps)" if result["stopped_early"] else ""))
+    return 0
+
+
+def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None,
+                   help=help)
+
+
+def add_train_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
+    t.add_argument("-a", "--arch", default="resnet50",
+                   help="student: a torchvision model, deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S")
+    t.add_argument("--softlabel-path", "--softlabel_path", dest="softlabel_path", help="the label store")
+    t.add_argument("--labels", choices=("fkd", "hard", "online"), default="fkd",
+                   help="fkd: stored soft labels (default); hard: standard crops + ground truth; online: vanilla KD")
+    t.add_argument("--soft-label-type", "--soft_label_type", dest="soft_label_type", default="marginal_smoothing_k5",
+                   help="hard, smoothing, marginal_smoothing_kK, marginal_renorm(_kK), full (FKD's names accepted)")
+    t.add_argument("--temp", type=float, default=1.0, help="temperature on the student's logits")
+    t.add_argument("--num-crops", "--num_crops", dest="num_crops", type=int, default=4,
+                   help="crops per image per step (one pass = this many epochs)")
+    t.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=1024,
+                   help="crops per optimizer step over all ranks (images per step = ceil(b / num_crops))")
+    t.add_argument("--epochs", type=int, default=300)
+    t.add_argument("--input-size", dest="input_size", type=int, default=224)
+    t.add_argument("--opt", choices=("sgd", "adamw"), help="default: adamw for ViT/DeiT/SReT, sgd otherwise")
+    t.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="default: 0.1 (sgd) / 0.002 (adamw)")
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, help="default: 1e-4 (sgd) / 0.05 (adamw)")
+    t.add_argument("--cos", action="store_true", help="cosine schedule (FKD's flag; the ViT recipe's default)")
+    t.add_argument("--sched", choices=("cosine", "step"), help="cosine, or step at --schedule milestones")
+    t.add_argument("--schedule", type=int, nargs="*", default=[120, 240], help="step milestones (x0.1) without --cos")
+    t.add_argument("--warmup-epochs", dest="warmup_epochs", type=int, help="default: 5 for ViTs (single-crop), 0 else")
+    t.add_argument("--warmup-lr", dest="warmup_lr", type=float, default=1e-5)
+    t.add_argument("--min-lr", dest="min_lr", type=float)
+    t.add_argument("--opt-eps", dest="opt_eps", type=float, default=1e-8)
+    t.add_argument("--drop-path", dest="drop_path", type=float, help="stochastic depth (SReT's own default otherwise)")
+    t.add_argument("--clip-grad", dest="clip_grad", type=float)
+    t.add_argument("--mixup-cutmix", "--mixup_cutmix", dest="mixup_cutmix", action="store_true",
+                   help="Mixup/CutMix on images and soft labels")
+    t.add_argument("--mixup", type=float, default=0.8)
+    t.add_argument("--cutmix", type=float, default=1.0)
+    t.add_argument("--mixup-cutmix-prob", "--mixup_cutmix_prob", dest="mixup_cutmix_prob", type=float, default=1.0)
+    t.add_argument("--mixup-switch-prob", "--mixup_switch_prob", dest="mixup_switch_prob", type=float, default=0.5)
+    t.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.0, help="--labels hard only")
+    t.add_argument("--teacher-arch", dest="teacher_arch", help="--labels online: the teacher")
+    t.add_argument("--teacher-path", dest="teacher_path")
+    t.add_argument("--teacher-weights", dest="teacher_weights")
+    t.add_argument("--teacher-input-size", dest="teacher_input_size", type=int)
+    t.add_argument("--model-ema", dest="model_ema", action="store_true", help="keep an EMA of the weights")
+    t.add_argument("--model-ema-decay", dest="model_ema_decay", type=float, default=0.9998)
+    _bool_flag(t, "amp", "bf16 autocast (default: on with a GPU)")
+    _bool_flag(t, "channels-last", "channels-last memory format (default: on with a GPU)")
+    t.add_argument("--device", choices=("cpu", "gpu"))
+    t.add_argument("--output", "--save_checkpoint_path", dest="output",
+                   help="checkpoints and log.jsonl (default runs/ARCH-LABELS)")
+    t.add_argument("--resume", default="", help="continue from this checkpoint (or evaluate it with -e)")
+    t.add_argument("-e", "--evaluate", action="store_true", help="evaluate --resume on DATA/val and exit")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("-j", "--workers", type=int, help="DALI threads per rank")
+    t.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int)
+    t.add_argument("--allow-incomplete", action="store_true", help="train on the done rows of an incomplete store")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (with a checkpoint)")
+    t.add_argument("--val-batch-size", type=int, default=64)
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # Accepted for FKD compatibility.
+    t.add_argument("-p", "--print-freq", type=int, default=10, help=argparse.SUPPRESS)
+    t.add_argument("--start-epoch", type=int, default=0, help=argparse.SUPPRESS)
+    t.add_argument("--gpu", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--pretrained", action="store_true", help=argparse.SUPPRESS)
+    t.add_argument("--world-size", dest="world_size", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--dist-url", help=argparse.SUPPRESS)
+    t.add_argument("--dist-backend", help=argparse.SUPPRESS)
+    t.add_argument("--multiprocessing-distributed", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_generate_args(g: argparse.ArgumentParser) -> None:
@@ -181,9 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_args(g)
     g.set_defaults(func=_cmd_generate)
 
-    t = sub.add_parser("train", help="train a student from a label store")
-    t.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
-    t.set_defaults(func=_not_yet("train", "the train issue"))
+    t = sub.add_parser("train", help="train a student from a label store (or a hard-label / online-KD baseline)",
+                       description="FKD training: replay the stored crops with their soft labels (DALI), DDP via "
+                       "torchrun, exact resume. FKD's train_FKD.py / train_ViT_FKD.py flags are accepted.")
+    add_train_args(t)
+    t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("inspect", help="summarise a label store (shape, chunking, bytes per crop, teachers)")
     i.add_argument("store", metavar="STORE")

@@ -74,6 +74,8 @@ def write_dataset(out: str, *, flavour: str = "photo", classes: int = 10, per_cl
         raise ValueError(f"unknown synthetic flavour '{flavour}'")
     jobs = []
     for split, count in (("train", per_class), ("val", val_per_class)):
+        if count == 0:
+            continue
         for c in range(classes):
             d = os.path.join(out, split, f"class_{c:04d}")
             os.makedirs(d, exist_ok=True)

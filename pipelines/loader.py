@@ -58,6 +58,7 @@ class _DaliLoader:
             self.device_id = None
         self.prefetch_queue_depth = prefetch_queue_depth
         self.epoch = 0
+        self.start_batch = 0
         self._pipe = None
         self._at_boundary = False  # the built pipeline has finished an epoch: a reset is enough
 
@@ -65,9 +66,11 @@ class _DaliLoader:
     def batch_size(self) -> int:
         return self.reader.batch_size
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch: a new permutation (and, for FKD, the next round of stored crops)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch: a new permutation (and, for FKD, the next round of stored crops). ``start_batch``
+        skips that many batches of it (resuming inside an epoch); it applies to the next iteration only."""
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         return self.reader.plan(self.epoch if epoch is None else epoch)
@@ -99,7 +102,8 @@ class _DaliLoader:
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        plan = self.reader.start_epoch(self.epoch, reset=True)
+        plan = self.reader.start_epoch(self.epoch, reset=True, start_batch=self.start_batch)
+        self.start_batch = 0
         if self._pipe is not None and self._at_boundary:
             self._pipe.reset()
         else:  # first epoch, or the last one was abandoned half way / failed: start afresh

@@ -133,8 +133,9 @@ class ImageReader:
         return EpochPlan(epoch=epoch, rows=self.rows[positions], batch_size=self.batch_size,
                          drop_last=self.drop_last)
 
-    def start_epoch(self, epoch: int, reset: bool = False) -> EpochPlan:
-        """Make the pipeline's next epoch serve ``epoch``; returns its plan.
+    def start_epoch(self, epoch: int, reset: bool = False, start_batch: int = 0) -> EpochPlan:
+        """Make the pipeline's next epoch serve ``epoch`` (from batch ``start_batch``, to resume inside an
+        epoch); returns its plan.
 
         Asking again for the epoch the reader is on is a no-op (an iterator may already have read it
         ahead). ``reset=True`` says the caller resets or rebuilds the pipeline right after, discarding
@@ -152,6 +153,11 @@ class ImageReader:
                 f"resets and prefetches at once); start_epoch({epoch}) came too late. Call start_epoch before "
                 "the pipeline resets, or let the reader advance by itself")
         self.current = self._begin(epoch)
+        if start_batch:
+            if not 0 <= start_batch <= self.current.num_batches:
+                raise ValueError(f"start_batch {start_batch} is outside 0..{self.current.num_batches}")
+            self.current = dataclasses.replace(self.current,
+                                               rows=self.current.rows[start_batch * self.current.batch_size:])
         self._pipeline_epoch = None
         return self.current
 

@@ -117,6 +117,17 @@ def test_alignment_sharding_and_rounds_over_epochs(coded, world):
     assert orders[0] != orders[1] != orders[2]
 
 
+def test_start_batch_resumes_inside_an_epoch(coded):
+    ld = loader(coded, seed=8)
+    ld.set_epoch(3)
+    full = [b["indices"] for b in ld]
+    ld.set_epoch(3, start_batch=5)
+    rest = [b["indices"] for b in ld]
+    assert len(rest) == len(full) - 5 and all(torch.equal(a, b) for a, b in zip(full[5:], rest))
+    ld.set_epoch(3)  # start_batch applies once
+    assert len([b for b in ld]) == len(full)
+
+
 def test_last_partial_batch_is_delivered_or_dropped_on_request(coded):
     ld = loader(coded, batch_size=8)
     sizes = [b["images"].shape[0] for b in ld]

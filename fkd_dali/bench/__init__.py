@@ -56,6 +56,24 @@ def add_parser(sub, func) -> None:
     ge.add_argument("--out", default="bench-results/generate.json")
     ge.set_defaults(func=func)
 
+    tr = bs.add_parser("train", help="FKDLoader vs synthetic data in the training step; FKD vs online KD; accuracy")
+    tr.add_argument("--data", default=None, help="dataset root with train/ (default: synthesize photo-like JPEGs)")
+    tr.add_argument("--images", type=int, default=1024)
+    tr.add_argument("--classes", type=int, default=16)
+    tr.add_argument("-a", "--arch", default=None, help="student (default: resnet50 on a GPU, resnet18 on the CPU)")
+    tr.add_argument("--teacher-arch", default=None, help="online-KD teacher (default: resnet152 GPU, resnet50 CPU)")
+    tr.add_argument("--input-size", type=int, default=None, help="default: 224 on a GPU, 64 on the CPU")
+    tr.add_argument("-b", "--batch-size", type=int, default=None, help="crops per step (default: 256 GPU, 64 CPU)")
+    tr.add_argument("--num-crops", type=int, default=4)
+    tr.add_argument("--steps", type=int, default=30, help="timed steps per throughput measurement")
+    tr.add_argument("--accuracy", action="store_true", help="also train FKD / hard / online students and compare")
+    tr.add_argument("--accuracy-epochs", type=int, default=16)
+    tr.add_argument("--threads", type=int, default=None)
+    tr.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    tr.add_argument("--workdir", default="bench-data")
+    tr.add_argument("--out", default="bench-results/train.json")
+    tr.set_defaults(func=func)
+
 
 def _write(result: dict, out: str | None) -> None:
     if out:
@@ -115,6 +133,18 @@ def run(args: argparse.Namespace) -> int:
                          args.train_epochs)
         result["machine"] = machine
         print(gen_table(result))
+        _write(result, args.out)
+    elif args.bench == "train":
+        import torch
+
+        from .train import format_table as train_table
+        from .train import run as train_run
+        device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
+        if args.batch_size is None:
+            args.batch_size = 256 if device == "gpu" else 64
+        result = train_run(args, device, args.threads or (os.cpu_count() or 1))
+        result["machine"] = machine
+        print(train_table(result))
         _write(result, args.out)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(args.bench)

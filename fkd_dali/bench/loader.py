@@ -39,10 +39,11 @@ def prepare_data(workdir: str, data: str | None, images: int, classes: int, pool
     os.makedirs(workdir, exist_ok=True)
     synth_info = None
     if data is None:
-        data = os.path.join(workdir, "photo")
-        info_path = os.path.join(workdir, "photo.json")
+        name = f"photo-n{images}-c{classes}"
+        data = os.path.join(workdir, name)
+        info_path = os.path.join(workdir, name + ".json")
         if not os.path.exists(info_path):
-            synth_info = write_dataset(data, classes=classes, per_class=-(-images // classes), val_per_class=0,
+            synth_info = write_dataset(data, classes=classes, per_class=-(-images // classes), val_per_class=4,
                                        seed=seed, workers=os.cpu_count() or 1)
             with open(info_path, "w") as f:
                 json.dump(synth_info, f)

@@ -1,0 +1,94 @@
+"""Training checkpoints: written atomically, holding everything a resume needs to continue exactly.
+
+``checkpoint.pth.tar`` (the last state) and ``model_best.pth.tar`` (best validation top-1) in the output
+folder, with FKD's keys (``epoch``, ``arch``, ``state_dict``, ``best_acc1``, ``optimizer``) plus ours: the
+position (segment, step inside it, global step), EMA weights, every rank's RNG states, the run's
+configuration and the label store's identity.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+LAST = "checkpoint.pth.tar"
+BEST = "model_best.pth.tar"
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used for what was asked."""
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(state: dict[str, Any], folder: str, is_best: bool = False) -> str:
+    """Write ``folder/checkpoint.pth.tar`` (and the best copy) atomically: a kill never leaves half a file."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LAST)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    if is_best:
+        best = os.path.join(folder, BEST)
+        torch.save({k: v for k, v in state.items() if k not in ("optimizer", "rng")}, best + ".tmp")
+        os.replace(best + ".tmp", best)
+    return path
+
+
+def load(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        path = os.path.join(path, LAST)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist (give the file, or the --output folder holding "
+                              f"{LAST})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); it may be truncated") from e
+
+
+def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
+    """The model weights of ours or FKD's checkpoints (DDP's ``module.`` prefix removed)."""
+    sd = ckpt.get("state_dict", ckpt.get("model"))
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds no 'state_dict'")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str, arch: str) -> None:
+    """Load a checkpoint's weights, with an error that says which architecture it belongs to."""
+    made_for = ckpt.get("arch")
+    if made_for is not None and made_for != arch:
+        raise CheckpointError(f"{path} is a checkpoint of {made_for}, not {arch}; pass -a {made_for} or the "
+                              f"checkpoint of a {arch}")
+    sd = model_state(ckpt, path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit {arch}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); it is a checkpoint of another "
+                              "architecture")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{path}: '{k}' has shape {tuple(v.shape)} but {arch} here has "
+                                  f"{tuple(own[k].shape)} (another class count or input size?)")
+    model.load_state_dict(sd)

@@ -1,0 +1,50 @@
+"""Mixup / CutMix on images and their *dense soft labels* (FKD's ``--mixup_cutmix``).
+
+One draw per batch, as FKD: with probability ``prob`` the batch is mixed with a permutation of itself;
+then CutMix with probability ``switch`` (``λ ~ Beta(cutmix, cutmix)``, a box pasted, λ recomputed from
+its area) or Mixup otherwise (``λ ~ Beta(mixup, mixup)``); labels are mixed linearly with λ. The random
+draws come from ``(seed, step)``, so a resumed run mixes exactly as an uninterrupted one. FKD's ``np.int``
+(gone in NumPy 1.24) is plain ``int`` here, and its swapped W/H only mattered for non-square crops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class MixConfig:
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    prob: float = 1.0
+    switch: float = 0.5
+
+
+def mix(images: torch.Tensor, soft: torch.Tensor, cfg: MixConfig, seed: int, step: int):
+    """(images, soft labels, description) after one seeded Mixup/CutMix draw; inputs are not modified."""
+    rng = np.random.default_rng([int(seed), int(step), 0x6D6978])
+    if rng.random() >= cfg.prob or (cfg.mixup <= 0 and cfg.cutmix <= 0):
+        return images, soft, "none"
+    B = images.shape[0]
+    perm = torch.from_numpy(rng.permutation(B)).to(images.device)
+    use_cutmix = cfg.cutmix > 0 and (cfg.mixup <= 0 or rng.random() < cfg.switch)
+    if use_cutmix:
+        lam = float(rng.beta(cfg.cutmix, cfg.cutmix))
+        H, W = images.shape[-2:]
+        cut = np.sqrt(1.0 - lam)
+        ch, cw = int(H * cut), int(W * cut)
+        cy, cx = int(rng.integers(H)), int(rng.integers(W))
+        y1, y2 = np.clip(cy - ch // 2, 0, H), np.clip(cy + ch // 2, 0, H)
+        x1, x2 = np.clip(cx - cw // 2, 0, W), np.clip(cx + cw // 2, 0, W)
+        out = images.clone()
+        out[..., y1:y2, x1:x2] = images[perm][..., y1:y2, x1:x2]
+        lam = 1.0 - (y2 - y1) * (x2 - x1) / float(H * W)
+        kind = "cutmix"
+    else:
+        lam = float(rng.beta(cfg.mixup, cfg.mixup))
+        out = images.mul(lam).add_(images[perm], alpha=1.0 - lam)
+        kind = "mixup"
+    return out, soft.mul(lam).add_(soft[perm], alpha=1.0 - lam), f"{kind} lam={lam:.3f}"

@@ -1,0 +1,47 @@
+"""Students by name (``create_model``), as timm does it: any torchvision classification model, the DeiT
+configurations of torchvision's VisionTransformer, and SReT."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torchvision.models.vision_transformer import VisionTransformer
+
+from .sret import CONFIGS as SRET_CONFIGS
+from .sret import SReT, sret
+
+# DeiT (Touvron et al. 2021) sizes: patch 16, 12 layers; tiny 3 heads x 64, small 6 heads x 64.
+DEIT = {"deit_tiny": dict(num_heads=3, hidden_dim=192, mlp_dim=768),
+        "deit_small": dict(num_heads=6, hidden_dim=384, mlp_dim=1536),
+        "deit_base": dict(num_heads=12, hidden_dim=768, mlp_dim=3072)}
+TRANSFORMERS = set(DEIT) | set(SRET_CONFIGS) | {n for n in torchvision.models.list_models(module=torchvision.models)
+                                                if n.startswith(("vit_", "swin_", "maxvit"))}
+
+
+class ModelError(Exception):
+    """Unknown architecture or unusable settings."""
+
+
+def is_transformer(name: str) -> bool:
+    """ViT-family students train with FKD's ViT recipe (AdamW, warm-up) by default."""
+    return name in TRANSFORMERS
+
+
+def available() -> list[str]:
+    return sorted(set(torchvision.models.list_models(module=torchvision.models)) | set(DEIT) | set(SRET_CONFIGS))
+
+
+def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: float | None = None) -> torch.nn.Module:
+    if name in SRET_CONFIGS:
+        return sret(name, num_classes=num_classes, image_size=image_size, drop_path=drop_path)
+    if name in DEIT:
+        return VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_classes=num_classes,
+                                 **DEIT[name])
+    if name in torchvision.models.list_models(module=torchvision.models):
+        kw = {"image_size": image_size} if name.startswith("vit_") else {}
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+    raise ModelError(f"unknown architecture '{name}'; choose a torchvision classification model (e.g. resnet50), "
+                     f"deit_tiny, deit_small, SReT_T, SReT_LT or SReT_S")
+
+
+__all__ = ["DEIT", "ModelError", "SReT", "available", "create_model", "is_transformer"]

@@ -1,0 +1,474 @@
+"""``fkd-dali train``: FKD training of a student from a label store, with the hard-label and online-KD
+baselines in the same loop; DDP via torchrun; checkpoints that resume exactly.
+
+One step (``--labels fkd``): ``FKDLoader`` gives ``ceil(b / n) / world`` images per rank, each as ``n``
+stored crops with their stored top-k; the top-k become dense soft labels on the device
+(``--soft-label-type``); optional Mixup/CutMix mixes images and labels; the loss is the soft
+cross-entropy of ``student / T`` against them. ``--labels hard``: the standard random-resized-crop DALI
+pipeline and cross-entropy (optionally label-smoothed). ``--labels online``: the same standard crops, and a
+teacher run on them every step gives the soft labels (vanilla KD) — what FKD saves.
+
+The plan (segments of n epochs, single-crop warm-up and tail) and the learning rate per step are pure
+functions of the options (:mod:`fkd_dali.schedule`), the data order of ``(seed, epoch)``, the mixing of
+``(seed, step)``; a checkpoint stores the position, weights, optimizer, EMA and every rank's RNG, so
+``--resume`` continues the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import labelstore
+from pipelines import EvalLoader, FKDLoader, StandardLoader
+
+from . import checkpoint, distributed
+from .dataset import scan_image_folder, split_dir
+from .evaluate import evaluate
+from .mixing import MixConfig, mix
+from .models import create_model, is_transformer
+from .progress import progress
+from .schedule import LRSchedule, Segment, fkd_segments, plain_segments
+from .soft_labels import parse_label_type, recover, soft_cross_entropy
+from .teachers import TeacherSpec, build_teacher, output_classes
+
+
+class TrainError(Exception):
+    """Training cannot start or go on; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str
+    arch: str = "resnet50"
+    labels: str = "fkd"  # fkd | hard | online
+    softlabel_path: str | None = None
+    soft_label_type: str = "marginal_smoothing_k5"
+    temperature: float = 1.0
+    num_crops: int = 4
+    batch_size: int = 1024  # crops per optimizer step, all ranks together (FKD's -b)
+    epochs: int = 300
+    input_size: int = 224
+    opt: str | None = None  # sgd | adamw; default by architecture family
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    cos: bool = True
+    schedule: tuple[int, ...] = (120, 240)
+    warmup_epochs: int | None = None
+    warmup_lr: float = 1e-5
+    min_lr: float | None = None
+    opt_eps: float = 1e-8
+    drop_path: float | None = None
+    clip_grad: float | None = None
+    mixup_cutmix: bool = False
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_cutmix_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+    teacher_arch: str | None = None
+    teacher_path: str | None = None
+    teacher_weights: str | None = None
+    teacher_input_size: int | None = None
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    amp: bool | None = None
+    channels_last: bool | None = None
+    device: str | None = None
+    output: str | None = None
+    resume: str | None = None
+    evaluate: bool = False
+    seed: int = 0
+    workers: int | None = None
+    num_classes: int | None = None
+    allow_incomplete: bool = False
+    checkpoint_every: int = 0  # also save every N steps inside a segment (0: at segment ends only)
+    max_steps: int | None = None  # stop (with a checkpoint) after this global step
+    val_batch_size: int = 64
+    show_progress: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the defaults that depend on the architecture family (FKD's CNN vs ViT recipes)."""
+        vit = is_transformer(self.arch)
+        opt = self.opt or ("adamw" if vit else "sgd")
+        return dataclasses.replace(
+            self, opt=opt,
+            lr=self.lr if self.lr is not None else (0.002 if opt == "adamw" else 0.1),
+            weight_decay=self.weight_decay if self.weight_decay is not None else (0.05 if opt == "adamw" else 1e-4),
+            warmup_epochs=self.warmup_epochs if self.warmup_epochs is not None else (5 if vit else 0),
+            min_lr=self.min_lr if self.min_lr is not None else (1e-5 if opt == "adamw" else 0.0),
+            output=self.output or os.path.join("runs", f"{self.arch}-{self.labels}"))
+
+
+# Options that define the run's plan: a resume must agree on them.
+PLAN_KEYS = ("arch", "labels", "num_crops", "batch_size", "epochs", "input_size", "opt", "lr", "weight_decay",
+             "cos", "warmup_epochs", "soft_label_type", "temperature", "mixup_cutmix", "seed", "label_smoothing")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg = cfg.resolved()
+        if cfg.labels not in ("fkd", "hard", "online"):
+            raise TrainError(f"--labels must be fkd, hard or online, got {cfg.labels!r}")
+        self.device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
+        if self.device == "gpu" and not torch.cuda.is_available():
+            raise TrainError("--device gpu was asked for but torch sees no CUDA device; use --device cpu")
+        self.dist = distributed.setup(self.device)
+        self.torch_device = torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else \
+            torch.device("cpu")
+        self.amp = cfg.amp if cfg.amp is not None else self.device == "gpu"
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device == "gpu"
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        self.main = self.dist.is_main
+        self.store = None
+        self.train_set = None
+        if not cfg.evaluate:
+            self.train_set = scan_image_folder(split_dir(cfg.data, "train"))
+        self.num_classes = self._num_classes()
+        self.model = create_model(cfg.arch, self.num_classes, cfg.input_size, cfg.drop_path).to(self.torch_device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ddp = torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.torch_device.index] if self.device == "gpu" else None) \
+            if self.dist.group else self.model
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.model_ema_decay)) \
+            if cfg.model_ema else None
+        self.optimizer = self._optimizer()
+        self.lr_at = LRSchedule(cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr, cfg.cos,
+                                cfg.schedule)
+        self.segments = fkd_segments(cfg.epochs, cfg.num_crops, cfg.warmup_epochs) if cfg.labels == "fkd" \
+            else plain_segments(cfg.epochs)
+        self.loaders: dict[int, Any] = {}
+        self.teacher = self._teacher() if cfg.labels == "online" else None
+        self.label_type = parse_label_type(cfg.soft_label_type, self.store.top_k, self.num_classes) \
+            if self.store is not None else None
+        self.mix_cfg = MixConfig(cfg.mixup, cfg.cutmix, cfg.mixup_cutmix_prob, cfg.mixup_switch_prob) \
+            if cfg.mixup_cutmix else None
+        self.position = (0, 0)  # (segment, batch inside it)
+        self.global_step = 0
+        self.best_top1 = 0.0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def _num_classes(self) -> int:
+        cfg = self.cfg
+        if cfg.labels == "fkd" and not cfg.evaluate:
+            if not cfg.softlabel_path:
+                raise TrainError("--labels fkd needs --softlabel-path STORE (a label store from `fkd-dali generate` "
+                                 "or `fkd-dali import-fkd`); or train a baseline with --labels hard")
+            self.store = labelstore.open_store(cfg.softlabel_path)
+            ds = self.train_set
+            self.store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint,
+                                     targets=ds.targets, data_dir=ds.root)
+            if cfg.num_classes is not None and cfg.num_classes != self.store.num_classes:
+                raise TrainError(f"--num-classes {cfg.num_classes} but {cfg.softlabel_path} holds labels over "
+                                 f"{self.store.num_classes} classes; the student's head must match the store: drop "
+                                 "--num-classes")
+            if cfg.num_crops > self.store.num_crops:
+                raise TrainError(f"--num-crops {cfg.num_crops} but {cfg.softlabel_path} stores {self.store.num_crops} "
+                                 f"crops per image; use --num-crops <= {self.store.num_crops}")
+            return self.store.num_classes
+        if cfg.num_classes is not None:
+            return cfg.num_classes
+        classes = (self.train_set or scan_image_folder(split_dir(cfg.data, "val"))).classes
+        return len(classes)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        decay, no_decay = [], []
+        skip = getattr(self.model, "no_weight_decay", lambda: set())()
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if cfg.opt == "adamw" and (p.ndim <= 1 or name in skip or name.endswith(".bias"))
+             else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        if cfg.opt == "sgd":
+            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        if cfg.opt == "adamw":
+            return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.opt_eps)
+        raise TrainError(f"--opt must be sgd or adamw, got {cfg.opt!r}")
+
+    def _teacher(self):
+        cfg = self.cfg
+        if not cfg.teacher_arch:
+            raise TrainError("--labels online needs --teacher-arch (and --teacher-path or --teacher-weights)")
+        spec = TeacherSpec(cfg.teacher_arch, weights=cfg.teacher_weights, path=cfg.teacher_path,
+                           input_size=cfg.teacher_input_size or cfg.input_size)
+        teacher = build_teacher(spec, self.num_classes).to(self.torch_device)
+        if self.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        got = output_classes(teacher, spec, self.torch_device)
+        if got != self.num_classes:
+            raise TrainError(f"teacher {cfg.teacher_arch} outputs {got} classes, the student {self.num_classes}")
+        self.teacher_size = spec.input_size
+        return teacher
+
+    def _images_per_rank(self, crops: int) -> int:
+        total = math.ceil(self.cfg.batch_size / crops)
+        per = total // self.dist.world_size
+        if per < 1:
+            raise TrainError(f"-b {self.cfg.batch_size} crops gives {total} images per step, fewer than the "
+                             f"{self.dist.world_size} ranks; raise -b")
+        return per
+
+    def loader(self, crops: int):
+        if crops not in self.loaders:
+            cfg, d = self.cfg, self.dist
+            common = dict(device=self.device, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
+                          channels_last=self.channels_last, num_threads=cfg.workers, crop_size=cfg.input_size)
+            if cfg.labels == "fkd":
+                self.loaders[crops] = FKDLoader(cfg.data, self.store, batch_size=self._images_per_rank(crops),
+                                                num_crops=crops, allow_incomplete=cfg.allow_incomplete, **common)
+            else:
+                ds = self.train_set
+                self.loaders[crops] = StandardLoader(ds.root, ds.files, ds.targets,
+                                                     batch_size=self._images_per_rank(1), **common)
+        return self.loaders[crops]
+
+    def eval_loader(self) -> EvalLoader:
+        if "val" not in self.loaders:
+            val = scan_image_folder(split_dir(self.cfg.data, "val"))
+            self.loaders["val"] = EvalLoader(val.root, val.files, val.targets, batch_size=self.cfg.val_batch_size,
+                                             crop_size=self.cfg.input_size, device=self.device, rank=self.dist.rank,
+                                             world_size=self.dist.world_size, channels_last=self.channels_last,
+                                             num_threads=self.cfg.workers)
+        return self.loaders["val"]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        rng = checkpoint.rng_state()
+        rngs = [None] * self.dist.world_size
+        if self.dist.group:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        seg, batch = self.position
+        return {"arch": self.cfg.arch, "num_classes": self.num_classes, "state_dict": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": None,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "epoch": self.segments[seg].start_epoch if seg < len(self.segments) else self.cfg.epochs,
+                "segment": seg, "batch": batch, "global_step": self.global_step, "best_acc1": self.best_top1,
+                "history": self.history, "rng": rngs, "world_size": self.dist.world_size,
+                "config": dataclasses.asdict(self.cfg),
+                "store": {"path": self.store.path, "fingerprint": self.store.meta.fingerprint} if self.store else None}
+
+    def save(self, is_best: bool = False) -> None:
+        state = self.state()  # every rank takes part (RNG gather)
+        if self.main:
+            checkpoint.save(state, self.cfg.output, is_best)
+
+    def resume(self, path: str) -> None:
+        ckpt = checkpoint.load(path)
+        checkpoint.load_weights(self.model, ckpt, path, self.cfg.arch)
+        made = ckpt.get("config")
+        if made is None:
+            raise TrainError(f"{path} is not a checkpoint of `fkd-dali train` (no run configuration); it can only be "
+                             "evaluated (-e --resume)")
+        diffs = [f"{k}: {made.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in PLAN_KEYS
+                 if _norm(made.get(k)) != _norm(getattr(self.cfg, k))]
+        if ckpt.get("world_size") != self.dist.world_size:
+            diffs.append(f"ranks: {ckpt.get('world_size')} -> {self.dist.world_size}")
+        if diffs:
+            raise TrainError(f"{path} was made by a run with other settings ({'; '.join(diffs)}); resume with the same "
+                             "options to continue it exactly")
+        if self.store is not None and ckpt.get("store") and ckpt["store"]["fingerprint"] != self.store.meta.fingerprint:
+            raise TrainError(f"{path} was trained on labels of another dataset than {self.store.path}")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.position = (ckpt["segment"], ckpt["batch"])
+        self.global_step = ckpt["global_step"]
+        self.best_top1 = ckpt.get("best_acc1", 0.0)
+        self.history = list(ckpt.get("history", []))
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == self.dist.world_size:
+            checkpoint.set_rng_state(rngs[self.dist.rank])
+
+    # ------------------------------------------------------------------ the loop
+    def step(self, batch: dict[str, torch.Tensor], lr: float) -> tuple[float, float]:
+        cfg = self.cfg
+        x = batch["images"]
+        target = batch["targets"].to(self.torch_device)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        with torch.no_grad():
+            if cfg.labels == "fkd":
+                soft = recover(batch["topk_idx"].to(self.torch_device), batch["topk_val"].to(self.torch_device),
+                               self.num_classes, self.label_type)
+            elif cfg.labels == "online":
+                t_in = x if self.teacher_size == cfg.input_size else \
+                    F.interpolate(x.float(), size=self.teacher_size, mode="bilinear", antialias=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                    soft = torch.softmax(self.teacher(t_in).float(), dim=1)
+            else:
+                soft = F.one_hot(target, self.num_classes).float()
+                if cfg.label_smoothing:
+                    soft = soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / self.num_classes
+            if self.mix_cfg is not None:
+                x, soft, _ = mix(x, soft, self.mix_cfg, cfg.seed, self.global_step)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = self.ddp(x)
+        loss = soft_cross_entropy(out, soft, cfg.temperature if cfg.labels != "hard" else 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.global_step += 1
+        top1 = (out.detach().argmax(1) == target).float().mean()
+        return loss.detach(), top1
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if cfg.resume:
+            self.resume(cfg.resume)
+        t_run = time.perf_counter()
+        log = open(os.path.join(cfg.output, "log.jsonl"), "a") if self.main and _mkdir(cfg.output) else None
+        tb = _tensorboard(cfg.output) if self.main else None
+        stopped = False
+        try:
+            for seg in self.segments[self.position[0]:]:
+                stopped = self.train_segment(seg, log, tb)
+                if stopped:
+                    break
+        finally:
+            if log:
+                log.close()
+            if tb:
+                tb.close()
+            for ld in self.loaders.values():
+                ld.close()
+        summary = {"arch": cfg.arch, "labels": cfg.labels, "best_top1": self.best_top1,
+                   "last": self.history[-1] if self.history else None, "seconds": time.perf_counter() - t_run,
+                   "global_step": self.global_step, "stopped_early": stopped, "output": cfg.output}
+        self.dist.close()
+        return summary
+
+    def train_segment(self, seg: Segment, log, tb) -> bool:
+        """Train one segment (from the resume position); returns True when --max-steps stopped the run."""
+        cfg = self.cfg
+        loader = self.loader(seg.crops)
+        start = self.position[1] if self.position[0] == seg.index else 0
+        steps = len(loader)
+        loader.set_epoch(seg.start_epoch, start_batch=start)
+        self.position = (seg.index, start)
+        self.ddp.train()
+        label = f"epoch {seg.start_epoch}" + (f"-{seg.end_epoch - 1}" if seg.crops > 1 else "")
+        bar = progress(total=steps, initial=start, desc=label, unit="step", disable=not (self.main and cfg.show_progress))
+        loss_sum = torch.zeros((), device=self.torch_device)
+        top1_sum = torch.zeros((), device=self.torch_device)
+        n = 0
+        crops = 0
+        t0 = time.perf_counter()
+        stopped = False
+        for i, batch in enumerate(loader, start=start):
+            lr = self.lr_at(seg.start_epoch + seg.crops * i / steps)
+            loss, top1 = self.step(batch, lr)
+            loss_sum += loss
+            top1_sum += top1
+            n += 1
+            crops += batch["images"].shape[0]
+            self.position = (seg.index, i + 1)
+            if self.main and (n % 10 == 0 or i + 1 == steps):
+                rate = crops * self.dist.world_size / max(1e-9, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", top1=f"{100 * top1_sum.item() / n:.1f}",
+                                crops_s=f"{rate:,.0f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+                stopped = True
+                break
+            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and i + 1 < steps:
+                self.save()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        if stopped:
+            self.save()
+            return True
+        self.position = (seg.index + 1, 0)
+        if self.dist.group:
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(top1_sum)
+        world = self.dist.world_size
+        record = {"segment": seg.index, "epochs": [seg.start_epoch, seg.end_epoch], "crops_per_image": seg.crops,
+                  "train_loss": loss_sum.item() / max(1, n * world), "train_top1": 100 * top1_sum.item() / max(1, n * world),
+                  "lr": lr, "steps": n, "seconds": seconds, "crops_per_s": crops * world / max(1e-9, seconds)}
+        record.update({f"val_{k}": v for k, v in evaluate(self.ddp, self.eval_loader(), amp=self.amp,
+                                                          group=self.dist.group).items()})
+        if self.ema is not None:
+            record.update({f"val_ema_{k}": v for k, v in evaluate(self.ema.module, self.eval_loader(), amp=self.amp,
+                                                                  group=self.dist.group).items()})
+        is_best = record["val_top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, record["val_top1"])
+        self.history.append(record)
+        self.save(is_best)
+        if self.main:
+            print(f"{label}: loss {record['train_loss']:.4f}  train top-1 {record['train_top1']:.2f}%  "
+                  f"val top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
+                  f"({record['crops_per_s']:,.0f} crops/s)", flush=True)
+            if log:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if tb:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)):
+                        tb.add_scalar(k, v, seg.end_epoch)
+        return False
+
+
+def evaluate_checkpoint(cfg: TrainConfig) -> dict:
+    """``-e --resume CKPT``: top-1/top-5 of a checkpoint (ours or FKD's) on DATA/val."""
+    cfg = cfg.resolved()
+    if not cfg.resume:
+        raise TrainError("-e needs --resume CKPT (the checkpoint to evaluate)")
+    path = cfg.resume
+    ckpt = checkpoint.load(path)
+    num_classes = cfg.num_classes or ckpt.get("num_classes")
+    if num_classes is None:  # FKD's checkpoints: the last 2-D weight is the classifier
+        heads = [v for k, v in checkpoint.model_state(ckpt, path).items() if k.endswith("weight") and v.ndim == 2]
+        num_classes = int(heads[-1].shape[0]) if heads else 1000
+    trainer = Trainer(dataclasses.replace(cfg, evaluate=True, num_classes=num_classes, resume=None))
+    checkpoint.load_weights(trainer.model, ckpt, path, cfg.arch)
+    res = evaluate(trainer.ddp, trainer.eval_loader(), amp=trainer.amp, group=trainer.dist.group)
+    if trainer.main:
+        print(f"{cfg.arch} ({path}) on {split_dir(cfg.data, 'val')}: top-1 {res['top1']:.2f}%  "
+              f"top-5 {res['top5']:.2f}%  ({res['images']} images)")
+    trainer.dist.close()
+    return res
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _mkdir(path: str) -> bool:
+    os.makedirs(path, exist_ok=True)
+    return True
+
+
+def _tensorboard(folder: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional (needs tensorboard)
+    except Exception:  # noqa: BLE001
+        return None
+    return SummaryWriter(os.path.join(folder, "tb"))
+
+
+def train(cfg: TrainConfig) -> dict:
+    if cfg.evaluate:
+        return evaluate_checkpoint(cfg)
+    return Trainer(cfg).run()

@@ -1,0 +1,37 @@
+"""Run by tests under torchrun: a few DDP training steps; each rank writes the rows it trained on and its
+weights, so the test can check disjoint shards and identical replicas."""
+
+import json
+import os
+import sys
+
+import torch
+
+from fkd_dali.train import Trainer, TrainConfig
+
+
+def main(data: str, store: str, out: str) -> None:
+    cfg = TrainConfig(data=data, arch="resnet18", softlabel_path=store, num_crops=2, batch_size=16, epochs=4,
+                      input_size=32, device="cpu", output=os.path.join(out, "run"), max_steps=3, show_progress=False,
+                      lr=0.05, cos=True)
+    trainer = Trainer(cfg)
+    seen = []
+    step = trainer.step
+
+    def recording_step(batch, lr):
+        seen.append(sorted(set(batch["indices"].tolist())))
+        return step(batch, lr)
+
+    trainer.step = recording_step
+    rank = trainer.dist.rank
+    model = trainer.model
+    trainer.run()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+    # Parameters are what DDP keeps identical; BatchNorm's running statistics (buffers) are each rank's own
+    # until DDP broadcasts rank 0's at the next forward, and checkpoints hold rank 0's.
+    torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,241 @@
+"""`fkd-dali train`: FKD's flags and recipes, the epoch plan, exact resume, DDP, baselines, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import labelstore
+from fkd_dali.checkpoint import CheckpointError
+from fkd_dali.cli import build_parser, main
+from fkd_dali.generate import GenerateConfig, generate
+from fkd_dali.mixing import MixConfig, mix
+from fkd_dali.models import ModelError, create_model
+from fkd_dali.models.sret import sret
+from fkd_dali.schedule import LRSchedule, fkd_segments
+from fkd_dali.teachers import TeacherSpec
+from fkd_dali.train import TrainConfig, TrainError, Trainer, train
+from tests.test_generate import MeanColour
+from tests.test_loader import write_coded_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train"))
+    data = os.path.join(root, "data")
+    write_coded_dataset(data, 30)
+    write_coded_dataset(os.path.join(root, "v"), 10, seed=5)
+    os.rename(os.path.join(root, "v", "train"), os.path.join(data, "val"))
+    teacher = os.path.join(root, "teacher.pt")
+    torch.jit.save(torch.jit.script(MeanColour(0)), teacher)
+    store = os.path.join(root, "store")
+    generate(GenerateConfig(data=data, save_path=store, teachers=[TeacherSpec("torchscript", path=teacher,
+                                                                               input_size=32)],
+                            num_crops=8, top_k=5, group_size=8, batch_size=4, device="cpu", show_progress=False))
+    return {"root": root, "data": data, "store": store, "teacher": teacher}
+
+
+def cfg(s, tmp_path, **kw):
+    args = dict(data=s["data"], arch="resnet18", softlabel_path=s["store"], num_crops=2, batch_size=16, epochs=6,
+                input_size=32, device="cpu", output=str(tmp_path / "run"), show_progress=False, lr=0.05, cos=True)
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+# ---------------------------------------------------------------------------------------------- models
+def test_sret_lt_has_about_5m_parameters_and_deterministic_eval():
+    m = sret("SReT_LT")
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - 5.0e6) / 5.0e6 < 0.05, n
+    m.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x))
+    m.train()
+    with torch.no_grad():  # training shuffles tokens in the recursive passes (and drops paths)
+        assert not torch.equal(m(x), m(x))
+
+
+def test_students_by_name():
+    assert create_model("deit_tiny", 10)(torch.randn(1, 3, 224, 224)).shape == (1, 10)
+    assert abs(sum(p.numel() for p in create_model("deit_tiny", 1000).parameters()) - 5.72e6) < 0.05e6
+    assert create_model("SReT_T", 7, image_size=64)(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    with pytest.raises(ModelError, match="unknown architecture 'resnet_x'"):
+        create_model("resnet_x", 10)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def test_fkd_epoch_plan():
+    plan = fkd_segments(300, 4)
+    assert [(s.start_epoch, s.crops) for s in plan[:2]] == [(0, 4), (4, 4)]
+    assert sum(s.crops == 4 for s in plan) == 74 and [s.start_epoch for s in plan if s.crops == 1] == [296, 297, 298, 299]
+    assert sum(s.crops for s in plan) == 300
+    vit = fkd_segments(300, 4, warmup_epochs=5)
+    assert [(s.start_epoch, s.crops) for s in vit[:6]] == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1), (5, 4)]
+    assert sum(s.crops for s in vit) == 300
+    assert [(s.start_epoch, s.crops) for s in fkd_segments(9, 4)] == [(0, 4), (4, 4), (8, 1)]
+
+
+def test_lr_schedule():
+    cos = LRSchedule(lr=0.1, epochs=100)
+    assert cos(0) == pytest.approx(0.1) and cos(50) == pytest.approx(0.05) and cos(100) == pytest.approx(0.0)
+    warm = LRSchedule(lr=0.002, epochs=300, warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-5)
+    assert warm(0) == pytest.approx(1e-5) and warm(2.5) == pytest.approx((1e-5 + 0.002) / 2)
+    step = LRSchedule(lr=0.1, epochs=300, cosine=False, milestones=(120, 240))
+    assert (step(119.9), step(120), step(250)) == pytest.approx((0.1, 0.01, 0.001))
+
+
+def test_mixing_is_seeded_and_keeps_labels_normalised():
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.softmax(torch.randn(8, 10), 1)
+    a = mix(x, y, MixConfig(), seed=1, step=5)
+    b = mix(x, y, MixConfig(), seed=1, step=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    kinds = {mix(x, y, MixConfig(), seed=1, step=s)[2].split()[0] for s in range(20)}
+    assert kinds == {"mixup", "cutmix"}
+    for s in range(20):
+        _, soft, _ = mix(x, y, MixConfig(), seed=2, step=s)
+        torch.testing.assert_close(soft.sum(1), torch.ones(8))
+    assert mix(x, y, MixConfig(prob=0.0), seed=1, step=1)[2] == "none"
+
+
+# ---------------------------------------------------------------------------------------------- FKD's commands
+@pytest.mark.parametrize("argv,expect", [
+    ("-a resnet50 --lr 0.1 --num_crops 4 -b 1024 --cos --softlabel_path STORE DATA",
+     dict(arch="resnet50", lr=0.1, num_crops=4, batch_size=1024, cos=True, opt="sgd", warmup_epochs=0,
+          weight_decay=1e-4, softlabel_path="STORE")),
+    ("-a SReT_LT --lr 0.002 --wd 0.05 --num_crops 4 -b 1024 --cos --softlabel_path STORE DATA",
+     dict(arch="SReT_LT", lr=0.002, weight_decay=0.05, opt="adamw", warmup_epochs=5, min_lr=1e-5)),
+    ("-a deit_tiny --lr 0.002 --wd 0.05 --num_crops 4 -b 1024 --cos --softlabel_path STORE DATA",
+     dict(arch="deit_tiny", opt="adamw", warmup_epochs=5)),
+    ("-a resnet50 -e --resume CKPT DATA", dict(evaluate=True, resume="CKPT")),
+])
+def test_fkd_readme_commands_parse_to_fkd_recipes(argv, expect, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("fkd_dali.train.train", lambda c: seen.setdefault("cfg", c.resolved()) and {})
+    assert main(["train"] + argv.split()) == 0
+    got = seen["cfg"]
+    for k, v in expect.items():
+        assert getattr(got, k) == v, (k, getattr(got, k), v)
+
+
+def test_fkd_readme_command_runs_verbatim_plus_a_small_budget(setup, tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "-a", "resnet18", "--lr", "0.1", "--num_crops", "4", "-b", "32",
+                        "--cos", "--softlabel_path", setup["store"], setup["data"], "--epochs", "5", "--input-size",
+                        "32", "--device", "cpu", "--output", str(tmp_path / "r"), "-q"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "epoch 0-3:" in r.stdout and "epoch 4:" in r.stdout and "best val top-1" in r.stdout
+    e = subprocess.run([sys.executable, "train.py", "-a", "resnet18", "-e", "--resume",
+                        str(tmp_path / "r" / "checkpoint.pth.tar"), "--input-size", "32", "--device", "cpu",
+                        setup["data"]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert e.returncode == 0 and "top-1" in e.stdout and "(10 images)" in e.stdout, e.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def test_training_writes_logs_and_checkpoints(setup, tmp_path):
+    out = train(cfg(setup, tmp_path, mixup_cutmix=True, model_ema=True))
+    # 30 images, 16 crops per step: passes of 2 crops take 8 images/step (4 steps), single-crop epochs 16 (2 steps)
+    assert out["global_step"] == 2 * 4 + 2 * 2
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    assert [x["epochs"] for x in lines] == [[0, 2], [2, 4], [4, 5], [5, 6]]
+    assert all(np.isfinite(x["train_loss"]) and "val_top1" in x and "val_ema_top1" in x for x in lines)
+    assert (tmp_path / "run" / "checkpoint.pth.tar").exists() and (tmp_path / "run" / "model_best.pth.tar").exists()
+    ck = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=False)
+    assert ck["arch"] == "resnet18" and ck["segment"] == 4 and ck["ema"] is not None and len(ck["rng"]) == 1
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["state_dict"]
+
+
+@pytest.mark.parametrize("stop", [3, 9])  # inside the first multi-crop pass; inside the first single-crop epoch
+def test_resume_continues_exactly(setup, tmp_path, stop):
+    train(cfg(setup, tmp_path / "a", output=str(tmp_path / "a"), mixup_cutmix=True))
+    first = train(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), mixup_cutmix=True, max_steps=stop))
+    assert first["stopped_early"] and first["global_step"] == stop
+    train(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), mixup_cutmix=True,
+              resume=str(tmp_path / "b" / "checkpoint.pth.tar")))
+    a, b = _weights(tmp_path / "a" / "checkpoint.pth.tar"), _weights(tmp_path / "b" / "checkpoint.pth.tar")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [json.loads(x)["val_top1"] for x in open(tmp_path / "a" / "log.jsonl")]
+    lb = [json.loads(x)["val_top1"] for x in open(tmp_path / "b" / "log.jsonl")]
+    assert la == lb
+
+
+def test_resume_refuses_other_settings(setup, tmp_path):
+    train(cfg(setup, tmp_path, max_steps=2))
+    with pytest.raises(TrainError, match="other settings .*num_crops: 2 -> 4"):
+        train(cfg(setup, tmp_path, num_crops=4, resume=str(tmp_path / "run")))
+
+
+def test_ddp_two_gloo_ranks_see_disjoint_shards_and_stay_in_sync(setup, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29541", os.path.join(ROOT, "tests", "ddp_train_worker.py"), setup["data"], setup["store"],
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = [json.load(open(tmp_path / f"rank{k}.json")) for k in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 3
+    for a, b in zip(*seen):
+        assert not set(a) & set(b)  # each step, the ranks train on different images
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+
+
+@pytest.mark.parametrize("labels", ["hard", "online"])
+def test_baselines_run_in_the_same_loop(setup, tmp_path, labels):
+    extra = dict(teacher_arch="torchscript", teacher_path=setup["teacher"]) if labels == "online" else \
+        dict(label_smoothing=0.1)
+    out = train(cfg(setup, tmp_path, labels=labels, softlabel_path=None, epochs=2, **extra))
+    assert out["global_step"] == 2 * 2 and np.isfinite(out["last"]["train_loss"])  # 30 images / 16 per step
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_store_from_another_dataset(setup, tmp_path):
+    other = str(tmp_path / "other")
+    write_coded_dataset(other, 12, seed=3)
+    with pytest.raises(labelstore.StoreMismatchError, match="labels 30 images"):
+        Trainer(cfg(setup, tmp_path, data=other))
+
+
+def test_incomplete_store_and_pool_and_classes(setup, tmp_path):
+    s = labelstore.open_store(setup["store"])
+    part = str(tmp_path / "part")
+    p = labelstore.create_store(part, files=list(s.files), targets=s.targets, classes=s.classes,
+                                fingerprint=s.meta.fingerprint, dataset_root="train", num_crops=8, top_k=5,
+                                rows_per_shard=16)
+    rows = s.read_rows(range(16))
+    p.write_block(0, **{k: rows[k] for k in ("sizes", "boxes", "flips", "topk_idx", "topk_val")})
+    with pytest.raises(labelstore.StoreIncompleteError, match="14 of 30 rows"):
+        train(cfg(setup, tmp_path, softlabel_path=part))
+    with pytest.raises(TrainError, match="--num-crops 9 but .* stores 8"):
+        Trainer(cfg(setup, tmp_path, num_crops=9))
+    with pytest.raises(TrainError, match="--num-classes 12 but .* 10 classes"):
+        Trainer(cfg(setup, tmp_path, num_classes=12))
+    with pytest.raises(ModelError, match="unknown architecture"):
+        Trainer(cfg(setup, tmp_path, arch="resnet_x"))
+    with pytest.raises(ValueError, match="top-5"):
+        Trainer(cfg(setup, tmp_path, soft_label_type="marginal_smoothing_k10"))
+
+
+def test_checkpoint_of_another_arch(setup, tmp_path):
+    train(cfg(setup, tmp_path, max_steps=1))
+    with pytest.raises(CheckpointError, match="checkpoint of resnet18, not resnet34"):
+        train(cfg(setup, tmp_path, arch="resnet34", evaluate=True, resume=str(tmp_path / "run")))
+
+
+def test_fkd_checkpoint_format_can_be_evaluated(setup, tmp_path, capsys):
+    model = create_model("resnet18", 10)
+    torch.save({"epoch": 300, "arch": "resnet18", "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+                "best_acc1": 0.0, "optimizer": {}}, str(tmp_path / "fkd.pth.tar"))
+    res = train(cfg(setup, tmp_path, evaluate=True, resume=str(tmp_path / "fkd.pth.tar")))
+    assert res["images"] == 10 and 0 <= res["top1"] <= 100
