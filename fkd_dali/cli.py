@@ -55,6 +55,14 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .show import show
+    r = show(args.store, args.data, args.image, args.out, crop_size=args.crop_size, columns=args.columns,
+             max_crops=args.max_crops)
+    print(f"{r['file']} (row {r['row']}): {r['crops']} crops -> {r['sheet']} and crop_<k>.png in {args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
     run(args.workdir, quick=args.quick)
@@ -129,7 +137,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         min_lr=args.min_lr, opt_eps=args.opt_eps, drop_path=args.drop_path, clip_grad=args.clip_grad,
         mixup_cutmix=args.mixup_cutmix, mixup=args.mixup, cutmix=args.cutmix,
         mixup_cutmix_prob=args.mixup_cutmix_prob, mixup_switch_prob=args.mixup_switch_prob,
-        label_smoothing=args.label_smoothing, teacher_arch=args.teacher_arch, teacher_path=args.teacher_path,
+        label_smoothing=args.label_smoothing, scale=_pair(args.scale, "--scale"), teacher_arch=args.teacher_arch, teacher_path=args.teacher_path,
         teacher_weights=args.teacher_weights, teacher_input_size=args.teacher_input_size,
         model_ema=args.model_ema, model_ema_decay=args.model_ema_decay, amp=args.amp,
         channels_last=args.channels_last, device=args.device, output=args.output, resume=args.resume or None,
@@ -187,6 +195,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--mixup-cutmix-prob", "--mixup_cutmix_prob", dest="mixup_cutmix_prob", type=float, default=1.0)
     t.add_argument("--mixup-switch-prob", "--mixup_switch_prob", dest="mixup_switch_prob", type=float, default=0.5)
     t.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.0, help="--labels hard only")
+    t.add_argument("--scale", default="0.08,1", help="crop area range of --labels hard/online (FKD: stored crops)")
     t.add_argument("--teacher-arch", dest="teacher_arch", help="--labels online: the teacher")
     t.add_argument("--teacher-path", dest="teacher_path")
     t.add_argument("--teacher-weights", dest="teacher_weights")
@@ -314,16 +323,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic ImageFolder dataset of real JPEGs")
     s.add_argument("--out", required=True)
-    s.add_argument("--flavour", choices=("photo",), default="photo",
-                   help="photo: ImageNet-like size and JPEG quality, for throughput work")
+    s.add_argument("--flavour", choices=("objects", "photo"), default="objects",
+                   help="objects: a class object on clutter with distractors, where per-crop soft labels matter "
+                        "(the demo's); photo: ImageNet-like size and JPEG quality, for throughput work")
     s.add_argument("--classes", type=int, default=10)
     s.add_argument("--per-class", type=int, default=50)
     s.add_argument("--val-per-class", type=int, default=10)
-    s.add_argument("--size", type=int, default=0, help="longer side in px (0: ImageNet-like 300..500 mix)")
+    s.add_argument("--size", type=int, default=0,
+                   help="side in px (objects: default 128; photo: default an ImageNet-like 250..500 mix)")
     s.add_argument("--quality", type=int, default=90)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-j", "--workers", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
+
+    sh = sub.add_parser("show", help="an image's stored crops as the loader replays them, with their labels")
+    sh.add_argument("store", metavar="STORE")
+    sh.add_argument("data", metavar="DATA", help="dataset root holding train/")
+    sh.add_argument("--image", required=True, help="store row number, or the file's path relative to train/")
+    sh.add_argument("--out", required=True, help="folder for sheet.png and crop_<k>.png")
+    sh.add_argument("--crop-size", type=int, default=224)
+    sh.add_argument("--columns", type=int, default=8)
+    sh.add_argument("--max-crops", type=int, default=64, help="crops on the sheet (every crop gets its PNG)")
+    sh.set_defaults(func=_cmd_show)
 
     d = sub.add_parser("demo", help="the end-to-end flow on generated data (what `make demo` runs)")
     d.add_argument("--workdir", default="demo-out")

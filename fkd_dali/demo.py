@@ -1,85 +1,156 @@
-"""``fkd-dali demo``: the end-to-end flow that exists today, on generated data, in a few minutes on a CPU.
+"""``fkd-dali demo``: the whole FKD flow on generated data, on a laptop CPU, in a few minutes.
 
-1. writes a small photo-like JPEG dataset (ImageFolder layout, train/ and val/);
-2. trains a small teacher on it for a few epochs (hard labels, the standard DALI pipeline);
-3. ``generate``: labels every image's stored RandomResizedCrop crops with that teacher into a label store;
-4. replays the stored crops through the DALI loader and through FKD's own loader side by side;
-5. summarises the store.
-
-Student training (``fkd-dali train``) joins when it lands.
+1. **data**: the ``objects`` flavour of ``fkd-dali synth`` — a class object (shape and hue) at a random place
+   on clutter, with smaller distractor objects of other classes — where many random-resized crops miss the
+   object or show only a distractor, so the image's hard label is wrong for them;
+2. **teacher**: a ResNet-18 trained on hard labels with a longer schedule and milder crops;
+3. **generate**: the teacher labels 16 stored crops per image (top-5) into a label store;
+4. **students**: two ResNet-18s with the same budget (epochs, crops per step, schedule) — one on hard labels,
+   one with FKD on the stored crops and soft labels;
+5. **report**: a table (teacher, hard student, FKD student; time of each phase; training crops/s), a PNG of
+   the students' validation accuracy per epoch, and ``fkd-dali show``'s contact sheet of one image's crops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
 import labelstore
 
-from .bench.generate import train_teacher
-from .bench.loader import benchmark, format_table, plot
 from .bench.machine import describe, one_line
-from .dataset import scan_image_folder
-from .fkd_format import export_fkd
+from .dataset import scan_image_folder, split_dir
 from .generate import GenerateConfig, generate
+from .show import show
 from .synthetic import write_dataset
 from .teachers import TeacherSpec
+from .train import TrainConfig, train
 
 
-def run(workdir: str, quick: bool = False) -> dict:
-    t0 = time.perf_counter()
-    per_class = 8 if quick else 32
-    print(f"fkd-dali demo in {workdir} ({'quick' if quick else 'full'}): {one_line(describe())}\n")
-    data = os.path.join(workdir, "data")
-    info_path = os.path.join(workdir, "data.json")
-    phases = {}
-    t = time.perf_counter()
-    if not os.path.exists(info_path):
-        info = write_dataset(data, classes=8, per_class=per_class, val_per_class=4, seed=0, workers=os.cpu_count() or 1)
-        with open(info_path, "w") as f:
-            json.dump(info, f)
-    with open(info_path) as f:
-        info = json.load(f)
-    phases["data"] = time.perf_counter() - t
-    print(f"1/5 data: {info['images']} photo-like JPEGs in 8 classes, mean {info['mean_bytes'] / 1e3:.0f} KB, "
-          f"{info['mean_pixels'] / 1e3:.0f} kpx  ({phases['data']:.0f} s)")
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    classes: int = 10
+    per_class: int = 120
+    val_per_class: int = 30
+    image_size: int = 64
+    teacher_epochs: int = 25
+    student_epochs: int = 15
+    pool: int = 16
+    num_crops: int = 4
+    batch: int = 64
+    lr: float = 0.05
 
-    ds = scan_image_folder(os.path.join(data, "train"))
+
+FULL = DemoSize()
+QUICK = DemoSize(classes=4, per_class=12, val_per_class=4, image_size=32, teacher_epochs=2, student_epochs=4,
+                 pool=8, num_crops=2, batch=16, lr=0.05)
+
+
+def _history(run: str) -> list[dict]:
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+def plot_students(histories: dict[str, list[dict]], path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    styles = {"FKD (stored soft labels)": ("#76b900", "o"), "hard labels": ("#555555", "s")}
+    for name, hist in histories.items():
+        colour, marker = styles.get(name, (None, "o"))
+        ax.plot([h["epochs"][1] for h in hist], [h["val_top1"] for h in hist], marker=marker, color=colour,
+                label=name)
+    ax.set_xlabel("epoch (an FKD pass of n crops per image counts n epochs)")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(workdir: str, quick: bool = False, device: str | None = None) -> dict:
+    z = QUICK if quick else FULL
+    t_all = time.perf_counter()
     threads = os.cpu_count() or 1
+    print(f"fkd-dali demo in {workdir} ({'quick' if quick else 'full'}): {one_line(describe())}\n", flush=True)
+    phases: dict[str, float] = {}
+
     t = time.perf_counter()
-    ckpt = train_teacher(ds.root, ds.files, ds.targets.tolist(), len(ds.classes), "resnet18", 64, 4 if quick else 15,
-                         "cpu", threads, os.path.join(workdir, "teacher-resnet18-64.pth"))
+    data = os.path.join(workdir, "data")
+    if not os.path.isdir(os.path.join(data, "val")):
+        write_dataset(data, flavour="objects", classes=z.classes, per_class=z.per_class,
+                      val_per_class=z.val_per_class, size=z.image_size, seed=0, workers=threads)
+    ds = scan_image_folder(split_dir(data, "train"))
+    phases["data"] = time.perf_counter() - t
+    print(f"1/5 data: {len(ds)} training + {z.classes * z.val_per_class} validation images, {z.classes} classes "
+          f"({', '.join(ds.classes[:4])}, ...), {z.image_size} px  ({phases['data']:.0f} s)", flush=True)
+
+    base = dict(data=data, arch="resnet18", batch_size=z.batch, input_size=z.image_size, device=device,
+                workers=threads, show_progress=False, cos=True, lr=z.lr)
+    t = time.perf_counter()
+    teacher = train(TrainConfig(labels="hard", epochs=z.teacher_epochs, scale=(0.35, 1.0),
+                                output=os.path.join(workdir, "teacher"), **base))
     phases["teacher"] = time.perf_counter() - t
-    print(f"2/5 teacher: resnet18 at 64 px trained on hard labels -> {ckpt}  ({phases['teacher']:.0f} s)")
+    ckpt = os.path.join(workdir, "teacher", "checkpoint.pth.tar")
+    print(f"2/5 teacher: resnet18, hard labels, {z.teacher_epochs} epochs of crops covering 35-100 % of the image: "
+          f"val top-1 {teacher['last']['val_top1']:.1f} %  ({phases['teacher']:.0f} s)", flush=True)
 
+    t = time.perf_counter()
     store = os.path.join(workdir, "store")
-    t = time.perf_counter()
-    cfg = GenerateConfig(data=data, save_path=store, teachers=[TeacherSpec("resnet18", path=ckpt, input_size=64)],
-                         num_crops=16, top_k=5, group_size=8, batch_size=8, device="cpu", threads=threads,
-                         show_progress=False, scale=(0.08, 1.0))
-    rep = generate(cfg)
-    generate(GenerateConfig(**{**cfg.__dict__, "save_path": store, "evaluate": True}))
+    rep = generate(GenerateConfig(data=data, save_path=store, teachers=[TeacherSpec("resnet18", path=ckpt,
+                                  input_size=z.image_size, interpolation="bilinear")], num_crops=z.pool,
+                                  top_k=min(5, z.classes - 1), group_size=8, batch_size=8, device=device, threads=threads,
+                                  show_progress=False, scale=(0.08, 1.0)))
     phases["generate"] = time.perf_counter() - t
-    print(f"3/5 generate: {rep.images} images x 16 crops labelled ({rep.crops_per_s:,.0f} crops/s) -> {store}  "
-          f"({phases['generate']:.0f} s)")
+    st = labelstore.open_store(store)
+    agree = float((st.read_round(0, z.pool).topk_idx[:, :, 0] == st.targets[:, None]).mean())
+    print(f"3/5 generate: {rep.images} images x {z.pool} crops labelled by the teacher ({rep.crops_per_s:,.0f} crops/s);"
+          f" on {100 * (1 - agree):.0f} % of the crops the teacher's top class is not the image's class  "
+          f"({phases['generate']:.0f} s)", flush=True)
 
+    students = {}
+    for name, labels, extra in (("hard labels", "hard", {}),
+                                ("FKD (stored soft labels)", "fkd", dict(softlabel_path=store,
+                                                                         num_crops=z.num_crops,
+                                                                         soft_label_type=f"marginal_smoothing_k{st.top_k}"))):
+        t = time.perf_counter()
+        run_dir = os.path.join(workdir, f"student-{labels}")
+        if os.path.exists(os.path.join(run_dir, "log.jsonl")):
+            os.remove(os.path.join(run_dir, "log.jsonl"))
+        res = train(TrainConfig(labels=labels, epochs=z.student_epochs, output=run_dir, **base, **extra))
+        phases[f"student ({labels})"] = time.perf_counter() - t
+        students[name] = {"result": res, "history": _history(run_dir)}
+    print(f"4/5 students: resnet18, {z.student_epochs} epochs, {z.batch} crops per step, same schedule  "
+          f"({phases['student (hard)']:.0f} s + {phases['student (fkd)']:.0f} s)", flush=True)
+
+    hard = students["hard labels"]["result"]["last"]["val_top1"]
+    fkd = students["FKD (stored soft labels)"]["result"]["last"]["val_top1"]
+    png = os.path.join(workdir, "students.png")
+    plot_students({k: v["history"] for k, v in students.items()}, png,
+                  f"ResNet-18 students on the objects data ({len(ds)} images, {z.classes} classes)")
     t = time.perf_counter()
-    fkd_dir = store + "-fkd"
-    if not os.path.exists(os.path.join(fkd_dir, ".complete")):
-        export_fkd(store, fkd_dir, fp16=True, show_progress=False)
-        open(os.path.join(fkd_dir, ".complete"), "w").close()
-    p = {"data": data, "root": ds.root, "files": ds.files, "targets": ds.targets.tolist(), "store": store,
-         "fkd_labels": os.path.join(fkd_dir, "train"), "synthetic": info, "images": len(ds)}
-    result = benchmark(p, device="cpu", batch_size=16, num_crops=4, threads=threads, epochs=1 if quick else 2,
-                       which=("fkd-original", "fkd-dali", "standard", "decode"), progress=lambda m: None)
-    phases["replay"] = time.perf_counter() - t
-    print(f"4/5 replay of the stored crops, 4 per image, 224 px  ({phases['replay']:.0f} s):\n")
-    print(format_table(result))
-    png = os.path.join(workdir, "loader.png")
-    plot(result, png)
-    print(f"\n    chart: {png}\n")
-    print("5/5 the label store:")
-    print(labelstore.format_summary(labelstore.summarize(labelstore.open_store(store))))
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
-    return {"loader": result, "phases": phases, "generate": rep}
+    sheet = show(store, data, "0", os.path.join(workdir, "show"), crop_size=max(96, z.image_size), columns=8)
+    phases["show"] = time.perf_counter() - t
+    rate = {k: sum(h["crops_per_s"] * h["seconds"] for h in v["history"]) / sum(h["seconds"] for h in v["history"])
+            for k, v in students.items()}
+    print("5/5 results:\n")
+    print("| model | val top-1 | time | training crops/s |\n|---|---|---|---|")
+    print(f"| teacher (resnet18, hard labels, {z.teacher_epochs} epochs) | {teacher['last']['val_top1']:.1f} % | "
+          f"{phases['teacher']:.0f} s | - |")
+    print(f"| student, hard labels ({z.student_epochs} epochs) | {hard:.1f} % | {phases['student (hard)']:.0f} s | "
+          f"{rate['hard labels']:,.0f} |")
+    print(f"| student, FKD ({z.student_epochs} epochs, {z.num_crops} crops per image) | {fkd:.1f} % | "
+          f"{phases['student (fkd)']:.0f} s | {rate['FKD (stored soft labels)']:,.0f} |")
+    verdict = "beat" if fkd > hard else ("tied with" if fkd == hard else "did NOT beat")
+    print(f"\nFKD {verdict} the hard-label student ({fkd:.1f} % vs {hard:.1f} %) at the same budget.")
+    print(f"data {phases['data']:.0f} s, teacher {phases['teacher']:.0f} s, generate {phases['generate']:.0f} s, "
+          f"students {phases['student (hard)'] + phases['student (fkd)']:.0f} s, show {phases['show']:.0f} s")
+    print(f"\nplot of the students: {png}\ncontact sheet of {sheet['file']}'s stored crops: {sheet['sheet']}")
+    print(f"demo finished in {time.perf_counter() - t_all:.0f} s")
+    return {"teacher_top1": teacher["last"]["val_top1"], "hard_top1": hard, "fkd_top1": fkd, "phases": phases,
+            "plot": png, "sheet": sheet["sheet"], "store": store}

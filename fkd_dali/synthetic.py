@@ -1,5 +1,12 @@
 """Synthetic ImageFolder datasets of real JPEG files, deterministic from a seed.
 
+``objects`` flavour (the demo's): each image holds one object of its class — a shape (disc, ring, square,
+frame, triangle, X, plus, diamond, half-disc, bars) in the class's own saturated hue, random size and a small
+rotation — at a random place on a grey-ish cluttered background (noise and blobs), plus up to two smaller
+*distractor* objects of other classes. A random-resized crop often misses the object or shows only a distractor: its hard label (the
+image's class) is then wrong or doubtful for that crop, while a teacher labelling the crop says what the crop
+shows. That is the situation FKD's per-crop soft labels are for (ReLabel's "multi-object ImageNet" problem).
+
 ``photo`` flavour: images with natural-image statistics (1/f amplitude spectrum, correlated colour
 channels, hard-edged shapes with gradients, fine texture), ImageNet-like sizes (mostly 500 px on the long
 side, 4:3 / 3:4 / 1:1 / 3:2) and JPEG quality 90 with 4:2:0 chroma, so decoding costs what decoding
@@ -57,31 +64,107 @@ def photo_like(rng: np.random.Generator, height: int, width: int, hue: float | N
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+OBJECT_SCALE = (0.3, 0.42)      # the class object's size, as a fraction of the image side
+DISTRACTOR_SCALE = (0.14, 0.2)  # distractors are smaller: the image's class is its largest object
+MAX_DISTRACTORS = 2
+SHAPES = ("disc", "ring", "square", "frame", "triangle", "x", "plus", "diamond", "half_disc", "bars")
+
+
+def shape_mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Mask of shape ``kind`` in object coordinates (u, v in [-1, 1] across the object's box)."""
+    r = np.sqrt(u * u + v * v)
+    box = np.maximum(np.abs(u), np.abs(v))
+    return [
+        r < 0.95,
+        (r > 0.55) & (r < 0.95),
+        box < 0.8,
+        (box > 0.5) & (box < 0.85),
+        (v > -0.75) & (v < 0.85 - 1.7 * np.abs(u)),
+        ((np.abs(u - v) < 0.28) | (np.abs(u + v) < 0.28)) & (box < 0.85),
+        ((np.abs(u) < 0.24) | (np.abs(v) < 0.24)) & (box < 0.9),
+        np.abs(u) + np.abs(v) < 0.95,
+        (r < 0.95) & (v > 0.05),
+        (box < 0.85) & (np.cos(v * 3.2 * np.pi) > 0.1),
+    ][kind]
+
+
+def class_colour(kind: int, classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A saturated colour of the class's own hue (jittered): objects are recognisable by shape and hue."""
+    import colorsys
+    h = (kind / max(1, classes) + rng.uniform(-0.02, 0.02)) % 1.0
+    return 255 * np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.8, 1.0), rng.uniform(0.75, 1.0)))
+
+
+def objects_image(rng: np.random.Generator, size: int, cls: int, classes: int) -> np.ndarray:
+    """A (size, size, 3) image: grey-ish clutter, one object of class ``cls`` (its shape in its hue), up to two
+    smaller distractors of other classes."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    low = np.asarray(Image.fromarray(rng.integers(60, 196, (6, 6, 3)).astype(np.uint8)).resize(
+        (size, size), Image.BICUBIC), dtype=np.float32)
+    low = 0.35 * low + 0.65 * low.mean(axis=2, keepdims=True)  # desaturated: clutter never looks like a class
+    img = low + rng.normal(0, 12, (size, size, 1))
+    for _ in range(int(rng.integers(4, 9))):  # clutter blobs, not class shapes
+        cy, cx = rng.uniform(0, size, 2)
+        ry, rx = rng.uniform(0.04, 0.16, 2) * size
+        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+        grey = rng.uniform(30, 225)
+        img[m] = 0.4 * img[m] + 0.6 * (grey + rng.uniform(-15, 15, 3))
+
+    def draw(kind: int, scale: float, margin: float) -> None:
+        half = scale * size / 2
+        cy, cx = rng.uniform(margin * size + half, (1 - margin) * size - half, 2)
+        a = rng.uniform(-0.25, 0.25)
+        u = ((xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)) / half
+        v = (-(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)) / half
+        m = shape_mask(kind % len(SHAPES), u, v)
+        img[m] = class_colour(kind, classes, rng) + rng.normal(0, 6, (int(m.sum()), 3))
+
+    others = [k for k in range(classes) if k != cls]
+    count = min(len(others), int(rng.integers(0, MAX_DISTRACTORS + 1)))
+    for kind in rng.choice(others, size=count, replace=False) if others else []:
+        draw(int(kind), rng.uniform(*DISTRACTOR_SCALE), 0.02)  # distractors, anywhere
+    draw(cls, rng.uniform(*OBJECT_SCALE), 0.1)  # the class object, inside the centre crop
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def _write_one(job: tuple) -> tuple[int, int]:
-    path, seed, cls, size, quality = job
+    path, seed, cls, size, quality, flavour, classes = job
     rng = np.random.default_rng(seed)
-    h, w = imagenet_like_size(rng, size)
-    arr = photo_like(rng, h, w, hue=cls * 0.61)
+    if flavour == "objects":
+        arr = objects_image(rng, size or 128, cls, classes)
+    else:
+        h, w = imagenet_like_size(rng, size)
+        arr = photo_like(rng, h, w, hue=cls * 0.61)
     Image.fromarray(arr).save(path, "JPEG", quality=quality, subsampling=2)
-    return os.path.getsize(path), h * w
+    return os.path.getsize(path), arr.shape[0] * arr.shape[1]
+
+
+def class_names(flavour: str, classes: int) -> list[str]:
+    if flavour == "objects":
+        if classes > len(SHAPES):
+            raise ValueError(f"the objects flavour has {len(SHAPES)} shapes; ask for at most {len(SHAPES)} classes")
+        return [f"{i}_{SHAPES[i]}" for i in range(classes)]
+    return [f"class_{c:04d}" for c in range(classes)]
 
 
 def write_dataset(out: str, *, flavour: str = "photo", classes: int = 10, per_class: int = 50,
                   val_per_class: int = 10, size: int = 0, quality: int = 90, seed: int = 0,
                   workers: int = 0) -> dict:
     """Write ``out/train/<class>/*.JPEG`` and ``out/val/<class>/*.JPEG``; returns size statistics."""
-    if flavour != "photo":
-        raise ValueError(f"unknown synthetic flavour '{flavour}'")
+    if flavour not in ("photo", "objects"):
+        raise ValueError(f"unknown synthetic flavour '{flavour}'; use photo or objects")
+    names = class_names(flavour, classes)
     jobs = []
     for split, count in (("train", per_class), ("val", val_per_class)):
         if count == 0:
             continue
         for c in range(classes):
-            d = os.path.join(out, split, f"class_{c:04d}")
+            d = os.path.join(out, split, names[c])
             os.makedirs(d, exist_ok=True)
             for i in range(count):
                 s = np.random.SeedSequence([seed, c, i, 0 if split == "train" else 1]).generate_state(1)[0]
-                jobs.append((os.path.join(d, f"{split}_{c:04d}_{i:05d}.JPEG"), int(s), c, size, quality))
+                jobs.append((os.path.join(d, f"{split}_{c:04d}_{i:05d}.JPEG"), int(s), c, size, quality, flavour,
+                             classes))
     if workers > 0:
         with ProcessPoolExecutor(workers) as pool:
             stats = list(pool.map(_write_one, jobs, chunksize=8))

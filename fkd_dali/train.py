@@ -75,6 +75,7 @@ class TrainConfig:
     mixup_cutmix_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     label_smoothing: float = 0.0
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range of --labels hard/online
     teacher_arch: str | None = None
     teacher_path: str | None = None
     teacher_weights: str | None = None
@@ -111,7 +112,8 @@ class TrainConfig:
 
 # Options that define the run's plan: a resume must agree on them.
 PLAN_KEYS = ("arch", "labels", "num_crops", "batch_size", "epochs", "input_size", "opt", "lr", "weight_decay",
-             "cos", "warmup_epochs", "soft_label_type", "temperature", "mixup_cutmix", "seed", "label_smoothing")
+             "cos", "warmup_epochs", "soft_label_type", "temperature", "mixup_cutmix", "seed", "label_smoothing",
+             "scale")
 
 
 class Trainer:
@@ -234,7 +236,7 @@ class Trainer:
                                                 num_crops=crops, allow_incomplete=cfg.allow_incomplete, **common)
             else:
                 ds = self.train_set
-                self.loaders[crops] = StandardLoader(ds.root, ds.files, ds.targets,
+                self.loaders[crops] = StandardLoader(ds.root, ds.files, ds.targets, scale=cfg.scale,
                                                      batch_size=self._images_per_rank(1), **common)
         return self.loaders[crops]
 

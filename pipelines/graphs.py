@@ -202,16 +202,17 @@ def standard_pipeline(source, *, size: int, device: str, normalize: bool = True,
 
 @pipeline_def(enable_conditionals=False)
 def generation_pipeline(source, *, num_crops: int, views: Sequence[tuple], device: str, dtype: str = "float32",
-                        channels_last: bool = False):
+                        channels_last: bool = False, normalize: bool = True):
     """Teacher inputs. Per sample: one decode, one group of ``num_crops`` stored crops for each view
     ``(size, interpolation, mean, std)`` (one per distinct teacher view); outputs the crops of every view,
-    then index, crop ids and the decoded image's shape."""
+    then index, crop ids and the decoded image's shape. ``normalize=False`` gives uint8 RGB crops."""
     nodes = source.nodes(("paths", "roi_start", "roi_end", "index", "crop_ids"))
     images = decode(fn.io.file.read(nodes["paths"]), device)
     outs = []
     for size, interp, mean, std in views:
         frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
-        outs.append(to_model_input(frames, device, dtype=dtype, channels_last=channels_last, mean=mean, std=std))
+        outs.append(to_model_input(frames, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
+                                   mean=mean, std=std))
     return (*outs, nodes["index"], nodes["crop_ids"], images.shape())
 
 

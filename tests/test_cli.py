@@ -49,21 +49,47 @@ def test_bench_store_writes_its_figures(tmp_path, capsys):
 
 
 def test_synth_writes_an_image_folder(tmp_path, capsys):
-    assert main(["synth", "--out", str(tmp_path / "d"), "--classes", "2", "--per-class", "2",
+    assert main(["synth", "--out", str(tmp_path / "d"), "--flavour", "photo", "--classes", "2", "--per-class", "2",
                  "--val-per-class", "1", "--size", "64"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["images"] == 6 and info["mean_bytes"] > 1000
     assert sorted(os.listdir(tmp_path / "d" / "train")) == ["class_0000", "class_0001"]
 
 
+def test_synth_objects_is_deterministic_and_names_its_classes(tmp_path, capsys):
+    for out in ("a", "b"):
+        assert main(["synth", "--out", str(tmp_path / out), "--classes", "3", "--per-class", "2",
+                     "--val-per-class", "1", "--size", "48", "--seed", "7"]) == 0
+    classes = sorted(os.listdir(tmp_path / "a" / "train"))
+    assert len(classes) == 3 and all("_" in c for c in classes)  # e.g. 0_disc: the shape is in the name
+    for split, n in (("train", 2), ("val", 1)):
+        for c in classes:
+            files = sorted(os.listdir(tmp_path / "a" / split / c))
+            assert len(files) == n
+            for f in files:  # same seed, same bytes
+                assert (tmp_path / "a" / split / c / f).read_bytes() == (tmp_path / "b" / split / c / f).read_bytes()
+
+
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--quick"]) == 0
-    out = capsys.readouterr().out
-    for row in ("| FKD original |", "| FKD-DALI |", "| standard DALI |", "| decode only (x n: the ceiling) |", "complete   yes"):
-        assert row in out
+    import labelstore
     from PIL import Image
-    with Image.open(tmp_path / "demo" / "loader.png") as im:
-        assert im.size[0] > 400 and im.size[1] > 200
+    work = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(work), "--quick"]) == 0
+    out = capsys.readouterr().out
+    for row in ("| teacher (resnet18", "| student, hard labels", "| student, FKD", "the hard-label student",
+                "demo finished in"):
+        assert row in out, row
+    store = labelstore.open_store(str(work / "store"))
+    assert store.complete and store.num_crops == 8
+    for run_dir in ("teacher", "student-hard", "student-fkd"):
+        assert (work / run_dir / "checkpoint.pth.tar").stat().st_size > 100_000
+    with Image.open(work / "students.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 300
+    with Image.open(work / "show" / "sheet.png") as im:
+        assert im.size[0] > 600 and im.size[1] > 200
+    for k in range(8):
+        with Image.open(work / "show" / f"crop_{k}.png") as im:
+            assert im.size == (96, 96) and im.mode == "RGB"
 
 
 def test_bench_generate_smoke(tmp_path, capsys):

@@ -348,3 +348,29 @@ def test_generation_crops_at_the_teacher_size(coded):
                 assert diff.mean() < 1.0 and diff.max() <= 12, (r, k, diff.mean(), diff.max())
     assert sorted(x for x in seen if x[1] >= 0) == [(r, k) for r in rows for k in range(6)]
     assert sum(1 for x in seen if x[1] < 0) == 2 * len(rows)
+
+
+def test_show_writes_the_crops_the_loader_delivers(coded, tmp_path):
+    """`fkd-dali show`: crop_<k>.png is store column k, pixel for pixel what FKDLoader gives for that crop."""
+    from fkd_dali.show import ShowError, show
+    row = 5
+    r = show(coded["store"], coded["data"], str(row), str(tmp_path / "show"), crop_size=24, columns=3)
+    assert r["crops"] == 6 and r["file"] == coded["ds"].files[row]
+    served = {}
+    for b in loader(coded, num_crops=6, shuffle=False):
+        for img, i, k in zip(b["images"], b["indices"].tolist(), b["crop_ids"].tolist()):
+            if i == row:
+                served[k] = img.permute(1, 2, 0).numpy()
+    assert sorted(served) == list(range(6))
+    for k in range(6):
+        png = np.asarray(Image.open(tmp_path / "show" / f"crop_{k}.png"))
+        assert png.dtype == np.uint8 and png.shape == (24, 24, 3)
+        assert np.array_equal(png, served[k]), k
+    with Image.open(r["sheet"]) as im:
+        assert im.size[0] > 300
+    by_name = show(coded["store"], coded["data"], coded["ds"].files[row], str(tmp_path / "again"), crop_size=24)
+    assert by_name["row"] == row
+    with pytest.raises(ShowError, match="rows 0..29"):
+        show(coded["store"], coded["data"], "30", str(tmp_path / "x"))
+    with pytest.raises(ShowError, match="neither a row number nor a file"):
+        show(coded["store"], coded["data"], "nope.jpg", str(tmp_path / "x"))

@@ -239,3 +239,12 @@ def test_fkd_checkpoint_format_can_be_evaluated(setup, tmp_path, capsys):
                 "best_acc1": 0.0, "optimizer": {}}, str(tmp_path / "fkd.pth.tar"))
     res = train(cfg(setup, tmp_path, evaluate=True, resume=str(tmp_path / "fkd.pth.tar")))
     assert res["images"] == 10 and 0 <= res["top1"] <= 100
+
+
+def test_a_trained_student_can_teach(setup, tmp_path):
+    """A `fkd-dali train` checkpoint is a valid --teacher-path for `generate` (safe, weights-only loading)."""
+    train(cfg(setup, tmp_path, max_steps=2))
+    rep = generate(GenerateConfig(data=setup["data"], save_path=str(tmp_path / "s"), teachers=[
+        TeacherSpec("resnet18", path=str(tmp_path / "run" / "checkpoint.pth.tar"), input_size=32)], num_crops=2,
+        top_k=3, group_size=2, batch_size=4, device="cpu", show_progress=False))
+    assert rep.complete

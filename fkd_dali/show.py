@@ -1,0 +1,98 @@
+"""``fkd-dali show STORE DATA --image I --out DIR``: an image's stored crops as the training loader makes them.
+
+Writes ``crop_<k>.png`` for every crop k of the pool (store column k; uint8 RGB, before normalisation) and
+``sheet.png``, a contact sheet with each crop captioned by its flip and its stored top-k classes and
+probabilities. The crops come out of the same DALI graph the loader uses (``replay_crops``: the stored box,
+the flip in the ROI, bilinear with antialiasing), so what you see is what the student sees.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+import labelstore
+from pipelines import graphs
+from pipelines.reader import GenerationReader, resolve_root
+
+
+class ShowError(Exception):
+    """The image or store cannot be shown."""
+
+
+def find_row(store: labelstore.LabelStore, image: str) -> int:
+    if image.isdigit():
+        row = int(image)
+        if not 0 <= row < store.num_images:
+            raise ShowError(f"--image {row}: the store holds rows 0..{store.num_images - 1}")
+        return row
+    hits = np.flatnonzero(store.files == image.replace(os.sep, "/"))
+    if not hits.size:
+        raise ShowError(f"--image {image!r} is neither a row number nor a file of the store (e.g. "
+                        f"{store.files[0]!r})")
+    return int(hits[0])
+
+
+def replayed_crops(store: labelstore.LabelStore, data: str, row: int, crop_size: int) -> np.ndarray:
+    """(C, S, S, 3) uint8: every stored crop of ``row``, in store-column order."""
+    root = resolve_root(data, store)
+    got = store.read_rows([row])
+    C = store.num_crops
+    group = min(C, 16)
+    reader = GenerationReader(root, list(store.files), group_size=group, batch_size=4)
+    nb = reader.start_job(np.array([row]), got["boxes"].astype(np.int64), got["flips"])
+    pipe = graphs.generation_pipeline(reader, num_crops=group, views=[(crop_size, "bilinear", graphs.IMAGENET_MEAN,
+                                                                        graphs.IMAGENET_STD)],
+                                      device="cpu", normalize=False, batch_size=4, num_threads=2, device_id=None)
+    out = np.zeros((C, crop_size, crop_size, 3), np.uint8)
+    for _ in range(nb):
+        crops, _index, ids, _shape = (np.array(x.as_tensor()) for x in pipe.run())
+        for sample, sample_ids in zip(crops, ids):
+            for frame, k in zip(sample, sample_ids):
+                if k >= 0:
+                    out[k] = frame.transpose(1, 2, 0)
+    return out
+
+
+def show(store_path: str, data: str, image: str, out_dir: str, crop_size: int = 224, columns: int = 8,
+         max_crops: int = 64) -> dict:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    store = labelstore.open_store(store_path)
+    row = find_row(store, image)
+    got = store.read_rows([row])
+    if not got["done"][0]:
+        raise ShowError(f"row {row} ({store.files[row]}) has no labels yet (generation has not reached it, or it was "
+                        "skipped as unreadable)")
+    crops = replayed_crops(store, data, row, crop_size)
+    os.makedirs(out_dir, exist_ok=True)
+    for k, crop in enumerate(crops):
+        Image.fromarray(crop).save(os.path.join(out_dir, f"crop_{k}.png"))
+    names = list(store.classes) + [str(i) for i in range(len(store.classes), store.num_classes)]
+    shown = min(len(crops), max_crops)
+    cols = min(columns, shown)
+    rows = math.ceil(shown / cols)
+    k_lines = store.top_k
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, (2.1 + 0.17 * (k_lines + 1)) * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k in range(shown):
+        ax = axes.ravel()[k]
+        ax.imshow(crops[k])
+        t, l, h, w = (int(v) for v in got["boxes"][0, k])
+        lines = [f"#{k} ({t},{l}) {h}x{w}" + (" flipped" if got["flips"][0, k] else "")]
+        lines += [f"{names[int(c)][:16]} {float(p):.2f}" for c, p in zip(got["topk_idx"][0, k], got["topk_val"][0, k])]
+        ax.set_title("\n".join(lines), fontsize=7, loc="left")
+    fig.suptitle(f"{store.files[row]} (row {row}, class {names[int(store.targets[row])]}, "
+                 f"{got['sizes'][0][1]}x{got['sizes'][0][0]} px): {shown} of {len(crops)} stored crops as the loader "
+                 f"replays them at {crop_size} px, with their stored top-{store.top_k}", fontsize=9)
+    fig.tight_layout()
+    sheet = os.path.join(out_dir, "sheet.png")
+    fig.savefig(sheet, dpi=100)
+    plt.close(fig)
+    return {"row": row, "file": str(store.files[row]), "sheet": sheet, "crops": len(crops)}
