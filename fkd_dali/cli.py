@@ -144,7 +144,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         evaluate=args.evaluate, seed=args.seed if args.seed is not None else 0, workers=args.workers,
         num_classes=args.num_classes, allow_incomplete=args.allow_incomplete,
         checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, val_batch_size=args.val_batch_size,
-        show_progress=not args.quiet)
+        show_progress=not args.quiet, dist_timeout=args.dist_timeout)
     result = train(cfg)
     if not args.evaluate and "best_top1" in result:
         last = result["last"] or {}
@@ -216,6 +216,8 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (with a checkpoint)")
     t.add_argument("--val-batch-size", type=int, default=64)
+    t.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a DDP collective waits for a lost rank before the job fails (default 600)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     # Accepted for FKD compatibility.
     t.add_argument("-p", "--print-freq", type=int, default=10, help=argparse.SUPPRESS)

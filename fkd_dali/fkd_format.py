@@ -120,6 +120,19 @@ def _image_size(path: str) -> tuple[int, int]:
     return h, w
 
 
+def check_coords(coords: np.ndarray, path: str, slack: float = 1e-3) -> None:
+    """FKD's (i/H, j/W, h/H, w/W) must describe a non-empty box inside the image (fp16 rounding allowed)."""
+    c = coords.astype(np.float64)
+    bad = ~np.isfinite(c).all(1) | (c[:, :2] < -slack).any(1) | (c[:, 2:] <= 0).any(1) | \
+        (c[:, 0] + c[:, 2] > 1 + slack) | (c[:, 1] + c[:, 3] > 1 + slack)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise FKDFormatError(f"{path}: crop {j} has coords {c[j].round(4).tolist()} (i/H, j/W, h/H, w/W), a box "
+                             f"outside its image ({int(bad.sum())} such crops in this file). The file is damaged "
+                             "or not FKD output for this dataset: regenerate it, or import with --allow-missing "
+                             "after removing it")
+
+
 def _load_rows(args: tuple) -> dict:
     """Worker: load the label files and image sizes of one shard."""
     label_root, image_root, files, C, k = args
@@ -137,6 +150,7 @@ def _load_rows(args: tuple) -> dict:
             if coords.shape != (C, 4) or flips.shape != (C,) or ids.shape != (C, k):
                 raise FKDFormatError(f"{lpath}: coords {coords.shape}, flips {flips.shape}, output "
                                      f"{output.shape}; expected {C} crops with top-{k} like the first file")
+            check_coords(coords, lpath)
             size = _image_size(os.path.join(image_root, rel))
         except FKDFormatError as e:
             out["errors"].append(str(e))

@@ -26,12 +26,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 import labelstore
 from labelstore import LabelStore, create_store, open_store
 from pipelines import graphs
-from pipelines.errors import probe_image
+from pipelines.errors import probe_image, read_headers
 from pipelines.loader import EvalLoader, default_threads
 from pipelines.reader import GenerationReader
 
@@ -147,35 +146,11 @@ class Teachers:
         return total / len(self.models)
 
 
-def _header_size(path: str) -> tuple[tuple[int, int] | None, str | None]:
-    """(height, width) from the file header, or the reason the file is unusable."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Image.DecompressionBombError as e:
-        return None, f"refused: {e}"
-    except FileNotFoundError:
-        return None, "the file does not exist"
-    except PermissionError:
-        return None, "the file cannot be read (permission denied)"
-    except Exception as e:  # noqa: BLE001
-        return None, f"not a readable image ({type(e).__name__}: {e})"
-    if h < 1 or w < 1:
-        return None, f"the header claims {w}x{h} pixels"
-    return (h, w), None
-
-
 def read_sizes(ds: Dataset, rows: np.ndarray, workers: int = 8) -> tuple[np.ndarray, dict[int, str]]:
-    """Image sizes of ``rows`` from their headers (threads); rows that cannot be read, with the reason."""
-    sizes = np.ones((len(rows), 2), np.int64)
-    bad: dict[int, str] = {}
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for i, (size, why) in enumerate(pool.map(_header_size, [ds.path(int(r)) for r in rows])):
-            if size is None:
-                bad[int(rows[i])] = why
-            else:
-                sizes[i] = size
-    return sizes, bad
+    """Image sizes of ``rows`` from their headers (threads); rows that cannot be used, with the reason."""
+    got, bad = read_headers([ds.path(int(r)) for r in rows], workers)
+    sizes = np.array([s or (1, 1) for s in got], np.int64).reshape(len(rows), 2)
+    return sizes, {int(rows[i]): why for i, why in bad.items()}
 
 
 class _ShardWriter:

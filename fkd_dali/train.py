@@ -96,6 +96,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop (with a checkpoint) after this global step
     val_batch_size: int = 64
     show_progress: bool = True
+    dist_timeout: float = 600.0  # seconds a collective may wait for a lost rank before the job fails
 
     def resolved(self) -> "TrainConfig":
         """Fill the defaults that depend on the architecture family (FKD's CNN vs ViT recipes)."""
@@ -124,7 +125,7 @@ class Trainer:
         self.device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
         if self.device == "gpu" and not torch.cuda.is_available():
             raise TrainError("--device gpu was asked for but torch sees no CUDA device; use --device cpu")
-        self.dist = distributed.setup(self.device)
+        self.dist = distributed.setup(self.device, timeout_s=cfg.dist_timeout)
         self.torch_device = torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else \
             torch.device("cpu")
         self.amp = cfg.amp if cfg.amp is not None else self.device == "gpu"

@@ -20,7 +20,7 @@ import torch
 from labelstore import LabelStore
 
 from . import graphs
-from .errors import LoaderError, probe_image
+from .errors import LoaderError, probe_image, read_headers, refuse_unusable
 from .reader import EpochPlan, FKDReader, ImageReader
 
 
@@ -262,6 +262,16 @@ class _SingleViewLoader(_DaliLoader):
                     channels_last=self.channels_last, mean=self.mean, std=self.std, interp=self.interp)
 
 
+def check_image_headers(root: str, files: Sequence[str]) -> None:
+    """Before the first batch: every file has an image header within the pixel limit (a few KB read per
+    file, in threads), so zero-byte, non-image and decompression-bomb files are named up front, all at once,
+    instead of failing (or, for a bomb, decoding to garbage) mid-epoch. ``check_headers=False`` skips it."""
+    paths = [os.path.join(root, f) for f in files]
+    _, bad = read_headers(paths, workers=16)
+    refuse_unusable(paths, bad, "Replace or remove them (a file left out of an ImageFolder tree simply drops "
+                                "out of the dataset)")
+
+
 class EvalLoader(_SingleViewLoader):
     """Validation exactly as torchvision's Resize(round(S*256/224)) + CenterCrop(S); fixed order. With
     several ranks the shards are padded by wrapping: use ``indices`` to count each image once."""
@@ -271,8 +281,11 @@ class EvalLoader(_SingleViewLoader):
                  world_size: int = 1, normalize: bool = True, dtype: str = "float32",
                  channels_last: bool = False, mean: Sequence[float] = graphs.IMAGENET_MEAN,
                  std: Sequence[float] = graphs.IMAGENET_STD, interp: str = "bilinear",
-                 num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2):
+                 num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
+                 check_headers: bool = True):
         self.resize_size = resize_size or round(crop_size * 256 / 224)
+        if check_headers:
+            check_image_headers(root, files)
         reader = ImageReader(root, files, targets, batch_size=batch_size, rank=rank, world_size=world_size,
                              shuffle=False)
         super().__init__(reader, crop_size=crop_size, device=device, normalize=normalize, dtype=dtype,
@@ -293,8 +306,11 @@ class StandardLoader(_SingleViewLoader):
                  mean: Sequence[float] = graphs.IMAGENET_MEAN, std: Sequence[float] = graphs.IMAGENET_STD,
                  scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                  antialias: bool = True, interp: str = "bilinear", drop_last: bool = False,
-                 num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2):
+                 num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
+                 check_headers: bool = True):
         self.scale, self.ratio, self.antialias = tuple(scale), tuple(ratio), antialias
+        if check_headers:
+            check_image_headers(root, files)
         reader = ImageReader(root, files, targets, batch_size=batch_size, seed=seed, rank=rank,
                              world_size=world_size, shuffle=True, drop_last=drop_last)
         super().__init__(reader, crop_size=crop_size, device=device, normalize=normalize, dtype=dtype,

@@ -25,7 +25,7 @@ from nvidia.dali.types import BatchInfo
 import labelstore
 from labelstore import LabelStore, Round
 
-from .errors import LoaderError
+from .errors import LoaderError, read_headers
 
 ROUND_STREAM = 0x726F756E64  # separates the round schedule's random stream from the epoch order's
 
@@ -370,10 +370,20 @@ def resolve_root(data: str, store: LabelStore) -> str:
 
 
 def check_files(root: str, store: LabelStore) -> None:
-    """Every stored file exists with the size it had when the labels were made (the fingerprint)."""
-    fp = labelstore.fingerprint_dir(root, list(store.files))
-    if fp != store.meta.fingerprint:
-        raise labelstore.StoreMismatchError(
-            f"{store.path}: the images under {root} differ from those the labels were made from (same names, "
-            "different sizes: some file was replaced or modified). Restore the original files or regenerate "
-            "the store")
+    """Every stored file exists with the size it had when the labels were made (the fingerprint). On a
+    mismatch, the files whose header no longer gives the stored image size are named."""
+    fp = labelstore.fingerprint_dir(root, list(store.files))  # names the first missing file
+    if fp == store.meta.fingerprint:
+        return
+    files = list(store.files)
+    stored = store.sizes()
+    got, bad = read_headers([os.path.join(root, f) for f in files], workers=16)
+    changed = [f"{files[i]} ({bad[i]})" if i in bad else
+               f"{files[i]} (now {got[i][1]}x{got[i][0]} px, labelled at {stored[i][1]}x{stored[i][0]})"
+               for i in range(len(files)) if i in bad or (stored[i].any() and tuple(stored[i]) != got[i])]
+    which = (f"{len(changed)} file(s) changed: {'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}"
+             if changed else "same names and pixel sizes, different byte sizes: some file was re-encoded or "
+             "replaced by another image of the same size")
+    raise labelstore.StoreMismatchError(
+        f"{store.path}: the images under {root} differ from those the labels were made from ({which}). "
+        "Restore the original files, or regenerate the store (fkd-dali generate) for the dataset as it is now")

@@ -1,8 +1,10 @@
 """Run by tests under torchrun: a few DDP training steps; each rank writes the rows it trained on and its
-weights, so the test can check disjoint shards and identical replicas."""
+weights, so the test can check disjoint shards and identical replicas. With FKD_TEST_DIE_RANK and
+FKD_TEST_DIE_STEP set, that rank SIGKILLs itself after that step (a rank lost mid-training)."""
 
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -10,16 +12,21 @@ import torch
 from fkd_dali.train import Trainer, TrainConfig
 
 
-def main(data: str, store: str, out: str) -> None:
+def main(data: str, store: str, out: str, *extra: str) -> None:
+    die_rank, die_step = int(os.environ.get("FKD_TEST_DIE_RANK", -1)), int(os.environ.get("FKD_TEST_DIE_STEP", 0))
+    timeout = float(extra[extra.index("--dist-timeout") + 1]) if "--dist-timeout" in extra else 600.0
     cfg = TrainConfig(data=data, arch="resnet18", softlabel_path=store, num_crops=2, batch_size=16, epochs=4,
-                      input_size=32, device="cpu", output=os.path.join(out, "run"), max_steps=3, show_progress=False,
-                      lr=0.05, cos=True)
+                      input_size=32, device="cpu", output=os.path.join(out, "run"),
+                      max_steps=3 if die_rank < 0 else None, show_progress=False, lr=0.05, cos=True,
+                      dist_timeout=timeout)
     trainer = Trainer(cfg)
     seen = []
     step = trainer.step
 
     def recording_step(batch, lr):
         seen.append(sorted(set(batch["indices"].tolist())))
+        if trainer.dist.rank == die_rank and len(seen) > die_step:
+            os.kill(os.getpid(), signal.SIGKILL)
         return step(batch, lr)
 
     trainer.step = recording_step
@@ -34,4 +41,4 @@ def main(data: str, store: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

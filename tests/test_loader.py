@@ -258,7 +258,7 @@ def test_corrupt_files_are_named(coded, tmp_path, damage):
         Image.open(victim).save(victim, format="PNG")
     if os.path.getsize(victim) != len(raw):
         # A file of another size no longer matches the store's fingerprint: refused up front.
-        with pytest.raises(labelstore.StoreMismatchError, match="replaced or modified"):
+        with pytest.raises(labelstore.StoreMismatchError, match="differ from those the labels were made from"):
             FKDLoader(data, coded["store"], batch_size=4, num_crops=2, device="cpu")
     ld = FKDLoader(data, coded["store"], batch_size=4, num_crops=2, crop_size=24, device="cpu",
                    verify_files=False)
