@@ -2,11 +2,13 @@
 
 1. **data**: the ``objects`` flavour of ``fkd-dali synth`` — a class object (shape and hue) at a random place
    on clutter, with smaller distractor objects of other classes — where many random-resized crops miss the
-   object or show only a distractor, so the image's hard label is wrong for them;
-2. **teacher**: a ResNet-18 trained on hard labels with a longer schedule and milder crops;
-3. **generate**: the teacher labels 16 stored crops per image (top-5) into a label store;
-4. **students**: two ResNet-18s with the same budget (epochs, crops per step, schedule) — one on hard labels,
-   one with FKD on the stored crops and soft labels;
+   object or show only a distractor, so the image's hard label is wrong for them. The students get a small
+   labelled set; the teacher learned from a five times larger one (as FKD's and ReLabel's teachers were
+   trained on far more data than the students see);
+2. **teacher**: a ResNet-18 trained on hard labels on its larger set;
+3. **generate**: the teacher labels 16 stored crops of every student image (top-5) into a label store;
+4. **students**: two ResNet-18s with the same budget (epochs, crops per step, schedule) on the small set —
+   one on hard labels, one with FKD on the stored crops and soft labels;
 5. **report**: a table (teacher, hard student, FKD student; time of each phase; training crops/s), a PNG of
    the students' validation accuracy per epoch, and ``fkd-dali show``'s contact sheet of one image's crops.
 """
@@ -32,20 +34,21 @@ from .train import TrainConfig, train
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
     classes: int = 10
-    per_class: int = 120
+    per_class: int = 60           # the students' labelled set
+    teacher_per_class: int = 300  # the teacher's (larger) labelled set
     val_per_class: int = 30
     image_size: int = 64
-    teacher_epochs: int = 25
-    student_epochs: int = 15
+    teacher_epochs: int = 12
+    student_epochs: int = 30
     pool: int = 16
-    num_crops: int = 4
+    num_crops: int = 2
     batch: int = 64
     lr: float = 0.05
 
 
 FULL = DemoSize()
-QUICK = DemoSize(classes=4, per_class=12, val_per_class=4, image_size=32, teacher_epochs=2, student_epochs=4,
-                 pool=8, num_crops=2, batch=16, lr=0.05)
+QUICK = DemoSize(classes=4, per_class=12, teacher_per_class=16, val_per_class=4, image_size=32, teacher_epochs=2,
+                 student_epochs=4, pool=8, num_crops=2, batch=16, lr=0.05)
 
 
 def _history(run: str) -> list[dict]:
@@ -81,24 +84,28 @@ def run(workdir: str, quick: bool = False, device: str | None = None) -> dict:
     phases: dict[str, float] = {}
 
     t = time.perf_counter()
-    data = os.path.join(workdir, "data")
-    if not os.path.isdir(os.path.join(data, "val")):
+    data, teacher_data = os.path.join(workdir, "data"), os.path.join(workdir, "teacher-data")
+    if not os.path.isdir(os.path.join(teacher_data, "val")):
         write_dataset(data, flavour="objects", classes=z.classes, per_class=z.per_class,
                       val_per_class=z.val_per_class, size=z.image_size, seed=0, workers=threads)
+        write_dataset(teacher_data, flavour="objects", classes=z.classes, per_class=z.teacher_per_class,
+                      val_per_class=0, size=z.image_size, seed=1, workers=threads)  # other images than data/
+        os.symlink(os.path.join("..", "data", "val"), os.path.join(teacher_data, "val"))  # the same validation set
     ds = scan_image_folder(split_dir(data, "train"))
     phases["data"] = time.perf_counter() - t
-    print(f"1/5 data: {len(ds)} training + {z.classes * z.val_per_class} validation images, {z.classes} classes "
+    print(f"1/5 data: {len(ds)} student training images, {z.classes * z.teacher_per_class} other images for the "
+          f"teacher, {z.classes * z.val_per_class} validation images; {z.classes} classes "
           f"({', '.join(ds.classes[:4])}, ...), {z.image_size} px  ({phases['data']:.0f} s)", flush=True)
 
-    base = dict(data=data, arch="resnet18", batch_size=z.batch, input_size=z.image_size, device=device,
+    base = dict(arch="resnet18", batch_size=z.batch, input_size=z.image_size, device=device,
                 workers=threads, show_progress=False, cos=True, lr=z.lr)
     t = time.perf_counter()
-    teacher = train(TrainConfig(labels="hard", epochs=z.teacher_epochs, scale=(0.35, 1.0),
+    teacher = train(TrainConfig(data=teacher_data, labels="hard", epochs=z.teacher_epochs, scale=(0.25, 1.0),
                                 output=os.path.join(workdir, "teacher"), **base))
     phases["teacher"] = time.perf_counter() - t
     ckpt = os.path.join(workdir, "teacher", "checkpoint.pth.tar")
-    print(f"2/5 teacher: resnet18, hard labels, {z.teacher_epochs} epochs of crops covering 35-100 % of the image: "
-          f"val top-1 {teacher['last']['val_top1']:.1f} %  ({phases['teacher']:.0f} s)", flush=True)
+    print(f"2/5 teacher: resnet18, hard labels, {z.teacher_epochs} epochs on its {z.classes * z.teacher_per_class} "
+          f"images: val top-1 {teacher['last']['val_top1']:.1f} %  ({phases['teacher']:.0f} s)", flush=True)
 
     t = time.perf_counter()
     store = os.path.join(workdir, "store")
@@ -122,10 +129,11 @@ def run(workdir: str, quick: bool = False, device: str | None = None) -> dict:
         run_dir = os.path.join(workdir, f"student-{labels}")
         if os.path.exists(os.path.join(run_dir, "log.jsonl")):
             os.remove(os.path.join(run_dir, "log.jsonl"))
-        res = train(TrainConfig(labels=labels, epochs=z.student_epochs, output=run_dir, **base, **extra))
+        res = train(TrainConfig(data=data, labels=labels, epochs=z.student_epochs, output=run_dir, **base, **extra))
         phases[f"student ({labels})"] = time.perf_counter() - t
         students[name] = {"result": res, "history": _history(run_dir)}
-    print(f"4/5 students: resnet18, {z.student_epochs} epochs, {z.batch} crops per step, same schedule  "
+    print(f"4/5 students: resnet18 on the {len(ds)} student images, {z.student_epochs} epochs, {z.batch} crops per "
+          f"step, same schedule  "
           f"({phases['student (hard)']:.0f} s + {phases['student (fkd)']:.0f} s)", flush=True)
 
     hard = students["hard labels"]["result"]["last"]["val_top1"]
@@ -140,7 +148,8 @@ def run(workdir: str, quick: bool = False, device: str | None = None) -> dict:
             for k, v in students.items()}
     print("5/5 results:\n")
     print("| model | val top-1 | time | training crops/s |\n|---|---|---|---|")
-    print(f"| teacher (resnet18, hard labels, {z.teacher_epochs} epochs) | {teacher['last']['val_top1']:.1f} % | "
+    print(f"| teacher (resnet18, hard labels, {z.classes * z.teacher_per_class} images) | "
+          f"{teacher['last']['val_top1']:.1f} % | "
           f"{phases['teacher']:.0f} s | - |")
     print(f"| student, hard labels ({z.student_epochs} epochs) | {hard:.1f} % | {phases['student (hard)']:.0f} s | "
           f"{rate['hard labels']:,.0f} |")

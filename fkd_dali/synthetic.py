@@ -2,7 +2,7 @@
 
 ``objects`` flavour (the demo's): each image holds one object of its class — a shape (disc, ring, square,
 frame, triangle, X, plus, diamond, half-disc, bars) in the class's own saturated hue, random size and a small
-rotation — at a random place on a grey-ish cluttered background (noise and blobs), plus up to two smaller
+rotation — at a random place on a grey-ish cluttered background (noise and blobs), plus up to three smaller
 *distractor* objects of other classes. A random-resized crop often misses the object or shows only a distractor: its hard label (the
 image's class) is then wrong or doubtful for that crop, while a teacher labelling the crop says what the crop
 shows. That is the situation FKD's per-crop soft labels are for (ReLabel's "multi-object ImageNet" problem).
@@ -65,8 +65,8 @@ def photo_like(rng: np.random.Generator, height: int, width: int, hue: float | N
 
 
 OBJECT_SCALE = (0.3, 0.42)      # the class object's size, as a fraction of the image side
-DISTRACTOR_SCALE = (0.14, 0.2)  # distractors are smaller: the image's class is its largest object
-MAX_DISTRACTORS = 2
+DISTRACTOR_SCALE = (0.18, 0.26)  # distractors are smaller: the image's class is its largest object
+MAX_DISTRACTORS = 3
 SHAPES = ("disc", "ring", "square", "frame", "triangle", "x", "plus", "diamond", "half_disc", "bars")
 
 

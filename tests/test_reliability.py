@@ -162,16 +162,23 @@ def _without_root_file_access() -> None:
 
 
 def test_unreadable_file_is_named(world, data, tmp_path):  # noqa: F811
-    """A real chmod 000 file (as root, the command runs without root's file-access capabilities)."""
+    """A real chmod 000 file, met by generate and by train (as root, the commands run without root's
+    file-access capabilities)."""
+    generate(config(world, str(tmp_path / "before"), data=data, num_crops=4, top_k=5))  # labelled while readable
     os.chmod(os.path.join(data, "train", VICTIM), 0)
-    cmd = [sys.executable, "-m", "fkd_dali", "generate", data, "--save-path", str(tmp_path / "s"), "-a",
-           "torchscript", "--teacher-path", world["teachers"][0], "--input-size", "24", "--num-crops", "4",
-           "--top-k", "3", "--device", "cpu", "-q"]
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-                       timeout=300, preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
-    assert r.returncode == 1, r.stderr[-2000:]
-    assert "class_3/img_010.jpg: the file cannot be read (permission denied)" in r.stderr, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
+    common = ["--device", "cpu", "-q"]
+    gen = ["generate", data, "--save-path", str(tmp_path / "s"), "-a", "torchscript", "--teacher-path",
+           world["teachers"][0], "--input-size", "24", "--num-crops", "4", "--top-k", "3"]
+    trn = ["train", data, "--softlabel-path", str(tmp_path / "before"), "-a", "resnet18", "--num-crops", "2", "-b",
+           "8", "--epochs", "2", "--input-size", "24", "--output", str(tmp_path / "run")]
+    for args, says in ((gen, "class_3/img_010.jpg: the file cannot be read (permission denied)"),
+                       (trn, "class_3/img_010.jpg: the file cannot be read (permission denied)")):
+        r = subprocess.run([sys.executable, "-m", "fkd_dali", *args, *common], cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300,
+                           preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert says in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
 
 
 # --- wrong stores and settings ----------------------------------------------------------------------
@@ -280,6 +287,7 @@ def test_a_dying_ddp_rank_ends_the_job_instead_of_hanging(world, tmp_path):  # n
                         str(tmp_path), "--dist-timeout", "120"], env=env, capture_output=True, text=True,
                        timeout=600)
     took = time.time() - t
+    print(f"job ended {took:.1f} s after start, exit {r.returncode}")
     assert r.returncode != 0
     assert took < 100, took
     assert "Signals.SIGKILL" in r.stderr or "exitcode  : -9" in r.stderr, r.stderr[-3000:]
