@@ -1,11 +1,13 @@
 """Synthetic ImageFolder datasets of real JPEG files, deterministic from a seed.
 
 ``objects`` flavour (the demo's): each image holds one object of its class — a shape (disc, ring, square,
-frame, triangle, X, plus, diamond, half-disc, bars) in the class's own saturated hue, random size and a small
-rotation — at a random place on a grey-ish cluttered background (noise and blobs), plus up to three smaller
-*distractor* objects of other classes. A random-resized crop often misses the object or shows only a distractor: its hard label (the
-image's class) is then wrong or doubtful for that crop, while a teacher labelling the crop says what the crop
-shows. That is the situation FKD's per-crop soft labels are for (ReLabel's "multi-object ImageNet" problem).
+frame, triangle, X, plus, diamond, half-disc, bars) in a saturated hue near the class's own (neighbouring
+classes' hues overlap, so the shape decides), random size and a small rotation — at a random place on a
+grey-ish cluttered background (noise and blobs), plus up to three smaller *distractor* objects of other
+classes. A random-resized crop often misses the object or shows only a distractor: its hard label (the
+image's class) is then wrong or doubtful for that crop, while a teacher labelling the crop says what the
+crop shows. That is the situation FKD's per-crop soft labels are for (ReLabel's "multi-object ImageNet"
+problem).
 
 ``photo`` flavour: images with natural-image statistics (1/f amplitude spectrum, correlated colour
 channels, hard-edged shapes with gradients, fine texture), ImageNet-like sizes (mostly 500 px on the long
@@ -67,6 +69,7 @@ def photo_like(rng: np.random.Generator, height: int, width: int, hue: float | N
 OBJECT_SCALE = (0.3, 0.42)      # the class object's size, as a fraction of the image side
 DISTRACTOR_SCALE = (0.18, 0.26)  # distractors are smaller: the image's class is its largest object
 MAX_DISTRACTORS = 3
+HUE_JITTER = 0.08  # classes' hues are 1/K apart: with 10 classes neighbours overlap, so the shape decides
 SHAPES = ("disc", "ring", "square", "frame", "triangle", "x", "plus", "diamond", "half_disc", "bars")
 
 
@@ -89,9 +92,10 @@ def shape_mask(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def class_colour(kind: int, classes: int, rng: np.random.Generator) -> np.ndarray:
-    """A saturated colour of the class's own hue (jittered): objects are recognisable by shape and hue."""
+    """A saturated colour near the class's own hue: the hue hints at the class, but neighbouring classes' hues
+    overlap (``HUE_JITTER``), so telling them apart takes the shape — learnt far better from more images."""
     import colorsys
-    h = (kind / max(1, classes) + rng.uniform(-0.02, 0.02)) % 1.0
+    h = (kind / max(1, classes) + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
     return 255 * np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.8, 1.0), rng.uniform(0.75, 1.0)))
 
 
