@@ -24,10 +24,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
 
 import labelstore
 from labelstore import LabelStore, create_store
+from pipelines.errors import image_header
 
 from .crops import from_normalized, normalized
 from .dataset import Dataset, scan_image_folder, split_dir
@@ -111,13 +111,10 @@ class ImportReport:
 
 
 def _image_size(path: str) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except Exception as e:
-        raise FKDFormatError(f"{path}: cannot read the image header ({type(e).__name__}: {e}); the image "
-                             "is corrupt or not an image") from e
-    return h, w
+    size, why = image_header(path)
+    if size is None:
+        raise FKDFormatError(f"{path}: {why}; replace or remove the image (FKD's labels for it cannot be replayed)")
+    return size
 
 
 def check_coords(coords: np.ndarray, path: str, slack: float = 1e-3) -> None:

@@ -291,3 +291,14 @@ def test_a_dying_ddp_rank_ends_the_job_instead_of_hanging(world, tmp_path):  # n
     assert r.returncode != 0
     assert took < 100, took
     assert "Signals.SIGKILL" in r.stderr or "exitcode  : -9" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["zero-byte", "random bytes", "header claims 30000x30000"])
+def test_unusable_image_in_an_fkd_import_is_named(world, data, tmp_path, kind):  # noqa: F811
+    """import-fkd reads each image's header (for the pixel boxes): an unusable image is named, nothing is
+    imported for it. (A truncated JPEG's header is sound: the loader names it at training time.)"""
+    generate(config(world, str(tmp_path / "s"), data=data))
+    export_fkd(str(tmp_path / "s"), str(tmp_path / "fkd"), show_progress=False)
+    put(data, badfiles.UNUSABLE[kind])
+    with pytest.raises(FKDFormatError, match=r"class_3/img_010.jpg: .*replace or remove the image"):
+        import_fkd(str(tmp_path / "fkd"), data, str(tmp_path / "back"), show_progress=False)
