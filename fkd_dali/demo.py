@@ -23,7 +23,7 @@ import time
 import labelstore
 
 from .bench.machine import describe, one_line
-from .dataset import scan_image_folder, split_dir
+from .dataset import Dataset, scan_image_folder, split_dir
 from .generate import GenerateConfig, generate
 from .show import show
 from .synthetic import write_dataset
@@ -76,6 +76,31 @@ def plot_students(histories: dict[str, list[dict]], path: str, title: str) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def loader_rates(data: str, store: str, ds: Dataset, z: DemoSize, device: str, threads: int) -> dict[str, float]:
+    """Crops/s of the loaders alone (no model): one epoch of FKD replay and one of standard DALI, after a
+    warm-up epoch each."""
+    import torch
+    from pipelines import FKDLoader, StandardLoader
+    loaders = {
+        "FKD replay": FKDLoader(data, store, batch_size=max(1, z.batch // z.num_crops), num_crops=z.num_crops,
+                                crop_size=z.image_size, device=device, num_threads=threads),
+        "standard DALI": StandardLoader(ds.root, ds.files, ds.targets, batch_size=z.batch, crop_size=z.image_size,
+                                        device=device, num_threads=threads),
+    }
+    rates = {}
+    for name, ld in loaders.items():
+        for epoch in (0, 1):
+            ld.set_epoch(epoch)
+            t, crops = time.perf_counter(), 0
+            for b in ld:
+                crops += b["images"].shape[0]
+            if device == "gpu":
+                torch.cuda.synchronize()
+        rates[name] = crops / (time.perf_counter() - t)
+        ld.close()
+    return rates
 
 
 def run(workdir: str, quick: bool = False, device: str | None = None) -> dict:
@@ -149,6 +174,9 @@ def run(workdir: str, quick: bool = False, device: str | None = None) -> dict:
     phases["show"] = time.perf_counter() - t
     rate = {k: sum(h["crops_per_s"] * h["seconds"] for h in v["history"]) / sum(h["seconds"] for h in v["history"])
             for k, v in students.items()}
+    import torch
+    loader_device = device or ("gpu" if torch.cuda.is_available() else "cpu")
+    loaders = loader_rates(data, store, ds, z, loader_device, threads)
     print("5/5 results:\n")
     print("| model | val top-1 | time | training crops/s |\n|---|---|---|---|")
     print(f"| teacher (resnet18, hard labels, {z.classes * z.teacher_per_class} images) | "
@@ -160,9 +188,13 @@ def run(workdir: str, quick: bool = False, device: str | None = None) -> dict:
           f"{phases['student (fkd)']:.0f} s | {rate['FKD (stored soft labels)']:,.0f} |")
     verdict = "beat" if fkd > hard else ("tied with" if fkd == hard else "did NOT beat")
     print(f"\nFKD {verdict} the hard-label student ({fkd:.1f} % vs {hard:.1f} %) at the same budget.")
+    print(f"loaders alone ({loader_device}, {z.image_size} px, no model): "
+          + ", ".join(f"{k} {v:,.0f} crops/s" for k, v in loaders.items())
+          + " (the students' training crops/s above are bound by the model on this machine)")
     print(f"data {phases['data']:.0f} s, teacher {phases['teacher']:.0f} s, generate {phases['generate']:.0f} s, "
           f"students {phases['student (hard)'] + phases['student (fkd)']:.0f} s, show {phases['show']:.0f} s")
     print(f"\nplot of the students: {png}\ncontact sheet of {sheet['file']}'s stored crops: {sheet['sheet']}")
     print(f"demo finished in {time.perf_counter() - t_all:.0f} s")
     return {"teacher_top1": teacher["last"]["val_top1"], "hard_top1": hard, "fkd_top1": fkd, "phases": phases,
+            "loader_crops_per_s": loaders,
             "plot": png, "sheet": sheet["sheet"], "store": store}

@@ -76,7 +76,7 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     work = tmp_path / "demo"
     assert main(["demo", "--workdir", str(work), "--quick"]) == 0
     out = capsys.readouterr().out
-    for row in ("| teacher (resnet18", "| student, hard labels", "| student, FKD", "the hard-label student",
+    for row in ("| teacher (resnet18", "| student, hard labels", "| student, FKD", "the hard-label student", "FKD replay",
                 "demo finished in"):
         assert row in out, row
     store = labelstore.open_store(str(work / "store"))
