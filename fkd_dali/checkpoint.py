@@ -68,14 +68,34 @@ def load(path: str) -> dict[str, Any]:
                               f"{str(e).splitlines()[0][:200]}); it may be truncated") from e
 
 
+def strip_ddp_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights saved from a DDP-wrapped model, without DDP's ``module.`` prefix."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
 def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
     """The model weights of ours or FKD's checkpoints (DDP's ``module.`` prefix removed)."""
     sd = ckpt.get("state_dict", ckpt.get("model"))
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path} holds no 'state_dict'")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return strip_ddp_prefix(sd)
+
+
+def state_mismatch(model: torch.nn.Module, sd: dict[str, torch.Tensor], arch: str) -> str | None:
+    """Why the weights ``sd`` cannot be loaded into ``model`` (keys, then shapes), or None when they fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        return (f"does not fit {arch}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} "
+                f"unexpected keys (e.g. {unexpected[:3]})")
+    for k, v in sd.items():
+        if own[k].shape != v.shape:
+            return (f"does not fit {arch}: '{k}' has shape {tuple(v.shape)} in the checkpoint but "
+                    f"{tuple(own[k].shape)} in the model")
+    return None
 
 
 def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str, arch: str) -> None:
@@ -85,15 +105,8 @@ def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str, arch: 
         raise CheckpointError(f"{path} is a checkpoint of {made_for}, not {arch}; pass -a {made_for} or the "
                               f"checkpoint of a {arch}")
     sd = model_state(ckpt, path)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit {arch}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-                              f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); it is a checkpoint of another "
-                              "architecture")
-    for k, v in sd.items():
-        if own[k].shape != v.shape:
-            raise CheckpointError(f"{path}: '{k}' has shape {tuple(v.shape)} but {arch} here has "
-                                  f"{tuple(own[k].shape)} (another class count or input size?)")
+    why = state_mismatch(model, sd, arch)
+    if why:
+        raise CheckpointError(f"{path} {why}: it is a checkpoint of another architecture, class count or input "
+                              "size")
     model.load_state_dict(sd)

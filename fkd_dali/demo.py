@@ -20,7 +20,10 @@ import json
 import os
 import time
 
+import torch
+
 import labelstore
+from pipelines import FKDLoader, StandardLoader
 
 from .bench.machine import describe, one_line
 from .dataset import Dataset, scan_image_folder, split_dir
@@ -81,8 +84,6 @@ def plot_students(histories: dict[str, list[dict]], path: str, title: str) -> No
 def loader_rates(data: str, store: str, ds: Dataset, z: DemoSize, device: str, threads: int) -> dict[str, float]:
     """Crops/s of the loaders alone (no model): one epoch of FKD replay and one of standard DALI, after a
     warm-up epoch each."""
-    import torch
-    from pipelines import FKDLoader, StandardLoader
     loaders = {
         "FKD replay": FKDLoader(data, store, batch_size=max(1, z.batch // z.num_crops), num_crops=z.num_crops,
                                 crop_size=z.image_size, device=device, num_threads=threads),
@@ -174,7 +175,6 @@ def run(workdir: str, quick: bool = False, device: str | None = None) -> dict:
     phases["show"] = time.perf_counter() - t
     rate = {k: sum(h["crops_per_s"] * h["seconds"] for h in v["history"]) / sum(h["seconds"] for h in v["history"])
             for k, v in students.items()}
-    import torch
     loader_device = device or ("gpu" if torch.cuda.is_available() else "cpu")
     loaders = loader_rates(data, store, ds, z, loader_device, threads)
     print("5/5 results:\n")

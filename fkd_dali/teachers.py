@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torchvision
 
+from .checkpoint import state_mismatch, strip_ddp_prefix
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SERIALIZED = ("torchscript", "export")
@@ -108,24 +110,15 @@ def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise TeacherError(f"{path} holds no state_dict (a dict of tensors, or one under 'state_dict'/'model')")
-    if all(k.startswith("module.") for k in ckpt):
-        ckpt = {k[len("module."):]: v for k, v in ckpt.items()}
-    return ckpt
+    return strip_ddp_prefix(ckpt)
 
 
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str, arch: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise TeacherError(f"{path} does not fit {arch}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-                           f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). Is it a checkpoint of "
-                           f"another architecture? Pass the matching -a")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
-            raise TeacherError(f"{path} does not fit {arch}: '{k}' has shape {tuple(v.shape)} in the checkpoint "
-                               f"but {tuple(own[k].shape)} in the model. If the head differs, the checkpoint has "
-                               "another class count: pass --num-classes to match it")
+    why = state_mismatch(model, state, arch)
+    if why:
+        raise TeacherError(f"{path} {why}. Is it a checkpoint of another architecture? Pass the matching -a; if "
+                           "only the head differs, the checkpoint has another class count: pass --num-classes to "
+                           "match it")
     model.load_state_dict(state)
 
 

@@ -39,9 +39,8 @@ class MeanColour(torch.nn.Module):
         return x.float().mean(dim=(2, 3)) @ self.w
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("gen"))
+def make_world(root: str) -> dict:
+    """root/data: the coded dataset (30 training images, 10 for validation) and two TorchScript teachers."""
     data = os.path.join(root, "data")
     write_coded_dataset(data, 30)
     write_coded_dataset(os.path.join(root, "valdata"), 10, seed=5)
@@ -52,6 +51,11 @@ def world(tmp_path_factory):
         torch.jit.save(torch.jit.script(MeanColour(seed)), path)
         teachers[seed] = path
     return {"root": root, "data": data, "teachers": teachers}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(str(tmp_path_factory.mktemp("gen")))
 
 
 def config(w, save, **kw):

@@ -53,6 +53,18 @@ def make_store(data: str, path: str, pool: int, seed: int = 0, boxes=None, flips
     return ds, sizes, boxes, flips
 
 
+def partial_copy(src: str, path: str, done: int) -> str:
+    """A copy of store ``src`` at ``path`` with only its first ``done`` rows written (one shard of ``done``
+    rows): an incomplete store, as a killed generation leaves it."""
+    store = labelstore.open_store(src)
+    part = labelstore.create_store(path, files=list(store.files), targets=store.targets, classes=store.classes,
+                                   fingerprint=store.meta.fingerprint, dataset_root="train",
+                                   num_crops=store.num_crops, top_k=store.top_k, rows_per_shard=done)
+    rows = store.read_rows(range(done))
+    part.write_block(0, **{k: rows[k] for k in ("sizes", "boxes", "flips", "topk_idx", "topk_val")})
+    return path
+
+
 @pytest.fixture(scope="module")
 def coded(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("coded"))
@@ -226,13 +238,7 @@ def test_bad_requests_are_refused_with_the_fix(coded, tmp_path):
 
 
 def test_incomplete_store_needs_allow_incomplete(coded, tmp_path):
-    store = labelstore.open_store(coded["store"])
-    path = str(tmp_path / "partial")
-    s2 = labelstore.create_store(path, files=list(store.files), targets=store.targets, classes=store.classes,
-                                 fingerprint=store.meta.fingerprint, dataset_root="train", num_crops=6, top_k=3,
-                                 rows_per_shard=8)
-    rows = store.read_rows(range(8))
-    s2.write_block(0, **{k: rows[k] for k in ("sizes", "boxes", "flips", "topk_idx", "topk_val")})
+    path = partial_copy(coded["store"], str(tmp_path / "partial"), done=8)
     with pytest.raises(labelstore.StoreIncompleteError, match="22 of 30 rows"):
         FKDLoader(coded["data"], path, batch_size=4, num_crops=2, device="cpu")
     ld = FKDLoader(coded["data"], path, batch_size=4, num_crops=2, crop_size=24, device="cpu",

@@ -17,10 +17,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 import labelstore
+from fkd_dali.dataset import scan_image_folder
 from fkd_dali.fkd_format import FKDFormatError, export_fkd, import_fkd
 from fkd_dali.generate import GenerateError, generate
 from fkd_dali.train import train
 from pipelines import FKDLoader, LoaderError, StandardLoader
+from pipelines.errors import image_header
 from tests import badfiles
 from tests.conftest import textured
 from tests.test_generate import config, world  # noqa: F401 - the module-scoped fixture
@@ -41,7 +43,8 @@ def data(world, tmp_path):  # noqa: F811
 
 def put(data: str, writer, rel: str = VICTIM, size: tuple[int, int] = (60, 80)) -> str:
     path = os.path.join(data, "train", rel)
-    os.remove(path) if os.path.exists(path) else None
+    if os.path.exists(path):
+        os.remove(path)
     writer(path, textured(np.random.default_rng(3), *size))
     return path
 
@@ -65,7 +68,6 @@ def test_unusable_file_stops_generate_with_its_name_or_is_left_out(world, data, 
 @pytest.mark.parametrize("kind", list(badfiles.UNUSABLE))
 def test_unusable_file_in_hard_label_training_is_named_before_the_first_step(data, tmp_path, kind):
     put(data, badfiles.UNUSABLE[kind])
-    from fkd_dali.dataset import scan_image_folder
     ds = scan_image_folder(os.path.join(data, "train"))
     if kind == "truncated JPEG":  # the header is sound: the decoder finds it, and the loader names it
         ld = StandardLoader(ds.root, ds.files, ds.targets, batch_size=8, crop_size=16, device="cpu")
@@ -79,7 +81,6 @@ def test_unusable_file_in_hard_label_training_is_named_before_the_first_step(dat
 
 def test_a_decompression_bomb_is_refused_before_any_decode(data):
     path = put(data, badfiles.huge_header)
-    from pipelines.errors import image_header
     size, why = image_header(path)
     assert size is None and "header claims more than 178,956,970 pixels" in why
 

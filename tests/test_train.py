@@ -19,21 +19,16 @@ from fkd_dali.models.sret import sret
 from fkd_dali.schedule import LRSchedule, fkd_segments
 from fkd_dali.teachers import TeacherSpec
 from fkd_dali.train import TrainConfig, TrainError, Trainer, train
-from tests.test_generate import MeanColour
-from tests.test_loader import write_coded_dataset
+from tests.test_generate import make_world
+from tests.test_loader import partial_copy, write_coded_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("train"))
-    data = os.path.join(root, "data")
-    write_coded_dataset(data, 30)
-    write_coded_dataset(os.path.join(root, "v"), 10, seed=5)
-    os.rename(os.path.join(root, "v", "train"), os.path.join(data, "val"))
-    teacher = os.path.join(root, "teacher.pt")
-    torch.jit.save(torch.jit.script(MeanColour(0)), teacher)
+    w = make_world(str(tmp_path_factory.mktemp("train")))
+    root, data, teacher = w["root"], w["data"], w["teachers"][0]
     store = os.path.join(root, "store")
     generate(GenerateConfig(data=data, save_path=store, teachers=[TeacherSpec("torchscript", path=teacher,
                                                                                input_size=32)],
@@ -208,13 +203,7 @@ def test_store_from_another_dataset(setup, tmp_path):
 
 
 def test_incomplete_store_and_pool_and_classes(setup, tmp_path):
-    s = labelstore.open_store(setup["store"])
-    part = str(tmp_path / "part")
-    p = labelstore.create_store(part, files=list(s.files), targets=s.targets, classes=s.classes,
-                                fingerprint=s.meta.fingerprint, dataset_root="train", num_crops=8, top_k=5,
-                                rows_per_shard=16)
-    rows = s.read_rows(range(16))
-    p.write_block(0, **{k: rows[k] for k in ("sizes", "boxes", "flips", "topk_idx", "topk_val")})
+    part = partial_copy(setup["store"], str(tmp_path / "part"), done=16)
     with pytest.raises(labelstore.StoreIncompleteError, match="14 of 30 rows"):
         train(cfg(setup, tmp_path, softlabel_path=part))
     with pytest.raises(TrainError, match="--num-crops 9 but .* stores 8"):
