@@ -58,14 +58,19 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from .show import show
     r = show(args.store, args.data, args.image, args.out, crop_size=args.crop_size, columns=args.columns,
-             max_crops=args.max_crops)
+             max_crops=args.max_crops, device=args.device)
     print(f"{r['file']} (row {r['row']}): {r['crops']} crops -> {r['sheet']} and crop_<k>.png in {args.out}")
     return 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import main as doctor_main
+    return doctor_main(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
-    run(args.workdir, quick=args.quick)
+    run(args.workdir, quick=args.quick, device=args.device)
     return 0
 
 
@@ -105,7 +110,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         crops_per_chunk=args.crops_per_chunk, threads=args.workers, amp=False if args.no_amp else None,
         channels_last=False if args.no_channels_last else None, label_type=args.label_type, rank=args.rank,
         world_size=args.world_size, show_progress=not args.quiet, evaluate=args.evaluate,
-        crop_dtype=args.crop_dtype)
+        crop_dtype=args.crop_dtype, **_placement(args))
     rep = generate(cfg)
     if args.evaluate:
         return 0
@@ -144,7 +149,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         evaluate=args.evaluate, seed=args.seed if args.seed is not None else 0, workers=args.workers,
         num_classes=args.num_classes, allow_incomplete=args.allow_incomplete,
         checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, val_batch_size=args.val_batch_size,
-        show_progress=not args.quiet, dist_timeout=args.dist_timeout)
+        show_progress=not args.quiet, dist_timeout=args.dist_timeout, dist_backend=args.dist_backend,
+        **_placement(args))
     result = train(cfg)
     if not args.evaluate and "best_top1" in result:
         last = result["last"] or {}
@@ -152,6 +158,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{last.get('val_top1', float('nan')):.2f}%, {result['global_step']} steps in {result['seconds']:.0f} s; "
               f"checkpoints in {result['output']}" + (" (stopped by --max-steps)" if result["stopped_early"] else ""))
     return 0
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """Where a rank runs: its GPU, its CPU cores, and how its GPU decoder uses the hardware."""
+    p.add_argument("--device-id", type=int, help="CUDA device of this process (default: its local rank, i.e. "
+                   "LOCAL_RANK under torchrun, --rank modulo the visible GPUs otherwise)")
+    p.add_argument("--cpu-affinity", choices=("auto", "none"), default="auto",
+                   help="auto (default): with several ranks on a node, pin each to its share of the cores near its "
+                        "GPU (DALI's threads too); none: leave scheduling to the OS or the launcher")
+    p.add_argument("--hw-decoder-load", type=float, default=0.65,
+                   help="share of JPEGs sent to the GPU's hardware decoder (A100/H100/H200; DALI's default 0.65)")
+    p.add_argument("--decoder-padding-mib", default="16,8", metavar="DEVICE,HOST",
+                   help="nvJPEG buffer padding per decoder thread in MiB, device and pinned host (DALI's 16,8); "
+                        "lower it when many pipelines or ranks share one GPU")
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """GenerateConfig / TrainConfig fields of :func:`add_placement_args`."""
+    from pipelines import DecoderOptions
+    try:
+        dev, host = (int(x) for x in args.decoder_padding_mib.split(","))
+    except ValueError:
+        raise ValueError(f"--decoder-padding-mib takes two integers 'DEVICE,HOST' (MiB), got "
+                         f"{args.decoder_padding_mib!r}") from None
+    return {"device_id": args.device_id, "cpu_affinity": args.cpu_affinity,
+            "decoder": DecoderOptions(hw_decoder_load=args.hw_decoder_load, device_memory_padding=dev << 20,
+                                      host_memory_padding=host << 20)}
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -219,6 +252,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a DDP collective waits for a lost rank before the job fails (default 600)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_placement_args(t)
     # Accepted for FKD compatibility.
     t.add_argument("-p", "--print-freq", type=int, default=10, help=argparse.SUPPRESS)
     t.add_argument("--start-epoch", type=int, default=0, help=argparse.SUPPRESS)
@@ -227,7 +261,9 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--world-size", dest="world_size", type=int, help=argparse.SUPPRESS)
     t.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     t.add_argument("--dist-url", help=argparse.SUPPRESS)
-    t.add_argument("--dist-backend", help=argparse.SUPPRESS)
+    t.add_argument("--dist-backend", choices=("nccl", "gloo"),
+                   help="DDP backend (default: nccl when every rank has its own GPU, gloo on the CPU or when ranks "
+                        "share a GPU)")
     t.add_argument("--multiprocessing-distributed", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -279,6 +315,7 @@ def add_generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--no-amp", action="store_true", help="run the teachers in float32 on the GPU (default bf16)")
     g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on the GPU")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_placement_args(g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,15 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--crop-size", type=int, default=224)
     sh.add_argument("--columns", type=int, default=8)
     sh.add_argument("--max-crops", type=int, default=64, help="crops on the sheet (every crop gets its PNG)")
+    sh.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                    help="decode and cut the crops on the CPU (default) or the GPU, as a GPU training run sees them")
     sh.set_defaults(func=_cmd_show)
 
     d = sub.add_parser("demo", help="the end-to-end flow on generated data (what `make demo` runs)")
     d.add_argument("--workdir", default="demo-out")
     d.add_argument("--quick", action="store_true", help="fewer images and epochs (for tests)")
+    d.add_argument("--device", choices=("cpu", "gpu"), help="default: the GPU when there is one")
     d.set_defaults(func=_cmd_demo)
 
     from .bench import add_parser as add_bench_parser
     add_bench_parser(sub, _cmd_bench)
+    from .doctor import add_parser as add_doctor_parser
+    add_doctor_parser(sub, _cmd_doctor)
     return p
 
 

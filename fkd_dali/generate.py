@@ -29,7 +29,7 @@ import torch
 
 import labelstore
 from labelstore import LabelStore, create_store, open_store
-from pipelines import graphs
+from pipelines import DecoderOptions, graphs, handoff
 from pipelines.errors import probe_image, read_headers
 from pipelines.loader import EvalLoader, default_threads
 from pipelines.reader import GenerationReader
@@ -77,6 +77,9 @@ class GenerateConfig:
     evaluate: bool = False
     eval_batch_size: int = 64
     crop_dtype: str = "float32"  # teacher inputs out of DALI: float32, or float16 (half the bandwidth)
+    device_id: int | None = None  # CUDA device of this process (default: its local rank)
+    cpu_affinity: str = "auto"  # auto: each rank of a node pinned to its share of the cores near its GPU
+    decoder: DecoderOptions = dataclasses.field(default_factory=DecoderOptions)  # mixed-decoder settings
 
 
 @dataclasses.dataclass
@@ -266,7 +269,7 @@ def generate(cfg: GenerateConfig) -> GenerateReport:
     device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
     if device == "gpu" and not torch.cuda.is_available():
         raise GenerateError("--device gpu was asked for but torch sees no CUDA device; use --device cpu")
-    d = distributed.setup(device, cfg.rank, cfg.world_size)
+    d = distributed.setup(device, cfg.rank, cfg.world_size, device_id=cfg.device_id, cpu_affinity=cfg.cpu_affinity)
     try:
         return _generate(cfg, device, d)
     finally:
@@ -348,6 +351,7 @@ class _ShardGenerator:
         self.group = max(1, min(cfg.group_size, num_crops))
         self.reader = GenerationReader(ds.root, ds.files, self.group, cfg.batch_size)
         self.threads = cfg.threads or default_threads()
+        self.device_id = torch.cuda.current_device() if device == "gpu" else None
         self.pipe = None
         self.k = cfg.top_k
 
@@ -367,18 +371,13 @@ class _ShardGenerator:
             self.pipe = graphs.generation_pipeline(
                 self.reader, num_crops=self.group, views=self.teachers.views, device=self.device,
                 dtype=self.cfg.crop_dtype, channels_last=self.teachers.channels_last, batch_size=self.cfg.batch_size,
-                num_threads=self.threads, device_id=torch.cuda.current_device() if self.device == "gpu" else None,
-                prefetch_queue_depth=2, exec_dynamic=True)
+                num_threads=self.threads, device_id=self.device_id, prefetch_queue_depth=2, exec_dynamic=True,
+                decoder=self.cfg.decoder)
             self.pipe.build()
         else:
             self.pipe.reset()
         return self.pipe
 
-    def _to_torch(self, tl) -> torch.Tensor:
-        if self.device == "gpu":
-            with torch.cuda.device(torch.cuda.current_device()):
-                return torch.from_dlpack(tl.as_tensor())
-        return torch.from_dlpack(tl.as_tensor())
 
     def shard(self, a: int, b: int, rows: np.ndarray, sizes: np.ndarray, bad: dict[int, str]):
         """Labels of one shard: (arrays for write_block, rows_done mask, rows left out with reasons)."""
@@ -427,10 +426,10 @@ class _ShardGenerator:
         V = len(self.teachers.views)
         for i in range(nb):
             try:
-                outs = pipe.share_outputs()
+                outs = handoff.take(pipe, self.device, self.device_id)
             except RuntimeError as e:
                 raise self._explain(e, i, nb) from e
-            crops = [self._to_torch(o) for o in outs[:V]]
+            crops = [handoff.to_torch(o, self.device, self.device_id) for o in outs[:V]]
             index = np.array(outs[V].as_tensor())
             crop_ids = np.array(outs[V + 1].as_tensor())
             shapes = np.array(outs[V + 2].as_tensor())
@@ -458,7 +457,7 @@ class _ShardGenerator:
             pipe.release_outputs()
             pipe.schedule_run()
         try:
-            pipe.share_outputs()
+            handoff.take(pipe, self.device, self.device_id)
         except StopIteration:
             pass
         except RuntimeError:
@@ -494,7 +493,7 @@ def evaluate_teachers(cfg: GenerateConfig, teachers: Teachers, device: str, d: d
                                 f"{teachers.num_classes}: their class ids cannot be checked against these folders")
         loaders = [EvalLoader(val.root, val.files, val.targets, batch_size=cfg.eval_batch_size, crop_size=size,
                               resize_size=int(256 / 224 * size), device=device, mean=mean, std=std,
-                              channels_last=teachers.channels_last, num_threads=cfg.threads)
+                              channels_last=teachers.channels_last, num_threads=cfg.threads, decoder=cfg.decoder)
                    for size, _interp, mean, std in teachers.views]
         top1 = top5 = n = 0
         for batches in zip(*loaders):

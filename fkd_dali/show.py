@@ -12,6 +12,7 @@ import math
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 import labelstore
@@ -36,8 +37,10 @@ def find_row(store: labelstore.LabelStore, image: str) -> int:
     return int(hits[0])
 
 
-def replayed_crops(store: labelstore.LabelStore, data: str, row: int, crop_size: int) -> np.ndarray:
-    """(C, S, S, 3) uint8: every stored crop of ``row``, in store-column order."""
+def replayed_crops(store: labelstore.LabelStore, data: str, row: int, crop_size: int,
+                   device: str = "cpu") -> np.ndarray:
+    """(C, S, S, 3) uint8: every stored crop of ``row``, in store-column order, decoded and cut on ``device``
+    (``gpu``: as a GPU training run sees them)."""
     root = resolve_root(data, store)
     got = store.read_rows([row])
     C = store.num_crops
@@ -46,10 +49,11 @@ def replayed_crops(store: labelstore.LabelStore, data: str, row: int, crop_size:
     nb = reader.start_job(np.array([row]), got["boxes"].astype(np.int64), got["flips"])
     pipe = graphs.generation_pipeline(reader, num_crops=group, views=[(crop_size, "bilinear", graphs.IMAGENET_MEAN,
                                                                         graphs.IMAGENET_STD)],
-                                      device="cpu", normalize=False, batch_size=4, num_threads=2, device_id=None)
+                                      device=device, normalize=False, batch_size=4, num_threads=2,
+                                      device_id=torch.cuda.current_device() if device == "gpu" else None)
     out = np.zeros((C, crop_size, crop_size, 3), np.uint8)
     for _ in range(nb):
-        crops, _index, ids, _shape = (np.array(x.as_tensor()) for x in pipe.run())
+        crops, _index, ids, _shape = (np.array(x.as_cpu().as_tensor()) for x in pipe.run())
         for sample, sample_ids in zip(crops, ids):
             for frame, k in zip(sample, sample_ids):
                 if k >= 0:
@@ -58,7 +62,7 @@ def replayed_crops(store: labelstore.LabelStore, data: str, row: int, crop_size:
 
 
 def show(store_path: str, data: str, image: str, out_dir: str, crop_size: int = 224, columns: int = 8,
-         max_crops: int = 64) -> dict:
+         max_crops: int = 64, device: str = "cpu") -> dict:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -69,7 +73,7 @@ def show(store_path: str, data: str, image: str, out_dir: str, crop_size: int = 
     if not got["done"][0]:
         raise ShowError(f"row {row} ({store.files[row]}) has no labels yet (generation has not reached it, or it was "
                         "skipped as unreadable)")
-    crops = replayed_crops(store, data, row, crop_size)
+    crops = replayed_crops(store, data, row, crop_size, device)
     os.makedirs(out_dir, exist_ok=True)
     for k, crop in enumerate(crops):
         Image.fromarray(crop).save(os.path.join(out_dir, f"crop_{k}.png"))

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import labelstore
-from pipelines import EvalLoader, FKDLoader, StandardLoader
+from pipelines import DecoderOptions, EvalLoader, FKDLoader, StandardLoader
 
 from . import checkpoint, distributed
 from .dataset import scan_image_folder, split_dir
@@ -97,6 +97,10 @@ class TrainConfig:
     val_batch_size: int = 64
     show_progress: bool = True
     dist_timeout: float = 600.0  # seconds a collective may wait for a lost rank before the job fails
+    device_id: int | None = None  # CUDA device of this process (default: its local rank)
+    cpu_affinity: str = "auto"  # auto: each rank of a node pinned to its share of the cores near its GPU
+    dist_backend: str | None = None  # nccl | gloo (default: nccl when every rank has a GPU of its own)
+    decoder: DecoderOptions = dataclasses.field(default_factory=DecoderOptions)  # mixed-decoder settings
 
     def resolved(self) -> "TrainConfig":
         """Fill the defaults that depend on the architecture family (FKD's CNN vs ViT recipes)."""
@@ -125,7 +129,9 @@ class Trainer:
         self.device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
         if self.device == "gpu" and not torch.cuda.is_available():
             raise TrainError("--device gpu was asked for but torch sees no CUDA device; use --device cpu")
-        self.dist = distributed.setup(self.device, timeout_s=cfg.dist_timeout)
+        self.dist = distributed.setup(self.device, timeout_s=cfg.dist_timeout, device_id=cfg.device_id,
+                                      cpu_affinity=cfg.cpu_affinity, backend=cfg.dist_backend)
+        self.decoder = cfg.decoder
         self.torch_device = torch.device("cuda", torch.cuda.current_device()) if self.device == "gpu" else \
             torch.device("cpu")
         self.amp = cfg.amp if cfg.amp is not None else self.device == "gpu"
@@ -231,7 +237,8 @@ class Trainer:
         if crops not in self.loaders:
             cfg, d = self.cfg, self.dist
             common = dict(device=self.device, rank=d.rank, world_size=d.world_size, seed=cfg.seed,
-                          channels_last=self.channels_last, num_threads=cfg.workers, crop_size=cfg.input_size)
+                          channels_last=self.channels_last, num_threads=cfg.workers, crop_size=cfg.input_size,
+                          decoder=self.decoder)
             if cfg.labels == "fkd":
                 self.loaders[crops] = FKDLoader(cfg.data, self.store, batch_size=self._images_per_rank(crops),
                                                 num_crops=crops, allow_incomplete=cfg.allow_incomplete, **common)
@@ -247,8 +254,15 @@ class Trainer:
             self.loaders["val"] = EvalLoader(val.root, val.files, val.targets, batch_size=self.cfg.val_batch_size,
                                              crop_size=self.cfg.input_size, device=self.device, rank=self.dist.rank,
                                              world_size=self.dist.world_size, channels_last=self.channels_last,
-                                             num_threads=self.cfg.workers)
+                                             num_threads=self.cfg.workers, decoder=self.decoder)
         return self.loaders["val"]
+
+    def release_loaders(self, keep=None) -> None:
+        """Free the DALI pipelines of every loader but ``keep`` (key of ``self.loaders``): only the pipeline in
+        use holds its threads, decoder buffers and (GPU) memory; a released one rebuilds when used again."""
+        for key, ld in self.loaders.items():
+            if key != keep:
+                ld.release()
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -365,6 +379,7 @@ class Trainer:
     def train_segment(self, seg: Segment, log, tb) -> bool:
         """Train one segment (from the resume position); returns True when --max-steps stopped the run."""
         cfg = self.cfg
+        self.release_loaders(keep=seg.crops)  # e.g. the n-crop pipeline once the single-crop tail starts
         loader = self.loader(seg.crops)
         start = self.position[1] if self.position[0] == seg.index else 0
         steps = len(loader)
@@ -415,6 +430,7 @@ class Trainer:
         if self.ema is not None:
             record.update({f"val_ema_{k}": v for k, v in evaluate(self.ema.module, self.eval_loader(), amp=self.amp,
                                                                   group=self.dist.group).items()})
+        self.loaders["val"].release()  # used once per segment: its pipeline is not kept during training
         is_best = record["val_top1"] > self.best_top1
         self.best_top1 = max(self.best_top1, record["val_top1"])
         self.history.append(record)

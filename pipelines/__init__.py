@@ -1,17 +1,21 @@
 """DALI pipelines of fkd-dali: graphs, the external-source readers and the loaders. No training code."""
 
-from .errors import LoaderError
-from .graphs import (IMAGENET_MEAN, IMAGENET_STD, center_crop, decode, eval_pipeline, fkd_crops, fkd_pipeline,
-                     generation_pipeline, random_resized_crop, replay_crops, roi_of, standard_pipeline,
-                     to_model_input)
-from .loader import EvalLoader, FKDLoader, StandardLoader
-from .reader import (EpochPlan, FKDReader, GenerationReader, ImageReader, encode_paths, roi_from_boxes, round_for_epoch,
-                     shard_positions)
+from .dali_install import DaliInstallError, import_dali
+
+import_dali()  # a missing or doubled DALI says how to fix it, before any `import nvidia.dali` below fails
+
+from .errors import LoaderError  # noqa: E402
+from .graphs import (IMAGENET_MEAN, IMAGENET_STD, DecoderOptions, center_crop, decode,  # noqa: E402
+                     eval_pipeline, fkd_crops, fkd_pipeline, generation_pipeline, random_resized_crop,
+                     replay_crops, roi_of, standard_pipeline, to_model_input)
+from .loader import EvalLoader, FKDLoader, StandardLoader  # noqa: E402
+from .reader import (EpochPlan, FKDReader, GenerationReader, ImageReader, encode_paths,  # noqa: E402
+                     roi_from_boxes, round_for_epoch, shard_positions)
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "EpochPlan", "EvalLoader", "FKDLoader", "FKDReader", "GenerationReader",
-    "ImageReader",
-    "LoaderError", "StandardLoader", "center_crop", "decode", "encode_paths", "eval_pipeline", "fkd_crops",
-    "fkd_pipeline", "generation_pipeline", "random_resized_crop", "replay_crops", "roi_from_boxes", "roi_of",
-    "round_for_epoch", "shard_positions", "standard_pipeline", "to_model_input",
+    "IMAGENET_MEAN", "IMAGENET_STD", "DaliInstallError", "DecoderOptions", "EpochPlan", "EvalLoader", "FKDLoader",
+    "FKDReader", "GenerationReader", "ImageReader", "LoaderError", "StandardLoader", "center_crop", "decode",
+    "encode_paths", "eval_pipeline", "fkd_crops", "fkd_pipeline", "generation_pipeline", "random_resized_crop",
+    "replay_crops", "roi_from_boxes", "roi_of", "round_for_epoch", "shard_positions", "standard_pipeline",
+    "to_model_input",
 ]

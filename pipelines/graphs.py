@@ -9,10 +9,15 @@ Crop convention (DESIGN.md): a stored box ``(top, left, height, width)`` in pixe
 swapping the x ends flips the crop. Linear interpolation with antialiasing matches torchvision's
 ``resized_crop`` (bilinear, antialias) on PIL images to within 1 grey level away from the 1-px border
 (notes/dali-2.4.md §3). EXIF orientation is never applied (the store's ``exif: ignore`` policy).
+
+Decoding on the GPU matches decoding on the CPU: DALI's mixed decoder upsamples chroma its own way unless
+``jpeg_fancy_upsampling`` is on, and the labels were made (and the crops tested) with libjpeg-turbo's
+"fancy" upsampling, which Pillow and DALI's CPU decoder use; :class:`DecoderOptions` turns it on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import nvidia.dali.fn as fn
@@ -33,6 +38,54 @@ INTERPOLATION = {
 OUTPUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "uint8": types.UINT8}
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderOptions:
+    """How the ``mixed`` (GPU) decoder runs; the CPU decoder ignores all of it.
+
+    ``fancy_upsampling``: chroma upsampling as libjpeg-turbo / Pillow / DALI's CPU decoder do it, so a crop
+    decoded on the GPU has the pixels the teacher's labels were made from (DALI's default is off).
+    ``hw_decoder_load``: share of each batch sent to the hardware JPEG engine (A100/H100/H200); the rest
+    goes to the CUDA decoder. DALI's default 0.65; 0 turns the engine off.
+    ``device_memory_padding`` / ``host_memory_padding``: bytes nvJPEG adds to each per-thread device and
+    pinned host buffer so larger images do not reallocate (DALI's defaults 16 MiB / 8 MiB, per thread and
+    per pipeline: lower them when many pipelines or ranks share a GPU).
+    ``preallocate_width_hint`` / ``preallocate_height_hint``: image size the hardware decoder preallocates
+    for (0: none).
+    ``fast_idct``: libjpeg-turbo's fast (less exact) IDCT on the CPU decoder and the mixed decoder's CPU
+    fallback; off, as Pillow and the label generator decode.
+    """
+
+    fancy_upsampling: bool = True
+    hw_decoder_load: float = 0.65
+    device_memory_padding: int = 16 << 20
+    host_memory_padding: int = 8 << 20
+    preallocate_width_hint: int = 0
+    preallocate_height_hint: int = 0
+    fast_idct: bool = False
+
+    def __post_init__(self):
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be between 0 and 1, got {self.hw_decoder_load}")
+        for name in ("device_memory_padding", "host_memory_padding", "preallocate_width_hint",
+                     "preallocate_height_hint"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def args(self, device: str) -> dict:
+        """The decoder operator's arguments for ``device`` (on "cpu" only ``fast_idct`` applies)."""
+        idct = {"use_fast_idct": True} if self.fast_idct else {}
+        if device != "gpu":
+            return idct
+        return dict(jpeg_fancy_upsampling=self.fancy_upsampling, hw_decoder_load=float(self.hw_decoder_load),
+                    device_memory_padding=int(self.device_memory_padding),
+                    host_memory_padding=int(self.host_memory_padding),
+                    preallocate_width_hint=int(self.preallocate_width_hint),
+                    preallocate_height_hint=int(self.preallocate_height_hint), **idct)
+
+
+DEFAULT_DECODER = DecoderOptions()
+
+
 def devices(device: str) -> tuple[str, str]:
     """(decoder device, op device) for "cpu" or "gpu"."""
     if device not in ("cpu", "gpu"):
@@ -47,11 +100,12 @@ def interpolation(name: str) -> types.DALIInterpType:
         raise ValueError(f"unknown interpolation {name!r}; use one of {', '.join(INTERPOLATION)}") from None
 
 
-def decode(encoded: DataNode, device: str, **decoder_args) -> DataNode:
-    """Decode JPEG/PNG/... bytes to HWC uint8 RGB, EXIF orientation not applied."""
+def decode(encoded: DataNode, device: str, decoder: DecoderOptions = DEFAULT_DECODER) -> DataNode:
+    """Decode JPEG/PNG/... bytes to HWC uint8 RGB, EXIF orientation not applied; on the GPU with the CPU
+    decoder's chroma upsampling (:class:`DecoderOptions`)."""
     dec, _ = devices(device)
     return fn.decoders.image(encoded, device=dec, output_type=types.RGB, adjust_orientation=False,
-                             **decoder_args)
+                             **decoder.args(device))
 
 
 def replay_crops(images: DataNode, roi_start: DataNode, roi_end: DataNode, num_crops: int, size: int,
@@ -139,12 +193,13 @@ def center_crop(images: DataNode, size: int, resize_size: int, device: str,
 
 def random_resized_crop(encoded: DataNode, size: int, device: str, *, scale: Sequence[float] = (0.08, 1.0),
                         ratio: Sequence[float] = (3 / 4, 4 / 3), antialias: bool = True,
-                        interp: str = "bilinear", seed: int = -1) -> DataNode:
+                        interp: str = "bilinear", seed: int = -1,
+                        decoder: DecoderOptions = DEFAULT_DECODER) -> DataNode:
     """The standard DALI ImageNet augmentation: fused decode + random crop (ROI decoding), resize."""
     dec, dev = devices(device)
     img = fn.decoders.image_random_crop(encoded, device=dec, output_type=types.RGB, adjust_orientation=False,
                                         random_area=list(scale), random_aspect_ratio=list(ratio),
-                                        num_attempts=10, seed=seed)
+                                        num_attempts=10, seed=seed, **decoder.args(device))
     return fn.resize(img, device=dev, size=(size, size), interp_type=interpolation(interp), antialias=antialias)
 
 
@@ -152,11 +207,12 @@ def random_resized_crop(encoded: DataNode, size: int, device: str, *, scale: Seq
 @pipeline_def(enable_conditionals=False)
 def fkd_pipeline(source, *, num_crops: int, size: int, device: str, normalize: bool = True,
                  dtype: str = "float32", channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear", labels_on_device: bool = True):
+                 std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear", labels_on_device: bool = True,
+                 decoder: DecoderOptions = DEFAULT_DECODER):
     """FKD replay: outputs images (B, n, 3, S, S) [or (B, n, S, S, 3)], topk_idx, topk_val, target, index,
     crop_ids, all aligned per sample. ``source`` is a :class:`pipelines.reader.FKDReader`."""
     nodes = source.nodes()
-    images = decode(fn.io.file.read(nodes["paths"]), device)
+    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
     frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
     out = to_model_input(frames, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          mean=mean, std=std)
@@ -169,10 +225,11 @@ def fkd_pipeline(source, *, num_crops: int, size: int, device: str, normalize: b
 @pipeline_def(enable_conditionals=False)
 def eval_pipeline(source, *, size: int, resize_size: int, device: str, normalize: bool = True,
                   dtype: str = "float32", channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
-                  std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear"):
+                  std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear",
+                  decoder: DecoderOptions = DEFAULT_DECODER):
     """Validation: resize shorter side + centre crop; outputs images (B, 1, 3, S, S), target, index."""
     nodes = source.nodes()
-    images = decode(fn.io.file.read(nodes["paths"]), device)
+    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
     view = as_frames(center_crop(images, size, resize_size, device, interp))
     out = to_model_input(view, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          mean=mean, std=std)
@@ -186,11 +243,12 @@ def eval_pipeline(source, *, size: int, resize_size: int, device: str, normalize
 def standard_pipeline(source, *, size: int, device: str, normalize: bool = True, dtype: str = "float32",
                       channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
                       std: Sequence[float] = IMAGENET_STD, scale: Sequence[float] = (0.08, 1.0),
-                      ratio: Sequence[float] = (3 / 4, 4 / 3), antialias: bool = True, interp: str = "bilinear"):
+                      ratio: Sequence[float] = (3 / 4, 4 / 3), antialias: bool = True, interp: str = "bilinear",
+                      decoder: DecoderOptions = DEFAULT_DECODER):
     """The usual DALI ImageNet training pipeline (one random crop per decode, flip p=0.5, hard labels)."""
     nodes = source.nodes()
     crop = random_resized_crop(fn.io.file.read(nodes["paths"]), size, device, scale=scale, ratio=ratio,
-                               antialias=antialias, interp=interp)
+                               antialias=antialias, interp=interp, decoder=decoder)
     out = to_model_input(as_frames(crop), device, normalize=normalize, dtype=dtype,
                          channels_last=channels_last, mean=mean, std=std,
                          mirror=fn.random.coin_flip(probability=0.5))
@@ -202,12 +260,13 @@ def standard_pipeline(source, *, size: int, device: str, normalize: bool = True,
 
 @pipeline_def(enable_conditionals=False)
 def generation_pipeline(source, *, num_crops: int, views: Sequence[tuple], device: str, dtype: str = "float32",
-                        channels_last: bool = False, normalize: bool = True):
+                        channels_last: bool = False, normalize: bool = True,
+                        decoder: DecoderOptions = DEFAULT_DECODER):
     """Teacher inputs. Per sample: one decode, one group of ``num_crops`` stored crops for each view
     ``(size, interpolation, mean, std)`` (one per distinct teacher view); outputs the crops of every view,
     then index, crop ids and the decoded image's shape. ``normalize=False`` gives uint8 RGB crops."""
     nodes = source.nodes(("paths", "roi_start", "roi_end", "index", "crop_ids"))
-    images = decode(fn.io.file.read(nodes["paths"]), device)
+    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
     outs = []
     for size, interp, mean, std in views:
         frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
@@ -217,8 +276,11 @@ def generation_pipeline(source, *, num_crops: int, views: Sequence[tuple], devic
 
 
 @pipeline_def(enable_conditionals=False)
-def decode_pipeline(source, *, device: str):
-    """The decoder alone (the ceiling for decode-once designs); outputs each image's shape."""
+def decode_pipeline(source, *, device: str, decoder: DecoderOptions = DEFAULT_DECODER, images_out: bool = False):
+    """The decoder alone (the ceiling for decode-once designs); outputs each image's shape and index, and
+    with ``images_out`` the decoded images themselves (decode-parity checks)."""
     nodes = source.nodes(("paths", "index"))
-    images = decode(fn.io.file.read(nodes["paths"]), device)
+    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
+    if images_out:
+        return images.shape(), nodes["index"], images
     return images.shape(), nodes["index"]

@@ -7,6 +7,14 @@
 
 Outputs reach torch without a host round trip: each DALI output is wrapped with DLPack (zero copy) on
 the pipeline's device, so on a GPU the crops never leave it before the model.
+
+How long a batch's tensors stay valid (GPU): as long as any Python reference to them (or to a view of
+them) lives. The batch is handed over on the CUDA stream that is current in torch when the batch is taken
+(``next(iter(loader))``, :mod:`pipelines.handoff`): DALI's work is ordered before it (no host
+synchronisation per batch), and when the last reference goes, DALI reuses the memory only after the work
+queued on that stream up to then. Work on another stream must be ordered back before the references go:
+``torch.cuda.current_stream().wait_stream(s)`` (or ``clone()`` the tensors on that stream). Tensors kept
+across later batches stay unchanged.
 """
 
 from __future__ import annotations
@@ -19,26 +27,33 @@ import torch
 
 from labelstore import LabelStore
 
-from . import graphs
+from . import graphs, handoff
+from .dali_install import check_gpu_build
 from .errors import LoaderError, probe_image, read_headers, refuse_unusable
 from .reader import EpochPlan, FKDReader, ImageReader
 
 
 def default_threads() -> int:
-    """CPU threads for one pipeline: the cores available, shared by the ranks on this node."""
+    """CPU threads for one pipeline: the cores this process may run on, shared by the ranks on this node
+    (LOCAL_WORLD_SIZE) unless the rank was pinned to cores of its own (``FKD_RANK_CPUS``, set by
+    ``fkd_dali.affinity``), which it then uses alone."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         cpus = os.cpu_count() or 1
+    if os.environ.get("FKD_RANK_CPUS"):
+        return max(1, cpus)
     return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def _device(device: str) -> str:
     device = {"cuda": "gpu"}.get(device, device)
     graphs.devices(device)  # validates the name
-    if device == "gpu" and not torch.cuda.is_available():
-        raise LoaderError("device='gpu' was asked for but torch sees no CUDA device; use device='cpu' "
-                          "(DALI's CPU backend runs the same pipeline)")
+    if device == "gpu":
+        if not torch.cuda.is_available():
+            raise LoaderError("device='gpu' was asked for but torch sees no CUDA device; use device='cpu' "
+                              "(DALI's CPU backend runs the same pipeline)")
+        check_gpu_build()
     return device
 
 
@@ -48,9 +63,10 @@ class _DaliLoader:
     output_names: tuple[str, ...] = ()
 
     def __init__(self, reader: ImageReader, *, device: str, num_threads: int | None, device_id: int | None,
-                 prefetch_queue_depth: int):
+                 prefetch_queue_depth: int, decoder: graphs.DecoderOptions | None = None):
         self.reader = reader
         self.device = _device(device)
+        self.decoder = decoder or graphs.DEFAULT_DECODER
         self.num_threads = num_threads or default_threads()
         if self.device == "gpu":
             self.device_id = torch.cuda.current_device() if device_id is None else device_id
@@ -91,15 +107,9 @@ class _DaliLoader:
                     seed=self.reader.seed + 1000 * self.reader.rank, exec_dynamic=True)
 
     def _to_torch(self, outputs) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, tl in zip(self.output_names, outputs):
-            t = tl.as_tensor()
-            if self.device == "gpu":
-                with torch.cuda.device(self.device_id):
-                    out[name] = torch.from_dlpack(t)
-            else:
-                out[name] = torch.from_dlpack(t)
-        return out
+        """Each output as a torch tensor over DALI's own memory (DLPack, zero copy)."""
+        return {name: handoff.to_torch(tl, self.device, self.device_id)
+                for name, tl in zip(self.output_names, outputs)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         plan = self.reader.start_epoch(self.epoch, reset=True, start_batch=self.start_batch)
@@ -114,7 +124,7 @@ class _DaliLoader:
         pipe.schedule_run()
         for i in range(plan.num_batches):
             try:
-                outputs = pipe.share_outputs()
+                outputs = handoff.take(pipe, self.device, self.device_id)
             except StopIteration:
                 self._pipe = None
                 raise LoaderError(f"the pipeline ended after {i} of {plan.num_batches} batches") from None
@@ -126,7 +136,7 @@ class _DaliLoader:
             pipe.schedule_run()
             yield self._convert(tensors)
         try:
-            pipe.share_outputs()
+            handoff.take(pipe, self.device, self.device_id)
         except StopIteration:
             self._at_boundary = True
         except RuntimeError:
@@ -154,8 +164,21 @@ class _DaliLoader:
         return LoaderError(f"DALI failed on batch {i} of epoch {plan.epoch} ({last}); every file of the batch "
                            f"decodes with Pillow, so the cause is not a corrupt image. Full error: {msg[:2000]}")
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Free the pipeline (its threads, decoder state and buffers) while the loader is not in use; the next
+        iteration builds it again (a fraction of a second). Batches already taken stay valid."""
+        if self._pipe is None:
+            return
         self._pipe = None
+        self._at_boundary = False
+        import gc
+
+        from nvidia.dali.backend import ReleaseUnusedMemory
+        gc.collect()  # a DALI pipeline sits in reference cycles: free it now, not at some later collection
+        ReleaseUnusedMemory()  # and hand DALI's pooled (device / pinned) memory back
+
+    def close(self) -> None:
+        self.release()
 
 
 class FKDLoader(_DaliLoader):
@@ -180,14 +203,15 @@ class FKDLoader(_DaliLoader):
                  mean: Sequence[float] = graphs.IMAGENET_MEAN, std: Sequence[float] = graphs.IMAGENET_STD,
                  interp: str = "bilinear", shuffle: bool = True, drop_last: bool = False,
                  allow_incomplete: bool = False, verify_files: bool = True, num_threads: int | None = None,
-                 device_id: int | None = None, prefetch_queue_depth: int = 2):
+                 device_id: int | None = None, prefetch_queue_depth: int = 2,
+                 decoder: graphs.DecoderOptions | None = None):
         if dtype not in ("float32", "float16", "bfloat16", "uint8"):
             raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype!r}")
         reader = FKDReader(data, store, num_crops=num_crops, batch_size=batch_size, seed=seed, rank=rank,
                            world_size=world_size, shuffle=shuffle, drop_last=drop_last,
                            allow_incomplete=allow_incomplete, verify_files=verify_files)
         super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
-                         prefetch_queue_depth=prefetch_queue_depth)
+                         prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.store = reader.store
         self.num_crops, self.crop_size = num_crops, crop_size
         self.normalize = normalize and dtype != "uint8"
@@ -210,7 +234,7 @@ class FKDLoader(_DaliLoader):
             self.reader, num_crops=self.num_crops, size=self.crop_size, device=self.device,
             normalize=self.normalize, dtype="float32" if self.dtype == "bfloat16" else self.dtype,
             channels_last=self.channels_last, mean=self.mean, std=self.std, interp=self.interp,
-            **self._pipeline_args())
+            decoder=self.decoder, **self._pipeline_args())
 
     def _convert(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n, S = self.num_crops, self.crop_size
@@ -243,9 +267,10 @@ class _SingleViewLoader(_DaliLoader):
 
     def __init__(self, reader: ImageReader, *, crop_size: int, device: str, normalize: bool, dtype: str,
                  channels_last: bool, mean: Sequence[float], std: Sequence[float], interp: str,
-                 num_threads: int | None, device_id: int | None, prefetch_queue_depth: int):
+                 num_threads: int | None, device_id: int | None, prefetch_queue_depth: int,
+                 decoder: graphs.DecoderOptions | None):
         super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
-                         prefetch_queue_depth=prefetch_queue_depth)
+                         prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.root = reader.root
         self.crop_size = crop_size
         self.normalize, self.dtype, self.channels_last = normalize, dtype, channels_last
@@ -259,7 +284,8 @@ class _SingleViewLoader(_DaliLoader):
 
     def _view_args(self) -> dict:
         return dict(size=self.crop_size, device=self.device, normalize=self.normalize, dtype=self.dtype,
-                    channels_last=self.channels_last, mean=self.mean, std=self.std, interp=self.interp)
+                    channels_last=self.channels_last, mean=self.mean, std=self.std, interp=self.interp,
+                    decoder=self.decoder)
 
 
 def check_image_headers(root: str, files: Sequence[str]) -> None:
@@ -282,7 +308,7 @@ class EvalLoader(_SingleViewLoader):
                  channels_last: bool = False, mean: Sequence[float] = graphs.IMAGENET_MEAN,
                  std: Sequence[float] = graphs.IMAGENET_STD, interp: str = "bilinear",
                  num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
-                 check_headers: bool = True):
+                 check_headers: bool = True, decoder: graphs.DecoderOptions | None = None):
         self.resize_size = resize_size or round(crop_size * 256 / 224)
         if check_headers:
             check_image_headers(root, files)
@@ -290,7 +316,8 @@ class EvalLoader(_SingleViewLoader):
                              shuffle=False)
         super().__init__(reader, crop_size=crop_size, device=device, normalize=normalize, dtype=dtype,
                          channels_last=channels_last, mean=mean, std=std, interp=interp,
-                         num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch_queue_depth)
+                         num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch_queue_depth,
+                         decoder=decoder)
 
     def _new_pipeline(self):
         return graphs.eval_pipeline(self.reader, resize_size=self.resize_size, **self._view_args(),
@@ -307,7 +334,7 @@ class StandardLoader(_SingleViewLoader):
                  scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
                  antialias: bool = True, interp: str = "bilinear", drop_last: bool = False,
                  num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
-                 check_headers: bool = True):
+                 check_headers: bool = True, decoder: graphs.DecoderOptions | None = None):
         self.scale, self.ratio, self.antialias = tuple(scale), tuple(ratio), antialias
         if check_headers:
             check_image_headers(root, files)
@@ -315,7 +342,8 @@ class StandardLoader(_SingleViewLoader):
                              world_size=world_size, shuffle=True, drop_last=drop_last)
         super().__init__(reader, crop_size=crop_size, device=device, normalize=normalize, dtype=dtype,
                          channels_last=channels_last, mean=mean, std=std, interp=interp,
-                         num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch_queue_depth)
+                         num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch_queue_depth,
+                         decoder=decoder)
 
     def _new_pipeline(self):
         return graphs.standard_pipeline(self.reader, scale=self.scale, ratio=self.ratio,

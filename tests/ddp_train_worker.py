@@ -16,7 +16,7 @@ def main(data: str, store: str, out: str, *extra: str) -> None:
     die_rank, die_step = int(os.environ.get("FKD_TEST_DIE_RANK", -1)), int(os.environ.get("FKD_TEST_DIE_STEP", 0))
     timeout = float(extra[extra.index("--dist-timeout") + 1]) if "--dist-timeout" in extra else 600.0
     cfg = TrainConfig(data=data, arch="resnet18", softlabel_path=store, num_crops=2, batch_size=16, epochs=4,
-                      input_size=32, device="cpu", output=os.path.join(out, "run"),
+                      input_size=32, device=os.environ.get("FKD_TEST_DEVICE", "cpu"), output=os.path.join(out, "run"),
                       max_steps=3 if die_rank < 0 else None, show_progress=False, lr=0.05, cos=True,
                       dist_timeout=timeout)
     trainer = Trainer(cfg)

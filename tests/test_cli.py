@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from fkd_dali.cli import main
+from tests.conftest import current_device
 
+DEVICE = current_device()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -74,7 +76,7 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     import labelstore
     from PIL import Image
     work = tmp_path / "demo"
-    assert main(["demo", "--workdir", str(work), "--quick"]) == 0
+    assert main(["demo", "--workdir", str(work), "--quick", "--device", DEVICE]) == 0
     out = capsys.readouterr().out
     for row in ("| teacher (resnet18", "| student, hard labels", "| student, FKD", "the hard-label student", "FKD replay",
                 "demo finished in"):
@@ -94,10 +96,11 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
 
 def test_bench_generate_smoke(tmp_path, capsys):
     assert main(["bench", "generate", "--images", "24", "--classes", "3", "--input-size", "32", "--num-crops", "4",
-                 "--num-seg", "4", "-b", "4", "--train-epochs", "1", "--device", "cpu", "--workdir",
+                 "--num-seg", "4", "-b", "4", "--train-epochs", "1", "--device", DEVICE, "--workdir",
                  str(tmp_path / "w"), "--out", str(tmp_path / "g.json")]) == 0
     text = capsys.readouterr().out
     assert "| teacher forward only" in text and "(the loader's geometry) |" in text
     r = json.load(open(tmp_path / "g.json"))
-    assert r["runs"]["loader-geometry"]["top1_agreement"] == 1.0  # same pixels, same teacher: same top-1
+    # Same pixels, same teacher: the same top-1 (on a GPU, bf16 in batches of other sizes may flip near-ties).
+    assert r["runs"]["loader-geometry"]["top1_agreement"] >= (1.0 if DEVICE == "cpu" else 0.99)
     assert 0 < r["runs"]["fkd-default"]["ratio_to_forward_only"]

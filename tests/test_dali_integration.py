@@ -1,4 +1,4 @@
-"""docs/dali-integration.md: both listings run as written (CPU backend, tiny model), and the FKD one
+"""docs/dali-integration.md: both listings run as written (on the test device, tiny model), and the FKD one
 serves each epoch's planned images and round."""
 
 import os
@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from pipelines import FKDReader
+from pipelines.graphs import devices
+from tests.conftest import current_device
 from tests.test_loader import make_store, write_coded_dataset
+
+DEVICE = current_device()
+DEVICE_ID = 0 if DEVICE == "gpu" else None
+DECODER, OPS = devices(DEVICE)
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "dali-integration.md")
 
@@ -31,7 +37,8 @@ def setup(tmp_path_factory):
 def namespace(data, store):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 10))
-    return {"DATA": data, "STORE": store, "DEVICE": "cpu", "DEVICE_ID": None, "rank": 0, "world": 1,
+    model.to("cuda" if DEVICE == "gpu" else "cpu")
+    return {"DATA": data, "STORE": store, "DEVICE": DEVICE, "DEVICE_ID": DEVICE_ID, "rank": 0, "world": 1,
             "EPOCHS": 2, "NUM_CLASSES": 10, "model": model,
             "optimizer": torch.optim.SGD(model.parameters(), lr=0.01)}
 
@@ -64,11 +71,11 @@ def test_fkd_listing_pattern_keeps_epochs_aligned(setup):
     @pipeline_def
     def pipe(reader):
         nodes = reader.nodes()
-        images = fn.decoders.image(fn.io.file.read(nodes["paths"]), device="cpu", output_type=types.RGB)
-        return replay_crops(images, nodes["roi_start"], nodes["roi_end"], 2, 16, "cpu"), nodes["index"], \
+        images = fn.decoders.image(fn.io.file.read(nodes["paths"]), device=DECODER, output_type=types.RGB)
+        return replay_crops(images, nodes["roi_start"], nodes["roi_end"], 2, 16, DEVICE), nodes["index"], \
             nodes["crop_ids"]
 
-    it = DALIGenericIterator(pipe(reader, batch_size=8, num_threads=1, device_id=None),
+    it = DALIGenericIterator(pipe(reader, batch_size=8, num_threads=1, device_id=DEVICE_ID),
                              ["images", "index", "crop_ids"], auto_reset=True)
     rounds = []
     for epoch in range(4):
@@ -76,7 +83,7 @@ def test_fkd_listing_pattern_keeps_epochs_aligned(setup):
         n = 0
         for i, (b,) in enumerate(it):
             assert b["index"].tolist() == plan.batch_rows(i).tolist()
-            assert np.unique(b["crop_ids"].numpy()).tolist() == [plan.crop_start, plan.crop_start + 1]
+            assert np.unique(b["crop_ids"].cpu().numpy()).tolist() == [plan.crop_start, plan.crop_start + 1]
             n += 1
         assert n == plan.num_batches == 4
         rounds.append(plan.round_index)
@@ -108,12 +115,12 @@ def test_fkd_crops_from_box_and_flip_nodes_equals_the_reader_path(setup):
         nodes = reader.nodes()
         boxes, flips = fn.external_source(boxes_and_flips, num_outputs=2, batch=True, batch_info=True,
                                           dtype=[types.FLOAT, types.FLOAT])
-        images = fn.decoders.image(fn.io.file.read(nodes["paths"]), device="cpu", output_type=types.RGB)
-        a = replay_crops(images, nodes["roi_start"], nodes["roi_end"], 3, 20, "cpu")
-        b = fkd_crops(images, boxes, flips, 3, 20, "cpu")
+        images = fn.decoders.image(fn.io.file.read(nodes["paths"]), device=DECODER, output_type=types.RGB)
+        a = replay_crops(images, nodes["roi_start"], nodes["roi_end"], 3, 20, DEVICE)
+        b = fkd_crops(images, boxes, flips, 3, 20, DEVICE)
         return a, b
 
-    p = pipe(batch_size=6, num_threads=1, device_id=None)
+    p = pipe(batch_size=6, num_threads=1, device_id=DEVICE_ID)
     for _ in range(plan.num_batches):
         a, b = p.run()
-        assert np.array_equal(np.array(a.as_tensor()), np.array(b.as_tensor()))
+        assert np.array_equal(np.array(a.as_cpu().as_tensor()), np.array(b.as_cpu().as_tensor()))

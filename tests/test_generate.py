@@ -21,10 +21,15 @@ from fkd_dali.dataset import scan_image_folder
 from fkd_dali.generate import GenerateConfig, GenerateError, generate
 from fkd_dali.teachers import TeacherError, TeacherSpec
 from pipelines import FKDLoader
+from tests.conftest import current_device, free_port
 from tests.test_loader import write_coded_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 10
+DEVICE = current_device()
+# Stored probabilities vs a float32 computation on PIL crops: on the GPU the teacher runs in bf16 (8-bit
+# mantissa), so the tolerance is wider there.
+PROB_TOL = 0.03 if DEVICE == "cpu" else 0.06
 
 
 class MeanColour(torch.nn.Module):
@@ -61,7 +66,7 @@ def world(tmp_path_factory):
 def config(w, save, **kw):
     args = dict(data=w["data"], save_path=save, teachers=[TeacherSpec("torchscript", path=w["teachers"][0],
                                                                          input_size=24)],
-                num_crops=6, top_k=3, group_size=4, batch_size=3, rows_per_shard=8, device="cpu",
+                num_crops=6, top_k=3, group_size=4, batch_size=3, rows_per_shard=8, device=DEVICE,
                 show_progress=False, seed=2)
     args.update(kw)
     return GenerateConfig(**args)
@@ -97,8 +102,8 @@ def test_labels_equal_a_direct_computation(world, tmp_path):
             ref = reference_probs(world, [0], r, boxes[r, c], flips[r, c])
             top = ref.topk(3)
             agree += int(rows["topk_idx"][r, c, 0] == int(top.indices[0]))
-            assert np.abs(rows["topk_val"][r, c].astype(np.float32) - top.values.numpy()).max() < 0.03
-    assert agree >= 178  # crops with two near-tied classes may swap between DALI and PIL resampling
+            assert np.abs(rows["topk_val"][r, c].astype(np.float32) - top.values.numpy()).max() < PROB_TOL
+    assert agree >= 178 if DEVICE == "cpu" else 175  # near-tied classes may swap (resampling; bf16 on the GPU)
     m = store.meta
     assert m.teachers[0]["name"] == "torchscript" and m.teachers[0]["input_size"] == 24
     assert m.crop["scale"] == [0.08, 0.936] and m.seed == 2 and m.top_k == 3
@@ -132,7 +137,7 @@ def test_ensemble_stores_the_mean_of_probabilities(world, tmp_path):
     for i, r in enumerate([3, 17]):
         for c in range(6):
             ref = reference_probs(world, [0, 1], r, rows["boxes"][i, c], rows["flips"][i, c])
-            assert np.abs(rows["topk_val"][i, c].astype(np.float32) - ref.topk(3).values.numpy()).max() < 0.03
+            assert np.abs(rows["topk_val"][i, c].astype(np.float32) - ref.topk(3).values.numpy()).max() < PROB_TOL
     assert [t["path"] for t in store.meta.teachers] == [world["teachers"][0], world["teachers"][1]]
 
 
@@ -158,7 +163,7 @@ def test_reference_from_another_dataset_is_refused(world, tmp_path):
 
 def test_evaluate_prints_top1_top5(world, capsys):
     assert main(["generate", world["data"], "-a", "torchscript", "--teacher-path", world["teachers"][0],
-                 "--input-size", "24", "-e", "--device", "cpu", "-q"]) == 0
+                 "--input-size", "24", "-e", "--device", DEVICE, "-q"]) == 0
     out = capsys.readouterr().out
     assert "top-1" in out and "top-5" in out and "(10 images)" in out
 
@@ -255,7 +260,7 @@ def test_skip_corrupt_records_and_excludes_them(world, damaged, tmp_path):
     store = labelstore.open_store(str(tmp_path / "s"))
     assert store.skipped_rows().tolist() == [10, 20] and int(store.done().sum()) == 28
     assert "class_3/img_010.jpg" in dict(store.meta.skipped)[10]
-    ld = FKDLoader(damaged, str(tmp_path / "s"), batch_size=8, num_crops=2, crop_size=16, device="cpu")
+    ld = FKDLoader(damaged, str(tmp_path / "s"), batch_size=8, num_crops=2, crop_size=16, device=DEVICE)
     served = {i for b in ld for i in b["indices"].tolist()}
     assert served == set(range(30)) - {10, 20}
     assert generate(config(world, str(tmp_path / "s"), data=damaged, skip_corrupt=True)).shards == 0
@@ -264,7 +269,7 @@ def test_skip_corrupt_records_and_excludes_them(world, damaged, tmp_path):
 def _cli(w, save, extra=()):
     return [sys.executable, "-m", "fkd_dali", "generate", w["data"], "--save-path", save, "-a", "torchscript",
             "--teacher-path", w["teachers"][0], "--input-size", "24", "--num-crops", "256", "--num-seg", "8", "-b",
-            "2", "--top-k", "3", "--rows-per-shard", "2", "--device", "cpu", "-q", *extra]
+            "2", "--top-k", "3", "--rows-per-shard", "2", "--device", DEVICE, "-q", *extra]
 
 
 def _env():
@@ -272,10 +277,16 @@ def _env():
 
 
 def _same_stores(a: str, b: str) -> None:
+    """On the CPU, bit for bit. On a GPU (kernels need not be deterministic): the same rows, sizes, boxes and
+    flips exactly, the same top-1 class for >= 99 % of crops and probabilities within 0.01."""
     sa, sb = labelstore.open_store(a), labelstore.open_store(b)
     ra, rb = sa.read_rows(range(sa.num_images)), sb.read_rows(range(sb.num_images))
-    for name in ("sizes", "boxes", "flips", "topk_idx", "topk_val", "done"):
+    exact = ("sizes", "boxes", "flips", "done") + (("topk_idx", "topk_val") if DEVICE == "cpu" else ())
+    for name in exact:
         assert np.array_equal(ra[name], rb[name]), name
+    if DEVICE != "cpu":
+        assert (ra["topk_idx"][..., 0] == rb["topk_idx"][..., 0]).mean() >= 0.99
+        assert np.abs(ra["topk_val"].astype(np.float32) - rb["topk_val"].astype(np.float32)).max() <= 0.01
     assert sa.complete and sb.complete
 
 
@@ -315,7 +326,7 @@ def test_two_processes_give_the_same_store_as_one(world, tmp_path):
     subprocess.run(_cli(world, one), env=_env(), check=True, capture_output=True, timeout=300)
     two = str(tmp_path / "two")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", *_cli(world, two)[1:]], env=_env(), capture_output=True,
+                        "--master_port", str(free_port()), *_cli(world, two)[1:]], env=_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0/2" in r.stdout and "rank 1/2" in r.stdout

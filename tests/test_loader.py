@@ -13,7 +13,9 @@ from fkd_dali.crops import sample_crops
 from fkd_dali.dataset import scan_image_folder
 from pipelines import EvalLoader, FKDLoader, LoaderError, StandardLoader
 from pipelines.graphs import IMAGENET_MEAN, IMAGENET_STD
-from tests.conftest import textured
+from tests.conftest import current_device, textured
+
+DEVICE = current_device()  # FKD_TEST_DEVICE: the loaders' device in these tests
 
 NUM_CLASSES = 10
 
@@ -76,16 +78,16 @@ def coded(tmp_path_factory):
 
 
 def loader(c, **kw):
-    args = dict(batch_size=4, num_crops=2, crop_size=24, device="cpu", num_threads=2, normalize=False)
+    args = dict(batch_size=4, num_crops=2, crop_size=24, device=DEVICE, num_threads=2, normalize=False)
     args.update(kw)
     return FKDLoader(c["data"], c["store"], **args)
 
 
 def check_batch(c, b, n):
     """Every crop carries its own image's pixels, labels, target and crop id; the box and flip show."""
-    imgs = b["images"].numpy().astype(np.float64)
+    imgs = b["images"].cpu().numpy().astype(np.float64)
     assert b["images"].dtype == torch.uint8 and imgs.shape[1:] == (3, 24, 24)
-    rows, crops = b["indices"].numpy(), b["crop_ids"].numpy()
+    rows, crops = b["indices"].cpu().numpy(), b["crop_ids"].cpu().numpy()
     assert (rows.reshape(-1, n) == rows.reshape(-1, n)[:, :1]).all()  # crops of one image are adjacent
     for i, (r, k) in enumerate(zip(rows, crops)):
         red = imgs[i, 0, 2:-2, 2:-2].mean()
@@ -175,7 +177,7 @@ def fidelity(tmp_path, shapes, S, pool=24):
     boxes[:, 0] = [[0, 0, h, w] for h, w in shapes]  # whole image, flipped and not
     flips[:, 0] = [i % 2 == 0 for i in range(len(shapes))]
     ds, _, _, _ = make_store(data, str(tmp_path / "s"), pool=pool, boxes=boxes, flips=flips)
-    ld = FKDLoader(data, str(tmp_path / "s"), batch_size=2, num_crops=pool, crop_size=S, device="cpu",
+    ld = FKDLoader(data, str(tmp_path / "s"), batch_size=2, num_crops=pool, crop_size=S, device=DEVICE,
                    normalize=False, shuffle=False, num_threads=2)
     out = []
     for b in ld:
@@ -185,7 +187,7 @@ def fidelity(tmp_path, shapes, S, pool=24):
             ref = TF.resized_crop(img, t, l, h, w, [S, S], TF.InterpolationMode.BILINEAR, antialias=True)
             if flips[r, k]:
                 ref = TF.hflip(ref)
-            d = np.abs(b["images"][i].numpy().astype(int) - np.asarray(ref).astype(int).transpose(2, 0, 1))
+            d = np.abs(b["images"][i].cpu().numpy().astype(int) - np.asarray(ref).astype(int).transpose(2, 0, 1))
             by, bx = int(np.ceil(max(1, S / h) / 2)), int(np.ceil(max(1, S / w) / 2))
             out.append((d[:, 1:-1, 1:-1].max(), d[:, by:S - by, bx:S - bx].max(), d.mean(), S / min(h, w)))
     return np.array(out)
@@ -211,8 +213,8 @@ def test_fidelity_of_strongly_upscaled_crops(tmp_path):
 def test_normalisation_dtypes_and_channels_last(coded):
     raw = next(iter(loader(coded, shuffle=False)))
     f32 = next(iter(loader(coded, shuffle=False, normalize=True)))
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=raw["images"].device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=raw["images"].device).view(1, 3, 1, 1)
     torch.testing.assert_close(f32["images"], (raw["images"].float() / 255 - mean) / std, atol=1e-5, rtol=0)
     f16 = next(iter(loader(coded, shuffle=False, normalize=True, dtype="float16")))
     assert f16["images"].dtype == torch.float16
@@ -240,8 +242,8 @@ def test_bad_requests_are_refused_with_the_fix(coded, tmp_path):
 def test_incomplete_store_needs_allow_incomplete(coded, tmp_path):
     path = partial_copy(coded["store"], str(tmp_path / "partial"), done=8)
     with pytest.raises(labelstore.StoreIncompleteError, match="22 of 30 rows"):
-        FKDLoader(coded["data"], path, batch_size=4, num_crops=2, device="cpu")
-    ld = FKDLoader(coded["data"], path, batch_size=4, num_crops=2, crop_size=24, device="cpu",
+        FKDLoader(coded["data"], path, batch_size=4, num_crops=2, device=DEVICE)
+    ld = FKDLoader(coded["data"], path, batch_size=4, num_crops=2, crop_size=24, device=DEVICE,
                    allow_incomplete=True)
     served = {i for b in ld for i in b["indices"].tolist()}
     assert served == set(range(8))
@@ -265,8 +267,8 @@ def test_corrupt_files_are_named(coded, tmp_path, damage):
     if os.path.getsize(victim) != len(raw):
         # A file of another size no longer matches the store's fingerprint: refused up front.
         with pytest.raises(labelstore.StoreMismatchError, match="differ from those the labels were made from"):
-            FKDLoader(data, coded["store"], batch_size=4, num_crops=2, device="cpu")
-    ld = FKDLoader(data, coded["store"], batch_size=4, num_crops=2, crop_size=24, device="cpu",
+            FKDLoader(data, coded["store"], batch_size=4, num_crops=2, device=DEVICE)
+    ld = FKDLoader(data, coded["store"], batch_size=4, num_crops=2, crop_size=24, device=DEVICE,
                    verify_files=False)
     if damage == "png-as-jpg":  # a valid image under a wrong name is decoded by content
         assert sum(b["images"].shape[0] for b in ld) == 60
@@ -290,7 +292,7 @@ def test_eval_loader_matches_torchvision_resize_center_crop(tmp_path):
         os.makedirs(os.path.dirname(p), exist_ok=True)
         Image.fromarray(textured(rng, h, w)).save(p, quality=95)
         files.append(rel)
-    ld = EvalLoader(data, files, [0, 1, 2], batch_size=2, crop_size=32, device="cpu", normalize=False)
+    ld = EvalLoader(data, files, [0, 1, 2], batch_size=2, crop_size=32, device=DEVICE, normalize=False)
     assert ld.resize_size == round(32 * 256 / 224) and len(ld) == 2
     got = [b for b in ld]
     assert torch.cat([b["targets"] for b in got]).tolist() == [0, 1, 2]
@@ -298,13 +300,13 @@ def test_eval_loader_matches_torchvision_resize_center_crop(tmp_path):
     for i, rel in enumerate(files):
         img = Image.open(os.path.join(data, rel)).convert("RGB")
         ref = TF.center_crop(TF.resize(img, ld.resize_size, TF.InterpolationMode.BILINEAR, antialias=True), 32)
-        diff = np.abs(images[i].numpy().astype(int) - np.asarray(ref).astype(int).transpose(2, 0, 1))
+        diff = np.abs(images[i].cpu().numpy().astype(int) - np.asarray(ref).astype(int).transpose(2, 0, 1))
         assert diff[:, 1:-1, 1:-1].max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
 
 
 def test_standard_loader_pairs_images_with_hard_labels(coded):
     ds = coded["ds"]
-    ld = StandardLoader(ds.root, ds.files, ds.targets, batch_size=8, crop_size=24, device="cpu",
+    ld = StandardLoader(ds.root, ds.files, ds.targets, batch_size=8, crop_size=24, device=DEVICE,
                         normalize=False, seed=1)
     total = 0
     for b in ld:
@@ -317,7 +319,7 @@ def test_standard_loader_pairs_images_with_hard_labels(coded):
 
 def test_data_may_name_the_train_folder_itself(coded):
     ld = FKDLoader(os.path.join(coded["data"], "train"), coded["store"], batch_size=8, num_crops=2, crop_size=24,
-                   device="cpu", normalize=False)
+                   device=DEVICE, normalize=False)
     assert sum(b["images"].shape[0] for b in ld) == 60
 
 
@@ -332,11 +334,11 @@ def test_generation_crops_at_the_teacher_size(coded):
     assert nb == 3
     views = [(40, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), (24, "bilinear", (0.485, 0.456, 0.406),
                                                                    (0.229, 0.224, 0.225))]
-    pipe = generation_pipeline(reader, num_crops=4, views=views, device="cpu", batch_size=5, num_threads=1,
-                               device_id=None)
+    pipe = generation_pipeline(reader, num_crops=4, views=views, device=DEVICE, batch_size=5, num_threads=1,
+                               device_id=0 if DEVICE == "gpu" else None)
     seen = []
     for _ in range(nb):
-        big, small, index, crop_ids, shapes = (np.array(x.as_tensor()) for x in pipe.run())
+        big, small, index, crop_ids, shapes = (np.array(x.as_cpu().as_tensor()) for x in pipe.run())
         assert big.shape[1:] == (4, 3, 40, 40) and small.shape[1:] == (4, 3, 24, 24)
         for i, r in enumerate(index):
             assert shapes[i][:2].tolist() == coded["sizes"][r].tolist()
@@ -360,13 +362,13 @@ def test_show_writes_the_crops_the_loader_delivers(coded, tmp_path):
     """`fkd-dali show`: crop_<k>.png is store column k, pixel for pixel what FKDLoader gives for that crop."""
     from fkd_dali.show import ShowError, show
     row = 5
-    r = show(coded["store"], coded["data"], str(row), str(tmp_path / "show"), crop_size=24, columns=3)
+    r = show(coded["store"], coded["data"], str(row), str(tmp_path / "show"), crop_size=24, columns=3, device=DEVICE)
     assert r["crops"] == 6 and r["file"] == coded["ds"].files[row]
     served = {}
     for b in loader(coded, num_crops=6, shuffle=False):
         for img, i, k in zip(b["images"], b["indices"].tolist(), b["crop_ids"].tolist()):
             if i == row:
-                served[k] = img.permute(1, 2, 0).numpy()
+                served[k] = img.permute(1, 2, 0).cpu().numpy()
     assert sorted(served) == list(range(6))
     for k in range(6):
         png = np.asarray(Image.open(tmp_path / "show" / f"crop_{k}.png"))

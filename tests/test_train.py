@@ -19,10 +19,12 @@ from fkd_dali.models.sret import sret
 from fkd_dali.schedule import LRSchedule, fkd_segments
 from fkd_dali.teachers import TeacherSpec
 from fkd_dali.train import TrainConfig, TrainError, Trainer, train
+from tests.conftest import assert_same_weights, current_device, free_port
 from tests.test_generate import make_world
 from tests.test_loader import partial_copy, write_coded_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = current_device()
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +34,13 @@ def setup(tmp_path_factory):
     store = os.path.join(root, "store")
     generate(GenerateConfig(data=data, save_path=store, teachers=[TeacherSpec("torchscript", path=teacher,
                                                                                input_size=32)],
-                            num_crops=8, top_k=5, group_size=8, batch_size=4, device="cpu", show_progress=False))
+                            num_crops=8, top_k=5, group_size=8, batch_size=4, device=DEVICE, show_progress=False))
     return {"root": root, "data": data, "store": store, "teacher": teacher}
 
 
 def cfg(s, tmp_path, **kw):
     args = dict(data=s["data"], arch="resnet18", softlabel_path=s["store"], num_crops=2, batch_size=16, epochs=6,
-                input_size=32, device="cpu", output=str(tmp_path / "run"), show_progress=False, lr=0.05, cos=True)
+                input_size=32, device=DEVICE, output=str(tmp_path / "run"), show_progress=False, lr=0.05, cos=True)
     args.update(kw)
     return TrainConfig(**args)
 
@@ -123,12 +125,12 @@ def test_fkd_readme_commands_parse_to_fkd_recipes(argv, expect, monkeypatch):
 def test_fkd_readme_command_runs_verbatim_plus_a_small_budget(setup, tmp_path):
     r = subprocess.run([sys.executable, "train.py", "-a", "resnet18", "--lr", "0.1", "--num_crops", "4", "-b", "32",
                         "--cos", "--softlabel_path", setup["store"], setup["data"], "--epochs", "5", "--input-size",
-                        "32", "--device", "cpu", "--output", str(tmp_path / "r"), "-q"], cwd=ROOT, capture_output=True,
+                        "32", "--device", DEVICE, "--output", str(tmp_path / "r"), "-q"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "epoch 0-3:" in r.stdout and "epoch 4:" in r.stdout and "best val top-1" in r.stdout
     e = subprocess.run([sys.executable, "train.py", "-a", "resnet18", "-e", "--resume",
-                        str(tmp_path / "r" / "checkpoint.pth.tar"), "--input-size", "32", "--device", "cpu",
+                        str(tmp_path / "r" / "checkpoint.pth.tar"), "--input-size", "32", "--device", DEVICE,
                         setup["data"]], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert e.returncode == 0 and "top-1" in e.stdout and "(10 images)" in e.stdout, e.stderr[-2000:]
 
@@ -150,19 +152,58 @@ def _weights(path):
     return torch.load(path, weights_only=False)["state_dict"]
 
 
+def run_recording(c: TrainConfig) -> tuple[dict, list]:
+    """Train with ``c`` and record what each step trained on: (store rows, crop ids) per crop."""
+    trainer = Trainer(c)
+    seen = []
+    step = trainer.step
+
+    def recording_step(batch, lr):
+        seen.append((batch["indices"].tolist(), batch["crop_ids"].tolist()))
+        return step(batch, lr)
+
+    trainer.step = recording_step
+    return trainer.run(), seen
+
+
 @pytest.mark.parametrize("stop", [3, 9])  # inside the first multi-crop pass; inside the first single-crop epoch
 def test_resume_continues_exactly(setup, tmp_path, stop):
-    train(cfg(setup, tmp_path / "a", output=str(tmp_path / "a"), mixup_cutmix=True))
-    first = train(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), mixup_cutmix=True, max_steps=stop))
+    """Stopped at step ``stop`` and resumed: the same images and crops in the same order as an uninterrupted
+    run, and its weights (bit for bit on the CPU; on a GPU as close as a rerun, see assert_same_weights)."""
+    _, seen_a = run_recording(cfg(setup, tmp_path / "a", output=str(tmp_path / "a"), mixup_cutmix=True))
+    first, seen_b = run_recording(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), mixup_cutmix=True,
+                                      max_steps=stop))
     assert first["stopped_early"] and first["global_step"] == stop
-    train(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), mixup_cutmix=True,
-              resume=str(tmp_path / "b" / "checkpoint.pth.tar")))
-    a, b = _weights(tmp_path / "a" / "checkpoint.pth.tar"), _weights(tmp_path / "b" / "checkpoint.pth.tar")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    la = [json.loads(x)["val_top1"] for x in open(tmp_path / "a" / "log.jsonl")]
-    lb = [json.loads(x)["val_top1"] for x in open(tmp_path / "b" / "log.jsonl")]
-    assert la == lb
+    _, rest = run_recording(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), mixup_cutmix=True,
+                                resume=str(tmp_path / "b" / "checkpoint.pth.tar")))
+    assert seen_b + rest == seen_a
+    rerun = None
+    if DEVICE != "cpu":
+        train(cfg(setup, tmp_path / "a2", output=str(tmp_path / "a2"), mixup_cutmix=True))
+        rerun = _weights(tmp_path / "a2" / "checkpoint.pth.tar")
+    assert_same_weights(_weights(tmp_path / "a" / "checkpoint.pth.tar"), _weights(tmp_path / "b" / "checkpoint.pth.tar"),
+                        rerun)
+    if DEVICE == "cpu":
+        la = [json.loads(x)["val_top1"] for x in open(tmp_path / "a" / "log.jsonl")]
+        lb = [json.loads(x)["val_top1"] for x in open(tmp_path / "b" / "log.jsonl")]
+        assert la == lb
+
+
+def test_only_the_pipeline_in_use_is_alive(setup, tmp_path):
+    """The n-crop, 1-crop and validation pipelines never hold their threads and buffers at the same time: each
+    step runs with only its own loader's pipeline built (Trainer.release_loaders)."""
+    trainer = Trainer(cfg(setup, tmp_path, epochs=5))  # 2 passes of 2 crops, then 1 single-crop epoch
+    alive = []
+    step = trainer.step
+
+    def recording_step(batch, lr):
+        alive.append(frozenset(k for k, ld in trainer.loaders.items() if ld._pipe is not None))
+        return step(batch, lr)
+
+    trainer.step = recording_step
+    trainer.run()
+    assert set(alive) == {frozenset({2}), frozenset({1})}, set(alive)
+    assert "val" in trainer.loaders  # it was used (after each segment) and released again
 
 
 def test_resume_refuses_other_settings(setup, tmp_path):
@@ -174,7 +215,7 @@ def test_resume_refuses_other_settings(setup, tmp_path):
 def test_ddp_two_gloo_ranks_see_disjoint_shards_and_stay_in_sync(setup, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29541", os.path.join(ROOT, "tests", "ddp_train_worker.py"), setup["data"], setup["store"],
+                        str(free_port()), os.path.join(ROOT, "tests", "ddp_train_worker.py"), setup["data"], setup["store"],
                         str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     seen = [json.load(open(tmp_path / f"rank{k}.json")) for k in (0, 1)]
@@ -235,5 +276,5 @@ def test_a_trained_student_can_teach(setup, tmp_path):
     train(cfg(setup, tmp_path, max_steps=2))
     rep = generate(GenerateConfig(data=setup["data"], save_path=str(tmp_path / "s"), teachers=[
         TeacherSpec("resnet18", path=str(tmp_path / "run" / "checkpoint.pth.tar"), input_size=32)], num_crops=2,
-        top_k=3, group_size=2, batch_size=4, device="cpu", show_progress=False))
+        top_k=3, group_size=2, batch_size=4, device=DEVICE, show_progress=False))
     assert rep.complete

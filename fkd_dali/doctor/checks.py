@@ -1,0 +1,522 @@
+"""The doctor's correctness checks. Each one measures (the functions named ``measure_*`` return numbers that
+the GPU tests assert on too) and judges against the promise the docs make, saying what a failure means for
+training. All of them run on ``cpu`` and ``gpu``; on the CPU the comparisons that need a second device
+compare against Pillow / torchvision instead."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+
+import labelstore
+from pipelines import DecoderOptions, FKDLoader, graphs, handoff
+from pipelines.reader import FKDReader, ImageReader
+
+from .. import imagefiles
+from .context import PHOTO_CLASSES, Context, Result, pillow_rgb
+
+# Promises (README / docs): a replayed crop equals torchvision's resized_crop + hflip on the PIL image
+# within 2 grey levels away from its 1-px border; GPU decoding equals CPU decoding closely enough that crops
+# keep that promise; CPU decoding equals Pillow's.
+REPLAY_MAX = 2
+DECODE_GPU_MAX, DECODE_GPU_MEAN = 3, 0.25
+DECODE_CPU_MAX, DECODE_CPU_MEAN = 1, 0.05
+
+
+def planted_decoder(ctx: Context) -> DecoderOptions:
+    if "decoder-option" in ctx.faults:
+        return DecoderOptions(fancy_upsampling=False, fast_idct=True)
+    return graphs.DEFAULT_DECODER
+
+
+# ---------------------------------------------------------------------------------------------- decode
+def decode_files(paths: list[str], device: str, decoder: DecoderOptions = graphs.DEFAULT_DECODER,
+                 batch_size: int | None = None) -> list[np.ndarray]:
+    """Each file decoded by DALI on ``device`` (HWC uint8 RGB), in order."""
+    root = os.path.dirname(paths[0])
+    files = [os.path.relpath(p, root) for p in paths]
+    bs = batch_size or len(files)
+    reader = ImageReader(root, files, [0] * len(files), batch_size=bs, shuffle=False)
+    pipe = graphs.decode_pipeline(reader, device=device, decoder=decoder, images_out=True, batch_size=bs,
+                                  num_threads=2, device_id=torch.cuda.current_device() if device == "gpu" else None,
+                                  prefetch_queue_depth=1)
+    pipe.build()
+    out = []
+    for _ in range(len(reader)):
+        _, _, images = pipe.run()
+        cpu = images.as_cpu()
+        out += [np.array(cpu[i]) for i in range(len(cpu))]
+    return out
+
+
+def measure_decode(ctx: Context) -> dict:
+    """Per JPEG kind: |DALI on the device - Pillow| and (GPU) |mixed - DALI CPU|; and whether an image's pixels
+    depend on its position in a batch (the hardware decoder takes part of each batch)."""
+    kinds = ctx.kinds()
+    paths = [p for _, p in kinds]
+    dec = planted_decoder(ctx)
+    got = decode_files(paths, ctx.device, dec)
+    cpu = decode_files(paths, "cpu", dec) if ctx.gpu else got
+    rows = {}
+    for (kind, path), a, c in zip(kinds, got, cpu):
+        ref = np.asarray(pillow_rgb(path))
+        row = {"shape": list(a.shape)}
+        for name, other in (("vs_pillow", ref), ("vs_cpu", c)):
+            if other.shape != a.shape:
+                row[name] = {"max": 255, "mean": 255.0, "shape": list(other.shape)}
+            else:
+                d = np.abs(a.astype(np.int16) - other.astype(np.int16))
+                row[name] = {"max": int(d.max()), "mean": float(d.mean())}
+        rows[kind] = row
+    # The same image at every position of a batch of 8 (and beside other images): identical pixels.
+    same = [paths[0]] * 4 + paths[1:4] + [paths[0]]  # positions 0-3 and 7 hold the same file
+    batch = decode_files(same, ctx.device, dec, batch_size=len(same))
+    position = max(int(np.abs(batch[i].astype(np.int16) - batch[0].astype(np.int16)).max()) for i in (1, 2, 3, 7))
+    return {"kinds": rows, "position_max": position}
+
+
+def check_decode(ctx: Context) -> Result:
+    m = measure_decode(ctx)
+    key = "vs_cpu" if ctx.gpu else "vs_pillow"
+    lim_max, lim_mean = (DECODE_GPU_MAX, DECODE_GPU_MEAN) if ctx.gpu else (DECODE_CPU_MAX, DECODE_CPU_MEAN)
+    worst = max(m["kinds"].items(), key=lambda kv: (kv[1][key]["max"], kv[1][key]["mean"]))
+    wmax = worst[1][key]["max"]
+    wmean = max(v[key]["mean"] for v in m["kinds"].values())
+    pil = max(v["vs_pillow"]["max"] for v in m["kinds"].values())
+    against = "DALI's CPU decoder" if ctx.gpu else "Pillow"
+    figure = (f"{len(m['kinds'])} kinds vs {against}: max |Δ| {wmax} ({worst[0]}), worst mean {wmean:.3f}; "
+              f"vs Pillow max {pil}; same image across batch positions: max |Δ| {m['position_max']}")
+    ok = wmax <= lim_max and wmean <= lim_mean and m["position_max"] == 0
+    meaning = ""
+    if not ok:
+        meaning = (f"decoded pixels differ from the {against} decode the labels were made from (limit max {lim_max}, "
+                   f"mean {lim_mean}) or depend on the batch: every crop differs a little from the teacher's, i.e. "
+                   "label noise. Check DecoderOptions (fancy_upsampling=True) and hw_decoder_load (0 keeps the "
+                   "hardware decoder out)")
+    return Result("decode parity", "pass" if ok else "fail", figure, meaning, m)
+
+
+# ---------------------------------------------------------------------------------------------- replay
+def measure_replay(ctx: Context, images: int = 12) -> dict:
+    """FKDLoader on the device vs torchvision's resized_crop + hflip of the Pillow image, per crop (interior
+    = outside the 1-px border), and (GPU) vs FKDLoader on the CPU: ids, labels and pixels."""
+    p = ctx.photos(images)
+    store = ctx.shifted_store(p) if "shifted-box" in ctx.faults else p["store"]
+    truth = labelstore.open_store(p["store"])
+    rows = truth.read_rows(range(truth.num_images))
+    S, n = 96, 4
+
+    def batches(device):
+        ld = FKDLoader(p["data"], store, batch_size=4, num_crops=n, crop_size=S, device=device, normalize=False,
+                       shuffle=False, verify_files=False, num_threads=ctx.threads, decoder=planted_decoder(ctx))
+        out = [{k: v.cpu() for k, v in b.items()} for b in ld]
+        ld.close()
+        return out
+
+    got = batches(ctx.device)
+    vs_tv_max = vs_tv_mean = 0.0
+    crops = 0
+    for b in got:
+        for img, r, k in zip(b["images"], b["indices"].tolist(), b["crop_ids"].tolist()):
+            t, l, h, w = (int(v) for v in rows["boxes"][r, k])
+            ref = TF.resized_crop(pillow_rgb(os.path.join(p["root"], str(truth.files[r]))), t, l, h, w, [S, S],
+                                  TF.InterpolationMode.BILINEAR, antialias=True)
+            ref = np.asarray(TF.hflip(ref) if rows["flips"][r, k] else ref).transpose(2, 0, 1).astype(np.int16)
+            d = np.abs(img.numpy().astype(np.int16) - ref)[:, 1:-1, 1:-1]
+            vs_tv_max = max(vs_tv_max, int(d.max()))
+            vs_tv_mean = max(vs_tv_mean, float(d.mean()))
+            crops += 1
+    out = {"crops": crops, "vs_torchvision_max": int(vs_tv_max), "vs_torchvision_worst_mean": vs_tv_mean}
+    if ctx.gpu:
+        cpu = batches("cpu")
+        same = all(torch.equal(a[k], c[k]) for a, c in zip(got, cpu)
+                   for k in ("indices", "crop_ids", "targets", "topk_idx", "topk_val"))
+        d = max(int((a["images"].int() - c["images"].int()).abs()[..., 1:-1, 1:-1].max()) for a, c in zip(got, cpu))
+        out.update(ids_labels_equal_cpu=same and len(got) == len(cpu), vs_cpu_max=d)
+    return out
+
+
+def check_replay(ctx: Context) -> Result:
+    m = measure_replay(ctx)
+    figure = (f"{m['crops']} crops vs torchvision resized_crop+hflip: interior max |Δ| {m['vs_torchvision_max']}, "
+              f"worst mean {m['vs_torchvision_worst_mean']:.3f}")
+    ok = m["vs_torchvision_max"] <= REPLAY_MAX
+    if ctx.gpu:
+        figure += f"; vs CPU replay: ids/labels {'equal' if m['ids_labels_equal_cpu'] else 'DIFFER'}, " \
+                  f"max |Δ| {m['vs_cpu_max']}"
+        ok = ok and m["ids_labels_equal_cpu"]
+    meaning = "" if ok else (
+        f"the crops the student sees are not the crops the teacher labelled (promise: within {REPLAY_MAX} levels "
+        "inside the border; ids and labels identical on every device): every stored label is for another picture")
+    return Result("replay parity", "pass" if ok else "fail", figure, meaning, m)
+
+
+# ---------------------------------------------------------------------------------------------- hand-off
+def measure_zero_copy(ctx: Context) -> dict:
+    """The torch tensors of a batch are DALI's output memory (same address), on the device, with the dtype and
+    layout asked for; on a GPU, taking a float32 batch allocates (almost) nothing in torch's allocator."""
+    p = ctx.photos(12)
+    reader = FKDReader(p["data"], p["store"], num_crops=2, batch_size=4, shuffle=False, verify_files=False)
+    reader.start_epoch(0, reset=True)
+    pipe = graphs.fkd_pipeline(reader, num_crops=2, size=64, device=ctx.device, batch_size=4, num_threads=ctx.threads,
+                               device_id=ctx.device_id, prefetch_queue_depth=1, exec_dynamic=True)
+    pipe.build()
+    pipe.schedule_run()
+    outs = handoff.take(pipe, ctx.device, ctx.device_id)
+    same_address = []
+    for tl in outs:
+        t = handoff.to_torch(tl, ctx.device, ctx.device_id)
+        same_address.append(t.data_ptr() == tl.as_tensor().data_ptr() and t.is_cuda == ctx.gpu)
+    del outs, pipe
+    reader.close()
+    res = {"outputs": len(same_address), "zero_copy": all(same_address)}
+    layouts = {}
+    for dtype, cl in (("float32", False), ("float32", True), ("float16", False), ("bfloat16", True), ("uint8", False)):
+        ld = FKDLoader(p["data"], p["store"], batch_size=4, num_crops=2, crop_size=64, device=ctx.device, dtype=dtype,
+                       channels_last=cl, verify_files=False, num_threads=ctx.threads)
+        it = iter(ld)
+        next(it)  # pipeline built, first batch taken
+        ctx.sync()
+        before = torch.cuda.memory_allocated() if ctx.gpu else 0
+        b = next(it)
+        ctx.sync()
+        grew = (torch.cuda.memory_allocated() - before) if ctx.gpu else 0
+        x = b["images"]
+        want = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
+        layouts[f"{dtype}{' channels-last' if cl else ''}"] = {
+            "device_ok": x.is_cuda == ctx.gpu and all(v.is_cuda == ctx.gpu for v in b.values()),
+            "dtype_ok": x.dtype == want[dtype], "shape": list(x.shape),
+            "layout_ok": x.is_contiguous(memory_format=torch.channels_last) if cl else x.is_contiguous(),
+            "torch_alloc_bytes": int(grew), "image_bytes": x.numel() * x.element_size()}
+        del b, x, it
+        ld.close()
+    res["layouts"] = layouts
+    return res
+
+
+def check_zero_copy(ctx: Context) -> Result:
+    m = measure_zero_copy(ctx)
+    lay = m["layouts"]
+    ok = m["zero_copy"] and all(v["device_ok"] and v["dtype_ok"] and v["layout_ok"] for v in lay.values())
+    if ctx.gpu:  # float32 images are views of DALI's memory: torch allocates only the small label tensors
+        ok = ok and all(v["torch_alloc_bytes"] < 0.25 * v["image_bytes"]
+                        for k, v in lay.items() if k.startswith("float32"))
+    f32 = lay["float32"]
+    figure = (f"{m['outputs']} outputs share DALI's memory: {'yes' if m['zero_copy'] else 'NO'}; "
+              f"5 dtype/layouts {'as asked' if ok else 'WRONG'}; torch allocated {f32['torch_alloc_bytes']:,} B for a "
+              f"{f32['image_bytes']:,} B float32 batch")
+    meaning = "" if ok else ("batches are copied (or land on the wrong device, dtype or layout) between DALI and the "
+                             "model: slower training, and on the wrong layout, slower kernels")
+    return Result("zero copy", "pass" if ok else "fail", figure, meaning, m)
+
+
+def _checksums(batch: dict) -> torch.Tensor:
+    return torch.stack([batch["images"].double().sum(), batch["topk_val"].double().sum(),
+                        batch["indices"].double().sum()])
+
+
+def measure_buffer_lifetime(ctx: Context) -> dict:
+    """Checksums of every batch of one epoch read synchronously, against the same epoch's batches (a) kept
+    alive across the whole epoch, (b) consumed by kernels queued late on torch's stream after the Python
+    references were dropped, (c) consumed on a side stream ordered back before the references go."""
+    p = ctx.photos(32)
+    ld = FKDLoader(p["data"], p["store"], batch_size=4, num_crops=2, crop_size=64, device=ctx.device,
+                   verify_files=False, num_threads=ctx.threads, prefetch_queue_depth=3)
+    unbound = "unbound-stream" in ctx.faults
+    original = handoff.stream_of
+    if unbound:
+        handoff.stream_of = lambda device, device_id: None
+    try:
+        ld.set_epoch(0)
+        ref = []
+        for b in ld:
+            ref.append(_checksums(b).cpu())
+        ld.set_epoch(0)
+        kept = list(ld)
+        for b in ld:  # more batches through the same pipeline while the first epoch's are still held
+            pass
+        kept_ok = all(torch.equal(_checksums(b).cpu(), r) for b, r in zip(kept, ref))
+        del kept
+        res = {"batches": len(ref), "kept_unchanged": kept_ok}
+        if ctx.gpu:
+            delay = int(2e7)  # ~10 ms of GPU time per batch: DALI runs ahead of the kernels reading its buffers
+            for mode in ("late on torch's stream", "side stream"):
+                ld.set_epoch(0)
+                sums = []
+                side = torch.cuda.Stream()
+                for b in ld:
+                    if mode == "side stream":
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            torch.cuda._sleep(delay)
+                            sums.append(_checksums(b))
+                        torch.cuda.current_stream().wait_stream(side)  # the documented rule
+                    else:
+                        torch.cuda._sleep(delay)
+                        sums.append(_checksums(b))
+                    del b  # the last reference goes before the kernels above have run
+                torch.cuda.synchronize()
+                res[mode] = all(torch.equal(s.cpu(), r) for s, r in zip(sums, ref)) and len(sums) == len(ref)
+    finally:
+        handoff.stream_of = original
+        ld.close()
+    return res
+
+
+def check_buffer_lifetime(ctx: Context) -> Result:
+    m = measure_buffer_lifetime(ctx)
+    modes = [k for k in ("late on torch's stream", "side stream") if k in m]
+    ok = m["kept_unchanged"] and all(m[k] for k in modes)
+    figure = f"{m['batches']} batches: kept across an epoch {'unchanged' if m['kept_unchanged'] else 'CHANGED'}" + \
+        "".join(f"; {k}: {'same checksums' if m[k] else 'CHANGED'}" for k in modes)
+    meaning = "" if ok else ("DALI reused a batch's memory while the model could still read it: a step may train on "
+                             "another batch's pixels (silent corruption)")
+    return Result("buffer lifetime", "pass" if ok else "fail", figure, meaning, m)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def measure_train_steps(ctx: Context, arch: str, steps: int = 2) -> dict:
+    """A few real training steps of ``arch`` from the store (bf16 autocast and channels-last on a GPU), then
+    a resume: the losses are finite and the resumed run trains on the same crops in the same order."""
+    from ..train import TrainConfig, Trainer
+    p = ctx.photos(32)
+    size = 64 if ctx.gpu else 32
+
+    def run(out, max_steps, resume=None):
+        cfg = TrainConfig(data=p["data"], arch=arch, softlabel_path=p["store"], num_crops=2, batch_size=16, epochs=4,
+                          input_size=size, device=ctx.device, output=ctx.path("train", arch, out), max_steps=max_steps,
+                          show_progress=False, lr=0.01, workers=ctx.threads, resume=resume, warmup_epochs=0)
+        trainer = Trainer(cfg)
+        seen, losses = [], []
+        step = trainer.step
+
+        def recording(batch, lr):
+            seen.append((batch["indices"].tolist(), batch["crop_ids"].tolist()))
+            loss, top1 = step(batch, lr)
+            losses.append(float(loss))
+            return loss, top1
+
+        trainer.step = recording
+        trainer.run()
+        return seen, losses, trainer
+
+    full, losses, trainer = run("full", steps + 2)
+    first, _, _ = run("part", steps)
+    rest, _, _ = run("part", steps + 2, resume=ctx.path("train", arch, "part", "checkpoint.pth.tar"))
+    x = next(iter(trainer.loader(2)))["images"]
+    return {"arch": arch, "steps": len(losses), "losses": losses, "finite": all(math.isfinite(v) for v in losses),
+            "amp_bf16": trainer.amp, "channels_last": trainer.channels_last,
+            "input_dtype": str(x.dtype), "input_channels_last": bool(x.is_contiguous(memory_format=torch.channels_last)),
+            "resume_same_order": first + rest == full}
+
+
+def check_training(ctx: Context) -> Result:
+    rows = [measure_train_steps(ctx, a) for a in ("resnet18", "deit_tiny")]
+    ok = all(r["finite"] and r["resume_same_order"] for r in rows)
+    mode = "bf16 autocast, channels-last" if ctx.gpu else "float32 (CPU)"
+    figure = "; ".join(f"{r['arch']}: {r['steps']} steps, loss {r['losses'][0]:.3f}->{r['losses'][-1]:.3f}, resume "
+                       f"{'same order' if r['resume_same_order'] else 'OTHER ORDER'}" for r in rows) + f" ({mode})"
+    meaning = "" if ok else "training steps give non-finite losses, or a resumed run sees other crops than the original"
+    return Result("training step + resume", "pass" if ok else "fail", figure, meaning, {"runs": rows})
+
+
+# ---------------------------------------------------------------------------------------------- generation
+GEN_INPUT = 48  # the doctor's teacher input size
+
+
+class PooledColour(torch.nn.Module):
+    """A teacher whose class depends on the crop's content: a fixed linear map of its 4x4 mean colours."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(48, classes, generator=g) * 3)
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1) @ self.w
+
+
+def _teacher(ctx: Context, classes: int) -> str:
+    path = ctx.path("teacher", f"pooled-{classes}-{GEN_INPUT}.pt2")
+    if not os.path.exists(path):
+        ep = torch.export.export(PooledColour(classes), (torch.randn(2, 3, GEN_INPUT, GEN_INPUT),),
+                                 dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(ep, path)
+    return path
+
+
+def measure_generation(ctx: Context) -> dict:
+    """Labels generated on the device vs on the CPU (same crops), and a run sharded over 2 ranks vs one run."""
+    from ..generate import GenerateConfig, generate
+    from ..teachers import TeacherSpec
+    p = ctx.photos(32)
+    spec = TeacherSpec("export", path=_teacher(ctx, PHOTO_CLASSES), input_size=GEN_INPUT, interpolation="bilinear")
+
+    def run(name, device, keep=False, **kw):
+        path = ctx.path("gen", name)
+        if os.path.exists(path) and not keep:
+            import shutil
+            shutil.rmtree(path)
+        cfg = GenerateConfig(data=p["data"], save_path=path, teachers=[spec], num_crops=8, top_k=3, group_size=4,
+                             batch_size=4, device=device, show_progress=False, rows_per_shard=8, threads=ctx.threads,
+                             decoder=planted_decoder(ctx), **kw)
+        return path, cfg
+
+    a, cfg = run("device", ctx.device)
+    generate(cfg)
+    _, cfg0 = run("sharded", ctx.device, rank=0, world_size=2)
+    generate(cfg0)
+    b, cfg1 = run("sharded", ctx.device, rank=1, world_size=2, keep=True)
+    generate(cfg1)
+    ra = labelstore.open_store(a).read_rows(range(p["images"]))
+    rb = labelstore.open_store(b).read_rows(range(p["images"]))
+    out = {"crops": int(ra["topk_idx"][..., 0].size),
+           "sharded_geometry_equal": all(np.array_equal(ra[k], rb[k]) for k in ("sizes", "boxes", "flips", "done")),
+           "sharded_top1_agreement": float((ra["topk_idx"][..., 0] == rb["topk_idx"][..., 0]).mean()),
+           "sharded_max_prob_diff": float(np.abs(ra["topk_val"].astype(np.float32) - rb["topk_val"].astype(np.float32)).max())}
+    if ctx.gpu:
+        c, cfgc = run("cpu", "cpu")
+        generate(cfgc)
+        rc = labelstore.open_store(c).read_rows(range(p["images"]))
+        out.update(cpu_geometry_equal=all(np.array_equal(ra[k], rc[k]) for k in ("sizes", "boxes", "flips", "done")),
+                   cpu_top1_agreement=float((ra["topk_idx"][..., 0] == rc["topk_idx"][..., 0]).mean()),
+                   cpu_max_prob_diff=float(np.abs(ra["topk_val"].astype(np.float32)
+                                                  - rc["topk_val"].astype(np.float32)).max()))
+    return out
+
+
+def check_generation(ctx: Context) -> Result:
+    m = measure_generation(ctx)
+    exact = m["sharded_top1_agreement"] == 1.0 and m["sharded_max_prob_diff"] == 0.0
+    ok = m["sharded_geometry_equal"] and (exact if not ctx.gpu else
+                                           m["sharded_top1_agreement"] >= 0.99 and m["sharded_max_prob_diff"] <= 0.01)
+    figure = (f"{m['crops']} crops; 2 ranks vs 1 run: geometry {'equal' if m['sharded_geometry_equal'] else 'DIFFERS'}, "
+              f"top-1 {100 * m['sharded_top1_agreement']:.2f} %, max |Δp| {m['sharded_max_prob_diff']:.4f}")
+    if ctx.gpu:
+        ok = ok and m["cpu_geometry_equal"] and m["cpu_top1_agreement"] >= 0.97
+        figure += (f"; GPU vs CPU: geometry {'equal' if m['cpu_geometry_equal'] else 'DIFFERS'}, top-1 "
+                   f"{100 * m['cpu_top1_agreement']:.2f} %, max |Δp| {m['cpu_max_prob_diff']:.4f}")
+    meaning = "" if ok else ("stores made on this device (or sharded) are not the labels of the same crops: a store "
+                             "from one machine would not match another's")
+    return Result("generation parity", "pass" if ok else "fail", figure, meaning, m)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ddp(ctx: Context, ranks: int, backend: str | None) -> dict:
+    """``ranks`` processes under torchrun train 3 steps with a pipeline each (:mod:`.ddp_worker`); each
+    reports the rows it saw per step and a checksum of its weights."""
+    p = ctx.photos(32)
+    out = ctx.folder("ddp", f"{ranks}-{backend or 'auto'}")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([_source_root()] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+           str(_free_port()), "-m", "fkd_dali.doctor.ddp_worker", p["data"], p["store"], out, ctx.device,
+           backend or ""]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(60, int(ctx.remaining())))
+    if r.returncode != 0:
+        raise RuntimeError(f"torchrun with {ranks} rank(s) failed (exit {r.returncode}): {r.stderr[-1500:]}")
+    reports = [json.load(open(os.path.join(out, f"rank{k}.json"))) for k in range(ranks)]
+    disjoint = all(not set(a) & set(b) for i in range(ranks) for j in range(i + 1, ranks)
+                   for a, b in zip(reports[i]["rows"], reports[j]["rows"]))
+    return {"ranks": ranks, "backend": reports[0]["backend"], "steps": len(reports[0]["rows"]),
+            "disjoint_shards": disjoint, "same_weights": len({r["weights"] for r in reports}) == 1,
+            "devices": [r["device"] for r in reports], "cpus": [r["cpus"] for r in reports]}
+
+
+def _source_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def check_ddp(ctx: Context) -> Result:
+    runs = [run_ddp(ctx, 2, "gloo")]
+    if ctx.gpu:
+        runs.append(run_ddp(ctx, 1, "nccl"))
+    ok = all(r["steps"] >= 3 and r["disjoint_shards"] and r["same_weights"] for r in runs)
+    figure = "; ".join(f"{r['ranks']} rank(s) {r['backend']}: {r['steps']} steps, shards "
+                       f"{'disjoint' if r['disjoint_shards'] else 'OVERLAP'}, weights "
+                       f"{'identical' if r['same_weights'] else 'DIFFER'}, devices {r['devices']}" for r in runs)
+    meaning = "" if ok else "DDP ranks train on overlapping data or drift apart: multi-GPU runs are wrong"
+    return Result("DDP smoke", "pass" if ok else "fail", figure, meaning, {"runs": runs})
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_memory(ctx: Context) -> dict:
+    """What one rank holds with its n-crop, 1-crop and validation pipelines alive, and after releasing the two
+    not in use (``Trainer.release_loaders``): resident memory, and on a GPU the device memory in use."""
+    from pipelines import EvalLoader
+    from ..dataset import scan_image_folder, split_dir
+    p = ctx.photos(32)
+
+    def used():
+        ctx.sync()
+        gpu = (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / 2**20 if ctx.gpu else 0.0
+        return {"rss_mb": round(_rss_mb(), 1), "gpu_used_mb": round(gpu, 1)}
+
+    base = used()
+    val = scan_image_folder(split_dir(p["data"], "val"))
+    loaders = {"n": FKDLoader(p["data"], p["store"], batch_size=8, num_crops=4, crop_size=224, device=ctx.device,
+                              verify_files=False, num_threads=ctx.threads),
+               "1": FKDLoader(p["data"], p["store"], batch_size=32, num_crops=1, crop_size=224, device=ctx.device,
+                              verify_files=False, num_threads=ctx.threads),
+               "val": EvalLoader(val.root, val.files, val.targets, batch_size=32, crop_size=224, device=ctx.device,
+                                 num_threads=ctx.threads)}
+    for ld in loaders.values():
+        for _ in ld:
+            pass
+    alive = used()
+    for k in ("1", "val"):
+        loaders[k].release()
+    released = used()
+    for ld in loaders.values():
+        ld.close()
+    return {"before": base, "three_pipelines": alive, "one_pipeline": released}
+
+
+def check_memory(ctx: Context) -> Result:
+    m = measure_memory(ctx)
+    b, a, r = m["before"], m["three_pipelines"], m["one_pipeline"]
+    figure = (f"RSS +{a['rss_mb'] - b['rss_mb']:.0f} MB with n-crop + 1-crop + val pipelines, "
+              f"+{r['rss_mb'] - b['rss_mb']:.0f} MB after releasing two")
+    if ctx.gpu:
+        figure += f"; GPU +{a['gpu_used_mb'] - b['gpu_used_mb']:.0f} MB -> +{r['gpu_used_mb'] - b['gpu_used_mb']:.0f} MB"
+    return Result("memory per rank", "info", figure, "", m)
+
+
+CHECKS = {
+    "decode": check_decode,
+    "replay": check_replay,
+    "zero-copy": check_zero_copy,
+    "buffers": check_buffer_lifetime,
+    "train": check_training,
+    "generate": check_generation,
+    "ddp": check_ddp,
+    "memory": check_memory,
+}
+
+# Seconds each check takes (estimates, to stop cleanly at the deadline): (cpu, gpu).
+COST = {"decode": (5, 10), "replay": (25, 20), "zero-copy": (8, 10), "buffers": (8, 15), "train": (30, 30),
+        "generate": (15, 25), "ddp": (30, 50), "memory": (10, 10)}
+
+__all__ = ["CHECKS", "COST", "imagefiles"]

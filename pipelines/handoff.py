@@ -1,0 +1,36 @@
+"""Handing a DALI pipeline's outputs to torch: zero copy, ordered on torch's stream, no host sync.
+
+``take(pipe, device, device_id)`` asks the pipeline for its next outputs bound to the CUDA stream that is
+current in torch: DALI's work is ordered before that stream's next kernels without a host synchronisation,
+and when the last torch reference to an output goes, DALI may reuse its memory only after the work already
+queued on that stream (stream-ordered release). Without a stream (DALI's default), ``share_outputs``
+synchronises the host with every batch, and a released buffer may be reused by DALI while kernels queued on
+torch's stream still read it.
+
+``to_torch(tensor_list, ...)`` wraps one output as a torch tensor over DALI's own memory (DLPack).
+"""
+
+from __future__ import annotations
+
+import torch
+from nvidia.dali.backend import TensorGPU
+
+
+def stream_of(device: str, device_id: int | None):
+    """torch's current stream on the pipeline's GPU, or None for a CPU pipeline."""
+    return torch.cuda.current_stream(device_id) if device == "gpu" else None
+
+
+def take(pipe, device: str, device_id: int | None):
+    """The pipeline's next outputs (``share_outputs``), bound to torch's current stream on a GPU."""
+    stream = stream_of(device, device_id)
+    return pipe.share_outputs() if stream is None else pipe.share_outputs(cuda_stream=stream)
+
+
+def to_torch(tensor_list, device: str, device_id: int | None) -> torch.Tensor:
+    """One dense output (a DALI TensorList) as a torch tensor sharing its memory: no copy, no host trip."""
+    t = tensor_list.as_tensor()
+    if isinstance(t, TensorGPU):
+        with torch.cuda.device(device_id):
+            return torch.from_dlpack(t)
+    return torch.from_dlpack(t)
