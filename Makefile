@@ -2,18 +2,23 @@
 #   make demo   installs everything into .venv and runs the built-in end-to-end flow
 #   make test   installs everything into .venv and runs the test suite (CPU only)
 # Both are idempotent: the install step reruns only when pyproject.toml changes.
+# DALI=cuda12 (default) installs NVIDIA DALI for CUDA 12+ drivers, DALI=cuda13 the CUDA 13 build; DALI=none
+# installs none (a machine that already has DALI, e.g. a CUDA 13 box or wheels carried by hand).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo-out
+DALI ?= cuda12
+comma := ,
+EXTRAS := test$(if $(filter none,$(DALI)),,$(comma)$(DALI))
 
 .PHONY: install test demo clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -43,8 +43,9 @@ def choose_device(local_rank: int, device_count: int, explicit: int | None = Non
         raise RuntimeError("torch sees no CUDA device; use --device cpu")
     if explicit is not None:
         if not 0 <= explicit < device_count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             raise ValueError(f"--device-id {explicit} but this process sees {device_count} CUDA device(s) "
-                             f"(0..{device_count - 1}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+                             f"(0..{device_count - 1}; CUDA_VISIBLE_DEVICES={visible!r})")
         return explicit
     return local_rank % device_count
 

@@ -103,8 +103,9 @@ def exif_rotated_jpeg(path: str, rgb: np.ndarray) -> None:
 
 
 #: JPEG encodings the GPU decoder must decode as the CPU decoder (and Pillow) do.
-JPEG_KINDS = {"JPEG 4:2:0": jpeg_420, "JPEG 4:2:2": jpeg_422, "JPEG 4:4:4": jpeg_444, "progressive JPEG": progressive_jpeg,
-              "grayscale JPEG": grayscale_jpeg, "CMYK JPEG": cmyk_jpeg, "EXIF-rotated JPEG": exif_rotated_jpeg}
+JPEG_KINDS = {"JPEG 4:2:0": jpeg_420, "JPEG 4:2:2": jpeg_422, "JPEG 4:4:4": jpeg_444,
+              "progressive JPEG": progressive_jpeg, "grayscale JPEG": grayscale_jpeg, "CMYK JPEG": cmyk_jpeg,
+              "EXIF-rotated JPEG": exif_rotated_jpeg}
 
 #: Files no image decoder can use: every command names them and stops, or leaves them out under --skip-corrupt.
 UNUSABLE = {"zero-byte": zero_byte, "truncated JPEG": truncated_jpeg, "random bytes": random_bytes,

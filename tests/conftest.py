@@ -69,6 +69,16 @@ def device(pytestconfig) -> str:
     return test_device(pytestconfig)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pythonpath(*first: str) -> str:
+    """PYTHONPATH for a command a test starts: ``first`` (default the repository) ahead of what this process
+    has, so machines whose dependencies come from PYTHONPATH (a GPU box with DALI carried as wheels) keep them."""
+    inherited = [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]
+    return os.pathsep.join([*(first or (ROOT,)), *inherited])
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (for torchrun's rendezvous in tests run side by side)."""
     with socket.socket() as s:

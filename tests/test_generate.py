@@ -21,7 +21,7 @@ from fkd_dali.dataset import scan_image_folder
 from fkd_dali.generate import GenerateConfig, GenerateError, generate
 from fkd_dali.teachers import TeacherError, TeacherSpec
 from pipelines import FKDLoader
-from tests.conftest import current_device, free_port
+from tests.conftest import current_device, free_port, pythonpath
 from tests.test_loader import write_coded_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,7 +273,7 @@ def _cli(w, save, extra=()):
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath())
 
 
 def _same_stores(a: str, b: str) -> None:

@@ -16,11 +16,10 @@ from fkd_dali import affinity
 from fkd_dali.cli import main
 from fkd_dali.distributed import choose_backend, choose_device
 from pipelines import DecoderOptions, graphs
-from pipelines.dali_install import DaliInstallError, check_builds, check_driver, cuda_major
+from pipelines.dali_install import DaliInstallError, check_builds, check_driver, cuda_major, installed_builds
 from pipelines.reader import FKDReader, GenerationReader, ImageReader
+from tests.conftest import ROOT, pythonpath
 from tests.test_loader import make_store, write_coded_dataset
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------- decoder, graphs
@@ -123,21 +122,22 @@ def test_a_dali_build_newer_than_the_driver_is_refused_with_the_fix():
 def test_a_second_dali_wheel_on_the_path_is_named(tmp_path):
     """A real environment with a second DALI distribution (its metadata on sys.path): any command says which
     wheels collide and how to keep one."""
-    meta = tmp_path / "nvidia_dali_cuda130-2.4.0.dist-info"
+    other = "nvidia-dali-cuda120" if "nvidia-dali-cuda130" in installed_builds() else "nvidia-dali-cuda130"
+    meta = tmp_path / f"{other.replace('-', '_')}-2.4.0.dist-info"
     meta.mkdir()
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-dali-cuda130\nVersion: 2.4.0\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]))
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {other}\nVersion: 2.4.0\n")
+    env = dict(os.environ, PYTHONPATH=pythonpath(ROOT, str(tmp_path)))
     r = subprocess.run([sys.executable, "-m", "fkd_dali", "train", str(tmp_path / "nope"), "--labels", "hard"],
                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "2 DALI builds are installed" in r.stderr, r.stderr[-2000:]
-    assert "nvidia-dali-cuda130==2.4.0" in r.stderr and "pip uninstall -y" in r.stderr and "Traceback" not in r.stderr
+    assert f"{other}==2.4.0" in r.stderr and "pip uninstall -y" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_missing_dali_says_how_to_install_it(tmp_path):
     code = ("import sys; sys.modules['nvidia.dali'] = None\n"  # as if the wheel were not installed
             "from fkd_dali.cli import main; sys.exit(main(['train', 'x', '--labels', 'hard']))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=ROOT))
+                       env=dict(os.environ, PYTHONPATH=pythonpath()))
     assert r.returncode == 1, r.stderr[-2000:]
     assert "NVIDIA DALI cannot be imported" in r.stderr and "pip install 'fkd-dali[cuda12]'" in r.stderr
     assert "Traceback" not in r.stderr
@@ -150,7 +150,7 @@ def test_the_source_tree_runs_without_installation(tmp_path):
     for d in ("fkd_dali", "pipelines", "labelstore"):
         shutil.copytree(os.path.join(ROOT, d), src / d, ignore=shutil.ignore_patterns("__pycache__"))
     site = sysconfig.get_paths()["purelib"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), site]))
+    env = dict(os.environ, PYTHONPATH=pythonpath(str(src), site))
     code = "import fkd_dali, pipelines, labelstore; print(fkd_dali.__file__, pipelines.__file__)"
     r = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd=str(tmp_path), capture_output=True,
                        text=True, timeout=120)

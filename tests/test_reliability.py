@@ -24,7 +24,7 @@ from fkd_dali.train import train
 from pipelines import FKDLoader, LoaderError, StandardLoader
 from pipelines.errors import image_header
 from tests import badfiles
-from tests.conftest import assert_same_weights, current_device, free_port, textured
+from tests.conftest import assert_same_weights, current_device, free_port, pythonpath, textured
 from tests.test_generate import config, world  # noqa: F401 - the module-scoped fixture
 from tests.test_train import cfg as train_cfg
 
@@ -176,7 +176,7 @@ def test_unreadable_file_is_named(world, data, tmp_path):  # noqa: F811
     for args, says in ((gen, "class_3/img_010.jpg: the file cannot be read (permission denied)"),
                        (trn, "class_3/img_010.jpg: the file cannot be read (permission denied)")):
         r = subprocess.run([sys.executable, "-m", "fkd_dali", *args, *common], cwd=ROOT,
-                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=pythonpath()), capture_output=True, text=True, timeout=300,
                            preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
         assert r.returncode == 1, r.stderr[-2000:]
         assert says in r.stderr, r.stderr[-2000:]
@@ -252,7 +252,7 @@ def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(world, t
                 "resnet18", "--num-crops", "2", "-b", "8", "--epochs", "6", "--input-size", "32", "--lr", "0.05",
                 "--cos", "--device", DEVICE, "--checkpoint-every", "1", "--output", out, "-q", *extra]
 
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1")
     full = subprocess.run(cmd(str(tmp_path / "a")), env=env, capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
     ckpt = tmp_path / "b" / "checkpoint.pth.tar"
@@ -286,7 +286,7 @@ def test_a_dying_ddp_rank_ends_the_job_instead_of_hanging(world, tmp_path):  # n
     bounded time (not wait out the collective timeout)."""
     store = str(tmp_path / "s")
     generate(config(world, store, num_crops=8, top_k=5))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, FKD_TEST_DIE_RANK="1", FKD_TEST_DIE_STEP="2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath(), FKD_TEST_DIE_RANK="1", FKD_TEST_DIE_STEP="2")
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(free_port()), os.path.join(ROOT, "tests", "ddp_train_worker.py"), world["data"], store,

@@ -19,7 +19,7 @@ from fkd_dali.models.sret import sret
 from fkd_dali.schedule import LRSchedule, fkd_segments
 from fkd_dali.teachers import TeacherSpec
 from fkd_dali.train import TrainConfig, TrainError, Trainer, train
-from tests.conftest import assert_same_weights, current_device, free_port
+from tests.conftest import assert_same_weights, current_device, free_port, pythonpath
 from tests.test_generate import make_world
 from tests.test_loader import partial_copy, write_coded_dataset
 
@@ -213,7 +213,7 @@ def test_resume_refuses_other_settings(setup, tmp_path):
 
 
 def test_ddp_two_gloo_ranks_see_disjoint_shards_and_stay_in_sync(setup, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath())
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                         str(free_port()), os.path.join(ROOT, "tests", "ddp_train_worker.py"), setup["data"], setup["store"],
                         str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,7 @@ are reported, not judged: the goals are for GPUs)."""
 
 from __future__ import annotations
 
-import os
+import shutil
 
 from ..bench import generate as generate_bench
 from ..bench import loader as loader_bench
@@ -75,9 +75,7 @@ def bench_generate(ctx: Context) -> Result:
     fwd = generate_bench.forward_only(z["gen_arch"], ckpt, classes, z["gen_input"], z["gen_batch"] * group,
                                       ctx.device, iters=20 if ctx.gpu else 5)
     save = ctx.path("bench-gen", "store")
-    if os.path.exists(save):
-        import shutil
-        shutil.rmtree(save)
+    shutil.rmtree(save, ignore_errors=True)
     rep = generate(GenerateConfig(data=p["data"], save_path=save, teachers=[
         TeacherSpec(z["gen_arch"], path=ckpt, input_size=z["gen_input"])], num_crops=group, top_k=5, group_size=group,
         batch_size=z["gen_batch"], device=ctx.device, threads=ctx.threads, show_progress=False))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -290,8 +291,11 @@ def measure_train_steps(ctx: Context, arch: str, steps: int = 2) -> dict:
     size = 64 if ctx.gpu else 32
 
     def run(out, max_steps, resume=None):
+        folder = os.path.join(ctx.workdir, "train", arch, out)
+        if resume is None:
+            shutil.rmtree(folder, ignore_errors=True)  # a fresh run each time the doctor runs
         cfg = TrainConfig(data=p["data"], arch=arch, softlabel_path=p["store"], num_crops=2, batch_size=16, epochs=4,
-                          input_size=size, device=ctx.device, output=ctx.path("train", arch, out), max_steps=max_steps,
+                          input_size=size, device=ctx.device, output=folder, max_steps=max_steps,
                           show_progress=False, lr=0.01, workers=ctx.threads, resume=resume, warmup_epochs=0)
         trainer = Trainer(cfg)
         seen, losses = [], []
@@ -309,11 +313,12 @@ def measure_train_steps(ctx: Context, arch: str, steps: int = 2) -> dict:
 
     full, losses, trainer = run("full", steps + 2)
     first, _, _ = run("part", steps)
-    rest, _, _ = run("part", steps + 2, resume=ctx.path("train", arch, "part", "checkpoint.pth.tar"))
+    rest, _, _ = run("part", steps + 2, resume=os.path.join(ctx.workdir, "train", arch, "part", "checkpoint.pth.tar"))
     x = next(iter(trainer.loader(2)))["images"]
     return {"arch": arch, "steps": len(losses), "losses": losses, "finite": all(math.isfinite(v) for v in losses),
             "amp_bf16": trainer.amp, "channels_last": trainer.channels_last,
-            "input_dtype": str(x.dtype), "input_channels_last": bool(x.is_contiguous(memory_format=torch.channels_last)),
+            "input_dtype": str(x.dtype),
+            "input_channels_last": bool(x.is_contiguous(memory_format=torch.channels_last)),
             "resume_same_order": first + rest == full}
 
 
@@ -362,7 +367,6 @@ def measure_generation(ctx: Context) -> dict:
     def run(name, device, keep=False, **kw):
         path = ctx.path("gen", name)
         if os.path.exists(path) and not keep:
-            import shutil
             shutil.rmtree(path)
         cfg = GenerateConfig(data=p["data"], save_path=path, teachers=[spec], num_crops=8, top_k=3, group_size=4,
                              batch_size=4, device=device, show_progress=False, rows_per_shard=8, threads=ctx.threads,
@@ -376,20 +380,21 @@ def measure_generation(ctx: Context) -> dict:
     b, cfg1 = run("sharded", ctx.device, rank=1, world_size=2, keep=True)
     generate(cfg1)
     ra = labelstore.open_store(a).read_rows(range(p["images"]))
-    rb = labelstore.open_store(b).read_rows(range(p["images"]))
     out = {"crops": int(ra["topk_idx"][..., 0].size),
-           "sharded_geometry_equal": all(np.array_equal(ra[k], rb[k]) for k in ("sizes", "boxes", "flips", "done")),
-           "sharded_top1_agreement": float((ra["topk_idx"][..., 0] == rb["topk_idx"][..., 0]).mean()),
-           "sharded_max_prob_diff": float(np.abs(ra["topk_val"].astype(np.float32) - rb["topk_val"].astype(np.float32)).max())}
+           **_compare_labels("sharded", ra, labelstore.open_store(b).read_rows(range(p["images"])))}
     if ctx.gpu:
         c, cfgc = run("cpu", "cpu")
         generate(cfgc)
-        rc = labelstore.open_store(c).read_rows(range(p["images"]))
-        out.update(cpu_geometry_equal=all(np.array_equal(ra[k], rc[k]) for k in ("sizes", "boxes", "flips", "done")),
-                   cpu_top1_agreement=float((ra["topk_idx"][..., 0] == rc["topk_idx"][..., 0]).mean()),
-                   cpu_max_prob_diff=float(np.abs(ra["topk_val"].astype(np.float32)
-                                                  - rc["topk_val"].astype(np.float32)).max()))
+        out.update(_compare_labels("cpu", ra, labelstore.open_store(c).read_rows(range(p["images"]))))
     return out
+
+
+def _compare_labels(name: str, a: dict, b: dict) -> dict:
+    """Two stores' rows: geometry equal?, top-1 agreement, largest probability difference."""
+    return {f"{name}_geometry_equal": all(np.array_equal(a[k], b[k]) for k in ("sizes", "boxes", "flips", "done")),
+            f"{name}_top1_agreement": float((a["topk_idx"][..., 0] == b["topk_idx"][..., 0]).mean()),
+            f"{name}_max_prob_diff": float(np.abs(a["topk_val"].astype(np.float32)
+                                                  - b["topk_val"].astype(np.float32)).max())}
 
 
 def check_generation(ctx: Context) -> Result:
@@ -397,7 +402,8 @@ def check_generation(ctx: Context) -> Result:
     exact = m["sharded_top1_agreement"] == 1.0 and m["sharded_max_prob_diff"] == 0.0
     ok = m["sharded_geometry_equal"] and (exact if not ctx.gpu else
                                            m["sharded_top1_agreement"] >= 0.99 and m["sharded_max_prob_diff"] <= 0.01)
-    figure = (f"{m['crops']} crops; 2 ranks vs 1 run: geometry {'equal' if m['sharded_geometry_equal'] else 'DIFFERS'}, "
+    geometry = "equal" if m["sharded_geometry_equal"] else "DIFFERS"
+    figure = (f"{m['crops']} crops; 2 ranks vs 1 run: geometry {geometry}, "
               f"top-1 {100 * m['sharded_top1_agreement']:.2f} %, max |Δp| {m['sharded_max_prob_diff']:.4f}")
     if ctx.gpu:
         ok = ok and m["cpu_geometry_equal"] and m["cpu_top1_agreement"] >= 0.97
@@ -455,11 +461,22 @@ def check_ddp(ctx: Context) -> Result:
 
 # ---------------------------------------------------------------------------------------------- memory
 def _rss_mb() -> float:
+    """Resident memory of this process after glibc has returned its free pages (so freed = not counted)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _threads() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
 
 
 def measure_memory(ctx: Context) -> dict:
@@ -472,7 +489,7 @@ def measure_memory(ctx: Context) -> dict:
     def used():
         ctx.sync()
         gpu = (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) / 2**20 if ctx.gpu else 0.0
-        return {"rss_mb": round(_rss_mb(), 1), "gpu_used_mb": round(gpu, 1)}
+        return {"rss_mb": round(_rss_mb(), 1), "gpu_used_mb": round(gpu, 1), "threads": _threads()}
 
     base = used()
     val = scan_image_folder(split_dir(p["data"], "val"))
@@ -497,10 +514,12 @@ def measure_memory(ctx: Context) -> dict:
 def check_memory(ctx: Context) -> Result:
     m = measure_memory(ctx)
     b, a, r = m["before"], m["three_pipelines"], m["one_pipeline"]
-    figure = (f"RSS +{a['rss_mb'] - b['rss_mb']:.0f} MB with n-crop + 1-crop + val pipelines, "
-              f"+{r['rss_mb'] - b['rss_mb']:.0f} MB after releasing two")
+    figure = (f"with n-crop + 1-crop + val pipelines: RSS +{a['rss_mb'] - b['rss_mb']:.0f} MB, "
+              f"+{a['threads'] - b['threads']} threads; after releasing two: +{r['rss_mb'] - b['rss_mb']:.0f} MB, "
+              f"+{r['threads'] - b['threads']} threads")
     if ctx.gpu:
-        figure += f"; GPU +{a['gpu_used_mb'] - b['gpu_used_mb']:.0f} MB -> +{r['gpu_used_mb'] - b['gpu_used_mb']:.0f} MB"
+        figure += (f"; GPU memory +{a['gpu_used_mb'] - b['gpu_used_mb']:.0f} MB -> "
+                   f"+{r['gpu_used_mb'] - b['gpu_used_mb']:.0f} MB")
     return Result("memory per rank", "info", figure, "", m)
 
 

@@ -34,7 +34,8 @@ def main(data: str, store: str, out: str, device: str, backend: str = "") -> Non
     model = trainer.model
     trainer.run()
     flat = torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()])
-    report = {"rank": rank, "backend": used, "rows": rows, "weights": f"{float(flat.sum()):.10e}/{float(flat.abs().sum()):.10e}",
+    report = {"rank": rank, "backend": used, "rows": rows,
+              "weights": f"{float(flat.sum()):.10e}/{float(flat.abs().sum()):.10e}",
               "device": str(next(model.parameters()).device), "cpus": sorted(os.sched_getaffinity(0))}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
