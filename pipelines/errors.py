@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -32,14 +33,29 @@ def probe_image(path: str) -> str | None:
     return None
 
 
+#: A JPEG's end-of-image marker must lie within this many bytes of the end of the file (encoders may pad).
+JPEG_TAIL = 4096
+
+
+def jpeg_is_cut(path: str) -> bool:
+    """True when a JPEG file lacks its end-of-image marker (FF D9) near its end: it was cut short. The GPU
+    decoder (nvJPEG) decodes such a file without an error, into an image whose missing part is garbage."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - JPEG_TAIL))
+        return b"\xff\xd9" not in f.read()
+
+
 def image_header(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[tuple[int, int] | None, str | None]:
     """((height, width), None) from the file header, or (None, why the file cannot be used). Reads the
-    header only (a few KB): cheap enough to check every file before a job starts."""
+    header and, for a JPEG, its last 4 KB (its end marker): cheap enough to check every file before a job
+    starts."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
+                cut = im.format == "JPEG" and jpeg_is_cut(path)
     except Image.DecompressionBombError:
         return None, f"its header claims more than {max_pixels:,} pixels (refused, as a decompression bomb would be)"
     except FileNotFoundError:
@@ -50,6 +66,9 @@ def image_header(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[tuple[i
         return None, f"not a readable image ({type(e).__name__}: {e})"
     if h < 1 or w < 1:
         return None, f"its header claims {w}x{h} pixels"
+    if cut:
+        return None, (f"a JPEG without its end marker (FF D9) in its last {JPEG_TAIL} bytes: the file was cut short "
+                      "(or has other data appended after the image)")
     if w * h > max_pixels:
         return None, (f"its header claims {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
                       "(refused, as a decompression bomb would be)")

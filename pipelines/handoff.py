@@ -1,13 +1,15 @@
 """Handing a DALI pipeline's outputs to torch: zero copy, ordered on torch's stream, no host sync.
 
 ``take(pipe, device, device_id)`` asks the pipeline for its next outputs bound to the CUDA stream that is
-current in torch: DALI's work is ordered before that stream's next kernels without a host synchronisation,
-and when the last torch reference to an output goes, DALI may reuse its memory only after the work already
-queued on that stream (stream-ordered release). Without a stream (DALI's default), ``share_outputs``
-synchronises the host with every batch, and a released buffer may be reused by DALI while kernels queued on
-torch's stream still read it.
+current in torch (``share_outputs(cuda_stream=...)``; torch's default stream is passed as the legacy default
+stream): that stream waits on DALI's ready event, so DALI's work is ordered before the model's kernels
+without a host synchronisation. Without a stream (DALI's default, and what DALI's own torch iterator does)
+``share_outputs`` blocks the host until every batch is complete.
 
-``to_torch(tensor_list, ...)`` wraps one output as a torch tensor over DALI's own memory (DLPack).
+``to_torch(tensor_list, ...)`` wraps one output as a torch tensor over DALI's own memory (DLPack). The
+memory stays DALI's until the last torch reference (or view) goes; DALI then frees it from a background
+thread after a device synchronisation (DALI 2.4's DLPack deleter), so a batch can be dropped while kernels
+reading it are still queued, on any stream.
 """
 
 from __future__ import annotations

@@ -9,12 +9,12 @@ Outputs reach torch without a host round trip: each DALI output is wrapped with 
 the pipeline's device, so on a GPU the crops never leave it before the model.
 
 How long a batch's tensors stay valid (GPU): as long as any Python reference to them (or to a view of
-them) lives. The batch is handed over on the CUDA stream that is current in torch when the batch is taken
-(``next(iter(loader))``, :mod:`pipelines.handoff`): DALI's work is ordered before it (no host
-synchronisation per batch), and when the last reference goes, DALI reuses the memory only after the work
-queued on that stream up to then. Work on another stream must be ordered back before the references go:
-``torch.cuda.current_stream().wait_stream(s)`` (or ``clone()`` the tensors on that stream). Tensors kept
-across later batches stay unchanged.
+them) lives; tensors kept across later batches stay unchanged. The batch is handed over on the CUDA stream
+that is current in torch when the batch is taken (``next(iter(loader))``, :mod:`pipelines.handoff`): DALI's
+work is ordered before that stream's next kernels, with no host synchronisation per batch. Kernels on
+another stream must wait for that one first (``s.wait_stream(torch.cuda.current_stream())``). Dropping the
+last reference while kernels that read the batch are still queued is safe: DALI frees the memory only after
+a device synchronisation.
 """
 
 from __future__ import annotations

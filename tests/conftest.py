@@ -41,6 +41,10 @@ def pytest_configure(config):
         raise pytest.UsageError("FKD_TEST_DEVICE=gpu (or --device gpu) but torch sees no CUDA device; run the tests "
                                 "on the CPU (the default) or on a machine with a GPU")
     os.environ["FKD_TEST_DEVICE"] = device  # test modules (DEVICE) and the commands they start see it too
+    # Multi-process tests run on one host: gloo and NCCL talk over loopback (a container's hostname may not
+    # resolve to an address).
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
 
 
 def current_device() -> str:

@@ -9,6 +9,7 @@ print the figures (``-s`` shows them) for docs/benchmarks.md.
 """
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -38,9 +39,12 @@ def test_mixed_decode_matches_the_cpu_decode_on_every_kind(ctx):
     for kind, row in m["kinds"].items():
         print(f"{kind:20s} GPU vs DALI CPU: max {row['vs_cpu']['max']:3d} mean {row['vs_cpu']['mean']:.4f}; "
               f"GPU vs Pillow: max {row['vs_pillow']['max']:3d} mean {row['vs_pillow']['mean']:.4f}")
-        assert row["vs_cpu"]["max"] <= checks.DECODE_GPU_MAX, (kind, row)
-        assert row["vs_cpu"]["mean"] <= checks.DECODE_GPU_MEAN, (kind, row)
-    assert m["position_max"] == 0  # an image decodes the same wherever it sits in the batch
+    print(m["hw_loads"])
+    assert m["gpu_decoder_active"], "the mixed decoder fell back to the CPU (nvJPEG not loaded)"
+    for load, v in m["hw_loads"].items():
+        assert v["max"] <= checks.DECODE_GPU_MAX and v["worst_mean"] <= checks.DECODE_GPU_MEAN, (load, v)
+    # With the whole batch on one decoder, an image decodes the same wherever it sits in the batch.
+    assert m["hw_loads"]["0.0"]["position_max"] == 0 and m["hw_loads"]["1.0"]["position_max"] == 0
 
 
 def test_fancy_upsampling_is_what_makes_the_gpu_decode_match(ctx):
@@ -54,18 +58,20 @@ def test_fancy_upsampling_is_what_makes_the_gpu_decode_match(ctx):
     d_ours, d_default = np.abs(ours - cpu), np.abs(dali_default - cpu)
     print(f"4:2:0 vs CPU: fancy upsampling max {d_ours.max()} mean {d_ours.mean():.3f}; DALI default max "
           f"{d_default.max()} mean {d_default.mean():.3f}")
+    assert d_default.max() > 0, "GPU and CPU decodes are identical without fancy upsampling: nvJPEG is not in use"
     assert d_ours.mean() <= d_default.mean()
 
 
-@pytest.mark.parametrize("load", [0.0, 1.0])
-def test_hardware_decoder_share_does_not_change_pixels(ctx, load):
+def test_hardware_and_cuda_decoders_compared(ctx):
+    """The hardware JPEG decoder (hw_decoder_load 1) against the CUDA decoder (0), kind by kind: reported for
+    docs/benchmarks.md; both must stay within the decode bound against each other."""
     from pipelines import DecoderOptions
     paths = [p for _, p in ctx.kinds()]
-    base = checks.decode_files(paths, "gpu")
-    other = checks.decode_files(paths, "gpu", DecoderOptions(hw_decoder_load=load))
-    for (kind, _), a, b in zip(ctx.kinds(), base, other):
+    cuda = checks.decode_files(paths, "gpu", DecoderOptions(hw_decoder_load=0.0))
+    hw = checks.decode_files(paths, "gpu", DecoderOptions(hw_decoder_load=1.0))
+    for (kind, _), a, b in zip(ctx.kinds(), cuda, hw):
         d = np.abs(a.astype(np.int16) - b.astype(np.int16))
-        print(f"hw_decoder_load {load} vs 0.65, {kind}: max {d.max()}")
+        print(f"{kind:20s} hardware vs CUDA decoder: max {d.max()} mean {d.mean():.4f}")
         assert d.max() <= checks.DECODE_GPU_MAX, kind
 
 
@@ -73,8 +79,8 @@ def test_gpu_replay_matches_cpu_replay_and_torchvision(ctx):
     m = checks.measure_replay(ctx)
     print(m)
     assert m["ids_labels_equal_cpu"]
-    assert m["vs_torchvision_max"] <= checks.REPLAY_MAX
-    assert m["vs_cpu_max"] <= checks.REPLAY_MAX
+    assert m["vs_torchvision_max"] <= checks.REPLAY_MAX  # the crop geometry, on the GPU-decoded image
+    assert m["vs_cpu_max"] <= checks.REPLAY_MAX + checks.DECODE_GPU_MAX  # plus what the decoders differ by
 
 
 def test_zero_copy_hand_off(ctx):
@@ -87,7 +93,7 @@ def test_zero_copy_hand_off(ctx):
             assert v["torch_alloc_bytes"] < 0.25 * v["image_bytes"], name
 
 
-def test_buffers_outlive_later_batches_and_are_released_in_stream_order(ctx):
+def test_batches_stay_valid_when_kept_dropped_early_or_read_on_a_side_stream(ctx):
     m = checks.measure_buffer_lifetime(ctx)
     print(m)
     assert m["kept_unchanged"] and m["late on torch's stream"] and m["side stream"]
@@ -95,19 +101,25 @@ def test_buffers_outlive_later_batches_and_are_released_in_stream_order(ctx):
 
 @pytest.mark.parametrize("kind", list(UNUSABLE))
 def test_unusable_files_on_the_gpu_decoder_are_named(ctx, tmp_path, kind):
-    """Zero-byte, truncated, random and bomb files never become a batch: the loader names the file."""
+    """Zero-byte, truncated, random and bomb files never become a batch. By default the store's fingerprint
+    names the changed file before the first batch; without that check (verify_files=False) the GPU decoder's
+    own failure is caught and the file named (a decompression bomb is refused by headers only: DALI decodes
+    it to garbage without an error, which is why the check is on by default)."""
     p = ctx.photos(12)
     data = str(tmp_path / "data")
     shutil.copytree(p["data"], data)
     store = labelstore.open_store(p["store"])
-    victim = os.path.join(data, store.meta.dataset_root or "train", str(store.files[5]))
-    raw = open(victim, "rb").read()
+    name = str(store.files[5])
+    victim = os.path.join(data, store.meta.dataset_root or "train", name)
     UNUSABLE[kind](victim, textured(np.random.default_rng(0), 60, 80))
+    with pytest.raises(labelstore.StoreMismatchError, match=re.escape(name)):
+        FKDLoader(data, p["store"], batch_size=4, num_crops=2, crop_size=32, device="gpu")
+    if kind == "header claims 30000x30000":
+        return
     ld = FKDLoader(data, p["store"], batch_size=4, num_crops=2, crop_size=32, device="gpu", verify_files=False)
-    with pytest.raises(LoaderError, match=str(store.files[5]).replace(".", r"\.")):
+    with pytest.raises(LoaderError, match=re.escape(name)):
         for _ in ld:
             pass
-    open(victim, "wb").write(raw)
 
 
 def test_eval_and_standard_loaders_on_the_gpu(ctx, tmp_path):
@@ -130,7 +142,8 @@ def test_eval_and_standard_loaders_on_the_gpu(ctx, tmp_path):
         assert d[:, 1:-1, 1:-1].max() <= 3 and d.mean() < 0.5
     std = StandardLoader(data, files, [0, 1, 2], batch_size=3, crop_size=64, device="gpu", seed=1)
     b = next(iter(std))
-    assert b["images"].is_cuda and b["images"].shape == (3, 3, 64, 64) and b["targets"].tolist() == [0, 1, 2]
+    assert b["images"].is_cuda and b["images"].shape == (3, 3, 64, 64)
+    assert b["targets"].tolist() == b["indices"].tolist()  # image i is of class i here
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "deit_tiny"])

@@ -70,20 +70,28 @@ def test_unusable_file_stops_generate_with_its_name_or_is_left_out(world, data, 
 def test_unusable_file_in_hard_label_training_is_named_before_the_first_step(data, tmp_path, kind):
     put(data, badfiles.UNUSABLE[kind])
     ds = scan_image_folder(os.path.join(data, "train"))
-    if kind == "truncated JPEG":  # the header is sound: the decoder finds it, and the loader names it
-        ld = StandardLoader(ds.root, ds.files, ds.targets, batch_size=8, crop_size=16, device=DEVICE)
-        with pytest.raises(LoaderError, match=r"class_3/img_010.jpg: it cannot be decoded"):
-            for _ in ld:
-                pass
-    else:
-        with pytest.raises(LoaderError, match=r"1 unusable image file\(s\): .*class_3/img_010.jpg: "):
-            StandardLoader(ds.root, ds.files, ds.targets, batch_size=8, crop_size=16, device=DEVICE)
+    with pytest.raises(LoaderError, match=r"1 unusable image file\(s\): .*class_3/img_010.jpg: "):
+        StandardLoader(ds.root, ds.files, ds.targets, batch_size=8, crop_size=16, device=DEVICE)
 
 
 def test_a_decompression_bomb_is_refused_before_any_decode(data):
     path = put(data, badfiles.huge_header)
     size, why = image_header(path)
     assert size is None and "header claims more than 178,956,970 pixels" in why
+
+
+def test_a_jpeg_cut_short_is_refused_by_its_header_check_and_padding_is_not(data):
+    """nvJPEG (the GPU decoder) decodes a JPEG cut short without an error, into partly garbage pixels; so the
+    header check every command runs first also looks for the end marker in the file's last 4 KB."""
+    path = put(data, badfiles.progressive_jpeg)
+    raw = open(path, "rb").read()
+    assert image_header(path) == ((60, 80), None)
+    for cut in (len(raw) // 2, len(raw) - 2):
+        open(path, "wb").write(raw[:cut])
+        size, why = image_header(path)
+        assert size is None and "without its end marker" in why, cut
+    open(path, "wb").write(raw + b"\x00" * 500)  # encoders may pad after the marker: still fine
+    assert image_header(path) == ((60, 80), None)
 
 
 # --- files that decode: by content, as Pillow sees them ----------------------------------------------
@@ -299,10 +307,10 @@ def test_a_dying_ddp_rank_ends_the_job_instead_of_hanging(world, tmp_path):  # n
     assert "Signals.SIGKILL" in r.stderr or "exitcode  : -9" in r.stderr, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kind", ["zero-byte", "random bytes", "header claims 30000x30000"])
+@pytest.mark.parametrize("kind", list(badfiles.UNUSABLE))
 def test_unusable_image_in_an_fkd_import_is_named(world, data, tmp_path, kind):  # noqa: F811
-    """import-fkd reads each image's header (for the pixel boxes): an unusable image is named, nothing is
-    imported for it. (A truncated JPEG's header is sound: the loader names it at training time.)"""
+    """import-fkd reads each image's header (for the pixel boxes) and a JPEG's end marker: an unusable image
+    is named, nothing is imported for it."""
     generate(config(world, str(tmp_path / "s"), data=data))
     export_fkd(str(tmp_path / "s"), str(tmp_path / "fkd"), show_progress=False)
     put(data, badfiles.UNUSABLE[kind])

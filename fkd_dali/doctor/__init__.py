@@ -4,8 +4,7 @@ parity, DDP, memory per rank), then short benchmarks with their ratios, most imp
 cleanly at ``--deadline`` and writes ``doctor.json`` and ``doctor.md`` to ``--out``.
 
 ``--plant FAULT`` runs the same checks with a known fault introduced (a shifted box, a decoder option
-changed, batches handed over without binding them to torch's stream): the checks that guard against it must
-fail, which is how the doctor shows it can.
+changed): the checks that guard against it must fail, which is how the doctor shows it can.
 """
 
 from __future__ import annotations

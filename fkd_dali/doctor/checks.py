@@ -5,6 +5,7 @@ compare against Pillow / torchvision instead."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import sys
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 
 import labelstore
 from pipelines import DecoderOptions, FKDLoader, graphs, handoff
@@ -23,12 +25,16 @@ from pipelines.reader import FKDReader, ImageReader
 from .. import imagefiles
 from .context import PHOTO_CLASSES, Context, Result, pillow_rgb
 
-# Promises (README / docs): a replayed crop equals torchvision's resized_crop + hflip on the PIL image
-# within 2 grey levels away from its 1-px border; GPU decoding equals CPU decoding closely enough that crops
-# keep that promise; CPU decoding equals Pillow's.
+# Promises (README / docs): a replayed crop equals torchvision's resized_crop + hflip of the decoded image
+# within 2 grey levels away from its 1-px border. CPU decoding equals Pillow's. GPU decoding (nvJPEG, fancy
+# upsampling on) vs the CPU decoder: DALI's own test of the option allows a mean of 1 level; the maximum per
+# kind is a first bound, to be set from the first GPU measurement (docs/benchmarks.md).
 REPLAY_MAX = 2
-DECODE_GPU_MAX, DECODE_GPU_MEAN = 3, 0.25
+DECODE_GPU_MAX, DECODE_GPU_MEAN = 8, 1.0
 DECODE_CPU_MAX, DECODE_CPU_MEAN = 1, 0.05
+#: Shares of each batch for the hardware JPEG decoder that the GPU checks try: 0 (CUDA decoder only), DALI's
+#: default 0.65 (the batch is split between the two), 1 (hardware decoder for every JPEG it can take).
+HW_LOADS = (0.0, 0.65, 1.0)
 
 
 def planted_decoder(ctx: Context) -> DecoderOptions:
@@ -57,84 +63,114 @@ def decode_files(paths: list[str], device: str, decoder: DecoderOptions = graphs
     return out
 
 
+def _diff(a: np.ndarray, b: np.ndarray) -> dict:
+    if a.shape != b.shape:
+        return {"max": 255, "mean": 255.0, "shapes": [list(a.shape), list(b.shape)]}
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return {"max": int(d.max()), "mean": float(d.mean())}
+
+
+def _position_max(paths: list[str], device: str, decoder: DecoderOptions) -> int:
+    """The same file at positions 0-3 and 7 of a batch of 8 (other files between): largest pixel difference."""
+    batch = decode_files([paths[0]] * 4 + paths[1:4] + [paths[0]], device, decoder, batch_size=8)
+    return max(_diff(batch[i], batch[0])["max"] for i in (1, 2, 3, 7))
+
+
 def measure_decode(ctx: Context) -> dict:
-    """Per JPEG kind: |DALI on the device - Pillow| and (GPU) |mixed - DALI CPU|; and whether an image's pixels
-    depend on its position in a batch (the hardware decoder takes part of each batch)."""
+    """Per JPEG kind: |DALI on the device - Pillow| and |device - DALI's CPU decoder|; whether an image's pixels
+    depend on its position in a batch. On a GPU, for each hardware-decoder share (HW_LOADS) separately, and
+    whether the GPU decoder is really in use (without fancy upsampling its 4:2:0 pixels differ from the CPU's;
+    if they do not, nvJPEG did not load and "mixed" fell back to the CPU)."""
     kinds = ctx.kinds()
     paths = [p for _, p in kinds]
     dec = planted_decoder(ctx)
-    got = decode_files(paths, ctx.device, dec)
-    cpu = decode_files(paths, "cpu", dec) if ctx.gpu else got
-    rows = {}
-    for (kind, path), a, c in zip(kinds, got, cpu):
-        ref = np.asarray(pillow_rgb(path))
-        row = {"shape": list(a.shape)}
-        for name, other in (("vs_pillow", ref), ("vs_cpu", c)):
-            if other.shape != a.shape:
-                row[name] = {"max": 255, "mean": 255.0, "shape": list(other.shape)}
-            else:
-                d = np.abs(a.astype(np.int16) - other.astype(np.int16))
-                row[name] = {"max": int(d.max()), "mean": float(d.mean())}
-        rows[kind] = row
-    # The same image at every position of a batch of 8 (and beside other images): identical pixels.
-    same = [paths[0]] * 4 + paths[1:4] + [paths[0]]  # positions 0-3 and 7 hold the same file
-    batch = decode_files(same, ctx.device, dec, batch_size=len(same))
-    position = max(int(np.abs(batch[i].astype(np.int16) - batch[0].astype(np.int16)).max()) for i in (1, 2, 3, 7))
-    return {"kinds": rows, "position_max": position}
+    cpu = decode_files(paths, "cpu", dec)
+    got = decode_files(paths, ctx.device, dec) if ctx.gpu else cpu
+    rows = {kind: {"shape": list(a.shape), "vs_pillow": _diff(a, np.asarray(pillow_rgb(path))), "vs_cpu": _diff(a, c)}
+            for (kind, path), a, c in zip(kinds, got, cpu)}
+    out = {"kinds": rows, "position_max": _position_max(paths, ctx.device, dec)}
+    if ctx.gpu:
+        loads = {}
+        for load in HW_LOADS:
+            opts = dataclasses.replace(dec, hw_decoder_load=load)
+            d = [_diff(a, c) for a, c in zip(decode_files(paths, "gpu", opts), cpu)]
+            worst = max(range(len(d)), key=lambda i: (d[i]["max"], d[i]["mean"]))
+            loads[str(load)] = {"max": d[worst]["max"], "worst_kind": kinds[worst][0],
+                                "worst_mean": max(x["mean"] for x in d),
+                                "position_max": _position_max(paths, "gpu", opts)}
+        out["hw_loads"] = loads
+        plain = decode_files([dict(kinds)["JPEG 4:2:0"]], "gpu", DecoderOptions(fancy_upsampling=False))[0]
+        out["gpu_decoder_active"] = _diff(plain, cpu[list(dict(kinds)).index("JPEG 4:2:0")])["max"] > 0
+    return out
 
 
 def check_decode(ctx: Context) -> Result:
     m = measure_decode(ctx)
-    key = "vs_cpu" if ctx.gpu else "vs_pillow"
-    lim_max, lim_mean = (DECODE_GPU_MAX, DECODE_GPU_MEAN) if ctx.gpu else (DECODE_CPU_MAX, DECODE_CPU_MEAN)
-    worst = max(m["kinds"].items(), key=lambda kv: (kv[1][key]["max"], kv[1][key]["mean"]))
-    wmax = worst[1][key]["max"]
-    wmean = max(v[key]["mean"] for v in m["kinds"].values())
-    pil = max(v["vs_pillow"]["max"] for v in m["kinds"].values())
-    against = "DALI's CPU decoder" if ctx.gpu else "Pillow"
-    figure = (f"{len(m['kinds'])} kinds vs {against}: max |Δ| {wmax} ({worst[0]}), worst mean {wmean:.3f}; "
-              f"vs Pillow max {pil}; same image across batch positions: max |Δ| {m['position_max']}")
-    ok = wmax <= lim_max and wmean <= lim_mean and m["position_max"] == 0
+    if not ctx.gpu:
+        worst = max(m["kinds"].items(), key=lambda kv: (kv[1]["vs_pillow"]["max"], kv[1]["vs_pillow"]["mean"]))
+        wmax, wmean = worst[1]["vs_pillow"]["max"], max(v["vs_pillow"]["mean"] for v in m["kinds"].values())
+        ok = wmax <= DECODE_CPU_MAX and wmean <= DECODE_CPU_MEAN and m["position_max"] == 0
+        figure = (f"{len(m['kinds'])} kinds vs Pillow: max |Δ| {wmax} ({worst[0]}), worst mean {wmean:.3f}; same "
+                  f"image across batch positions: max |Δ| {m['position_max']}")
+        meaning = "" if ok else (
+            f"decoded pixels differ from Pillow's (limit max {DECODE_CPU_MAX}, mean {DECODE_CPU_MEAN}), which torchvision "
+            "and FKD decode with: every crop differs from the teacher's, i.e. label noise. Check DecoderOptions")
+        return Result("decode parity", "pass" if ok else "fail", figure, meaning, m)
+    loads = m["hw_loads"]
+    parity = all(v["max"] <= DECODE_GPU_MAX and v["worst_mean"] <= DECODE_GPU_MEAN for v in loads.values())
+    stable = loads["0.0"]["position_max"] == 0 and loads["1.0"]["position_max"] == 0
+    ok = parity and stable and m["gpu_decoder_active"]
+    figure = "; ".join(f"hw_decoder_load {k}: max |Δ| vs CPU decoder {v['max']} ({v['worst_kind']}), worst mean "
+                       f"{v['worst_mean']:.3f}, across batch positions {v['position_max']}" for k, v in loads.items())
+    figure += f"; GPU decoder in use: {'yes' if m['gpu_decoder_active'] else 'NO (fell back to the CPU)'}"
     meaning = ""
-    if not ok:
-        meaning = (f"decoded pixels differ from the {against} decode the labels were made from (limit max {lim_max}, "
-                   f"mean {lim_mean}) or depend on the batch: every crop differs a little from the teacher's, i.e. "
-                   "label noise. Check DecoderOptions (fancy_upsampling=True) and hw_decoder_load (0 keeps the "
-                   "hardware decoder out)")
+    if not m["gpu_decoder_active"]:
+        meaning = ("the mixed decoder decodes on the CPU (nvJPEG did not load: see 'Failed to load nvjpeg' in the log): "
+                   "the GPU path is not being tested, and it is slow")
+    elif not ok:
+        meaning = (f"GPU-decoded pixels differ from the CPU decode the labels were made from (limit max {DECODE_GPU_MAX}, "
+                   f"mean {DECODE_GPU_MEAN}) or depend on the batch: every crop differs from the teacher's, i.e. label "
+                   "noise. A position difference at load 0.65 alone means the hardware and CUDA decoders disagree: set "
+                   "--hw-decoder-load 0 or 1")
     return Result("decode parity", "pass" if ok else "fail", figure, meaning, m)
 
 
 # ---------------------------------------------------------------------------------------------- replay
 def measure_replay(ctx: Context, images: int = 12) -> dict:
-    """FKDLoader on the device vs torchvision's resized_crop + hflip of the Pillow image, per crop (interior
-    = outside the 1-px border), and (GPU) vs FKDLoader on the CPU: ids, labels and pixels."""
+    """FKDLoader on the device vs torchvision's resized_crop + hflip of the same decoded image, per crop
+    (interior = outside the 1-px border): the crop geometry alone. The reference image is Pillow's on the CPU;
+    on a GPU it is the GPU decoder's own (CUDA decoder only, as the loader here), and the crops are also
+    compared with FKDLoader on the CPU (ids, labels, and pixels, where decoder differences add up)."""
     p = ctx.photos(images)
     store = ctx.shifted_store(p) if "shifted-box" in ctx.faults else p["store"]
     truth = labelstore.open_store(p["store"])
     rows = truth.read_rows(range(truth.num_images))
     S, n = 96, 4
+    dec = dataclasses.replace(planted_decoder(ctx), hw_decoder_load=0.0) if ctx.gpu else planted_decoder(ctx)
 
     def batches(device):
         ld = FKDLoader(p["data"], store, batch_size=4, num_crops=n, crop_size=S, device=device, normalize=False,
-                       shuffle=False, verify_files=False, num_threads=ctx.threads, decoder=planted_decoder(ctx))
+                       shuffle=False, verify_files=False, num_threads=ctx.threads, decoder=dec)
         out = [{k: v.cpu() for k, v in b.items()} for b in ld]
         ld.close()
         return out
 
     got = batches(ctx.device)
-    vs_tv_max = vs_tv_mean = 0.0
+    paths = [os.path.join(p["root"], str(f)) for f in truth.files]
+    decoded = decode_files(paths, "gpu", dec) if ctx.gpu else [np.asarray(pillow_rgb(x)) for x in paths]
+    vs_ref_max = vs_ref_mean = 0.0
     crops = 0
     for b in got:
         for img, r, k in zip(b["images"], b["indices"].tolist(), b["crop_ids"].tolist()):
             t, l, h, w = (int(v) for v in rows["boxes"][r, k])
-            ref = TF.resized_crop(pillow_rgb(os.path.join(p["root"], str(truth.files[r]))), t, l, h, w, [S, S],
-                                  TF.InterpolationMode.BILINEAR, antialias=True)
+            ref = TF.resized_crop(Image.fromarray(decoded[r]), t, l, h, w, [S, S], TF.InterpolationMode.BILINEAR,
+                                  antialias=True)
             ref = np.asarray(TF.hflip(ref) if rows["flips"][r, k] else ref).transpose(2, 0, 1).astype(np.int16)
             d = np.abs(img.numpy().astype(np.int16) - ref)[:, 1:-1, 1:-1]
-            vs_tv_max = max(vs_tv_max, int(d.max()))
-            vs_tv_mean = max(vs_tv_mean, float(d.mean()))
+            vs_ref_max = max(vs_ref_max, int(d.max()))
+            vs_ref_mean = max(vs_ref_mean, float(d.mean()))
             crops += 1
-    out = {"crops": crops, "vs_torchvision_max": int(vs_tv_max), "vs_torchvision_worst_mean": vs_tv_mean}
+    out = {"crops": crops, "vs_torchvision_max": int(vs_ref_max), "vs_torchvision_worst_mean": vs_ref_mean}
     if ctx.gpu:
         cpu = batches("cpu")
         same = all(torch.equal(a[k], c[k]) for a, c in zip(got, cpu)
@@ -146,13 +182,14 @@ def measure_replay(ctx: Context, images: int = 12) -> dict:
 
 def check_replay(ctx: Context) -> Result:
     m = measure_replay(ctx)
-    figure = (f"{m['crops']} crops vs torchvision resized_crop+hflip: interior max |Δ| {m['vs_torchvision_max']}, "
-              f"worst mean {m['vs_torchvision_worst_mean']:.3f}")
+    ref = "the GPU-decoded image" if ctx.gpu else "the Pillow image"
+    figure = (f"{m['crops']} crops vs torchvision resized_crop+hflip of {ref}: interior max |Δ| "
+              f"{m['vs_torchvision_max']}, worst mean {m['vs_torchvision_worst_mean']:.3f}")
     ok = m["vs_torchvision_max"] <= REPLAY_MAX
     if ctx.gpu:
         figure += f"; vs CPU replay: ids/labels {'equal' if m['ids_labels_equal_cpu'] else 'DIFFER'}, " \
                   f"max |Δ| {m['vs_cpu_max']}"
-        ok = ok and m["ids_labels_equal_cpu"]
+        ok = ok and m["ids_labels_equal_cpu"] and m["vs_cpu_max"] <= REPLAY_MAX + DECODE_GPU_MAX
     meaning = "" if ok else (
         f"the crops the student sees are not the crops the teacher labelled (promise: within {REPLAY_MAX} levels "
         "inside the border; ids and labels identical on every device): every stored label is for another picture")
@@ -230,10 +267,6 @@ def measure_buffer_lifetime(ctx: Context) -> dict:
     p = ctx.photos(32)
     ld = FKDLoader(p["data"], p["store"], batch_size=4, num_crops=2, crop_size=64, device=ctx.device,
                    verify_files=False, num_threads=ctx.threads, prefetch_queue_depth=3)
-    unbound = "unbound-stream" in ctx.faults
-    original = handoff.stream_of
-    if unbound:
-        handoff.stream_of = lambda device, device_id: None
     try:
         ld.set_epoch(0)
         ref = []
@@ -266,7 +299,6 @@ def measure_buffer_lifetime(ctx: Context) -> dict:
                 torch.cuda.synchronize()
                 res[mode] = all(torch.equal(s.cpu(), r) for s, r in zip(sums, ref)) and len(sums) == len(ref)
     finally:
-        handoff.stream_of = original
         ld.close()
     return res
 
@@ -429,6 +461,9 @@ def run_ddp(ctx: Context, ranks: int, backend: str | None) -> dict:
     out = ctx.folder("ddp", f"{ranks}-{backend or 'auto'}")
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([_source_root()] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
+    # One host: gloo and NCCL talk over loopback (a container's hostname may not resolve).
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.setdefault("NCCL_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
            str(_free_port()), "-m", "fkd_dali.doctor.ddp_worker", p["data"], p["store"], out, ctx.device,
            backend or ""]

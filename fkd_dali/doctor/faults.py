@@ -3,5 +3,4 @@
 FAULTS = {
     "shifted-box": "replay reads a store whose boxes are shifted 2 px to the right of the true crops",
     "decoder-option": "decode without fancy chroma upsampling and with libjpeg-turbo's fast IDCT",
-    "unbound-stream": "hand batches over without binding them to torch's stream (GPU only)",
 }
