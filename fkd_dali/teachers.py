@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torchvision
 
-from .checkpoint import state_mismatch, strip_ddp_prefix
+from .checkpoint import TRUSTED_FIX, refused, state_mismatch, strip_ddp_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,6 +100,9 @@ def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise TeacherError(f"teacher checkpoint {path} does not exist") from None
     except Exception as e:
+        why = refused(path, e, "tensors and plain data", TRUSTED_FIX)
+        if why:
+            raise TeacherError(why) from e
         raise TeacherError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}); give a state_dict or a dict with 'state_dict' "
                            "or 'model' saved by torch.save") from e
