@@ -192,14 +192,17 @@ class _ShardWriter:
             raise self.error
 
 
+TEACHERS_KEY = "teachers (-a, --weights, --input-size, --interpolation, --mean, --std)"  # + the weights' sha256
+
+
 def _settings(cfg: GenerateConfig, num_crops: int, teachers: Teachers) -> dict:
     """What a resumed run must agree on, by option name."""
     return {"--num-crops": num_crops, "--top-k": cfg.top_k, "--num-classes": teachers.num_classes,
             "--temperature": float(cfg.temperature), "--seed": cfg.seed,
             "--min/max-scale-crops": [float(x) for x in cfg.scale], "--ratio": [float(x) for x in cfg.ratio],
-            "teachers (-a, --weights, --input-size, --interpolation, --mean, --std)":
-                [{k: t.record(teachers.num_classes)[k] for k in ("name", "weights", "input_size", "interpolation",
-                                                                 "mean", "std")} for t in teachers.specs],
+            TEACHERS_KEY: [{k: t.record(teachers.num_classes)[k] for k in ("name", "weights", "sha256", "input_size",
+                                                                           "interpolation", "mean", "std")}
+                           for t in teachers.specs],
             "--reference": os.path.abspath(cfg.reference) if cfg.reference else None}
 
 
@@ -253,6 +256,8 @@ def _open_checked(cfg: GenerateConfig, ds: Dataset, settings: dict, d: distribut
         raise GenerateError(f"{path} was not made by `fkd-dali generate` (its source is "
                             f"{store.meta.source.get('kind', 'unknown')}); choose another --save-path")
     for key, value in settings.items():
+        if key == TEACHERS_KEY and isinstance(made.get(key), list) and all("sha256" not in t for t in made[key]):
+            value = [{k: v for k, v in t.items() if k != "sha256"} for t in value]  # a store made before sha256
         if made.get(key) != value:
             raise GenerateError(f"{path} was generated with {key} = {made.get(key)!r} but this run asks for "
                                 f"{value!r}. Rerun with the same options to resume it, or choose a new --save-path")
