@@ -273,7 +273,7 @@ def _wait_for_store(path: str, timeout_s: float = 600.0) -> None:
         try:
             open_store(path)
             return
-        except labelstore.StoreError:
+        except labelstore.StoreNotFoundError:  # not created yet (creation is atomic: any other error is final)
             if time.monotonic() - t0 > timeout_s:
                 raise GenerateError(f"waited {timeout_s:.0f} s for rank 0 to create {path}; start rank 0 (it "
                                     "creates the store) or create it with a single-process run first") from None
