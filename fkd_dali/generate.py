@@ -11,7 +11,9 @@ Resume: rerunning the same command opens the store, checks that every setting ma
 the shards still pending. Teacher batches never span shards, so a shard's labels are bit-identical whether
 it is generated in one run, after a kill, or by another rank. Sharding: with torchrun (or ``--rank`` /
 ``--world-size``) rank r generates the pending shards s with s % world_size == r; no two ranks ever write one
-file.
+file. One run per store: a new store is created whole (built beside its path and renamed into place) and rank 0
+holds the store's writer lock for the run, so a second run on the same store is refused, naming the first
+(``labelstore.locking``; on object storage the settings check alone protects the store).
 """
 
 from __future__ import annotations

@@ -364,6 +364,9 @@ class Trainer:
                                                            overwrite=self.cfg.overwrite)
             except (checkpoint.CheckpointError, labelstore.StoreError) as e:
                 why = str(e)
+            except OSError as e:  # a read-only or misnamed --output
+                why = f"--output {self.cfg.output}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "") + \
+                    ". Choose a folder you can write"
         if self.dist.group:
             box = [why]
             dist.broadcast_object_list(box, src=0)
@@ -449,6 +452,7 @@ class Trainer:
         crops = 0
         t0 = time.perf_counter()
         stopped = False
+        lr = self.lr_at(seg.start_epoch + seg.crops * max(0, start - 1) / steps)  # a resume after its last step
         for i, batch in enumerate(loader, start=start):
             lr = self.lr_at(seg.start_epoch + seg.crops * i / steps)
             loss, top1 = self.step(batch, lr)

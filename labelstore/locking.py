@@ -11,7 +11,7 @@ Everything about locks lives here, so that the rule is stated once:
 * **Object storage** (``s3://``, ``gs://``, ... URLs): **no lock**; the settings check alone protects the
   store (every writer compares its settings with those recorded at creation before writing a shard), so
   two runs with other settings still cannot mix labels, but two identical runs may duplicate work.
-* **A file system without locks** (``flock`` fails with ENOLCK/EOPNOTSUPP): the same as object storage,
+* **A file system without locks** (``flock`` fails with ENOLCK/EOPNOTSUPP/ENOSYS): the same as object storage,
   said once on stderr.
 
 New stores are built at a hidden sibling path and renamed into place (:func:`create_atomically`), so two
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from .errors import StoreError
 
 STORE_LOCK = os.path.join("done", "writer.lock")
-NO_LOCK_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF)
+NO_LOCK_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EBADF)
 
 
 class LockedError(StoreError):
