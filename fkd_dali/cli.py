@@ -416,9 +416,9 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    terminate_like_ctrl_c()
     try:
-        return int(args.func(args) or 0)
+        with terminate_like_ctrl_c():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         hint = _resume_hint(args)
