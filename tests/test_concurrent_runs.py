@@ -13,6 +13,7 @@ import torch
 
 import labelstore
 from labelstore.locking import LockedError, create_atomically, store_writer_lock
+from fkd_dali.cli import main
 from fkd_dali.train import TrainError, train
 from tests.test_generate import _cli, _done_rows, _env, _same_stores, world  # noqa: F401 - module fixture
 from tests.test_labelstore import new_store
@@ -30,7 +31,7 @@ time.sleep(600)
 """
 
 
-def test_the_store_lock_names_its_holder_and_dies_with_it(tmp_path):
+def test_the_store_lock_names_its_holder_and_dies_with_it(tmp_path, capsys):
     path = str(tmp_path / "s")
     new_store(path)
     p = subprocess.Popen([sys.executable, "-c", HOLD, path], env=dict(os.environ, PYTHONPATH=ROOT),
@@ -39,12 +40,17 @@ def test_the_store_lock_names_its_holder_and_dies_with_it(tmp_path):
         assert p.stdout.readline().strip() == "held"
         with pytest.raises(LockedError, match=rf"label store {path} is in use by another run \(pid {p.pid} on host"):
             store_writer_lock(path)
+        assert main(["inspect", path, "--clear-rows", "0:2"]) == 1  # not under a running writer
+        assert f"is in use by another run (pid {p.pid}" in capsys.readouterr().err
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
     with store_writer_lock(path) as lock:  # the kernel dropped the dead holder's lock
         assert lock.held and lock.still_ours()
-    labelstore.open_store(path).verify()  # the lock file is invisible to zarr
+        labelstore.open_store(path).verify()  # the lock file is invisible to zarr
+        os.rename(path, path + ".moved")  # the store deleted or replaced under a writer: it must notice
+        new_store(path)
+        assert not lock.still_ours()
 
 
 def test_a_store_is_created_whole_or_not_at_all(tmp_path):
