@@ -9,14 +9,23 @@ configuration and the label store's identity.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
+import shutil
 from typing import Any
 
 import numpy as np
 import torch
 
+from labelstore.locking import Lock, acquire
+
 LAST = "checkpoint.pth.tar"
 BEST = "model_best.pth.tar"
+LOG = "log.jsonl"
+LOCK = "train.lock"
+TRUSTED_FIX = ("load it once in a trusted Python session (torch.load(path, weights_only=False)) and torch.save its "
+               "state_dict alone")
 
 
 class CheckpointError(Exception):
@@ -55,6 +64,16 @@ def save(state: dict[str, Any], folder: str, is_best: bool = False) -> str:
     return path
 
 
+def refused(path: str, e: Exception, holds: str, fix: str) -> str | None:
+    """The message for a file torch.load(weights_only=True) refused because it holds objects that could run
+    code (not a damaged file), or None for any other failure. ``holds``: what the file should hold."""
+    if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)):
+        return None
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return (f"{path}: refused for safety: it holds code-bearing Python objects ({m.group(1) if m else 'unknown'}), "
+            f"not only {holds}, so loading it could run code. If you trust where it came from, {fix}")
+
+
 def load(path: str) -> dict[str, Any]:
     if os.path.isdir(path):
         path = os.path.join(path, LAST)
@@ -64,8 +83,54 @@ def load(path: str) -> dict[str, Any]:
     try:  # weights_only: a checkpoint file cannot run code; ours and FKD's hold only tensors and plain data
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        why = refused(path, e, "tensors and plain data", TRUSTED_FIX)
+        if why:
+            raise CheckpointError(why) from e
         raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]}); it may be truncated") from e
+
+
+def _checkpoint_file(path: str) -> str:
+    return os.path.join(path, LAST) if os.path.isdir(path) else path
+
+
+def claim_folder(folder: str, *, resume: str | None, overwrite: bool) -> Lock:
+    """Take ``folder`` for a training run: its exclusive lock (a second live run there is refused, naming
+    the first), and refuse a folder holding another run's checkpoint or log unless the run continues that
+    very checkpoint (``resume``) or ``overwrite`` says to replace it (its checkpoints, log and tb/ go)."""
+    os.makedirs(folder, exist_ok=True)
+    lock = acquire(os.path.join(folder, LOCK), f"output folder {folder}")
+    try:
+        last = os.path.join(folder, LAST)
+        present = [f for f in (LAST, BEST) if os.path.exists(os.path.join(folder, f))]
+        log = os.path.join(folder, LOG)
+        if os.path.exists(log) and os.path.getsize(log):
+            present.append(LOG)
+        continuing = bool(resume) and os.path.exists(last) and os.path.exists(_checkpoint_file(resume)) and \
+            os.path.samefile(_checkpoint_file(resume), last)
+        if present and not continuing:
+            if not overwrite:
+                raise CheckpointError(f"{folder} holds {_describe(last)} from another run ({', '.join(present)}). "
+                                      f"Pass --resume {last} to continue it, --overwrite to replace it (its "
+                                      "checkpoints and log are deleted), or choose another --output")
+            for name in (LAST, BEST, LOG):
+                if os.path.exists(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+            shutil.rmtree(os.path.join(folder, "tb"), ignore_errors=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _describe(last: str) -> str:
+    if not os.path.exists(last):
+        return "a training log"
+    try:
+        ck = load(last)
+        return f"a checkpoint of {ck.get('arch', 'an unknown model')} at step {ck.get('global_step', '?')}"
+    except CheckpointError:
+        return "a checkpoint (unreadable)"
 
 
 def strip_ddp_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

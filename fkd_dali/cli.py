@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 import labelstore
 
+from .interrupt import exit_code, terminate_like_ctrl_c
+
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from labelstore.locking import store_writer_lock
     store = labelstore.open_store(args.store, mode="r+" if args.clear_rows else "r")
     if args.clear_rows:
         a, _, b = args.clear_rows.partition(":")
         start, stop = int(a), int(b or int(a) + 1)
-        store.clear_done(slice(start, stop))
+        with store_writer_lock(args.store):  # not while a generate run writes the store
+            store.clear_done(slice(start, stop))
         print(f"rows {start}..{stop - 1} of {args.store} marked not done; rerun generation to relabel them")
     if args.verify:
+        from .fkd_format import stem_collisions
         v = store.verify()
-        print(f"verified {v['shards']} shards: every chunk decodes, {v['rows_done']} done rows hold valid labels")
+        print(f"verified {v['shards']} shards: every chunk decodes, {v['rows_done']} done rows hold valid labels, "
+              f"all {store.num_images:,} file names stay inside the dataset folder")
+        clashes = stem_collisions(store.files)
+        if clashes:
+            print(f"note: {len(clashes)} file name(s) share an FKD label-file name with another (FKD keys images by "
+                  "class and name up to the first dot), so `export-fkd` refuses this store: "
+                  + "; ".join(f"{a} and {b} -> {stem}.tar" for stem, a, b in clashes[:5]))
     summary = labelstore.summarize(store)
     print(json.dumps(summary, indent=2) if args.json else labelstore.format_summary(summary))
     return 0
@@ -36,8 +49,11 @@ def _cmd_import_fkd(args: argparse.Namespace) -> int:
 
 def _cmd_export_fkd(args: argparse.Namespace) -> int:
     from .fkd_format import export_fkd
-    n = export_fkd(args.store, args.out, fp16=args.fp16)
-    print(f"wrote {n} FKD label files under {args.out} (use --softlabel_path {args.out} with FKD)")
+    rep = export_fkd(args.store, args.out, fp16=args.fp16, label_type=args.label_type, arrays="numpy" if args.numpy
+                     else "torch", overwrite=args.overwrite)
+    print(f"wrote {rep.written} FKD label files ({rep.layout} layout) under {args.out}; FKD's trainer reads them with "
+          f"--softlabel_path {args.out} --soft_label_type {rep.fkd_label_type}"
+          + ("; float16 files need FKD's loss patched (see docs/reliability.md)" if args.fp16 else ""))
     return 0
 
 
@@ -115,8 +131,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.evaluate:
         return 0
     tag = f"rank {rep.rank}/{rep.world_size}: " if rep.world_size > 1 else ""
-    print(f"{tag}labelled {rep.images:,} images, {rep.crops:,} crops in {rep.seconds:.1f} s "
-          f"({rep.crops_per_s:,.0f} crops/s) in {rep.shards} shard(s) -> {rep.store}")
+    if rep.shards:
+        print(f"{tag}labelled {rep.images:,} images, {rep.crops:,} crops in {rep.seconds:.1f} s "
+              f"({rep.crops_per_s:,.0f} crops/s) in {rep.shards} shard(s) -> {rep.store}")
+    else:
+        print(f"{tag}nothing to label: every shard {'of this rank ' if tag else ''}in {rep.store} was already done")
     if rep.skipped:
         print(f"{tag}left out {len(rep.skipped)} unreadable image(s) (--skip-corrupt; recorded in the store, never "
               "trained on): " + "; ".join(why for _, why in rep.skipped[:5]) + (" ..." if len(rep.skipped) > 5 else ""))
@@ -150,13 +169,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         num_classes=args.num_classes, allow_incomplete=args.allow_incomplete,
         checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, val_batch_size=args.val_batch_size,
         show_progress=not args.quiet, dist_timeout=args.dist_timeout, dist_backend=args.dist_backend,
-        **_placement(args))
+        overwrite=args.overwrite, **_placement(args))
     result = train(cfg)
     if not args.evaluate and "best_top1" in result:
-        last = result["last"] or {}
-        print(f"done: {result['arch']} ({result['labels']} labels), best val top-1 {result['best_top1']:.2f}%, last "
-              f"{last.get('val_top1', float('nan')):.2f}%, {result['global_step']} steps in {result['seconds']:.0f} s; "
-              f"checkpoints in {result['output']}" + (" (stopped by --max-steps)" if result["stopped_early"] else ""))
+        if result.get("interrupted"):
+            return exit_code(signal.Signals[result["interrupted"]])
+        last = result["last"]
+        val = (f"best val top-1 {result['best_top1']:.2f}%, last {last['val_top1']:.2f}%" if last else
+               "not validated yet (validation runs at the end of each segment)")
+        print(f"done: {result['arch']} ({result['labels']} labels), {val}, {result['global_step']} steps in "
+              f"{result['seconds']:.0f} s; checkpoints in {result['output']}"
+              + (" (stopped by --max-steps)" if result["stopped_early"] else ""))
     return 0
 
 
@@ -239,7 +262,10 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     _bool_flag(t, "channels-last", "channels-last memory format (default: on with a GPU)")
     t.add_argument("--device", choices=("cpu", "gpu"))
     t.add_argument("--output", "--save_checkpoint_path", dest="output",
-                   help="checkpoints and log.jsonl (default runs/ARCH-LABELS)")
+                   help="checkpoints and log.jsonl (default runs/ARCH-LABELS); a folder holding another run's "
+                        "checkpoint is refused unless --resume continues it or --overwrite replaces it")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoints and log of another run in --output (they are deleted)")
     t.add_argument("--resume", default="", help="continue from this checkpoint (or evaluate it with -e)")
     t.add_argument("-e", "--evaluate", action="store_true", help="evaluate --resume on DATA/val and exit")
     t.add_argument("--seed", type=int, default=None)
@@ -247,7 +273,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int)
     t.add_argument("--allow-incomplete", action="store_true", help="train on the done rows of an incomplete store")
     t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
-    t.add_argument("--max-steps", type=int, help="stop after this many steps (with a checkpoint)")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (with a checkpoint); at least 1")
     t.add_argument("--val-batch-size", type=int, default=64)
     t.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a DDP collective waits for a lost rank before the job fails (default 600)")
@@ -318,8 +344,16 @@ def add_generate_args(g: argparse.ArgumentParser) -> None:
     add_placement_args(g)
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options (``--num-crop`` is not silently ``--num-crops``), in every subcommand."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fkd-dali", description=(
+    p = _Parser(prog="fkd-dali", description=(
         "Fast Knowledge Distillation on NVIDIA DALI: label every image's random crops with a teacher once "
         "(generate), then train students that replay those exact crops on the GPU (train)."))
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -338,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     i = sub.add_parser("inspect", help="summarise a label store (shape, chunking, bytes per crop, teachers)")
-    i.add_argument("store", metavar="STORE")
+    i.add_argument("store", metavar="STORE", help="the label store folder")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--verify", action="store_true", help="decode every chunk and check every label")
     i.add_argument("--clear-rows", metavar="A:B", help="mark rows A..B-1 not done so generation relabels them")
@@ -355,40 +389,49 @@ def build_parser() -> argparse.ArgumentParser:
     im.set_defaults(func=_cmd_import_fkd)
 
     ex = sub.add_parser("export-fkd", help="write a label store as FKD's per-image soft-label files")
-    ex.add_argument("store", metavar="STORE")
+    ex.add_argument("store", metavar="STORE", help="the label store to export")
     ex.add_argument("--out", required=True, help="output folder (written as OUT/<split>/<class>/<stem>.tar)")
-    ex.add_argument("--fp16", action="store_true", help="float16 coords and labels, as FKD's --use_fp16")
+    ex.add_argument("--label-type", dest="label_type", choices=("auto", "hard", "smoothing", "marginal"),
+                    default="auto", help="FKD's layout of the labels: hard (C,) class ids, smoothing (C, 2), marginal "
+                    "(C, 2, k); auto: the store's recorded label type (hard for --label-type hard stores)")
+    ex.add_argument("--fp16", action="store_true",
+                    help="float16 coords and probabilities, as FKD's --use_fp16 (FKD's trainer cannot read them "
+                         "unpatched: see docs/reliability.md)")
+    ex.add_argument("--numpy", action="store_true",
+                    help="numpy arrays, as FKD's generator writes them (torch >= 2.6 then needs weights_only=False "
+                         "to load them); default: torch tensors, which any torch loads safely")
+    ex.add_argument("--overwrite", action="store_true", help="replace label files already in OUT")
     ex.set_defaults(func=_cmd_export_fkd)
 
     s = sub.add_parser("synth", help="write a synthetic ImageFolder dataset of real JPEGs")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="dataset root to write (OUT/train/<class>/, OUT/val/<class>/)")
     s.add_argument("--flavour", choices=("objects", "photo"), default="objects",
                    help="objects: a class object on clutter with distractors, where per-crop soft labels matter "
                         "(the demo's); photo: ImageNet-like size and JPEG quality, for throughput work")
-    s.add_argument("--classes", type=int, default=10)
-    s.add_argument("--per-class", type=int, default=50)
-    s.add_argument("--val-per-class", type=int, default=10)
+    s.add_argument("--classes", type=int, default=10, help="number of classes")
+    s.add_argument("--per-class", type=int, default=50, help="training images per class")
+    s.add_argument("--val-per-class", type=int, default=10, help="validation images per class")
     s.add_argument("--size", type=int, default=0,
                    help="side in px (objects: default 128; photo: default an ImageNet-like 250..500 mix)")
-    s.add_argument("--quality", type=int, default=90)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("-j", "--workers", type=int, default=0)
+    s.add_argument("--quality", type=int, default=90, help="JPEG quality (1-95)")
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
+    s.add_argument("-j", "--workers", type=int, default=0, help="processes writing images (0: this one)")
     s.set_defaults(func=_cmd_synth)
 
     sh = sub.add_parser("show", help="an image's stored crops as the loader replays them, with their labels")
-    sh.add_argument("store", metavar="STORE")
+    sh.add_argument("store", metavar="STORE", help="the label store")
     sh.add_argument("data", metavar="DATA", help="dataset root holding train/")
     sh.add_argument("--image", required=True, help="store row number, or the file's path relative to train/")
     sh.add_argument("--out", required=True, help="folder for sheet.png and crop_<k>.png")
-    sh.add_argument("--crop-size", type=int, default=224)
-    sh.add_argument("--columns", type=int, default=8)
+    sh.add_argument("--crop-size", type=int, default=224, help="side of each crop in px, as the loader's --input-size")
+    sh.add_argument("--columns", type=int, default=8, help="crops per row of the contact sheet")
     sh.add_argument("--max-crops", type=int, default=64, help="crops on the sheet (every crop gets its PNG)")
     sh.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                     help="decode and cut the crops on the CPU (default) or the GPU, as a GPU training run sees them")
     sh.set_defaults(func=_cmd_show)
 
     d = sub.add_parser("demo", help="the end-to-end flow on generated data (what `make demo` runs)")
-    d.add_argument("--workdir", default="demo-out")
+    d.add_argument("--workdir", default="demo-out", help="folder for the demo's data, stores, runs and report")
     d.add_argument("--quick", action="store_true", help="fewer images and epochs (for tests)")
     d.add_argument("--device", choices=("cpu", "gpu"), help="default: the GPU when there is one")
     d.set_defaults(func=_cmd_demo)
@@ -400,15 +443,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What to do after a command was stopped at once."""
+    if args.command == "generate":
+        return "finished shards are kept: rerun the same command to resume (nothing is labelled twice)"
+    if args.command == "train" and not args.evaluate:
+        last = os.path.join(args.output or os.path.join("runs", f"{args.arch}-{args.labels}"), "checkpoint.pth.tar")
+        return (f"rerun the same command with --resume {last} to continue from the last checkpoint (at the end of "
+                "the last segment, or of --checkpoint-every steps)")
+    if args.command == "import-fkd":
+        return "no store was left behind: rerun the same command"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        with terminate_like_ctrl_c():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        hint = _resume_hint(args)
+        print(f"fkd-dali {args.command}: stopped by {signal.Signals(signum).name}" + (f"; {hint}" if hint else ""),
+              file=sys.stderr)
+        return exit_code(signum)
+    except BrokenPipeError:  # e.g. `fkd-dali inspect STORE | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (labelstore.StoreError, FileNotFoundError, ValueError) as e:
         print(f"fkd-dali {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # permissions, a file where a folder belongs, a full disk ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"fkd-dali {args.command}: error: {where}{e.strerror or e}. Check that path and its permissions "
+              "(a read-only folder or store cannot be written)", file=sys.stderr)
         return 1
     except Exception as e:  # errors of our own modules carry their fix in the message
         if type(e).__module__.startswith(("fkd_dali", "pipelines", "labelstore")):

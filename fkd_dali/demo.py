@@ -126,7 +126,7 @@ def run(workdir: str, quick: bool = False, device: str | None = None) -> dict:
           f"({', '.join(ds.classes[:4])}, ...), {z.image_size} px  ({phases['data']:.0f} s)", flush=True)
 
     base = dict(arch="resnet18", batch_size=z.batch, input_size=z.image_size, device=device,
-                workers=threads, show_progress=False, cos=True)
+                workers=threads, show_progress=False, cos=True, overwrite=True)  # the demo's own folders
     t = time.perf_counter()
     teacher = train(TrainConfig(data=teacher_data, labels="hard", epochs=z.teacher_epochs, scale=(0.25, 1.0),
                                 lr=z.teacher_lr, output=os.path.join(workdir, "teacher"), **base))

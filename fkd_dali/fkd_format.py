@@ -17,6 +17,7 @@ and only numpy's array reconstruction allowed: a label file cannot run code.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
@@ -26,9 +27,12 @@ import numpy as np
 import torch
 
 import labelstore
+import labelstore.locking
+import labelstore.paths
 from labelstore import LabelStore, create_store
 from pipelines.errors import image_header
 
+from .checkpoint import refused
 from .crops import from_normalized, normalized
 from .dataset import Dataset, scan_image_folder, split_dir
 from .progress import progress
@@ -54,6 +58,10 @@ def load_fkd_file(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.serialization.safe_globals(_safe_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        why = refused(path, e, "the three arrays of an FKD label file", "load it in a trusted Python session "
+                      "(torch.load(path, weights_only=False)) and torch.save the three arrays as tensors")
+        if why:
+            raise FKDFormatError(why) from e
         raise FKDFormatError(f"{path}: cannot be read as an FKD label file ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}); the file is truncated or corrupt: "
                              "re-download or regenerate it") from e
@@ -132,9 +140,9 @@ def check_coords(coords: np.ndarray, path: str, slack: float = 1e-3) -> None:
 
 def _load_rows(args: tuple) -> dict:
     """Worker: load the label files and image sizes of one shard."""
-    label_root, image_root, files, C, k = args
-    out = {"sizes": [], "coords": [], "flips": [], "ids": [], "probs": [], "present": [], "kind": set(),
-           "dtype": set(), "rounding": 0.0, "errors": [], "missing": []}
+    label_root, image_root, files, C, k, want_kind = args
+    out = {"sizes": [], "coords": [], "flips": [], "ids": [], "probs": [], "present": [],
+           "dtype": set(), "rounding": 0.0, "errors": [], "missing": [], "odd": []}
     for rel in files:
         lpath = os.path.join(label_root, label_stem(rel) + ".tar")
         if not os.path.isfile(lpath):
@@ -144,9 +152,11 @@ def _load_rows(args: tuple) -> dict:
         try:
             coords, flips, output = load_fkd_file(lpath)
             ids, probs, kind = split_output(output, lpath)
-            if coords.shape != (C, 4) or flips.shape != (C,) or ids.shape != (C, k):
-                raise FKDFormatError(f"{lpath}: coords {coords.shape}, flips {flips.shape}, output "
-                                     f"{output.shape}; expected {C} crops with top-{k} like the first file")
+            if coords.shape != (C, 4) or flips.shape != (C,) or ids.shape != (C, k) or kind != want_kind:
+                out["odd"].append(f"{lpath} ({_shape_text(len(coords), ids.shape[1], kind)}; coords "
+                                  f"{coords.shape}, flips {flips.shape}, output {output.shape})")
+                out["present"].append(False)
+                continue
             check_coords(coords, lpath)
             size = _image_size(os.path.join(image_root, rel))
         except FKDFormatError as e:
@@ -159,15 +169,42 @@ def _load_rows(args: tuple) -> dict:
         out["ids"].append(ids)
         out["probs"].append(probs)
         out["present"].append(True)
-        out["kind"].add(kind)
         out["dtype"].add(str(coords.dtype))
     return out
 
 
-def _shard_jobs(store: LabelStore, label_root: str, image_root: str, C: int, k: int) -> Iterator[tuple]:
+def _shape_text(crops: int, k: int, kind: str) -> str:
+    return f"{crops} crops, {kind} labels" + (f" (top-{k})" if kind.startswith("marginal") else "")
+
+
+def majority_shape(label_root: str, stems: Sequence[str], sample: int = 64) -> tuple[int, int, str, int, int]:
+    """(crops, k, label type, files agreeing, files read) of most label files, from up to ``sample`` files
+    spread over the dataset (so one odd file, first or not, never becomes the reference)."""
+    present = [s for s in stems if os.path.isfile(os.path.join(label_root, s + ".tar"))]
+    if not present:
+        raise FKDFormatError(f"{label_root} holds none of the {len(stems)} label files the dataset needs "
+                             f"(e.g. {stems[0]}.tar)")
+    picks = sorted({int(i) for i in np.linspace(0, len(present) - 1, min(sample, len(present)))})
+    seen: collections.Counter = collections.Counter()
+    for i in picks:
+        p = os.path.join(label_root, present[i] + ".tar")
+        try:
+            coords, _, output = load_fkd_file(p)
+            ids, _, kind = split_output(output, p)
+        except FKDFormatError:
+            continue  # named by the import itself
+        seen[(len(coords), ids.shape[1], kind)] += 1
+    if not seen:
+        raise FKDFormatError(f"none of {len(picks)} label files read under {label_root} is an FKD label file "
+                             f"(e.g. {present[picks[0]]}.tar)")
+    (C, k, kind), agree = seen.most_common(1)[0]
+    return C, k, kind, agree, sum(seen.values())
+
+
+def _shard_jobs(store: LabelStore, label_root: str, image_root: str, C: int, k: int, kind: str) -> Iterator[tuple]:
     files = store.files
     for a, b in store.shard_ranges():
-        yield (label_root, image_root, list(files[a:b]), C, k)
+        yield (label_root, image_root, list(files[a:b]), C, k, kind)
 
 
 def import_fkd(src: str, data: str, save_path: str, *, allow_missing: bool = False, workers: int = 0,
@@ -176,38 +213,43 @@ def import_fkd(src: str, data: str, save_path: str, *, allow_missing: bool = Fal
     ds: Dataset = scan_image_folder(split_dir(data, "train"))
     label_root = find_label_root(src, ds.classes)
     stems = [label_stem(f) for f in ds.files]
-    if len(set(stems)) != len(stems):
-        seen: dict[str, str] = {}
-        for f, s in zip(ds.files, stems):
-            if s in seen:
-                raise FKDFormatError(f"{seen[s]} and {f} map to the same FKD label file {s}.tar (FKD keys "
-                                     "images by class and name up to the first dot); rename one of them")
-            seen[s] = f
-    # The first readable file fixes C, k and the label type.
-    first = None
-    for s in stems:
-        p = os.path.join(label_root, s + ".tar")
-        if os.path.isfile(p):
-            coords, _, output = load_fkd_file(p)
-            ids, _, kind = split_output(output, p)
-            first = (len(coords), ids.shape[1], kind, p)
-            break
-    if first is None:
-        raise FKDFormatError(f"{label_root} holds none of the {len(stems)} label files the dataset needs "
-                             f"(e.g. {stems[0]}.tar)")
-    C, k, kind, first_path = first
-    store = create_store(save_path, files=ds.files, targets=ds.targets, classes=ds.classes,
+    clashes = stem_collisions(ds.files)
+    if clashes:
+        stem, first, other = clashes[0]
+        raise FKDFormatError(f"{first} and {other} map to the same FKD label file {stem}.tar (FKD keys images by "
+                             "class and name up to the first dot); rename one of them")
+    C, k, kind, agree, sampled = majority_shape(label_root, stems)
+    if os.path.exists(save_path) and not overwrite:
+        raise FKDFormatError(f"{save_path} already exists; choose another --save-path, or pass --overwrite to "
+                             "replace it (the old store stays until the import has succeeded)")
+    lock = labelstore.locking.store_writer_lock(save_path) if overwrite and \
+        os.path.isfile(os.path.join(save_path, "zarr.json")) else None  # not under a running generate
+    try:
+        report: list[ImportReport] = []
+        labelstore.locking.create_atomically(save_path, lambda tmp: report.append(_import_into(
+            tmp, src, ds, label_root, C, k, kind, (agree, sampled), allow_missing=allow_missing, workers=workers,
+            show_progress=show_progress)), replace=overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
+    return dataclasses.replace(report[0], store=save_path)
+
+
+def _import_into(path: str, src: str, ds: Dataset, label_root: str, C: int, k: int, kind: str,
+                 sampled: tuple[int, int], *, allow_missing: bool, workers: int, show_progress: bool) -> ImportReport:
+    """The import proper, into a fresh store at ``path`` (a staging folder: it is moved into place on success)."""
+    store = create_store(path, files=ds.files, targets=ds.targets, classes=ds.classes,
                          fingerprint=ds.fingerprint, dataset_root=ds.name, num_crops=C, top_k=k,
                          temperature=1.0, teachers=[{"name": "unknown (imported from FKD)"}],
                          crop={"interpolation": "bilinear (FKD replay)"}, seed=None,
-                         source={"kind": "import-fkd", "path": os.path.abspath(src), "label_type": kind},
-                         overwrite=overwrite)
+                         source={"kind": "import-fkd", "path": os.path.abspath(src), "label_type": kind})
     missing: list[str] = []
     errors: list[str] = []
+    odd: list[str] = []
     dtypes: set[str] = set()
     rounding = 0.0
     imported = 0
-    jobs = list(_shard_jobs(store, label_root, ds.root, C, k))
+    jobs = list(_shard_jobs(store, label_root, ds.root, C, k, kind))
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     results = pool.map(_load_rows, jobs) if pool else map(_load_rows, jobs)
     bar = progress(total=len(ds), desc="import-fkd", unit="img", disable=not show_progress)
@@ -215,12 +257,10 @@ def import_fkd(src: str, data: str, save_path: str, *, allow_missing: bool = Fal
         for (a, b), res in zip(store.shard_ranges(), results):
             missing += res["missing"]
             errors += res["errors"]
+            odd += res["odd"]
             dtypes |= res["dtype"]
             present = np.asarray(res["present"], dtype=bool)
             bar.update(b - a)
-            if res["kind"] - {kind}:
-                raise FKDFormatError(f"{label_root}: label files mix layouts {sorted(res['kind'] | {kind})}; "
-                                     f"the first file ({first_path}) is {kind}")
             if not present.any():
                 continue
             count = b - a
@@ -247,6 +287,12 @@ def import_fkd(src: str, data: str, save_path: str, *, allow_missing: bool = Fal
         bar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
+    if odd:
+        raise FKDFormatError(
+            f"{label_root}: the label files disagree on their shape. Most hold {_shape_text(C, k, kind)} "
+            f"({sampled[0]} of {sampled[1]} files sampled across the dataset); {len(odd)} differ: "
+            f"{'; '.join(odd[:5])}{' ...' if len(odd) > 5 else ''}. Regenerate or remove those files (then "
+            "--allow-missing imports the rest)")
     if errors:
         raise FKDFormatError(f"{len(errors)} label file(s) could not be imported; first: {errors[0]}")
     if missing and not allow_missing:
@@ -257,36 +303,103 @@ def import_fkd(src: str, data: str, save_path: str, *, allow_missing: bool = Fal
     store.update_meta(source={**store.meta.source, "coord_dtype": "/".join(sorted(dtypes)),
                               "max_box_rounding_px": rounding, "missing": len(missing)})
     store.finalize()
-    return ImportReport(store=save_path, imported=imported, missing=missing, label_type=kind,
+    return ImportReport(store=path, imported=imported, missing=missing, label_type=kind,
                         coord_dtype="/".join(sorted(dtypes)), max_rounding_px=rounding)
 
 
-def export_fkd(store_path: str, out: str, *, fp16: bool = False, show_progress: bool = True) -> int:
-    """Write every done row of a store as FKD label files ``OUT/<split>/<class>/<stem>.tar``."""
+def stem_collisions(files: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(stem, first file, other file) for every file whose FKD label-file name another file already has."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for f in files:
+        stem = label_stem(str(f))
+        if stem in seen:
+            clashes.append((stem, seen[stem], str(f)))
+        else:
+            seen[stem] = str(f)
+    return clashes
+
+
+#: ``--soft_label_type`` of FKD's trainer for each exported layout (marginal by its k; marginal_renorm reads any k).
+FKD_TRAINER_TYPE = {"hard": "hard", "smoothing": "smoothing", 5: "marginal_smoothing_k5", 10: "marginal_smoothing_k10"}
+
+
+def export_layout(store: LabelStore, label_type: str = "auto") -> str:
+    """hard, smoothing or marginal: ``auto`` follows the label type the store was made for."""
+    if label_type == "auto":
+        made_for = str(store.meta.source.get("label_type") or "")
+        label_type = "hard" if made_for == "hard" else "smoothing" if store.top_k == 1 else "marginal"
+    if label_type not in ("hard", "smoothing", "marginal"):
+        raise FKDFormatError(f"--label-type {label_type!r}: choose hard, smoothing, marginal or auto")
+    return label_type
+
+
+@dataclasses.dataclass
+class ExportReport:
+    written: int
+    layout: str
+    fkd_label_type: str  # the --soft_label_type FKD's trainer needs for these files
+
+
+def export_fkd(store_path: str, out: str, *, fp16: bool = False, label_type: str = "auto", arrays: str = "torch",
+               overwrite: bool = False, show_progress: bool = True) -> ExportReport:
+    """Write every done row of a store as FKD label files ``OUT/<split>/<class>/<stem>.tar``.
+
+    The default is what FKD's own trainer reads unpatched on any torch: ``[coords, flips, output]`` as torch
+    tensors (torch >= 2.6 loads them with its default ``weights_only=True``; numpy arrays would need
+    ``weights_only=False``), float32, hard labels as (C,) int64 class ids. Rows are validated as ``train``
+    validates them, every destination stays inside OUT, and two images with one FKD name are refused.
+    """
     store = labelstore.open_store(store_path)
+    layout = export_layout(store, label_type)
+    if arrays not in ("torch", "numpy"):
+        raise FKDFormatError(f"arrays={arrays!r}: choose torch or numpy")
     split = store.meta.dataset_root or "train"
     dt = np.float16 if fp16 else np.float32
-    written = 0
     files = store.files
+    done = store.done()
+    clashes = stem_collisions(files[done])
+    if clashes:
+        stem, a, b = clashes[0]
+        raise FKDFormatError(f"{a} and {b} would both be written as {split}/{stem}.tar: FKD keys an image by its "
+                             f"class and its name up to the first dot ({len(clashes)} such clashes). FKD's trainer "
+                             "could not tell them apart; rename the images (and regenerate), or keep the labels in "
+                             "the store")
+    where = f"{store_path} (exporting to {out})"
+    dest = {i: labelstore.paths.resolve_inside(out, f"{split}/{label_stem(files[i])}.tar", where)
+            for i in np.flatnonzero(done)}
+    there = [p for p in dest.values() if os.path.exists(p)]
+    if there and not overwrite:
+        raise FKDFormatError(f"{out} already holds {len(there)} of the {len(dest)} label files to write (e.g. "
+                             f"{there[0]}); pass --overwrite to replace them, or choose another --out")
+    written = 0
     bar = progress(total=store.num_images, desc="export-fkd", unit="img", disable=not show_progress)
     try:
         for a, b in store.shard_ranges():
             rows = store.read_rows(np.arange(a, b))
+            labelstore.check_block(rows, store.num_classes, first_row=a, where=store_path, files=files,
+                                   rows_mask=rows["done"])
             coords = normalized(rows["boxes"], rows["sizes"])
             for i in range(b - a):
                 bar.update(1)
                 if not rows["done"][i]:
                     continue
-                ids = rows["topk_idx"][i].astype(np.float64)
-                vals = rows["topk_val"][i].astype(np.float64)
-                if store.top_k == 1:
-                    output = np.stack([ids[:, 0], vals[:, 0]], axis=1)
+                ids, vals = rows["topk_idx"][i], rows["topk_val"][i].astype(np.float64)
+                if layout == "hard":  # FKD's trainer scatters with these as indices: int64, whatever --fp16
+                    output = ids[:, 0].astype(np.int64)
+                elif layout == "smoothing":
+                    output = np.stack([ids[:, 0], vals[:, 0]], axis=1).astype(dt)
                 else:
-                    output = np.stack([ids, vals], axis=1)
-                dest = os.path.join(out, split, label_stem(files[a + i]) + ".tar")
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                torch.save([coords[i].astype(dt), rows["flips"][i].astype(bool), output.astype(dt)], dest)
+                    output = np.stack([ids.astype(np.float64), vals], axis=1).astype(dt)
+                state = [coords[i].astype(dt), rows["flips"][i].astype(bool), output]
+                if arrays == "torch":
+                    state = [torch.from_numpy(np.ascontiguousarray(x)) for x in state]
+                path = dest[a + i]
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(state, path + ".tmp")
+                os.replace(path + ".tmp", path)
                 written += 1
     finally:
         bar.close()
-    return written
+    kind = FKD_TRAINER_TYPE.get(layout if layout != "marginal" else store.top_k, "marginal_renorm")
+    return ExportReport(written=written, layout=layout, fkd_label_type=kind)

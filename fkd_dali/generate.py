@@ -11,7 +11,9 @@ Resume: rerunning the same command opens the store, checks that every setting ma
 the shards still pending. Teacher batches never span shards, so a shard's labels are bit-identical whether
 it is generated in one run, after a kill, or by another rank. Sharding: with torchrun (or ``--rank`` /
 ``--world-size``) rank r generates the pending shards s with s % world_size == r; no two ranks ever write one
-file.
+file. One run per store: a new store is created whole (built beside its path and renamed into place) and rank 0
+holds the store's writer lock for the run, so a second run on the same store is refused, naming the first
+(``labelstore.locking``; on object storage the settings check alone protects the store).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 import labelstore
 from labelstore import LabelStore, create_store, open_store
+from labelstore.locking import Lock, LockedError, create_atomically, store_writer_lock
 from pipelines import DecoderOptions, graphs, handoff
 from pipelines.errors import probe_image, read_headers
 from pipelines.loader import EvalLoader, default_threads
@@ -159,8 +162,8 @@ def read_sizes(ds: Dataset, rows: np.ndarray, workers: int = 8) -> tuple[np.ndar
 class _ShardWriter:
     """Writes finished shards in a background thread, so the teachers never wait for compression or disk."""
 
-    def __init__(self, store: LabelStore):
-        self.store = store
+    def __init__(self, store: LabelStore, lock: Lock | None = None):
+        self.store, self.lock = store, lock
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="fkd-shard-writer", daemon=True)
@@ -175,6 +178,9 @@ class _ShardWriter:
                 continue
             start, arrays, mask = item
             try:
+                if self.lock is not None and not self.lock.still_ours():
+                    raise GenerateError(f"{self.store.path} was deleted or replaced while this run wrote it (its "
+                                        "lock file is gone); stopping so that no labels land in another run's store")
                 self.store.write_block(start, rows_done=mask, overwrite=True, **arrays)
             except BaseException as e:  # noqa: BLE001 - surfaced in put()/close()
                 self.error = e
@@ -191,33 +197,58 @@ class _ShardWriter:
             raise self.error
 
 
+TEACHERS_KEY = "teachers (-a, --weights, --input-size, --interpolation, --mean, --std)"  # + the weights' sha256
+
+
 def _settings(cfg: GenerateConfig, num_crops: int, teachers: Teachers) -> dict:
     """What a resumed run must agree on, by option name."""
     return {"--num-crops": num_crops, "--top-k": cfg.top_k, "--num-classes": teachers.num_classes,
             "--temperature": float(cfg.temperature), "--seed": cfg.seed,
             "--min/max-scale-crops": [float(x) for x in cfg.scale], "--ratio": [float(x) for x in cfg.ratio],
-            "teachers (-a, --weights, --input-size, --interpolation, --mean, --std)":
-                [{k: t.record(teachers.num_classes)[k] for k in ("name", "weights", "input_size", "interpolation",
-                                                                 "mean", "std")} for t in teachers.specs],
+            TEACHERS_KEY: [{k: t.record(teachers.num_classes)[k] for k in ("name", "weights", "sha256", "input_size",
+                                                                           "interpolation", "mean", "std")}
+                           for t in teachers.specs],
             "--reference": os.path.abspath(cfg.reference) if cfg.reference else None}
 
 
 def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_crops: int,
-                      d: distributed.DistInfo) -> LabelStore:
+                      d: distributed.DistInfo) -> tuple[LabelStore, Lock | None]:
+    """Open (rank 0: first create, atomically) the store and check it was made with these settings. Rank 0
+    holds the store's writer lock for the run (returned): a second run on the same store is refused."""
     settings = _settings(cfg, num_crops, teachers)
     path = cfg.save_path
-    if d.is_main and not os.path.exists(os.path.join(path, "zarr.json")):
-        if os.path.exists(path) and os.listdir(path):
-            raise GenerateError(f"{path} exists and is not a label store; choose another --save-path")
-        create_store(path, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
-                     dataset_root=ds.name, num_crops=num_crops, top_k=cfg.top_k, num_classes=teachers.num_classes,
-                     temperature=cfg.temperature, teachers=[t.record(teachers.num_classes) for t in teachers.specs],
-                     crop={"scale": list(cfg.scale), "ratio": list(cfg.ratio), "interpolation":
-                           [t.interpolation for t in teachers.specs], "input_size": [t.input_size for t in teachers.specs],
-                           "group_size": cfg.group_size},
-                     seed=cfg.seed, source={"kind": "generate", "settings": settings, "label_type": cfg.label_type},
-                     rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk, overwrite=bool(
-                         os.path.exists(path)))
+    lock = None
+    if d.is_main:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise GenerateError(f"--save-path {path} is a file; it must name the label store's folder (to create "
+                                "or resume): choose another path")
+        if not os.path.exists(os.path.join(path, "zarr.json")):
+            if os.path.exists(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "zarr.json")):
+                raise GenerateError(f"{path} exists and is not a label store; choose another --save-path")
+            create_atomically(path, lambda tmp: create_store(
+                tmp, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
+                dataset_root=ds.name, num_crops=num_crops, top_k=cfg.top_k, num_classes=teachers.num_classes,
+                temperature=cfg.temperature, teachers=[t.record(teachers.num_classes) for t in teachers.specs],
+                crop={"scale": list(cfg.scale), "ratio": list(cfg.ratio), "interpolation":
+                      [t.interpolation for t in teachers.specs], "input_size": [t.input_size for t in teachers.specs],
+                      "group_size": cfg.group_size},
+                seed=cfg.seed, source={"kind": "generate", "settings": settings, "label_type": cfg.label_type},
+                rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk))
+        try:
+            lock = store_writer_lock(path)
+        except LockedError as e:
+            raise GenerateError(f"{e}. (To share one generation between processes, launch it with torchrun or "
+                                "--rank/--world-size: ranks of one run own disjoint shards)") from None
+    try:
+        return _open_checked(cfg, ds, settings, d), lock
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _open_checked(cfg: GenerateConfig, ds: Dataset, settings: dict, d: distributed.DistInfo) -> LabelStore:
+    path = cfg.save_path
     if d.group:
         d.barrier()
     else:
@@ -230,6 +261,8 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
         raise GenerateError(f"{path} was not made by `fkd-dali generate` (its source is "
                             f"{store.meta.source.get('kind', 'unknown')}); choose another --save-path")
     for key, value in settings.items():
+        if key == TEACHERS_KEY and isinstance(made.get(key), list) and all("sha256" not in t for t in made[key]):
+            value = [{k: v for k, v in t.items() if k != "sha256"} for t in value]  # a store made before sha256
         if made.get(key) != value:
             raise GenerateError(f"{path} was generated with {key} = {made.get(key)!r} but this run asks for "
                                 f"{value!r}. Rerun with the same options to resume it, or choose a new --save-path")
@@ -245,7 +278,7 @@ def _wait_for_store(path: str, timeout_s: float = 600.0) -> None:
         try:
             open_store(path)
             return
-        except labelstore.StoreError:
+        except labelstore.StoreNotFoundError:  # not created yet (creation is atomic: any other error is final)
             if time.monotonic() - t0 > timeout_s:
                 raise GenerateError(f"waited {timeout_s:.0f} s for rank 0 to create {path}; start rank 0 (it "
                                     "creates the store) or create it with a single-process run first") from None
@@ -292,7 +325,16 @@ def _generate(cfg: GenerateConfig, device: str, d: distributed.DistInfo) -> Gene
     ref = _open_reference(cfg.reference, ds, None if cfg.num_crops is None else cfg.num_crops) if cfg.reference \
         else None
     num_crops = ref.num_crops if ref else cfg.num_crops
-    store = _create_or_resume(cfg, ds, teachers, num_crops, d)
+    store, lock = _create_or_resume(cfg, ds, teachers, num_crops, d)
+    try:
+        return _run_shards(cfg, ds, teachers, store, lock, ref, device, num_crops, d)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_shards(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, store: LabelStore, lock: Lock | None,
+                ref: LabelStore | None, device: str, num_crops: int, d: distributed.DistInfo) -> GenerateReport:
     jobs = [s for s in store.pending_shards() if s % d.world_size == d.rank]
     ranges = store.shard_ranges()
     skipped_before = set(store.skipped_rows().tolist())
@@ -300,7 +342,7 @@ def _generate(cfg: GenerateConfig, device: str, d: distributed.DistInfo) -> Gene
     gen = _ShardGenerator(cfg, ds, teachers, store, ref, device, num_crops)
     bar = progress(total=todo_rows, desc=f"generate r{d.rank}" if d.world_size > 1 else "generate", unit="img",
                    disable=not cfg.show_progress)
-    writer = _ShardWriter(store)
+    writer = _ShardWriter(store, lock)
     skipped: list[tuple[int, str]] = []
     crops = images = 0
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from PIL import Image
 
 import labelstore
 from pipelines import graphs
-from pipelines.reader import GenerationReader, resolve_root
+from pipelines.reader import GenerationReader, check_files, resolve_root
 
 
 class ShowError(Exception):
@@ -67,17 +67,23 @@ def show(store_path: str, data: str, image: str, out_dir: str, crop_size: int = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    store = labelstore.open_store(store_path)
+    store = labelstore.open_store(store_path)  # shapes bounded, names checked when read
     row = find_row(store, image)
     got = store.read_rows([row])
     if not got["done"][0]:
         raise ShowError(f"row {row} ({store.files[row]}) has no labels yet (generation has not reached it, or it was "
                         "skipped as unreadable)")
+    # What train checks before replaying a crop: the labels are possible, the images are those labelled.
+    labelstore.check_block(got, store.num_classes, first_row=row, where=store_path, files=store.files)
+    check_files(resolve_root(data, store), store)
     crops = replayed_crops(store, data, row, crop_size, device)
     os.makedirs(out_dir, exist_ok=True)
     for k, crop in enumerate(crops):
         Image.fromarray(crop).save(os.path.join(out_dir, f"crop_{k}.png"))
-    names = list(store.classes) + [str(i) for i in range(len(store.classes), store.num_classes)]
+    classes = list(store.classes)
+
+    def name(i: int) -> str:  # ids past the dataset's names (a teacher with more classes) show as numbers
+        return classes[i] if 0 <= i < len(classes) else str(i)
     shown = min(len(crops), max_crops)
     cols = min(columns, shown)
     rows = math.ceil(shown / cols)
@@ -90,9 +96,9 @@ def show(store_path: str, data: str, image: str, out_dir: str, crop_size: int = 
         ax.imshow(crops[k])
         t, l, h, w = (int(v) for v in got["boxes"][0, k])
         lines = [f"#{k} ({t},{l}) {h}x{w}" + (" flipped" if got["flips"][0, k] else "")]
-        lines += [f"{names[int(c)][:16]} {float(p):.2f}" for c, p in zip(got["topk_idx"][0, k], got["topk_val"][0, k])]
+        lines += [f"{name(int(c))[:16]} {float(p):.2f}" for c, p in zip(got["topk_idx"][0, k], got["topk_val"][0, k])]
         ax.set_title("\n".join(lines), fontsize=7, loc="left")
-    fig.suptitle(f"{store.files[row]} (row {row}, class {names[int(store.targets[row])]}, "
+    fig.suptitle(f"{store.files[row]} (row {row}, class {name(int(store.targets[row]))}, "
                  f"{got['sizes'][0][1]}x{got['sizes'][0][0]} px): {shown} of {len(crops)} stored crops as the loader "
                  f"replays them at {crop_size} px, with their stored top-{store.top_k}", fontsize=9)
     fig.tight_layout()

@@ -16,6 +16,7 @@ Each teacher has its own view: input size, interpolation, mean and std, recorded
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 import torchvision
 
-from .checkpoint import state_mismatch, strip_ddp_prefix
+from .checkpoint import TRUSTED_FIX, refused, state_mismatch, strip_ddp_prefix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,9 +57,26 @@ class TeacherSpec:
         source = ("torchvision" if self.arch in torchvision_models() else
                   self.arch if self.arch in SERIALIZED else "timm")
         return {"name": self.arch, "source": source, "weights": self.weights,
-                "path": os.path.abspath(self.path) if self.path else None, "input_size": self.input_size,
-                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
-                "num_classes": num_classes}
+                "path": os.path.abspath(self.path) if self.path else None, "sha256": self.digest(),
+                "input_size": self.input_size, "interpolation": self.interpolation, "mean": list(self.mean),
+                "std": list(self.std), "num_classes": num_classes}
+
+    def digest(self) -> str | None:
+        """sha256 of the --teacher-path file: which weights labelled a store, wherever the file lies now."""
+        if not self.path or not os.path.isfile(self.path):
+            return None
+        stat = os.stat(self.path)
+        key = (os.path.abspath(self.path), stat.st_size, stat.st_mtime_ns)
+        if key not in _DIGESTS:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            _DIGESTS[key] = "sha256:" + h.hexdigest()
+        return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple, str] = {}
 
 
 def torchvision_models() -> set[str]:
@@ -100,6 +118,9 @@ def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise TeacherError(f"teacher checkpoint {path} does not exist") from None
     except Exception as e:
+        why = refused(path, e, "tensors and plain data", TRUSTED_FIX)
+        if why:
+            raise TeacherError(why) from e
         raise TeacherError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]}); give a state_dict or a dict with 'state_dict' "
                            "or 'model' saved by torch.save") from e

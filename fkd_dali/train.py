@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -31,11 +32,12 @@ import labelstore
 from pipelines import DecoderOptions, EvalLoader, FKDLoader, StandardLoader
 
 from . import checkpoint, distributed
+from .interrupt import GracefulStop
 from .dataset import scan_image_folder, split_dir
 from .evaluate import evaluate
 from .mixing import MixConfig, mix
 from .models import create_model, is_transformer
-from .progress import progress
+from .progress import format_eta, progress
 from .schedule import LRSchedule, Segment, fkd_segments, plain_segments
 from .soft_labels import parse_label_type, recover, soft_cross_entropy
 from .teachers import TeacherSpec, build_teacher, output_classes
@@ -101,6 +103,7 @@ class TrainConfig:
     cpu_affinity: str = "auto"  # auto: each rank of a node pinned to its share of the cores near its GPU
     dist_backend: str | None = None  # nccl | gloo (default: nccl when every rank has a GPU of its own)
     decoder: DecoderOptions = dataclasses.field(default_factory=DecoderOptions)  # mixed-decoder settings
+    overwrite: bool = False  # replace another run's checkpoints in --output (else refused unless --resume)
 
     def resolved(self) -> "TrainConfig":
         """Fill the defaults that depend on the architecture family (FKD's CNN vs ViT recipes)."""
@@ -126,6 +129,9 @@ class Trainer:
         self.cfg = cfg = cfg.resolved()
         if cfg.labels not in ("fkd", "hard", "online"):
             raise TrainError(f"--labels must be fkd, hard or online, got {cfg.labels!r}")
+        if cfg.max_steps is not None and cfg.max_steps < 1:
+            raise TrainError(f"--max-steps {cfg.max_steps}: give at least 1 step (or leave it out to train the "
+                             "whole plan)")
         self.device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
         if self.device == "gpu" and not torch.cuda.is_available():
             raise TrainError("--device gpu was asked for but torch sees no CUDA device; use --device cpu")
@@ -167,6 +173,10 @@ class Trainer:
         self.global_step = 0
         self.best_top1 = 0.0
         self.history: list[dict] = []
+        self.output_lock = None
+        self.stop: GracefulStop | None = None
+        self.partial: dict | None = None  # this rank's running sums of the segment at the resume position
+        self.running = {"loss": None, "top1": None, "steps": 0}
 
     # ------------------------------------------------------------------ setup
     def _num_classes(self) -> int:
@@ -186,6 +196,8 @@ class Trainer:
             if cfg.num_crops > self.store.num_crops:
                 raise TrainError(f"--num-crops {cfg.num_crops} but {cfg.softlabel_path} stores {self.store.num_crops} "
                                  f"crops per image; use --num-crops <= {self.store.num_crops}")
+            if cfg.allow_incomplete and self.main:
+                print(incomplete_note(self.store), flush=True)
             return self.store.num_classes
         if cfg.num_classes is not None:
             return cfg.num_classes
@@ -266,12 +278,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
-        rng = checkpoint.rng_state()
-        rngs = [None] * self.dist.world_size
+        run = self.running
+        mine = {"rng": checkpoint.rng_state(), "partial": None if run["loss"] is None else {
+            "loss": float(run["loss"].item()), "top1": float(run["top1"].item()), "steps": run["steps"]}}
+        every = [None] * self.dist.world_size
         if self.dist.group:
-            dist.all_gather_object(rngs, rng)
+            dist.all_gather_object(every, mine)
         else:
-            rngs = [rng]
+            every = [mine]
+        rngs = [x["rng"] for x in every]
         seg, batch = self.position
         return {"arch": self.cfg.arch, "num_classes": self.num_classes, "state_dict": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": None,
@@ -279,6 +294,7 @@ class Trainer:
                 "epoch": self.segments[seg].start_epoch if seg < len(self.segments) else self.cfg.epochs,
                 "segment": seg, "batch": batch, "global_step": self.global_step, "best_acc1": self.best_top1,
                 "history": self.history, "rng": rngs, "world_size": self.dist.world_size,
+                "partial": [x["partial"] for x in every],
                 "config": dataclasses.asdict(self.cfg),
                 "store": {"path": self.store.path, "fingerprint": self.store.meta.fingerprint} if self.store else None}
 
@@ -313,6 +329,8 @@ class Trainer:
         rngs = ckpt.get("rng") or []
         if len(rngs) == self.dist.world_size:
             checkpoint.set_rng_state(rngs[self.dist.rank])
+        partials = ckpt.get("partial") or []
+        self.partial = partials[self.dist.rank] if len(partials) == self.dist.world_size else None
 
     # ------------------------------------------------------------------ the loop
     def step(self, batch: dict[str, torch.Tensor], lr: float) -> tuple[float, float]:
@@ -350,7 +368,35 @@ class Trainer:
         top1 = (out.detach().argmax(1) == target).float().mean()
         return loss.detach(), top1
 
+    def claim_output(self) -> None:
+        """Rank 0 takes the output folder (refused when another run's checkpoint is there, or a live run
+        writes it); every rank raises the same error."""
+        why = None
+        if self.main:
+            try:
+                self.output_lock = checkpoint.claim_folder(self.cfg.output, resume=self.cfg.resume,
+                                                           overwrite=self.cfg.overwrite)
+            except (checkpoint.CheckpointError, labelstore.StoreError) as e:
+                why = str(e)
+            except OSError as e:  # a read-only or misnamed --output
+                why = f"--output {self.cfg.output}: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "") + \
+                    ". Choose a folder you can write"
+        if self.dist.group:
+            box = [why]
+            dist.broadcast_object_list(box, src=0)
+            why = box[0]
+        if why:
+            raise TrainError(why)
+
     def run(self) -> dict:
+        self.claim_output()
+        try:
+            return self._run()
+        finally:
+            if self.output_lock is not None:
+                self.output_lock.release()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         if cfg.resume:
             self.resume(cfg.resume)
@@ -358,11 +404,14 @@ class Trainer:
         log = open(os.path.join(cfg.output, "log.jsonl"), "a") if self.main and _mkdir(cfg.output) else None
         tb = _tensorboard(cfg.output) if self.main else None
         stopped = False
+        self.stop = GracefulStop(self.dist.group)
+        self.eta = (time.perf_counter(), self.global_step)
         try:
-            for seg in self.segments[self.position[0]:]:
-                stopped = self.train_segment(seg, log, tb)
-                if stopped:
-                    break
+            with self.stop:
+                for seg in self.segments[self.position[0]:]:
+                    stopped = self.train_segment(seg, log, tb)
+                    if stopped:
+                        break
         finally:
             if log:
                 log.close()
@@ -372,42 +421,68 @@ class Trainer:
                 ld.close()
         summary = {"arch": cfg.arch, "labels": cfg.labels, "best_top1": self.best_top1,
                    "last": self.history[-1] if self.history else None, "seconds": time.perf_counter() - t_run,
-                   "global_step": self.global_step, "stopped_early": stopped, "output": cfg.output}
+                   "global_step": self.global_step, "stopped_early": stopped, "output": cfg.output,
+                   "interrupted": self.stop.name}
+        if self.stop.name and self.main:
+            last = os.path.join(cfg.output, checkpoint.LAST)
+            print(f"stopped by {self.stop.name} after step {self.global_step}: checkpoint {last} saved. To continue, "
+                  f"rerun the same command with --resume {last}", flush=True)
         self.dist.close()
         return summary
 
+    def run_steps(self, rows: int) -> int:
+        """Optimizer steps of the whole plan when ``rows`` images are served (for the run's ETA)."""
+        per_rank = -(-rows // self.dist.world_size)
+        return sum(-(-per_rank // self._images_per_rank(seg.crops)) for seg in self.segments)
+
+    def run_eta(self, total: int) -> str:
+        t0, step0 = self.eta
+        done = self.global_step - step0
+        if done < 1:
+            return "?"
+        return format_eta((total - self.global_step) * (time.perf_counter() - t0) / done)
+
     def train_segment(self, seg: Segment, log, tb) -> bool:
-        """Train one segment (from the resume position); returns True when --max-steps stopped the run."""
+        """Train one segment (from the resume position); returns True when --max-steps or a signal stopped the
+        run (after saving a checkpoint)."""
         cfg = self.cfg
+        if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+            return True  # a resumed run that is already there
         self.release_loaders(keep=seg.crops)  # e.g. the n-crop pipeline once the single-crop tail starts
         loader = self.loader(seg.crops)
         start = self.position[1] if self.position[0] == seg.index else 0
         steps = len(loader)
+        total = self.run_steps(len(loader.reader.rows))
         loader.set_epoch(seg.start_epoch, start_batch=start)
         self.position = (seg.index, start)
         self.ddp.train()
         label = f"epoch {seg.start_epoch}" + (f"-{seg.end_epoch - 1}" if seg.crops > 1 else "")
         bar = progress(total=steps, initial=start, desc=label, unit="step", disable=not (self.main and cfg.show_progress))
-        loss_sum = torch.zeros((), device=self.torch_device)
-        top1_sum = torch.zeros((), device=self.torch_device)
-        n = 0
+        carried = self.partial if start > 0 and self.partial else {"loss": 0.0, "top1": 0.0, "steps": 0}
+        self.partial = None
+        loss_sum = torch.tensor(carried["loss"], device=self.torch_device)
+        top1_sum = torch.tensor(carried["top1"], device=self.torch_device)
+        n = carried["steps"]  # steps of this segment so far on this rank (before a resume too)
+        self.running = {"loss": loss_sum, "top1": top1_sum, "steps": n}
         crops = 0
         t0 = time.perf_counter()
         stopped = False
+        lr = self.lr_at(seg.start_epoch + seg.crops * max(0, start - 1) / steps)  # a resume after its last step
         for i, batch in enumerate(loader, start=start):
             lr = self.lr_at(seg.start_epoch + seg.crops * i / steps)
             loss, top1 = self.step(batch, lr)
             loss_sum += loss
             top1_sum += top1
             n += 1
+            self.running["steps"] = n
             crops += batch["images"].shape[0]
             self.position = (seg.index, i + 1)
             if self.main and (n % 10 == 0 or i + 1 == steps):
                 rate = crops * self.dist.world_size / max(1e-9, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", top1=f"{100 * top1_sum.item() / n:.1f}",
-                                crops_s=f"{rate:,.0f}", lr=f"{lr:.2e}", refresh=False)
+                                crops_s=f"{rate:,.0f}", lr=f"{lr:.2e}", run_eta=self.run_eta(total), refresh=False)
             bar.update(1)
-            if cfg.max_steps is not None and self.global_step >= cfg.max_steps:
+            if self.stop.requested() or (cfg.max_steps is not None and self.global_step >= cfg.max_steps):
                 stopped = True
                 break
             if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and i + 1 < steps:
@@ -418,6 +493,7 @@ class Trainer:
             self.save()
             return True
         self.position = (seg.index + 1, 0)
+        self.running = {"loss": None, "top1": None, "steps": 0}
         if self.dist.group:
             dist.all_reduce(loss_sum)
             dist.all_reduce(top1_sum)
@@ -425,6 +501,8 @@ class Trainer:
         record = {"segment": seg.index, "epochs": [seg.start_epoch, seg.end_epoch], "crops_per_image": seg.crops,
                   "train_loss": loss_sum.item() / max(1, n * world), "train_top1": 100 * top1_sum.item() / max(1, n * world),
                   "lr": lr, "steps": n, "seconds": seconds, "crops_per_s": crops * world / max(1e-9, seconds)}
+        if start:  # loss and top-1 cover the whole segment (carried in the checkpoint); the timing does not
+            record["resumed_at_step"] = start
         record.update({f"val_{k}": v for k, v in evaluate(self.ddp, self.eval_loader(), amp=self.amp,
                                                           group=self.dist.group).items()})
         if self.ema is not None:
@@ -438,7 +516,7 @@ class Trainer:
         if self.main:
             print(f"{label}: loss {record['train_loss']:.4f}  train top-1 {record['train_top1']:.2f}%  "
                   f"val top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
-                  f"({record['crops_per_s']:,.0f} crops/s)", flush=True)
+                  f"({record['crops_per_s']:,.0f} crops/s; run ETA {self.run_eta(total)})", flush=True)
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -446,7 +524,7 @@ class Trainer:
                 for k, v in record.items():
                     if isinstance(v, (int, float)):
                         tb.add_scalar(k, v, seg.end_epoch)
-        return False
+        return self.stop.requested()  # a signal during validation: the checkpoint above resumes
 
 
 def evaluate_checkpoint(cfg: TrainConfig) -> dict:
@@ -468,6 +546,21 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict:
               f"top-5 {res['top5']:.2f}%  ({res['images']} images)")
     trainer.dist.close()
     return res
+
+
+def incomplete_note(store) -> str:
+    """What --allow-incomplete leaves out, said before training starts."""
+    done = store.require_complete(allow_incomplete=True)
+    served = int(done.sum())
+    missing = int((~store.settled()).sum())
+    per_class = np.bincount(store.targets[done], minlength=len(store.classes))
+    empty = [store.classes[c] for c in np.flatnonzero(per_class == 0)]
+    note = (f"--allow-incomplete: training on {served:,} of {store.num_images:,} images of {store.path}; "
+            f"{missing:,} have no labels yet")
+    if empty:
+        note += (f"; {len(empty)} of {len(store.classes)} classes have no labelled image at all "
+                 f"({', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''})")
+    return note + ". Finish generation (rerun the same `fkd-dali generate` command) to train on every image"
 
 
 def _norm(v):

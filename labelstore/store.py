@@ -21,9 +21,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from .bounds import check_bounds
 from .errors import (StoreCorruptError, StoreFormatError, StoreIncompleteError, StoreMismatchError,
                      StoreNotFoundError, StoreWriteError)
-from .schema import (ATTR_KEY, CROP_ARRAYS, FILES_CHUNK, SCHEMA_VERSION, Layout, StoreMeta, box_dtype,
+from .paths import check_name, check_names
+from .schema import (ALL_ARRAYS, ATTR_KEY, CROP_ARRAYS, FILES_CHUNK, SCHEMA_VERSION, Layout, StoreMeta, box_dtype,
                      class_dtype)
 
 # Fill values are impossible values, so a chunk that is missing on disk reads as something the sanity
@@ -145,6 +147,9 @@ class LabelStore:
         lay = attrs.get("layout") or {}
         self.layout = Layout(rows_per_shard=int(lay.get("rows_per_shard", self.group["done"].chunks[0])),
                              crops_per_chunk=int(lay.get("crops_per_chunk", self.group["boxes"].chunks[1])))
+        check_bounds(path, self.meta, self.layout, {name: self.group[name] for name in ALL_ARRAYS})
+        if self.meta.dataset_root:
+            check_name(self.meta.dataset_root, path, "dataset.root (the split folder)")
         self._files: np.ndarray | None = None
         self._targets: np.ndarray | None = None
 
@@ -226,7 +231,9 @@ class LabelStore:
     @property
     def files(self) -> np.ndarray:
         if self._files is None:
-            self._files = np.asarray(self._read("files", slice(None)), dtype=object).astype(str)
+            files = np.asarray(self._read("files", slice(None)), dtype=object).astype(str)
+            check_names(files, self.path)  # names become paths: none may leave the dataset folder
+            self._files = files
         return self._files
 
     @property

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from .schema import CROP_ARRAYS
 from .store import LabelStore
 
@@ -25,7 +23,6 @@ def summarize(store: LabelStore) -> dict:
     m = store.meta
     done = store.done()
     usage = disk_usage(store.path)
-    crops = m.num_images * m.num_crops
     arrays = {}
     for name in ("files", "targets", "sizes", "done") + CROP_ARRAYS:
         a = store.array(name)
@@ -33,6 +30,7 @@ def summarize(store: LabelStore) -> dict:
         arrays[name] = {"shape": list(a.shape), "dtype": dtype, "chunks": list(a.chunks),
                         "shards": list(a.shards) if a.shards else None, "bytes": usage.get(name, 0)}
     crop_bytes = sum(usage.get(n, 0) for n in CROP_ARRAYS)
+    labelled = int(done.sum()) * m.num_crops  # per-crop sizes count labelled crops: an empty store has none
     return {
         "path": store.path,
         "schema_version": m.schema_version,
@@ -42,12 +40,13 @@ def summarize(store: LabelStore) -> dict:
         "layout": {"rows_per_shard": store.layout.rows_per_shard,
                    "crops_per_chunk": store.layout.crops_per_chunk},
         "bytes_total": usage["total"],
-        "bytes_per_crop": usage["total"] / crops if crops else 0.0,
-        "label_bytes_per_crop": crop_bytes / max(1, int(done.sum()) * m.num_crops),
+        "bytes_per_crop": usage["total"] / labelled if labelled else None,
+        "label_bytes_per_crop": crop_bytes / labelled if labelled else None,
         "teachers": m.teachers, "crop": m.crop, "seed": m.seed, "exif": m.exif,
         "dataset": {"root": m.dataset_root, "fingerprint": m.fingerprint,
                     "classes": len(m.classes)},
         "source": m.source,
+        "skipped": len(m.skipped),
         "arrays": arrays,
     }
 
@@ -59,8 +58,9 @@ def format_summary(s: dict) -> str:
         f"  images     {s['num_images']:,}  x  {s['num_crops']} crops  x  top-{s['top_k']} of "
         f"{s['num_classes']} classes",
         f"  complete   {'yes' if s['complete'] else 'NO'}  ({s['rows_done']:,} / {s['num_images']:,} rows done)",
-        f"  on disk    {mb:,.2f} MiB;  {s['bytes_per_crop']:.2f} B per crop "
-        f"(labels+boxes+flips of done rows: {s['label_bytes_per_crop']:.2f} B/crop)",
+        f"  on disk    {mb:,.2f} MiB;  " + (f"{s['bytes_per_crop']:.2f} B per labelled crop (labels+boxes+flips: "
+                                         f"{s['label_bytes_per_crop']:.2f} B/crop)" if s["bytes_per_crop"] is not None
+                                         else "no crop labelled yet"),
         f"  layout     {s['layout']['rows_per_shard']} rows per shard file, "
         f"{s['layout']['crops_per_chunk']} crops per inner chunk",
         f"  dataset    root '{s['dataset']['root']}', {s['dataset']['classes']} classes, "
@@ -73,6 +73,14 @@ def format_summary(s: dict) -> str:
         lines.append("  teacher    " + ", ".join(f"{k}={v}" for k, v in t.items()))
     if s["source"]:
         lines.append("  source     " + ", ".join(f"{k}={v}" for k, v in s["source"].items() if k != "settings"))
+    if not s["complete"]:
+        kind = (s["source"] or {}).get("kind")
+        how = ("rerun the `fkd-dali generate` command that made it (same options and --save-path: it resumes "
+               "where it stopped)" if kind == "generate" else
+               "import the missing FKD label files again (`fkd-dali import-fkd ... --overwrite`)"
+               if kind == "import-fkd" else "finish the tool that made it")
+        missing = s["num_images"] - s["rows_done"] - s["skipped"]
+        lines.append(f"  to finish  {missing:,} rows have no labels: {how}")
     lines.append("  arrays")
     for name, a in s["arrays"].items():
         shards = f" shards {tuple(a['shards'])}" if a["shards"] else ""

@@ -1,6 +1,7 @@
 """Run by tests under torchrun: a few DDP training steps; each rank writes the rows it trained on and its
 weights, so the test can check disjoint shards and identical replicas. With FKD_TEST_DIE_RANK and
-FKD_TEST_DIE_STEP set, that rank SIGKILLs itself after that step (a rank lost mid-training)."""
+FKD_TEST_DIE_STEP set, that rank SIGKILLs itself after that step (a rank lost mid-training); with
+FKD_TEST_SIGNAL=TERM (or INT) it sends itself that signal instead (a stop asked of one rank only)."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from fkd_dali.train import Trainer, TrainConfig
 
 def main(data: str, store: str, out: str, *extra: str) -> None:
     die_rank, die_step = int(os.environ.get("FKD_TEST_DIE_RANK", -1)), int(os.environ.get("FKD_TEST_DIE_STEP", 0))
+    sig = getattr(signal, "SIG" + os.environ.get("FKD_TEST_SIGNAL", "KILL"))
     timeout = float(extra[extra.index("--dist-timeout") + 1]) if "--dist-timeout" in extra else 600.0
     cfg = TrainConfig(data=data, arch="resnet18", softlabel_path=store, num_crops=2, batch_size=16, epochs=4,
                       input_size=32, device=os.environ.get("FKD_TEST_DEVICE", "cpu"), output=os.path.join(out, "run"),
@@ -25,14 +27,16 @@ def main(data: str, store: str, out: str, *extra: str) -> None:
 
     def recording_step(batch, lr):
         seen.append(sorted(set(batch["indices"].tolist())))
-        if trainer.dist.rank == die_rank and len(seen) > die_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.dist.rank == die_rank and len(seen) == die_step + 1:
+            os.kill(os.getpid(), sig)
         return step(batch, lr)
 
     trainer.step = recording_step
     rank = trainer.dist.rank
     model = trainer.model
-    trainer.run()
+    result = trainer.run()
+    with open(os.path.join(out, f"rank{rank}.result.json"), "w") as f:
+        json.dump({"global_step": result["global_step"], "interrupted": result["interrupted"]}, f)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(seen, f)
     # Parameters are what DDP keeps identical; BatchNorm's running statistics (buffers) are each rank's own

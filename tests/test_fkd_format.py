@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 
 from fkd_dali.cli import main
@@ -97,7 +98,7 @@ def test_other_fkd_label_layouts(image_folder, tmp_path, layout, kind, k):
 def test_export_then_import_round_trips(image_folder, tmp_path):
     write_fkd_labels(image_folder, str(tmp_path / "fkd"))
     import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "a"), show_progress=False)
-    n = export_fkd(str(tmp_path / "a"), str(tmp_path / "exported"), show_progress=False)
+    n = export_fkd(str(tmp_path / "a"), str(tmp_path / "exported"), show_progress=False).written
     assert n == 12
     # FKD's trainer reads --softlabel_path/train/<class>/<stem>.tar with a plain torch.load.
     coords, flips, output = torch.load(str(tmp_path / "exported" / "train" / "class_0" / "img_000.tar"),
@@ -132,13 +133,17 @@ def test_corrupt_file_is_named(image_folder, tmp_path):
         import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "s"), show_progress=False)
 
 
-def test_mismatched_crop_count_is_named(image_folder, tmp_path):
+@pytest.mark.parametrize("victim", ["class_0/img_000", "class_1/img_001"])  # the very first file, or another
+def test_mismatched_crop_count_names_the_majority_and_the_odd_file(image_folder, tmp_path, victim):
     write_fkd_labels(image_folder, str(tmp_path / "fkd"))
-    victim = str(tmp_path / "fkd" / "class_1" / "img_001.tar")
-    coords, flips, output = torch.load(victim, weights_only=False)
-    torch.save([coords[:10], flips[:10], output[:10]], victim)
-    with pytest.raises(FKDFormatError, match="class_1/img_001.tar.*expected 20 crops"):
+    path = str(tmp_path / "fkd" / f"{victim}.tar")
+    coords, flips, output = torch.load(path, weights_only=False)
+    torch.save([coords[:10], flips[:10], output[:10]], path)
+    with pytest.raises(FKDFormatError, match=rf"Most hold 20 crops, marginal_k5 labels \(top-5\) \(11 of 12 files "
+                                             rf"sampled.*1 differ: \S*{victim}.tar \(10 crops") as e:
         import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "s"), show_progress=False)
+    assert str(e.value).count(".tar") == 1  # only the odd file is named
+    assert not os.path.exists(tmp_path / "s")  # nothing half-made left behind (the rerun is not refused)
 
 
 def test_files_pickled_by_numpy_1_load_safely(tmp_path):
@@ -162,8 +167,10 @@ def test_files_pickled_by_numpy_1_load_safely(tmp_path):
         def __reduce__(self):
             return (os.system, ("echo pwned",))
     torch.save([Evil(), 1, 2], str(tmp_path / "evil.tar"))
-    with pytest.raises(FKDFormatError, match="cannot be read as an FKD label file"):
+    with pytest.raises(FKDFormatError, match=r"refused for safety: it holds code-bearing Python objects "
+                                             r"\(posix.system\).*If you trust where it came from") as e:
         load_fkd_file(str(tmp_path / "evil.tar"))
+    assert "truncated" not in str(e.value) and "corrupt" not in str(e.value)
 
 
 def test_cli_import_and_inspect(image_folder, tmp_path, capsys):
@@ -177,3 +184,96 @@ def test_cli_import_and_inspect(image_folder, tmp_path, capsys):
     assert main(["import-fkd", str(tmp_path / "nothing"), "--data", image_folder, "--save-path",
                  str(tmp_path / "s3")]) == 1
     assert "holds no FKD label folders" in capsys.readouterr().err
+
+
+# --- what FKD's own trainer reads (szq0214/FKD utils_FKD.py, train_FKD.py) ----------------------------------
+
+def fkd_trainer_reads(path: str, label_type: str, num_classes: int) -> torch.Tensor:
+    """What FKD's trainer does with one label file, on this torch: a plain torch.load (weights_only=True by
+    default since torch 2.6), the crops' labels stacked as its collate does, and its Recover_soft_label for
+    ``label_type`` (hard: scatter of the ids; smoothing / marginal: values scattered into the uniform rest,
+    the rest's dtype from torch.ones, i.e. float32)."""
+    coords, flips, output = torch.load(path, map_location="cpu")
+    label = torch.stack([torch.as_tensor(output[i]) for i in range(len(output))])
+    n = label.size(0)
+    if label_type == "hard":
+        return torch.zeros(n, num_classes).scatter_(1, label.view(-1, 1), 1)
+    if label_type == "smoothing":
+        index, value = label[:, 0].to(dtype=int), label[:, 1]
+        minor = ((torch.ones_like(value) - value) / (num_classes - 1)).reshape(-1, 1)
+        return (minor * torch.ones(n, num_classes)).scatter_(1, index.view(-1, 1), value.view(-1, 1))
+    index, value = label[:, 0, :].to(dtype=int), label[:, 1, :]
+    minor = (torch.ones(n, 1) - value.sum(1, keepdim=True)) / (num_classes - value.shape[1])
+    return (minor * torch.ones(n, num_classes)).scatter_(1, index, value)
+
+
+def _store(image_folder, tmp_path, layout, name="a"):
+    write_fkd_labels(image_folder, str(tmp_path / f"fkd-{name}"), layout=layout)
+    import_fkd(str(tmp_path / f"fkd-{name}"), image_folder, str(tmp_path / name), show_progress=False)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("layout,fkd_type", [("hard", "hard"), ("smoothing", "smoothing"),
+                                             ("marginal", "marginal_smoothing_k5")])
+def test_the_default_export_is_what_fkds_trainer_reads(image_folder, tmp_path, layout, fkd_type):
+    store = _store(image_folder, tmp_path, layout)
+    rep = export_fkd(store, str(tmp_path / "out"), show_progress=False)
+    assert rep.fkd_label_type == fkd_type and rep.written == 12
+    path = str(tmp_path / "out" / "train" / "class_0" / "img_000.tar")
+    soft = fkd_trainer_reads(path, fkd_type, 6)
+    torch.testing.assert_close(soft.sum(1), torch.ones(C))
+    ids = open_store(store).read_rows([0])["topk_idx"][0, :, 0]
+    np.testing.assert_array_equal(soft.argmax(1).numpy(), ids)
+    if layout == "hard":  # FKD's hard files: (C,) integer class ids
+        output = torch.load(path)[2]
+        assert output.shape == (C,) and output.dtype == torch.int64
+
+
+def test_a_store_generated_for_hard_labels_exports_fkd_hard_files(image_folder, tmp_path):
+    """`generate --label-type hard` records the type; the export follows it (not (C, 2) [id, 1.0] rows)."""
+    store = _store(image_folder, tmp_path, "smoothing")
+    g = zarr.open_group(store, mode="r+")  # as `generate --label-type hard` records it
+    attrs = g.attrs.asdict()["fkd"]
+    g.attrs.update({"fkd": {**attrs, "source": {"kind": "generate", "label_type": "hard"}}})
+    rep = export_fkd(store, str(tmp_path / "out"), show_progress=False)
+    assert rep.layout == "hard" and rep.fkd_label_type == "hard"
+    fkd_trainer_reads(str(tmp_path / "out" / "train" / "class_0" / "img_000.tar"), "hard", 6)
+
+
+def test_fp16_and_numpy_exports_and_what_fkds_trainer_makes_of_them(image_folder, tmp_path):
+    """The documented limits (docs/reliability.md): float16 files load but FKD's loss fails on their dtype
+    (FKD's own --use_fp16 files too); numpy files need weights_only=False on torch >= 2.6. Hard labels stay
+    int64 ids even with --fp16, so FKD can use them."""
+    store = _store(image_folder, tmp_path, "marginal")
+    export_fkd(store, str(tmp_path / "fp16"), fp16=True, show_progress=False)
+    with pytest.raises(RuntimeError, match="scatter"):
+        fkd_trainer_reads(str(tmp_path / "fp16" / "train" / "class_0" / "img_000.tar"), "marginal_smoothing_k5", 6)
+    export_fkd(store, str(tmp_path / "np"), arrays="numpy", show_progress=False)
+    path = str(tmp_path / "np" / "train" / "class_0" / "img_000.tar")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path)
+    coords, flips, output = torch.load(path, weights_only=False)
+    assert isinstance(output, np.ndarray) and output.dtype == np.float32
+    export_fkd(store, str(tmp_path / "t"), show_progress=False)  # the same numbers as the default tensors
+    assert np.array_equal(load_fkd_file(path)[2], load_fkd_file(str(tmp_path / "t" / "train" / "class_0" /
+                                                                    "img_000.tar"))[2])
+    hard = _store(image_folder, tmp_path, "hard", name="h")
+    export_fkd(hard, str(tmp_path / "hard16"), fp16=True, show_progress=False)
+    fkd_trainer_reads(str(tmp_path / "hard16" / "train" / "class_0" / "img_000.tar"), "hard", 6)
+
+
+def test_a_failed_import_leaves_nothing_and_overwrite_keeps_the_old_store_until_success(image_folder, tmp_path):
+    write_fkd_labels(image_folder, str(tmp_path / "fkd"))
+    import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "s"), show_progress=False)
+    before = open_store(str(tmp_path / "s")).read_rows(range(12))
+    victim = tmp_path / "fkd" / "class_2" / "img_001.tar"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(FKDFormatError, match="truncated or corrupt"):
+        import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "new"), show_progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["data", "fkd", "s"]  # no half-made store, no staging folder
+    with pytest.raises(FKDFormatError, match="truncated or corrupt"):
+        import_fkd(str(tmp_path / "fkd"), image_folder, str(tmp_path / "s"), overwrite=True, show_progress=False)
+    after = open_store(str(tmp_path / "s")).read_rows(range(12))  # the old store is intact
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+    assert sorted(os.listdir(tmp_path)) == ["data", "fkd", "s"]

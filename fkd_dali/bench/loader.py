@@ -66,7 +66,8 @@ def prepare_data(workdir: str, data: str | None, images: int, classes: int, pool
             store.write_block(a, sizes=sizes[a:b], boxes=boxes[a:b], flips=flips[a:b], topk_idx=idx[a:b],
                               topk_val=val[a:b])
         store.finalize()
-        export_fkd(store_path, fkd_dir, fp16=True, show_progress=False)
+        export_fkd(store_path, fkd_dir, fp16=True, arrays="numpy", overwrite=True,  # as FKD writes them
+                   show_progress=False)
         open(os.path.join(fkd_dir, ".complete"), "w").close()
     return {"data": data, "root": ds.root, "files": ds.files, "targets": ds.targets.tolist(),
             "store": store_path, "fkd_labels": os.path.join(fkd_dir, ds.name), "synthetic": synth_info,

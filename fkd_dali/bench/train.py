@@ -100,7 +100,7 @@ def fkd_vs_online(p: dict, *, arch: str, teacher_arch: str, size: int, batch: in
         cfg = TrainConfig(data=p["data"], arch=arch, labels=labels, softlabel_path=p["store"] if labels == "fkd" else None,
                           teacher_arch=teacher_arch, teacher_path=teacher, num_crops=num_crops, batch_size=batch,
                           epochs=epochs, input_size=size, device=device, workers=threads, show_progress=False,
-                          output=run, num_classes=None if labels == "fkd" else classes)
+                          output=run, num_classes=None if labels == "fkd" else classes, overwrite=True)
         if os.path.exists(os.path.join(run, "log.jsonl")):
             os.remove(os.path.join(run, "log.jsonl"))
         train(cfg)
@@ -138,7 +138,7 @@ def accuracy_sanity(workdir: str, *, device: str, threads: int, epochs: int, siz
         if os.path.exists(os.path.join(run, "log.jsonl")):
             os.remove(os.path.join(run, "log.jsonl"))
         t0 = time.perf_counter()
-        res = train(TrainConfig(labels=labels, output=run, **base, **extra))
+        res = train(TrainConfig(labels=labels, output=run, overwrite=True, **base, **extra))
         results[labels] = {"val_top1_last": res["last"]["val_top1"], "val_top1_best": res["best_top1"],
                            "seconds": time.perf_counter() - t0}
     model = torchvision.models.get_model("resnet34", num_classes=len(ds.classes))

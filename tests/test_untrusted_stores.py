@@ -1,0 +1,184 @@
+"""A label store is input (docs/reliability.md, "The store is input too"): names that leave the dataset, rows
+with impossible labels, absurd shapes in zarr.json, images replaced after generation. Every command that
+reads a store (train, show, export-fkd, inspect, generate) refuses them with one clear line; nothing is
+written outside its folder and nothing is allocated before the shapes are bounded."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+import labelstore
+from fkd_dali.cli import main
+from fkd_dali.fkd_format import FKDFormatError, export_fkd
+from fkd_dali.generate import generate
+from fkd_dali.show import show
+from pipelines import FKDLoader
+from tests.conftest import current_device, pythonpath
+from tests.test_generate import config, world  # noqa: F401 - module fixture
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = current_device()
+
+
+@pytest.fixture
+def made(world, tmp_path):  # noqa: F811
+    """A private dataset copy and a complete store generated from it."""
+    data = str(tmp_path / "data")
+    shutil.copytree(world["data"], data)
+    store = str(tmp_path / "s")
+    generate(config(world, store, data=data))
+    return {"data": data, "store": store, "teachers": world["teachers"]}
+
+
+def cli(capsys, *args):
+    """`fkd-dali ARGS` (in this process: an exception other than the CLI's one-line errors fails the test)."""
+    rc = main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def every_command(m, tmp_path):
+    """Each command that reads the store, as a real process."""
+    s, d = m["store"], m["data"]
+    return {
+        "inspect --verify": ["inspect", s, "--verify"],
+        "show": ["show", s, d, "--image", "0", "--out", str(tmp_path / "shown")],
+        "export-fkd": ["export-fkd", s, "--out", str(tmp_path / "fkd")],
+        "train": ["train", d, "--softlabel-path", s, "-a", "resnet18", "--num-crops", "2", "-b", "8", "--epochs",
+                  "2", "--input-size", "16", "--device", DEVICE, "--output", str(tmp_path / "run"), "-q"],
+        "generate (resume)": ["generate", d, "--save-path", s, "-a", "torchscript", "--teacher-path",
+                              m["teachers"][0], "--input-size", "24", "--num-crops", "6", "--top-k", "3", "--num-seg",
+                              "4", "-b", "3", "--rows-per-shard", "8", "--seed", "2", "--device", DEVICE, "-q"],
+    }
+
+
+def refused_everywhere(m, tmp_path, capsys, says: str) -> None:
+    for name, args in every_command(m, tmp_path).items():
+        rc, err = cli(capsys, *args)
+        assert rc == 1 and says in err, (name, err[-2000:])
+
+
+def _set_attr(store: str, **kw) -> None:
+    g = zarr.open_group(store, mode="r+")
+    attrs = g.attrs.asdict()["fkd"]
+    attrs.update(kw)
+    g.attrs.update({"fkd": attrs})
+
+
+@pytest.mark.parametrize("name", ["../../escaped/x.jpg", "/etc/passwd", "class_0/../../../x.jpg", "class_0//x.jpg"])
+def test_a_file_name_leaving_the_dataset_is_refused_by_every_command(made, tmp_path, capsys, name):
+    zarr.open_group(made["store"], mode="r+")["files"][0] = name
+    refused_everywhere(made, tmp_path, capsys, f"file name 0 is {name!r}")
+    with pytest.raises(labelstore.StoreFormatError, match="may only name files inside its dataset folder"):
+        FKDLoader(made["data"], made["store"], batch_size=4, num_crops=2, device=DEVICE)
+    assert not (tmp_path / "fkd").exists() and not (tmp_path / "shown").exists()
+
+
+def test_export_never_writes_outside_out(made, tmp_path):
+    """The split name comes from the store too (dataset.root): '../escaped' would put files beside OUT."""
+    dataset = labelstore.open_store(made["store"]).meta.to_attrs()["dataset"]
+    _set_attr(made["store"], dataset={**dataset, "root": "../escaped"})
+    with pytest.raises(labelstore.StoreFormatError, match=r"dataset.root .*'../escaped'"):
+        export_fkd(made["store"], str(tmp_path / "fkd"), show_progress=False)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "fkd").exists()
+    _set_attr(made["store"], dataset=dataset)
+    os.makedirs(tmp_path / "elsewhere")
+    os.makedirs(tmp_path / "fkd2")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "fkd2" / "train")  # a link inside OUT leading out of it
+    with pytest.raises(labelstore.StoreFormatError, match=r"leads to .*elsewhere.*outside .*fkd2"):
+        export_fkd(made["store"], str(tmp_path / "fkd2"), show_progress=False)
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_export_refuses_two_images_with_one_fkd_name(world, tmp_path):  # noqa: F811
+    data = str(tmp_path / "data")
+    shutil.copytree(world["data"], data)
+    cls = os.path.join(data, "train", "class_0")
+    os.rename(os.path.join(cls, "img_000.jpg"), os.path.join(cls, "x.1.jpg"))
+    os.rename(os.path.join(cls, "img_001.jpg"), os.path.join(cls, "x.2.jpg"))
+    generate(config(world, str(tmp_path / "s"), data=data))  # fine for fkd-dali: its store keys whole names
+    with pytest.raises(FKDFormatError, match=r"class_0/x.1.jpg and class_0/x.2.jpg would both be written as "
+                                             r"train/class_0/x.tar"):
+        export_fkd(str(tmp_path / "s"), str(tmp_path / "fkd"), show_progress=False)
+    assert not (tmp_path / "fkd").exists()
+    r = subprocess.run([sys.executable, "-m", "fkd_dali", "inspect", str(tmp_path / "s"), "--verify"], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=pythonpath()), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "class_0/x.1.jpg and class_0/x.2.jpg -> class_0/x.tar" in r.stdout, r.stdout
+
+
+def test_export_counts_what_it_wrote_and_does_not_overwrite_unasked(made, tmp_path):
+    rep = export_fkd(made["store"], str(tmp_path / "fkd"), show_progress=False)
+    files = [f for _, _, fs in os.walk(tmp_path / "fkd") for f in fs]
+    assert rep.written == len(files) == 30
+    with pytest.raises(FKDFormatError, match="already holds 30 of the 30 label files .*--overwrite"):
+        export_fkd(made["store"], str(tmp_path / "fkd"), show_progress=False)
+    assert export_fkd(made["store"], str(tmp_path / "fkd"), overwrite=True, show_progress=False).written == 30
+
+
+ROW = 10
+
+
+def _poke(store: str, array: str, value) -> None:
+    zarr.open_group(store, mode="r+")[array][ROW, 0] = value
+
+
+@pytest.mark.parametrize("array,value,says", [
+    ("boxes", [0, 0, 5000, 5], "a crop box reaches outside its image"),  # DALI would segfault on it
+    ("boxes", [0, 0, 0, 0], "a crop box has zero height or width"),
+    ("topk_val", [np.nan, 0.1, 0.1], "a probability is not a finite value"),
+    ("topk_idx", [99, 1, 2], "a class id is outside 0..9"),
+])
+def test_show_and_export_validate_rows_as_train_does(made, tmp_path, array, value, says):
+    _poke(made["store"], array, value)
+    with pytest.raises(labelstore.StoreCorruptError, match=rf"row {ROW} \(class_3/img_010.jpg\): {says}"):
+        show(made["store"], made["data"], str(ROW), str(tmp_path / "shown"))
+    with pytest.raises(labelstore.StoreCorruptError, match=says):
+        export_fkd(made["store"], str(tmp_path / "fkd"), show_progress=False)
+    with pytest.raises(labelstore.StoreCorruptError, match=says):
+        labelstore.open_store(made["store"]).verify()
+
+
+def test_show_refuses_an_image_replaced_after_generation(made, tmp_path):
+    victim = os.path.join(made["data"], "train", "class_3", "img_010.jpg")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(victim)
+    with pytest.raises(labelstore.StoreMismatchError, match=r"class_3/img_010.jpg \(now 20x20 px, labelled at"):
+        show(made["store"], made["data"], str(ROW), str(tmp_path / "shown"))
+
+
+def _inflate(store: str, what: str, n: int) -> None:
+    """Rewrite every zarr.json consistently for ``n`` images (or crops per image); no chunk is written."""
+    axis = {"num_images": 0, "num_crops": 1}[what]
+    for name in os.listdir(store):
+        meta = os.path.join(store, name, "zarr.json")
+        if os.path.isfile(meta):
+            m = json.load(open(meta))
+            if len(m["shape"]) > axis and (axis == 0 or name in labelstore.CROP_ARRAYS):
+                m["shape"][axis] = n
+                json.dump(m, open(meta, "w"))
+    _set_attr(store, **{what: n})
+
+
+@pytest.mark.parametrize("tamper,says", [
+    (lambda s: _inflate(s, "num_images", 10 ** 13), "it claims 10,000,000,000,000 images"),
+    (lambda s: _set_attr(s, num_classes=10 ** 9), "num_classes is 1,000,000,000"),
+    (lambda s: _inflate(s, "num_crops", 10 ** 9), "num_crops is 1,000,000,000"),
+    (lambda s: _set_attr(s, layout={"rows_per_shard": 0, "crops_per_chunk": 4}), "layout.rows_per_shard is 0"),
+])
+def test_absurd_shapes_in_zarr_json_are_one_clear_line_everywhere(made, tmp_path, capsys, tamper, says):
+    tamper(made["store"])
+    refused_everywhere(made, tmp_path, capsys, says)
+
+
+def test_a_chunk_larger_than_memory_is_refused_before_reading(made, tmp_path):
+    meta = os.path.join(made["store"], "done", "zarr.json")
+    m = json.load(open(meta))
+    m["chunk_grid"]["configuration"]["chunk_shape"] = [10 ** 12]
+    json.dump(m, open(meta, "w"))
+    with pytest.raises(labelstore.StoreFormatError, match=r"array 'done' has chunks of shape \(1000000000000,\)"):
+        labelstore.open_store(made["store"])
