@@ -101,4 +101,4 @@ def bench_online(ctx: Context) -> Result:
 
 BENCHES = {"bench-loader": bench_loader, "bench-train": bench_train, "bench-generate": bench_generate,
            "bench-online": bench_online}
-COST = {"bench-loader": (40, 60), "bench-train": (25, 60), "bench-generate": (20, 40), "bench-online": (40, 90)}
+COST = {"bench-loader": (40, 60), "bench-train": (25, 45), "bench-generate": (20, 30), "bench-online": (40, 60)}

@@ -570,7 +570,7 @@ CHECKS = {
 }
 
 # Seconds each check takes (estimates, to stop cleanly at the deadline): (cpu, gpu).
-COST = {"decode": (5, 10), "replay": (25, 20), "zero-copy": (8, 10), "buffers": (8, 15), "train": (30, 30),
-        "generate": (15, 25), "ddp": (30, 50), "memory": (10, 10)}
+COST = {"decode": (5, 15), "replay": (25, 15), "zero-copy": (8, 10), "buffers": (8, 15), "train": (30, 25),
+        "generate": (15, 20), "ddp": (30, 40), "memory": (10, 10)}
 
 __all__ = ["CHECKS", "COST", "imagefiles"]

@@ -43,14 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
     p.add_argument("--out", required=True)
     p.add_argument("--budget", type=float, default=540.0, help="seconds for everything (default 540)")
-    p.add_argument("--doctor-deadline", type=float, default=None, help="default: 55%% of the budget, at most 360 s")
+    p.add_argument("--doctor-deadline", type=float, default=None, help="default: 2/3 of the budget, at most 360 s")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1", FKD_TEST_DEVICE=a.device,
                PYTHONPATH=os.pathsep.join([ROOT] + [x for x in [os.environ.get("PYTHONPATH")] if x]))
     left = lambda: a.budget - (time.perf_counter() - t0)  # noqa: E731
-    deadline = a.doctor_deadline or min(360.0, 0.55 * a.budget)
+    deadline = a.doctor_deadline or min(360.0, 2 * a.budget / 3)
     steps = []
     doctor = [sys.executable, "-m", "fkd_dali", "doctor", "--device", a.device, "--out", a.out, "--deadline",
               str(deadline)]
