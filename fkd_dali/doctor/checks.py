@@ -549,9 +549,9 @@ def measure_memory(ctx: Context) -> dict:
 def check_memory(ctx: Context) -> Result:
     m = measure_memory(ctx)
     b, a, r = m["before"], m["three_pipelines"], m["one_pipeline"]
-    figure = (f"with n-crop + 1-crop + val pipelines: RSS +{a['rss_mb'] - b['rss_mb']:.0f} MB, "
-              f"+{a['threads'] - b['threads']} threads; after releasing two: +{r['rss_mb'] - b['rss_mb']:.0f} MB, "
-              f"+{r['threads'] - b['threads']} threads")
+    figure = (f"with n-crop + 1-crop + val pipelines: RSS {a['rss_mb'] - b['rss_mb']:+.0f} MB, "
+              f"{a['threads'] - b['threads']:+d} threads; after releasing two: {r['rss_mb'] - b['rss_mb']:+.0f} MB, "
+              f"{r['threads'] - b['threads']:+d} threads")
     if ctx.gpu:
         figure += (f"; GPU memory +{a['gpu_used_mb'] - b['gpu_used_mb']:.0f} MB -> "
                    f"+{r['gpu_used_mb'] - b['gpu_used_mb']:.0f} MB")
