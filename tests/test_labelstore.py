@@ -198,7 +198,8 @@ def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
 
 def test_verify_reads_every_chunk_of_a_sound_store(tmp_path):
     store, _ = filled_store(str(tmp_path / "s"), n=12, c=8, rows_per_shard=4)
-    assert open_store(str(tmp_path / "s")).verify() == {"rows_done": 12, "shards": 3}
+    assert open_store(str(tmp_path / "s")).verify() == {"rows_done": 12, "rows_checked": 12, "shards": 3,
+                                                         "shards_total": 3}
 
 
 def test_missing_chunk_file_of_done_rows_is_an_error(tmp_path):
@@ -234,10 +235,10 @@ def test_check_dataset_names_the_first_mismatch(tmp_path):
         store.check_dataset(files=files, classes=classes[:6], fingerprint="sha256:abc")
     with pytest.raises(StoreMismatchError, match="labels 10 images.*has 9"):
         store.check_dataset(files=files[:9], classes=classes, fingerprint="sha256:abc")
-    renamed = files[:3] + ["class_3/other.jpg"] + files[4:]
+    renamed = files[:3] + ["class_3/other.jpg"] + files[4:]  # a rename changes the fingerprint (it hashes names)
     with pytest.raises(StoreMismatchError, match="image 3 is 'class_3/img_003.jpg' in the store but "
                                                  "'class_3/other.jpg'"):
-        store.check_dataset(files=renamed, classes=classes, fingerprint="sha256:abc")
+        store.check_dataset(files=renamed, classes=classes, fingerprint="sha256:renamed")
     with pytest.raises(StoreMismatchError, match="sizes differ"):
         store.check_dataset(files=files, classes=classes, fingerprint="sha256:def")
     with pytest.raises(StoreMismatchError, match="has class"):
