@@ -234,7 +234,8 @@ class Trainer:
                           channels_last=self.channels_last, num_threads=cfg.workers, crop_size=cfg.input_size)
             if cfg.labels == "fkd":
                 self.loaders[crops] = FKDLoader(cfg.data, self.store, batch_size=self._images_per_rank(crops),
-                                                num_crops=crops, allow_incomplete=cfg.allow_incomplete, **common)
+                                                num_crops=crops, allow_incomplete=cfg.allow_incomplete,
+                                                files=self.train_set.files, **common)
             else:
                 ds = self.train_set
                 self.loaders[crops] = StandardLoader(ds.root, ds.files, ds.targets, scale=cfg.scale,
@@ -368,7 +369,7 @@ class Trainer:
         loader = self.loader(seg.crops)
         start = self.position[1] if self.position[0] == seg.index else 0
         steps = len(loader)
-        loader.set_epoch(seg.start_epoch, start_batch=start)
+        loader.set_epoch(pass_index(self.segments, seg), start_batch=start)
         self.position = (seg.index, start)
         self.ddp.train()
         label = f"epoch {seg.start_epoch}" + (f"-{seg.end_epoch - 1}" if seg.crops > 1 else "")
@@ -452,6 +453,12 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict:
               f"top-5 {res['top5']:.2f}%  ({res['images']} images)")
     trainer.dist.close()
     return res
+
+
+def pass_index(segments: list[Segment], seg: Segment) -> int:
+    """The loader's pass number of a segment: its count among the earlier segments with as many crops (a
+    loader's pass p picks round p of the crop pool's seeded order, so rounds never repeat early)."""
+    return sum(1 for s in segments[:seg.index] if s.crops == seg.crops)
 
 
 def _norm(v):
