@@ -16,9 +16,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         start, stop = int(a), int(b or int(a) + 1)
         store.clear_done(slice(start, stop))
         print(f"rows {start}..{stop - 1} of {args.store} marked not done; rerun generation to relabel them")
-    if args.verify:
-        v = store.verify()
-        print(f"verified {v['shards']} shards: every chunk decodes, {v['rows_done']} done rows hold valid labels")
+    if args.verify or args.sample:
+        from .progress import progress
+        total = min(args.sample, len(store.shard_ranges())) if args.sample else len(store.shard_ranges())
+        with progress(total=total, desc="verify", unit="shard") as bar:
+            v = store.verify(sample=args.sample, workers=args.workers, progress=bar.update)
+        what = f"{v['shards']} of {v['shards_total']} shards (random sample)" if args.sample else f"{v['shards']} shards"
+        print(f"verified {what}: every chunk decodes, {v['rows_checked']} done rows hold valid labels")
     summary = labelstore.summarize(store)
     print(json.dumps(summary, indent=2) if args.json else labelstore.format_summary(summary))
     return 0
@@ -303,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise a label store (shape, chunking, bytes per crop, teachers)")
     i.add_argument("store", metavar="STORE")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
-    i.add_argument("--verify", action="store_true", help="decode every chunk and check every label")
+    i.add_argument("--verify", action="store_true",
+                   help="decode every chunk and check every label (in parallel over shards, with progress)")
+    i.add_argument("--sample", type=int, metavar="K", help="verify K random shards only (a quick check)")
+    i.add_argument("-j", "--workers", type=int, help="processes for --verify (default: the cores)")
     i.add_argument("--clear-rows", metavar="A:B", help="mark rows A..B-1 not done so generation relabels them")
     i.set_defaults(func=_cmd_inspect)
 

@@ -203,8 +203,8 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
                       d: distributed.DistInfo) -> LabelStore:
     settings = _settings(cfg, num_crops, teachers)
     path = cfg.save_path
-    if d.is_main and not os.path.exists(os.path.join(path, "zarr.json")):
-        if os.path.exists(path) and os.listdir(path):
+    if d.is_main and not labelstore.store_exists(path):
+        if "://" not in path and os.path.exists(path) and os.listdir(path):
             raise GenerateError(f"{path} exists and is not a label store; choose another --save-path")
         create_store(path, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
                      dataset_root=ds.name, num_crops=num_crops, top_k=cfg.top_k, num_classes=teachers.num_classes,
@@ -213,8 +213,8 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
                            [t.interpolation for t in teachers.specs], "input_size": [t.input_size for t in teachers.specs],
                            "group_size": cfg.group_size},
                      seed=cfg.seed, source={"kind": "generate", "settings": settings, "label_type": cfg.label_type},
-                     rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk, overwrite=bool(
-                         os.path.exists(path)))
+                     rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk,
+                     overwrite="://" not in path and os.path.exists(path))
     if d.group:
         d.barrier()
     else:

@@ -98,10 +98,11 @@ def location(where: "str | os.PathLike | Store", mode: str = "r") -> Location:
         where, sep = rest, ""
     if sep:
         import fsspec  # noqa: PLC0415 - a zarr dependency; only URLs need it
+        from fsspec.registry import known_implementations  # noqa: PLC0415
         try:
             fsspec.get_filesystem_class(scheme)
         except ImportError as e:
-            impl = fsspec.registry.known_implementations.get(scheme, {}).get("class", "")
+            impl = known_implementations.get(scheme, {}).get("class", "")
             pkg = impl.split(".")[0] or "the fsspec backend for it"
             raise StoreNotFoundError(f"{where}: {scheme}:// label stores need the {pkg} package ({e}); install "
                                      f"it with `pip install {pkg}`") from None

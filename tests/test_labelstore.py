@@ -1,8 +1,10 @@
 """The Zarr label store: layout, bulk reads, crash-safe writes, validation and corruption errors."""
 
+import importlib.util
 import json
 import multiprocessing as mp
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -210,6 +212,62 @@ def test_missing_chunk_file_of_done_rows_is_an_error(tmp_path):
         open_store(path).read_round(0, 4)
     with pytest.raises(StoreCorruptError, match="topk_idx"):
         open_store(path).read_rows([1])
+
+
+def test_an_all_false_flips_shard_is_data_not_a_lost_file(tmp_path):
+    """zarr skips a chunk equal to the fill value by default; an all-False flips shard must still be written."""
+    path = str(tmp_path / "s")
+    store = new_store(path, n=12, c=8, rows_per_shard=4)
+    data = content(12, 8, 3)
+    data["flips"][4:8] = False
+    for a, b in store.shard_ranges():
+        store.write_block(a, **{name: v[a:b] for name, v in data.items()})
+    store.finalize()
+    assert os.path.isfile(_shard_of(path, "flips", 1))
+    assert not open_store(path).read_round(0, 4).flips[4:8].any()
+    open_store(path).verify(workers=1)
+    os.remove(_shard_of(path, "flips", 1))  # a real loss is still found
+    with pytest.raises(StoreCorruptError, match="no chunk file flips/c/1/0 "):
+        open_store(path).read_round(0, 4)
+
+
+def test_verify_runs_in_processes_on_a_sample_with_progress(tmp_path):
+    path = str(tmp_path / "s")
+    filled_store(path, n=40, c=8, rows_per_shard=4)
+    seen = []
+    v = open_store(path).verify(sample=3, workers=2, progress=seen.append)
+    assert v["shards"] == 3 and sum(seen) == 3 and v["shards_total"] == 10 and v["rows_checked"] == 12
+    f = _shard_of(path, "topk_val", 7)
+    with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+    with pytest.raises(StoreCorruptError, match=r"topk_val/c/7/0/0 \(rows 28..31\)"):
+        open_store(path).verify(workers=2)
+
+
+def test_zip_and_file_url_stores_read_as_the_folder(tmp_path):
+    path = str(tmp_path / "s")
+    filled_store(path, n=12, c=8, rows_per_shard=4)
+    zpath = str(tmp_path / "s.zip")
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_STORED) as z:  # what `cd s && zip -r0 ../s.zip .` makes
+        for d, _, fs in os.walk(path):
+            for f in fs:
+                z.write(os.path.join(d, f), os.path.relpath(os.path.join(d, f), path))
+    want = open_store(path).read_round(1, 4)
+    for where in (zpath, "file://" + path):
+        got = open_store(where).read_round(1, 4)
+        assert all(np.array_equal(getattr(got, a), getattr(want, a)) for a in labelstore.CROP_ARRAYS)
+    z = open_store(zpath)
+    assert z.verify(workers=2)["rows_checked"] == 12  # the worker processes reopen the zip
+    assert labelstore.summarize(z)["bytes_total"] == labelstore.summarize(open_store(path))["bytes_total"]
+    with pytest.raises(StoreWriteError, match="read-only"):
+        open_store(zpath, mode="r+")
+
+
+def test_a_url_whose_backend_is_missing_names_the_package():
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(StoreNotFoundError, match=r"gs:// label stores need the gcsfs package.*pip install gcsfs"):
+        open_store("gs://bucket/store")
 
 
 def test_incomplete_store_reports_missing_rows(tmp_path):
