@@ -639,6 +639,8 @@ class LabelStore:
                              f"the pool has {self.num_crops} crops per image ({self.num_rounds(n)} rounds "
                              f"of {n})")
         done = self.done()
+        if rows is not None and len(rows) == self.num_images:
+            rows = None  # sorted, unique and in range: every row (a slice reads faster than an index array)
         if rows is None:
             sel: np.ndarray | slice = slice(None)
             served = done
