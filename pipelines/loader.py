@@ -170,7 +170,8 @@ class FKDLoader(_DaliLoader):
     One loader epoch is one *pass* over the images (FKD counts it as ``num_crops`` epochs): ``set_epoch``
     takes the pass index 0, 1, 2, ..., which picks the round of stored crops (each once before any repeats).
     ``files``: the dataset scan's paths, already checked against the store (saves reading the store's
-    ``files`` and a stat per file). Crops of one image are adjacent. ``batch_size`` counts images; a batch holds ``batch_size * n`` crops.
+    ``files`` and a stat per file). Crops of one image are adjacent. ``batch_size`` counts images; a batch
+    holds ``batch_size * n`` crops.
     ``dtype``: float32 / float16 / bfloat16 (DALI 2.4 has no bfloat16: cast from float32 on the device) /
     uint8 (no normalisation, RGB). ``channels_last`` gives NCHW tensors with channels-last strides.
     """

@@ -137,7 +137,8 @@ class ImageReader:
         self.root = root
         self.paths = ImagePaths(root, files)
         t = np.asarray(targets)
-        self.targets = t.astype(np.int32 if t.size and t.max() < 2**31 else np.int64, copy=False)
+        top = int(t.max()) if t.size else 0
+        self.targets = t.astype(np.int16 if top < 2**15 else np.int32 if top < 2**31 else np.int64, copy=False)
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)  # None: every row, in order
         self.num_rows = len(self.paths) if rows is None else len(self.rows)
         if self.num_rows == 0:
