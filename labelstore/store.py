@@ -112,7 +112,10 @@ def location(where: "str | os.PathLike | Store", mode: str = "r") -> Location:
         except ValueError as e:
             raise StoreNotFoundError(f"{where}: unknown URL scheme {scheme}:// ({e}); use a local path or an "
                                      "fsspec URL such as s3://bucket/store") from None
-        return Location(zarr.storage.FsspecStore.from_url(where, read_only=read_only), where)
+        # No listings cache: ranks write shards concurrently, and a cached listing (or a cached "not found"
+        # from before another rank created the store) would hide them.
+        return Location(zarr.storage.FsspecStore.from_url(where, read_only=read_only,
+                                                          storage_options={"use_listings_cache": False}), where)
     if where.endswith(".zip") and not os.path.isdir(where):
         if not read_only:
             raise StoreWriteError(f"{where}: a .zip label store is read-only; generate or resume into a folder "
