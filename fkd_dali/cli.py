@@ -272,7 +272,7 @@ def add_generate_args(g: argparse.ArgumentParser) -> None:
                    help="store the teacher's class count when it differs from the dataset's (deliberately)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="leave unreadable images out (recorded in the store, never trained on) instead of stopping")
-    g.add_argument("--rows-per-shard", type=int, help="images per shard file (default: about 2^18 crops per shard)")
+    g.add_argument("--rows-per-shard", type=int, help="images per shard file (default: about 2^20 crops per shard)")
     g.add_argument("--crops-per-chunk", type=int, help="crops per inner chunk (default 4)")
     g.add_argument("-j", "--workers", type=int, help="DALI CPU threads (default: the cores of this rank)")
     g.add_argument("--rank", type=int, help="this process's rank, for launches without torchrun")

@@ -51,8 +51,8 @@ def filled_store(path, n=10, c=12, k=3, **kw):
 
 
 def test_layout_follows_the_measured_policy():
-    assert Layout.choose(1_281_167, 500).rows_per_shard == 512
-    assert Layout.choose(100_000, 64).rows_per_shard == 4096
+    assert Layout.choose(1_281_167, 500).rows_per_shard == 2048
+    assert Layout.choose(100_000, 64).rows_per_shard == 8192
     assert Layout.choose(10, 64).rows_per_shard == 10
     lay = Layout.choose(1000, 10, crops_per_chunk=4)
     assert lay.shard_crops(10) == 12 and lay.crops_per_chunk == 4

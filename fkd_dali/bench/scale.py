@@ -55,17 +55,23 @@ def build(workdir: str, images: int, crops: int, top_k: int = 5) -> dict:
     if os.path.exists(marker):
         with open(marker) as f:
             got = json.load(f)
-        if got["images"] == images and got["crops"] == crops:
+        if got["images"] == images and got["crops"] == crops and got.get("rows_per_shard") == \
+                labelstore.Layout.choose(images, crops).rows_per_shard:
             return got
-        shutil.rmtree(workdir)
+        os.remove(marker)
     os.makedirs(workdir, exist_ok=True)
     data = os.path.join(workdir, "data")
     src = os.path.join(workdir, "one.JPEG")
-    Image.fromarray(photo_like(np.random.default_rng(0), 500, 500)).save(src, "JPEG", quality=90)
     t0 = time.perf_counter()
     per_class = np.full(CLASSES, images // CLASSES)
     per_class[:images % CLASSES] += 1
     val_per_class = max(1, round(VAL_PER_CLASS * images / IMAGENET_TRAIN))
+    linked = os.path.join(workdir, "data.json")  # the links are reused when only the store is rebuilt
+    if os.path.exists(linked) and json.load(open(linked)) == {"images": images}:
+        per_class[:], val_per_class = 0, 0
+    else:
+        shutil.rmtree(data, ignore_errors=True)
+        Image.fromarray(photo_like(np.random.default_rng(0), 500, 500)).save(src, "JPEG", quality=90)
     for c in range(CLASSES):
         wnid = f"n{c:08d}"
         first = None  # one copy per class (a file system caps the links to one inode), the rest links to it
@@ -80,6 +86,9 @@ def build(workdir: str, images: int, crops: int, top_k: int = 5) -> dict:
                 else:
                     os.link(first, path)
     link_s = time.perf_counter() - t0
+    with open(linked, "w") as f:
+        json.dump({"images": images}, f)
+    val_per_class = max(1, round(VAL_PER_CLASS * images / IMAGENET_TRAIN))
     ds = scan_image_folder(os.path.join(data, "train"))
     store_path = os.path.join(workdir, "store")
     t0 = time.perf_counter()
