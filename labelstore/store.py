@@ -388,9 +388,9 @@ class LabelStore:
         """Rows left out on purpose (e.g. corrupt images under --skip-corrupt), never served."""
         return np.array(sorted({int(r) for r, _ in self.meta.skipped}), dtype=np.int64)
 
-    def settled(self) -> np.ndarray:
-        """Per row: done, or skipped on purpose."""
-        mask = self.done()
+    def settled(self, done: np.ndarray | None = None) -> np.ndarray:
+        """Per row: done, or skipped on purpose (``done``: the done mask, if already read)."""
+        mask = self.done() if done is None else done.copy()
         mask[self.skipped_rows()] = True
         return mask
 
@@ -512,18 +512,19 @@ class LabelStore:
         except Exception as e:
             raise self._locate_corruption(name, e) from e
 
-    def _read_many(self, names: Sequence[str], rows: np.ndarray | slice, crops: slice) -> dict[str, np.ndarray]:
-        """Rows x crops of several arrays in one go: zarr fetches and decodes their chunks concurrently
-        (what keeps an object store's request latency off the critical path)."""
-        sel = (rows, crops)
-        arrays = [self._reader(n).async_array for n in names]
+    def _read_many(self, selections: dict[str, tuple], rows_are_slice: bool) -> dict[str, np.ndarray]:
+        """Several arrays' selections (rows first) in one go: zarr fetches and decodes their chunks
+        concurrently (what keeps an object store's request latency off the critical path)."""
+        arrays = {n: self._reader(n).async_array for n in selections}
 
         async def fetch():
-            if isinstance(rows, slice):
-                return await asyncio.gather(*(a.getitem(sel) for a in arrays), return_exceptions=True)
-            return await asyncio.gather(*(a.get_orthogonal_selection(sel) for a in arrays), return_exceptions=True)
+            if rows_are_slice:
+                return await asyncio.gather(*(arrays[n].getitem(sel) for n, sel in selections.items()),
+                                            return_exceptions=True)
+            return await asyncio.gather(*(arrays[n].get_orthogonal_selection(sel) for n, sel in selections.items()),
+                                        return_exceptions=True)
         out = {}
-        for name, got in zip(names, sync(fetch())):
+        for name, got in zip(selections, sync(fetch())):
             if isinstance(got, BaseException):
                 raise self._locate_corruption(name, got) from got
             out[name] = np.asarray(got)
@@ -595,7 +596,7 @@ class LabelStore:
         """Return the done mask (the rows to serve); raise StoreIncompleteError if rows are neither done nor
         skipped on purpose, unless allowed."""
         done = self.done()
-        missing_mask = ~self.settled()
+        missing_mask = ~self.settled(done)
         missing = int(missing_mask.sum())
         if missing and not allow_incomplete:
             first = int(np.flatnonzero(missing_mask)[0])
@@ -645,14 +646,16 @@ class LabelStore:
         return {"rows_done": int(done.sum()), "rows_checked": rows, "shards": len(chosen),
                 "shards_total": len(ranges)}
 
-    def read_round(self, r: int, n: int, *, rows: np.ndarray | None = None, check: bool = True) -> Round:
+    def read_round(self, r: int, n: int, *, rows: np.ndarray | None = None, check: bool = True,
+                   done: np.ndarray | None = None) -> Round:
         """Crops ``[r*n, (r+1)*n)`` of ``rows`` (sorted store rows; default all): bulk reads, one zarr call per
-        array, chunk-file check once, labels checked in blocks (no int64 copy of the whole round)."""
+        array, chunk-file check once, labels checked in blocks (no int64 copy of the whole round). ``done``:
+        the done mask, if the caller holds it (on an object store, one request per shard saved)."""
         if n < 1 or r < 0 or (r + 1) * n > self.num_crops:
             raise ValueError(f"{self.path}: round {r} of {n} crops needs crops [{r * n}, {(r + 1) * n}) but "
                              f"the pool has {self.num_crops} crops per image ({self.num_rounds(n)} rounds "
                              f"of {n})")
-        done = self.done()
+        done = self.done() if done is None else done
         if rows is not None and len(rows) == self.num_images:
             rows = None  # sorted, unique and in range: every row (a slice reads faster than an index array)
         if rows is None:
@@ -666,10 +669,13 @@ class LabelStore:
         self._check_chunk_files(CROP_ARRAYS, self._shards_of(np.flatnonzero(done) if rows is None
                                                               else sel[served]))
         cs = slice(r * n, (r + 1) * n)
-        got = self._read_many(CROP_ARRAYS, sel, cs)
+        wanted = {name: (sel, cs) for name in CROP_ARRAYS}
+        if check:
+            wanted["sizes"] = (sel, slice(None))
+        got = self._read_many(wanted, rows_are_slice=rows is None)
+        sizes = got.pop("sizes", None)
         out = Round(index=r, crop_start=r * n, rows=None if rows is None else sel, **got)
         if check:
-            sizes = self._read("sizes", slice(None)) if rows is None else self._read_orthogonal("sizes", sel)
             row_ids = np.arange(self.num_images) if rows is None else sel
             for a in range(0, len(row_ids), CHECK_ROWS):
                 b = a + CHECK_ROWS

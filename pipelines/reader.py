@@ -338,6 +338,7 @@ class FKDReader(ImageReader):
         super().__init__(root, files, s.targets_compact(), batch_size=batch_size,
                          rows=None if done.all() else np.flatnonzero(done), seed=seed, rank=rank,
                          world_size=world_size, shuffle=shuffle, drop_last=drop_last)
+        self._done = done  # read once: the rows served, and what read_round checks
         self._reads: dict[int, concurrent.futures.Future] = {}  # pass -> its rows of its round
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fkd-round")
         self._wanted: int | None = None  # the pass being served
@@ -357,7 +358,7 @@ class FKDReader(ImageReader):
         if pass_index not in self._reads:
             def read():
                 p = plan or self.plan(pass_index)
-                return self.store.read_round(p.round_index, self.num_crops, rows=np.unique(p.rows))
+                return self.store.read_round(p.round_index, self.num_crops, rows=np.unique(p.rows), done=self._done)
             self._reads[pass_index] = self._io.submit(read)
         return self._reads[pass_index]
 

@@ -296,14 +296,13 @@ def s3_env(endpoint: str) -> dict:
             "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def requests_per_pass(images: int, shards: int, crops_per_chunk: int, n: int) -> int:
+def requests_per_pass(shards: int, crops_per_chunk: int, n: int) -> int:
     """Requests a rank makes to read its rows of one round of n crops: per crop array and shard, the shard
-    index and the inner chunks the round covers (a rank's rows are spread over every shard); one LIST per
-    1000 shard files per crop array (the lost-file check); the ``sizes`` and ``done`` chunks (one per
-    shard) and the ``targets`` chunks."""
-    from labelstore.schema import FILES_CHUNK
+    index and the inner chunks the round covers (a rank's rows are spread over every shard), one ``sizes``
+    chunk per shard (the box check), and one LIST per 1000 shard objects per crop array (the lost-file
+    check). Once per loader: the ``done`` chunks (one per shard) and the ``targets`` chunks."""
     chunks = -(-n // crops_per_chunk)
-    return 4 * shards * (1 + chunks) + 4 * -(-shards // 1000) + 2 * shards + -(-images // FILES_CHUNK)
+    return 4 * shards * (1 + chunks) + shards + 4 * -(-shards // 1000)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -361,8 +360,7 @@ def _s3(info: dict, common: dict, args, out: str) -> dict:
         res["train"] = _run_probe("train", {**common, "store": url, "batch": args.batch_size,
                                             "out": os.path.join(out, "run-s3")}, env=env)
         lay = json.load(open(os.path.join(info["store"], "zarr.json")))["attributes"]["fkd"]["layout"]
-        res["requests_per_pass_per_rank"] = requests_per_pass(info["images"], info["shards"], lay["crops_per_chunk"],
-                                                               args.num_crops)
+        res["requests_per_pass_per_rank"] = requests_per_pass(info["shards"], lay["crops_per_chunk"], args.num_crops)
         return res
     finally:
         proc.terminate()
