@@ -22,11 +22,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         with store_writer_lock(args.store):  # not while a generate run writes the store
             store.clear_done(slice(start, stop))
         print(f"rows {start}..{stop - 1} of {args.store} marked not done; rerun generation to relabel them")
-    if args.verify:
+    if args.verify or args.sample:
         from .fkd_format import stem_collisions
-        v = store.verify()
-        print(f"verified {v['shards']} shards: every chunk decodes, {v['rows_done']} done rows hold valid labels, "
-              f"all {store.num_images:,} file names stay inside the dataset folder")
+        from .progress import progress
+        total = min(args.sample, len(store.shard_ranges())) if args.sample else len(store.shard_ranges())
+        with progress(total=total, desc="verify", unit="shard") as bar:
+            v = store.verify(sample=args.sample, workers=args.workers, progress=bar.update)
+        what = f"{v['shards']} of {v['shards_total']} shards (random sample)" if args.sample else f"{v['shards']} shards"
+        print(f"verified {what}: every chunk decodes, {v['rows_checked']} done rows hold valid labels, all "
+              f"{store.num_images:,} file names stay inside the dataset folder")
         clashes = stem_collisions(store.files)
         if clashes:
             print(f"note: {len(clashes)} file name(s) share an FKD label-file name with another (FKD keys images by "
@@ -330,7 +334,7 @@ def add_generate_args(g: argparse.ArgumentParser) -> None:
                    help="store the teacher's class count when it differs from the dataset's (deliberately)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="leave unreadable images out (recorded in the store, never trained on) instead of stopping")
-    g.add_argument("--rows-per-shard", type=int, help="images per shard file (default: about 2^18 crops per shard)")
+    g.add_argument("--rows-per-shard", type=int, help="images per shard file (default: about 2^20 crops per shard)")
     g.add_argument("--crops-per-chunk", type=int, help="crops per inner chunk (default 4)")
     g.add_argument("-j", "--workers", type=int, help="DALI CPU threads (default: the cores of this rank)")
     g.add_argument("--rank", type=int, help="this process's rank, for launches without torchrun")
@@ -374,7 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise a label store (shape, chunking, bytes per crop, teachers)")
     i.add_argument("store", metavar="STORE", help="the label store folder")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
-    i.add_argument("--verify", action="store_true", help="decode every chunk and check every label")
+    i.add_argument("--verify", action="store_true",
+                   help="decode every chunk and check every label (in parallel over shards, with progress)")
+    i.add_argument("--sample", type=int, metavar="K", help="verify K random shards only (a quick check)")
+    i.add_argument("-j", "--workers", type=int, help="processes for --verify (default: the cores)")
     i.add_argument("--clear-rows", metavar="A:B", help="mark rows A..B-1 not done so generation relabels them")
     i.set_defaults(func=_cmd_inspect)
 

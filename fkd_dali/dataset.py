@@ -15,7 +15,7 @@ from functools import cached_property
 
 import numpy as np
 
-from labelstore import fingerprint_of
+from labelstore import PathTable, fingerprint_of
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -28,7 +28,7 @@ class DatasetError(Exception):
 class Dataset:
     root: str                 # the split folder, e.g. DATA/train
     classes: list[str]
-    files: list[str]          # relative to root, ImageFolder order
+    files: PathTable          # relative to root, ImageFolder order (a compact sequence of str)
     targets: np.ndarray       # int64 class index per file
     byte_sizes: np.ndarray    # int64 file size per file
 
@@ -64,7 +64,11 @@ def split_dir(data: str | os.PathLike, split: str) -> str:
 
 
 def scan_image_folder(root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> Dataset:
-    """List an ImageFolder tree exactly as torchvision does; raise DatasetError on empty/missing input."""
+    """List an ImageFolder tree exactly as torchvision does; raise DatasetError on empty/missing input.
+
+    One ``stat`` per file (for the fingerprint), relative to an open folder; the paths go straight into a
+    :class:`PathTable`. One thread: on the 2-core VM 1.28 M files took 4.5-4.8 s, and 8.0 s with 2 threads,
+    11 s with 8 (the GIL hand-offs around each stat cost more than the overlap gains)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DatasetError(f"{root} does not exist or is not a folder")
@@ -72,41 +76,49 @@ def scan_image_folder(root: str | os.PathLike, extensions: tuple[str, ...] = IMG
     if not classes:
         raise DatasetError(f"{root} has no class folders: expected {root}/<class>/<image> (ImageFolder "
                            "layout)")
-    files: list[str] = []
-    targets: list[int] = []
-    byte_sizes: list[int] = []
-    empty: list[str] = []
-    for index, cls in enumerate(classes):
-        class_dir = os.path.join(root, cls)
-        before = len(files)
-        seen: set[str] = set()
-        for dirpath, dirnames, fnames in sorted(os.walk(class_dir, followlinks=True,
-                                                        onerror=_raise_walk_error)):
-            real = os.path.realpath(dirpath)
-            if real in seen:
-                raise DatasetError(f"{dirpath} links back to {real}, which was already listed: a symlink "
-                                   "loop in the dataset. Remove the link")
-            seen.add(real)
-            for fname in sorted(fnames):
-                if not fname.lower().endswith(extensions):
-                    continue
-                path = os.path.join(dirpath, fname)
-                try:
-                    size = os.stat(path).st_size
-                except OSError as e:
-                    raise DatasetError(f"{path} cannot be read ({e.strerror}); fix its permissions or "
-                                       "remove it") from e
-                files.append(os.path.relpath(path, root))
-                targets.append(index)
-                byte_sizes.append(size)
-        if len(files) == before:
-            empty.append(cls)
+    per_class = [_scan_class(root, c, extensions) for c in classes]
+    empty = [cls for cls, runs in zip(classes, per_class) if not any(names for _, names, _ in runs)]
     if empty:
         raise DatasetError(f"{root}: class folder(s) {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} "
                            f"contain no image (extensions {', '.join(extensions)}). Remove the empty "
                            "folders or add images; torchvision's ImageFolder refuses them too")
-    return Dataset(root=root, classes=classes, files=files, targets=np.asarray(targets, dtype=np.int64),
-                   byte_sizes=np.asarray(byte_sizes, dtype=np.int64))
+    runs = [(rel, names) for class_runs in per_class for rel, names, _ in class_runs]
+    counts = [sum(len(names) for _, names, _ in class_runs) for class_runs in per_class]
+    sizes = [s for class_runs in per_class for _, _, ss in class_runs for s in ss]
+    return Dataset(root=root, classes=classes, files=PathTable.build(runs),
+                   targets=np.repeat(np.arange(len(classes), dtype=np.int64), counts),
+                   byte_sizes=np.asarray(sizes, dtype=np.int64))
+
+
+def _scan_class(root: str, cls: str, extensions: tuple[str, ...]) -> list[tuple[str, list[str], list[int]]]:
+    """(folder relative to root, sorted image names, their byte sizes) per folder of one class, in
+    torchvision's order (``sorted(os.walk(...))``)."""
+    class_dir = os.path.join(root, cls)
+    out = []
+    seen: set[str] = set()
+    for dirpath, _dirnames, fnames in sorted(os.walk(class_dir, followlinks=True, onerror=_raise_walk_error)):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            raise DatasetError(f"{dirpath} links back to {real}, which was already listed: a symlink "
+                               "loop in the dataset. Remove the link")
+        seen.add(real)
+        names = sorted(f for f in fnames if f.lower().endswith(extensions))
+        if not names:
+            continue
+        fd = os.open(dirpath, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sizes = []
+            for name in names:
+                try:
+                    sizes.append(os.stat(name, dir_fd=fd).st_size)
+                except OSError as e:
+                    raise DatasetError(f"{os.path.join(dirpath, name)} cannot be read ({e.strerror}); fix its "
+                                       "permissions or remove it") from e
+        finally:
+            os.close(fd)
+        rel = cls if dirpath == class_dir else os.path.relpath(dirpath, root)
+        out.append((rel, names, sizes))
+    return out
 
 
 def _raise_walk_error(err: OSError) -> None:

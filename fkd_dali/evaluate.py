@@ -15,7 +15,7 @@ def evaluate(model: torch.nn.Module, loader: EvalLoader, *, amp: bool = False, g
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    n_real = len(loader.reader.rows)
+    n_real = loader.reader.num_rows
     rank, world = loader.reader.rank, loader.reader.world_size
     counts = torch.zeros(3, dtype=torch.float64, device=dev)  # top-1, top-5, images
     i = 0

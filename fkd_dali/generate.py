@@ -219,11 +219,12 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
     path = cfg.save_path
     lock = None
     if d.is_main:
-        if os.path.exists(path) and not os.path.isdir(path):
+        url = "://" in path
+        if not url and os.path.exists(path) and not os.path.isdir(path):
             raise GenerateError(f"--save-path {path} is a file; it must name the label store's folder (to create "
                                 "or resume): choose another path")
-        if not os.path.exists(os.path.join(path, "zarr.json")):
-            if os.path.exists(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "zarr.json")):
+        if not labelstore.store_exists(path):
+            if not url and os.path.exists(path) and os.listdir(path):
                 raise GenerateError(f"{path} exists and is not a label store; choose another --save-path")
             create_atomically(path, lambda tmp: create_store(
                 tmp, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,

@@ -253,7 +253,8 @@ class Trainer:
                           decoder=self.decoder)
             if cfg.labels == "fkd":
                 self.loaders[crops] = FKDLoader(cfg.data, self.store, batch_size=self._images_per_rank(crops),
-                                                num_crops=crops, allow_incomplete=cfg.allow_incomplete, **common)
+                                                num_crops=crops, allow_incomplete=cfg.allow_incomplete,
+                                                files=self.train_set.files, **common)
             else:
                 ds = self.train_set
                 self.loaders[crops] = StandardLoader(ds.root, ds.files, ds.targets, scale=cfg.scale,
@@ -452,8 +453,8 @@ class Trainer:
         loader = self.loader(seg.crops)
         start = self.position[1] if self.position[0] == seg.index else 0
         steps = len(loader)
-        total = self.run_steps(len(loader.reader.rows))
-        loader.set_epoch(seg.start_epoch, start_batch=start)
+        total = self.run_steps(loader.reader.num_rows)
+        loader.set_epoch(pass_index(self.segments, seg), start_batch=start)
         self.position = (seg.index, start)
         self.ddp.train()
         label = f"epoch {seg.start_epoch}" + (f"-{seg.end_epoch - 1}" if seg.crops > 1 else "")
@@ -561,6 +562,12 @@ def incomplete_note(store) -> str:
         note += (f"; {len(empty)} of {len(store.classes)} classes have no labelled image at all "
                  f"({', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''})")
     return note + ". Finish generation (rerun the same `fkd-dali generate` command) to train on every image"
+
+
+def pass_index(segments: list[Segment], seg: Segment) -> int:
+    """The loader's pass number of a segment: its count among the earlier segments with as many crops (a
+    loader's pass p picks round p of the crop pool's seeded order, so rounds never repeat early)."""
+    return sum(1 for s in segments[:seg.index] if s.crops == seg.crops)
 
 
 def _norm(v):

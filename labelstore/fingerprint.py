@@ -11,13 +11,18 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 
+from .pathtable import PathTable
+
 FINGERPRINT_PREFIX = "sha256:"
 
 
-def fingerprint_of(files: Iterable[str], sizes: Iterable[int]) -> str:
+def fingerprint_of(files: Iterable[str] | PathTable, sizes: Iterable[int]) -> str:
     h = hashlib.sha256()
-    for rel, size in zip(files, sizes, strict=True):
-        h.update(f"{rel}\0{int(size)}\n".encode("utf-8", "surrogateescape"))
+    if isinstance(files, PathTable):
+        files.fingerprint_update(h, sizes)
+    else:
+        for rel, size in zip(files, sizes, strict=True):
+            h.update(f"{rel}\0{int(size)}\n".encode("utf-8", "surrogateescape"))
     return FINGERPRINT_PREFIX + h.hexdigest()
 
 

@@ -3,26 +3,51 @@
 from __future__ import annotations
 
 import os
+import zipfile
+
+import zarr.storage
+from zarr.core.sync import sync
 
 from .schema import CROP_ARRAYS
 from .store import LabelStore
 
 
-def disk_usage(path: str) -> dict[str, int]:
+def object_sizes(store: LabelStore) -> dict[str, int]:
+    """Size of every file / object of the store by key, from one listing (local walk, zip directory, or
+    the object store's LIST with sizes)."""
+    zs = store.store
+    if store.local_dir is not None:
+        root = store.local_dir
+        return {os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/"): os.path.getsize(os.path.join(d, f))
+                for d, _, fs in os.walk(root) for f in fs}
+    if isinstance(zs, zarr.storage.ZipStore):
+        with zipfile.ZipFile(zs.path) as z:
+            return {i.filename: i.file_size for i in z.infolist() if not i.is_dir()}
+    if isinstance(zs, zarr.storage.FsspecStore):
+        base = zs.path.rstrip("/")
+        found = sync(zs.fs._find(base, detail=True))
+        return {k[len(base) + 1:]: int(v.get("size") or 0) for k, v in found.items()}
+
+    async def listing():
+        return {k: await zs.getsize(k) async for k in zs.list()}
+    return sync(listing())
+
+
+def disk_usage(store: LabelStore) -> dict[str, int]:
     """Bytes per top-level array (apparent size of its files), plus 'total'."""
-    out: dict[str, int] = {}
-    for entry in os.scandir(path):
-        if entry.is_dir():
-            out[entry.name] = sum(os.path.getsize(os.path.join(d, f))
-                                  for d, _, fs in os.walk(entry.path) for f in fs)
-    out["total"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    out: dict[str, int] = {"total": 0}
+    for key, size in object_sizes(store).items():
+        top, sep, _ = key.partition("/")
+        if sep:
+            out[top] = out.get(top, 0) + size
+        out["total"] += size
     return out
 
 
 def summarize(store: LabelStore) -> dict:
     m = store.meta
     done = store.done()
-    usage = disk_usage(store.path)
+    usage = disk_usage(store)
     arrays = {}
     for name in ("files", "targets", "sizes", "done") + CROP_ARRAYS:
         a = store.array(name)

@@ -25,11 +25,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from labelstore import LabelStore
+from labelstore import LabelStore, PathTable
 
 from . import graphs, handoff
 from .dali_install import check_gpu_build
-from .errors import LoaderError, probe_image, read_headers, refuse_unusable
+from .errors import LoaderError, probe_image
 from .reader import EpochPlan, FKDReader, ImageReader
 
 
@@ -186,11 +186,15 @@ class FKDLoader(_DaliLoader):
 
     >>> loader = FKDLoader(data="DATA/train", store="STORE", batch_size=B, num_crops=n, crop_size=S,
     ...                    device="cpu", rank=0, world_size=1, seed=0, normalize=True)
-    >>> loader.set_epoch(e)               # new permutation, next round of stored crops
+    >>> loader.set_epoch(p)               # pass p over the images: new permutation, its round of crops
     >>> for batch in loader: ...          # images (B*n, 3, S, S), topk_idx, topk_val (B*n, k),
     ...                                   # targets, indices (store row), crop_ids (pool column), (B*n,)
 
-    Crops of one image are adjacent. ``batch_size`` counts images; a batch holds ``batch_size * n`` crops.
+    One loader epoch is one *pass* over the images (FKD counts it as ``num_crops`` epochs): ``set_epoch``
+    takes the pass index 0, 1, 2, ..., which picks the round of stored crops (each once before any repeats).
+    ``files``: the dataset scan's paths, already checked against the store (saves reading the store's
+    ``files`` and a stat per file). Crops of one image are adjacent. ``batch_size`` counts images; a batch
+    holds ``batch_size * n`` crops.
     ``dtype``: float32 / float16 / bfloat16 (DALI 2.4 has no bfloat16: cast from float32 on the device) /
     uint8 (no normalisation, RGB). ``channels_last`` gives NCHW tensors with channels-last strides.
     """
@@ -204,12 +208,13 @@ class FKDLoader(_DaliLoader):
                  interp: str = "bilinear", shuffle: bool = True, drop_last: bool = False,
                  allow_incomplete: bool = False, verify_files: bool = True, num_threads: int | None = None,
                  device_id: int | None = None, prefetch_queue_depth: int = 2,
-                 decoder: graphs.DecoderOptions | None = None):
+                 decoder: graphs.DecoderOptions | None = None,
+                 files: Sequence[str] | PathTable | None = None):
         if dtype not in ("float32", "float16", "bfloat16", "uint8"):
             raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype!r}")
         reader = FKDReader(data, store, num_crops=num_crops, batch_size=batch_size, seed=seed, rank=rank,
                            world_size=world_size, shuffle=shuffle, drop_last=drop_last,
-                           allow_incomplete=allow_incomplete, verify_files=verify_files)
+                           allow_incomplete=allow_incomplete, verify_files=verify_files, files=files)
         super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
                          prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.store = reader.store
@@ -226,8 +231,8 @@ class FKDLoader(_DaliLoader):
     def num_rounds(self) -> int:
         return self.reader.num_rounds
 
-    def round_of(self, epoch: int) -> int:
-        return self.reader.round_of(epoch)
+    def round_of(self, pass_index: int) -> int:
+        return self.reader.round_of(pass_index)
 
     def _new_pipeline(self):
         return graphs.fkd_pipeline(
@@ -282,27 +287,23 @@ class _SingleViewLoader(_DaliLoader):
         images = images.view(B, S, S, 3).permute(0, 3, 1, 2) if self.channels_last else images.view(B, 3, S, S)
         return {"images": images, "targets": t["targets"], "indices": t["indices"]}
 
+    def close(self) -> None:
+        super().close()
+        self.reader.close()
+
     def _view_args(self) -> dict:
         return dict(size=self.crop_size, device=self.device, normalize=self.normalize, dtype=self.dtype,
                     channels_last=self.channels_last, mean=self.mean, std=self.std, interp=self.interp,
                     decoder=self.decoder)
 
 
-def check_image_headers(root: str, files: Sequence[str]) -> None:
-    """Before the first batch: every file has an image header within the pixel limit (a few KB read per
-    file, in threads), so zero-byte, non-image and decompression-bomb files are named up front, all at once,
-    instead of failing (or, for a bomb, decoding to garbage) mid-epoch. ``check_headers=False`` skips it."""
-    paths = [os.path.join(root, f) for f in files]
-    _, bad = read_headers(paths, workers=16)
-    refuse_unusable(paths, bad, "Replace or remove them (a file left out of an ImageFolder tree simply drops "
-                                "out of the dataset)")
-
-
 class EvalLoader(_SingleViewLoader):
     """Validation exactly as torchvision's Resize(round(S*256/224)) + CenterCrop(S); fixed order. With
-    several ranks the shards are padded by wrapping: use ``indices`` to count each image once."""
+    several ranks the shards are padded by wrapping: use ``indices`` to count each image once.
+    ``check_headers``: each file's header is checked before its batch reaches DALI (in the background, by
+    the rank that serves it; see ImageReader), so an unusable file is named, never decoded to garbage."""
 
-    def __init__(self, root: str, files: Sequence[str], targets: Sequence[int], batch_size: int,
+    def __init__(self, root: str, files: Sequence[str] | PathTable, targets: Sequence[int], batch_size: int,
                  crop_size: int = 224, resize_size: int | None = None, device: str = "gpu", rank: int = 0,
                  world_size: int = 1, normalize: bool = True, dtype: str = "float32",
                  channels_last: bool = False, mean: Sequence[float] = graphs.IMAGENET_MEAN,
@@ -310,10 +311,8 @@ class EvalLoader(_SingleViewLoader):
                  num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
                  check_headers: bool = True, decoder: graphs.DecoderOptions | None = None):
         self.resize_size = resize_size or round(crop_size * 256 / 224)
-        if check_headers:
-            check_image_headers(root, files)
         reader = ImageReader(root, files, targets, batch_size=batch_size, rank=rank, world_size=world_size,
-                             shuffle=False)
+                             shuffle=False, check_headers=check_headers)
         super().__init__(reader, crop_size=crop_size, device=device, normalize=normalize, dtype=dtype,
                          channels_last=channels_last, mean=mean, std=std, interp=interp,
                          num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch_queue_depth,
@@ -325,9 +324,10 @@ class EvalLoader(_SingleViewLoader):
 
 
 class StandardLoader(_SingleViewLoader):
-    """The usual DALI ImageNet training input: fused decode + random-resized crop, flip, hard labels."""
+    """The usual DALI ImageNet training input: fused decode + random-resized crop, flip, hard labels.
+    ``check_headers`` as for EvalLoader."""
 
-    def __init__(self, root: str, files: Sequence[str], targets: Sequence[int], batch_size: int,
+    def __init__(self, root: str, files: Sequence[str] | PathTable, targets: Sequence[int], batch_size: int,
                  crop_size: int = 224, device: str = "gpu", rank: int = 0, world_size: int = 1, seed: int = 0,
                  normalize: bool = True, dtype: str = "float32", channels_last: bool = False,
                  mean: Sequence[float] = graphs.IMAGENET_MEAN, std: Sequence[float] = graphs.IMAGENET_STD,
@@ -336,10 +336,8 @@ class StandardLoader(_SingleViewLoader):
                  num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
                  check_headers: bool = True, decoder: graphs.DecoderOptions | None = None):
         self.scale, self.ratio, self.antialias = tuple(scale), tuple(ratio), antialias
-        if check_headers:
-            check_image_headers(root, files)
         reader = ImageReader(root, files, targets, batch_size=batch_size, seed=seed, rank=rank,
-                             world_size=world_size, shuffle=True, drop_last=drop_last)
+                             world_size=world_size, shuffle=True, drop_last=drop_last, check_headers=check_headers)
         super().__init__(reader, crop_size=crop_size, device=device, normalize=normalize, dtype=dtype,
                          channels_last=channels_last, mean=mean, std=std, interp=interp,
                          num_threads=num_threads, device_id=device_id, prefetch_queue_depth=prefetch_queue_depth,

@@ -1,8 +1,9 @@
 """The reader side of the pipelines: epoch order, DDP sharding, rounds, and the external sources.
 
-Everything per batch is O(1) numpy slicing of arrays held in memory (one round of the label store); the
-JPEG files are read by ``fn.io.file.read`` inside DALI's own threads, so the Python callback never opens a
-file and needs no worker processes (and so no fork-after-CUDA hazard).
+Everything per batch is O(batch) numpy slicing of arrays held in memory (this rank's rows of one round of
+the label store, paths in a compact :class:`labelstore.PathTable`); the JPEG files are read by
+``fn.io.file.read`` inside DALI's own threads, so the Python callback never opens a file and needs no
+worker processes (and so no fork-after-CUDA hazard).
 
 Sharding follows ``torch.utils.data.DistributedSampler(drop_last=False)``: one permutation per epoch from
 ``(seed, epoch)``, identical on every rank, padded by wrapping to a multiple of the world size, and rank
@@ -15,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,18 +25,30 @@ import nvidia.dali.types as types
 from nvidia.dali.types import BatchInfo
 
 import labelstore
-from labelstore import LabelStore, Round
+from labelstore import LabelStore, PathTable, Round
 
-from .errors import LoaderError, read_headers
+from .errors import LoaderError, image_header, read_headers, refuse_unusable
 
 ROUND_STREAM = 0x726F756E64  # separates the round schedule's random stream from the epoch order's
 
 
-def encode_paths(root: str, files: Sequence[str]) -> list[np.ndarray]:
-    """Absolute paths as the 1-D uint8 arrays ``fn.io.file.read`` takes."""
-    root = os.path.abspath(root)
-    return [np.frombuffer(os.path.join(root, f).encode("utf-8", "surrogateescape"), dtype=np.uint8)
-            for f in files]
+class ImagePaths:
+    """A root folder and a :class:`PathTable` of relative paths: the absolute path of a row as a ``str`` or as
+    the 1-D uint8 array ``fn.io.file.read`` takes, built per batch (no object per file is held)."""
+
+    def __init__(self, root: str, files: Sequence[str] | PathTable):
+        self.root = root
+        self.files = PathTable.of(files)
+        self._prefix = os.path.join(os.path.abspath(root), "").encode("utf-8", "surrogateescape")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def encoded(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [np.frombuffer(self._prefix + self.files.encoded(int(r)), dtype=np.uint8) for r in rows]
+
+    def path_of(self, row: int) -> str:
+        return os.path.join(self.root, self.files[int(row)])
 
 
 def roi_from_boxes(boxes: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,11 +78,12 @@ def shard_positions(num: int, rank: int, world: int, order: np.ndarray) -> np.nd
     return padded[rank:total:world]
 
 
-def round_for_epoch(seed: int, epoch: int, num_rounds: int) -> int:
-    """Which round of the crop pool an epoch (pass) uses: every round once per cycle, seeded order."""
+def round_for_pass(seed: int, pass_index: int, num_rounds: int) -> int:
+    """Which round of the crop pool pass ``pass_index`` (0, 1, 2, ... over the images) uses: every round once
+    per cycle of ``num_rounds`` passes, in a seeded order, so no round repeats before the pool is used up."""
     if num_rounds < 1:
         raise ValueError("the crop pool holds no complete round")
-    cycle, pos = divmod(int(epoch), num_rounds)
+    cycle, pos = divmod(int(pass_index), num_rounds)
     return int(np.random.default_rng([int(seed), ROUND_STREAM, cycle]).permutation(num_rounds)[pos])
 
 
@@ -101,24 +116,32 @@ class ImageReader:
     row indices. :meth:`start_epoch` chooses the epoch the pipeline's next epoch serves; when the pipeline
     starts another epoch without it (an iterator with ``auto_reset=True`` resets and reads ahead at once),
     the reader advances to the following epoch by itself, so batches never mix two epochs' plans.
+
+    ``check_headers``: every file's header is read (a few KB, :func:`image_header`) before its batch is
+    handed to DALI, by a background thread running ahead of the pipeline through this rank's plan, and an
+    unusable file (empty, not an image, a decompression bomb) stops the batch with its name. Nothing is
+    read up front, each rank checks only the files it serves, and a file checked once is not read again.
     """
 
     names = ("paths", "target", "index")
     dtypes = (types.UINT8, types.INT64, types.INT64)
     ndims = (1, 0, 0)
 
-    def __init__(self, root: str, files: Sequence[str], targets: Sequence[int], *, batch_size: int,
+    def __init__(self, root: str, files: Sequence[str] | PathTable, targets: Sequence[int], *, batch_size: int,
                  rows: np.ndarray | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, drop_last: bool = False):
+                 shuffle: bool = True, drop_last: bool = False, check_headers: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.root = root
-        self.paths = encode_paths(root, files)
-        self.targets = np.asarray(targets, dtype=np.int64)
-        self.rows = np.arange(len(files)) if rows is None else np.asarray(rows, dtype=np.int64)
-        if len(self.rows) == 0:
+        self.paths = ImagePaths(root, files)
+        t = np.asarray(targets)
+        top = int(t.max()) if t.size else 0
+        self.targets = t.astype(np.int16 if top < 2**15 else np.int32 if top < 2**31 else np.int64, copy=False)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)  # None: every row, in order
+        self.num_rows = len(self.paths) if rows is None else len(self.rows)
+        if self.num_rows == 0:
             raise LoaderError("there is no image to load (0 usable rows)")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.shuffle, self.drop_last = shuffle, drop_last
@@ -127,11 +150,14 @@ class ImageReader:
         self._serving = False  # the pipeline is inside ``current`` (not past its end)
         self._selected: tuple[int, ...] | None = None  # outputs a pipeline asked for (None: all)
 
+        self.headers = HeaderCheck(self.paths) if check_headers else None
+
     def plan(self, epoch: int) -> EpochPlan:
-        order = epoch_permutation(len(self.rows), self.seed, epoch, self.shuffle)
-        positions = shard_positions(len(self.rows), self.rank, self.world_size, order)
-        return EpochPlan(epoch=epoch, rows=self.rows[positions], batch_size=self.batch_size,
-                         drop_last=self.drop_last)
+        order = epoch_permutation(self.num_rows, self.seed, epoch, self.shuffle)
+        positions = shard_positions(self.num_rows, self.rank, self.world_size, order)
+        del order
+        return EpochPlan(epoch=epoch, rows=positions if self.rows is None else self.rows[positions],
+                         batch_size=self.batch_size, drop_last=self.drop_last)
 
     def start_epoch(self, epoch: int, reset: bool = False, start_batch: int = 0) -> EpochPlan:
         """Make the pipeline's next epoch serve ``epoch`` (from batch ``start_batch``, to resume inside an
@@ -162,7 +188,10 @@ class ImageReader:
         return self.current
 
     def _begin(self, epoch: int) -> EpochPlan:
-        return self.plan(epoch)
+        plan = self.plan(epoch)
+        if self.headers is not None:
+            self.headers.start(plan)
+        return plan
 
     def _plan_for(self, info: BatchInfo) -> EpochPlan:
         if self.current is None:
@@ -180,14 +209,22 @@ class ImageReader:
         return self.plan(0).num_batches
 
     def path_of(self, row: int) -> str:
-        return bytes(self.paths[row]).decode("utf-8", "surrogateescape")
+        return self.paths.path_of(row)
 
     def _rows(self, info: BatchInfo) -> np.ndarray:
-        return self._plan_for(info).batch_rows(info.iteration)
+        plan = self._plan_for(info)
+        rows = plan.batch_rows(info.iteration)
+        if self.headers is not None:
+            self.headers.require(plan, info.iteration)
+        return rows
 
     def batch(self, rows: np.ndarray) -> tuple:
         """Every output for the given rows, in ``names`` order."""
-        return [self.paths[r] for r in rows], self.targets[rows], rows.astype(np.int64)
+        return self.paths.encoded(rows), self.targets[rows].astype(np.int64), rows.astype(np.int64)
+
+    def close(self) -> None:
+        if self.headers is not None:
+            self.headers.close()
 
     def __call__(self, info: BatchInfo):
         out = self.batch(self._rows(info))
@@ -199,14 +236,78 @@ class ImageReader:
         return source_nodes(self, names)
 
 
+class HeaderCheck:
+    """Image headers read ahead of the pipeline, batch by batch, in a background thread (see ImageReader)."""
+
+    FIX = "Replace or remove them (a file left out of an ImageFolder tree simply drops out of the dataset)"
+
+    def __init__(self, paths: ImagePaths, workers: int = 4):
+        self.paths = paths
+        self.ok = np.zeros(len(paths), dtype=bool)  # rows whose header was read and is sound
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fkd-headers")
+        self._cond = threading.Condition()
+        self._plan: EpochPlan | None = None
+        self._checked = 0  # batches of _plan checked so far
+        self._bad: dict[int, list[tuple[str, str]]] = {}
+
+    def start(self, plan: EpochPlan) -> None:
+        """Check ``plan``'s batches in order from now on (a previous plan's checking stops)."""
+        with self._cond:
+            self._plan, self._checked, self._bad = plan, 0, {}
+        threading.Thread(target=self._run, args=(plan,), name="fkd-header-check", daemon=True).start()
+
+    def _run(self, plan: EpochPlan) -> None:
+        for i in range(plan.num_batches):
+            if self._plan is not plan:
+                return
+            rows = plan.batch_rows(i)
+            todo = np.unique(rows[~self.ok[rows]])
+            try:
+                found = list(self._pool.map(lambda r: image_header(self.paths.path_of(r))[1], todo))
+            except Exception as e:  # noqa: BLE001 - reported with the batch
+                found = [f"its header could not be checked ({type(e).__name__}: {e})"] * len(todo)
+            except BaseException:  # the pool shut down (interpreter exit)
+                return
+            self.ok[todo[[why is None for why in found]]] = True
+            bad = [(self.paths.path_of(r), why) for r, why in zip(todo, found) if why]
+            with self._cond:
+                if self._plan is not plan:
+                    return
+                if bad:
+                    self._bad[i] = bad
+                self._checked = i + 1
+                self._cond.notify_all()
+
+    def require(self, plan: EpochPlan, i: int) -> None:
+        """Wait until batch ``i`` of ``plan`` is checked; raise LoaderError naming its unusable files."""
+        if self._plan is not plan:  # e.g. a plan resumed from a later batch
+            self.start(plan)
+        with self._cond:
+            while self._plan is plan and self._checked <= i:
+                self._cond.wait(1.0)
+            bad = self._bad.get(i)
+        if bad:
+            refuse_unusable([p for p, _ in bad], {j: why for j, (_, why) in enumerate(bad)}, self.FIX)
+
+    def close(self) -> None:
+        with self._cond:
+            self._plan = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class FKDReader(ImageReader):
     """The FKD reader: per image its encoded path, the ``num_crops`` ROI boxes (flip encoded) of the
-    epoch's round, its ``num_crops`` top-k rows, its target, its store row and the crop ids.
+    pass's round, its ``num_crops`` top-k rows, its target, its store row and the crop ids.
 
-    Epoch ``e`` serves round ``round_for_epoch(seed, e, C // num_crops)`` of the pool: crops
-    ``[r*n, (r+1)*n)`` of every image, each round once per cycle, so no crop repeats before the pool is
-    used up. The round is read from the store in bulk (never per sample) and the next epoch's round is
-    read in the background. Only rows marked done are served.
+    The reader's epoch ``p`` is a *pass* over the images (FKD counts it as ``num_crops`` epochs): pass ``p``
+    serves round ``round_for_pass(seed, p, C // num_crops)`` of the pool, crops ``[r*n, (r+1)*n)``, each
+    round once per cycle, so no crop repeats before the pool is used up. Only the rows this rank serves in
+    the pass are read from the store, in bulk (never per sample), and the next pass's rows are read in the
+    background while this one trains; a rank holds at most those two. Only rows marked done are served.
+
+    ``files``: the dataset's paths (a scan's :class:`PathTable`) already checked against the store (e.g. by
+    ``LabelStore.check_dataset`` with the scan's fingerprint); without it the store's ``files`` are read
+    and, with ``verify_files``, every file's size is checked once against the fingerprint.
     """
 
     names = ("paths", "roi_start", "roi_end", "topk_idx", "topk_val", "target", "index", "crop_ids")
@@ -214,7 +315,8 @@ class FKDReader(ImageReader):
 
     def __init__(self, data: str, store: str | LabelStore, *, num_crops: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = False,
-                 allow_incomplete: bool = False, verify_files: bool = True):
+                 allow_incomplete: bool = False, verify_files: bool = True,
+                 files: Sequence[str] | PathTable | None = None):
         self.store = store if isinstance(store, LabelStore) else labelstore.open_store(store)
         s = self.store
         if num_crops < 1 or num_crops > s.num_crops:
@@ -222,22 +324,29 @@ class FKDReader(ImageReader):
                               f"--num-crops <= {s.num_crops} or generate a larger pool")
         done = s.require_complete(allow_incomplete)
         root = resolve_root(data, s)
-        if verify_files:
-            check_files(root, s)
+        if files is None:
+            files = s.file_table()
+            if verify_files:
+                check_files(root, s, files)
+        elif len(files) != s.num_images:
+            raise LoaderError(f"{len(files)} files given for {s.path}, which labels {s.num_images} images")
         self.num_crops = num_crops
         self.num_rounds = s.num_rounds(num_crops)
         idx_dtype = _dali_int(s.array("topk_idx").dtype)
         self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, idx_dtype, types.FLOAT16, types.INT64,
                        types.INT64, types.INT64)
-        super().__init__(root, list(s.files), s.targets, batch_size=batch_size, rows=np.flatnonzero(done),
-                         seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, drop_last=drop_last)
-        self._rounds: dict[int, concurrent.futures.Future] = {}
+        super().__init__(root, files, s.targets_compact(), batch_size=batch_size,
+                         rows=None if done.all() else np.flatnonzero(done), seed=seed, rank=rank,
+                         world_size=world_size, shuffle=shuffle, drop_last=drop_last)
+        self._done = done  # read once: the rows served, and what read_round checks
+        self._reads: dict[int, concurrent.futures.Future] = {}  # pass -> its rows of its round
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fkd-round")
-        self._loaded: int | None = None
-        self.roi_start = self.roi_end = self.topk_idx = self.topk_val = self.crop_ids = None
+        self._wanted: int | None = None  # the pass being served
+        self._loaded: int | None = None  # the pass whose rows ``round`` holds
+        self.round: Round | None = None  # this rank's rows of the pass's round (rows sorted)
 
-    def round_of(self, epoch: int) -> int:
-        return round_for_epoch(self.seed, epoch, self.num_rounds)
+    def round_of(self, pass_index: int) -> int:
+        return round_for_pass(self.seed, pass_index, self.num_rounds)
 
     def plan(self, epoch: int) -> EpochPlan:
         p = super().plan(epoch)
@@ -245,32 +354,52 @@ class FKDReader(ImageReader):
         p.crop_start = p.round_index * self.num_crops
         return p
 
-    def _round(self, r: int) -> concurrent.futures.Future:
-        if r not in self._rounds:
-            self._rounds[r] = self._io.submit(self.store.read_round, r, self.num_crops)
-        return self._rounds[r]
+    def _read(self, pass_index: int, plan: EpochPlan | None = None) -> concurrent.futures.Future:
+        if pass_index not in self._reads:
+            def read():
+                p = plan or self.plan(pass_index)
+                return self.store.read_round(p.round_index, self.num_crops, rows=np.unique(p.rows), done=self._done)
+            self._reads[pass_index] = self._io.submit(read)
+        return self._reads[pass_index]
 
     def _begin(self, epoch: int) -> EpochPlan:
         plan = self.plan(epoch)
-        r = plan.round_index
-        if self._loaded != r:
-            rnd: Round = self._round(r).result()
-            self.roi_start, self.roi_end = roi_from_boxes(rnd.boxes, rnd.flips)
-            self.topk_idx = np.ascontiguousarray(rnd.topk_idx)
-            self.topk_val = np.ascontiguousarray(rnd.topk_val, dtype=np.float16)
-            self.crop_ids = rnd.crop_start + np.arange(self.num_crops, dtype=np.int64)
-            self._loaded = r
-        nxt = self.round_of(epoch + 1)
-        self._rounds = {k: v for k, v in self._rounds.items() if k in (r, nxt)}
-        self._round(nxt)  # read the next epoch's round while this one trains
+        self._wanted = epoch
+        self._read(epoch, plan)
+        self._read(epoch + 1)  # the next pass's rows, read while this one trains
+        for k in [k for k in self._reads if k not in (epoch, epoch + 1)]:
+            self._reads.pop(k).cancel()
         return plan
 
+    def current_round(self) -> Round:
+        """This rank's rows of the round being served (waits for the background read the first time)."""
+        if self._loaded != self._wanted:
+            self.round = None  # drop the previous pass's rows before holding the next
+            self.round = self._read(self._wanted).result()
+            self._loaded = self._wanted
+        return self.round
+
+    def held_bytes(self) -> dict[str, int]:
+        """What this reader holds for boxes, labels and paths (the rows of the rounds read or being read)."""
+        rounds = [f.result() for f in self._reads.values() if f.done() and not f.cancelled()]
+        if self.round is not None and all(r is not self.round for r in rounds):
+            rounds.append(self.round)
+        plan = self.current.rows.nbytes if self.current is not None else 0
+        return {"paths": self.paths.files.nbytes, "targets": self.targets.nbytes,
+                "rounds": sum(r.nbytes + (r.rows.nbytes if r.rows is not None else 0) for r in rounds),
+                "plan": plan + (self.rows.nbytes if self.rows is not None else 0)}
+
     def batch(self, rows: np.ndarray) -> tuple:
-        return ([self.paths[r] for r in rows], self.roi_start[rows], self.roi_end[rows], self.topk_idx[rows],
-                self.topk_val[rows], self.targets[rows], rows.astype(np.int64),
-                np.tile(self.crop_ids, (len(rows), 1)))
+        rnd = self.current_round()
+        pos = rows if rnd.rows is None else np.searchsorted(rnd.rows, rows)
+        start, end = roi_from_boxes(rnd.boxes[pos], rnd.flips[pos])
+        crop_ids = rnd.crop_start + np.arange(self.num_crops, dtype=np.int64)
+        return (self.paths.encoded(rows), start, end, np.ascontiguousarray(rnd.topk_idx[pos]),
+                np.ascontiguousarray(rnd.topk_val[pos], dtype=np.float16), self.targets[rows].astype(np.int64),
+                rows.astype(np.int64), np.tile(crop_ids, (len(rows), 1)))
 
     def close(self) -> None:
+        super().close()
         self._io.shutdown(wait=False, cancel_futures=True)
 
 
@@ -287,11 +416,11 @@ class GenerationReader:
     dtypes = (types.UINT8, types.FLOAT, types.FLOAT, types.INT64, types.INT64)
     ndims = (1, 2, 2, 0, 1)
 
-    def __init__(self, root: str, files: Sequence[str], group_size: int, batch_size: int):
+    def __init__(self, root: str, files: Sequence[str] | PathTable, group_size: int, batch_size: int):
         if group_size < 1 or batch_size < 1:
             raise ValueError("group_size and batch_size must be >= 1")
         self.root = root
-        self.paths = encode_paths(root, files)
+        self.paths = ImagePaths(root, files)
         self.group_size, self.batch_size = group_size, batch_size
         self._selected: tuple[int, ...] | None = None
         self._rows = self._start = self._end = self._ids = None
@@ -324,14 +453,14 @@ class GenerationReader:
         return slice(i * self.batch_size, min(len(self._rows), (i + 1) * self.batch_size))
 
     def path_of(self, row: int) -> str:
-        return bytes(self.paths[row]).decode("utf-8", "surrogateescape")
+        return self.paths.path_of(row)
 
     def rows_of_batch(self, i: int) -> np.ndarray:
         return self._rows[self.batch_items(i)]
 
     def batch(self, items: slice) -> tuple:
         rows = self._rows[items]
-        return ([self.paths[r] for r in rows], self._start[items], self._end[items], rows, self._ids[items])
+        return (self.paths.encoded(rows), self._start[items], self._end[items], rows, self._ids[items])
 
     def __call__(self, info: BatchInfo):
         out = self.batch(self.batch_items(info.iteration))
@@ -369,13 +498,14 @@ def resolve_root(data: str, store: LabelStore) -> str:
     raise LoaderError(f"{data} does not exist (expected the dataset root holding {split}/, or {split}/ itself)")
 
 
-def check_files(root: str, store: LabelStore) -> None:
-    """Every stored file exists with the size it had when the labels were made (the fingerprint). On a
-    mismatch, the files whose header no longer gives the stored image size are named."""
-    fp = labelstore.fingerprint_dir(root, list(store.files))  # names the first missing file
+def check_files(root: str, store: LabelStore, files: Sequence[str] | PathTable | None = None) -> None:
+    """Every stored file exists with the size it had when the labels were made (the fingerprint; one stat
+    per file). On a mismatch, the files whose header no longer gives the stored image size are named."""
+    files = store.file_table() if files is None else files
+    fp = labelstore.fingerprint_of(files, labelstore.file_sizes(root, files))  # names the first missing file
     if fp == store.meta.fingerprint:
         return
-    files = list(store.files)
+    files = list(files)
     stored = store.sizes()
     got, bad = read_headers([os.path.join(root, f) for f in files], workers=16)
     changed = [f"{files[i]} ({bad[i]})" if i in bad else

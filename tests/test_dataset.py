@@ -7,6 +7,7 @@ import pytest
 from torchvision.datasets import ImageFolder
 
 from fkd_dali.dataset import DatasetError, scan_image_folder, split_dir
+from labelstore import PathTable, fingerprint_of
 from tests.conftest import make_image_folder, textured, write_jpeg
 
 
@@ -32,6 +33,19 @@ def test_same_classes_files_and_order_as_torchvision(tmp_path):
     assert ours.targets.tolist() == [t for _, t in tv.samples]
     assert "a_cls/notes.txt" not in ours.files
     assert ours.byte_sizes.tolist() == [os.path.getsize(p) for p, _ in tv.samples]
+
+
+def test_path_table_is_a_compact_sequence_with_the_same_fingerprint():
+    paths = ["top.jpg", "a/1.jpg", "a/2.jpg", "a/sub/x.jpg", "b/\udcff-odd name.jpg", "a/3.jpg", "b/ü.jpg"]
+    table = PathTable.from_paths(paths)
+    assert list(table) == paths and [table[i] for i in range(len(paths))] == paths and table[-1] == "b/ü.jpg"
+    assert table[1:3] == paths[1:3] and table == PathTable.from_paths(iter(paths)) and len(table) == 7
+    sizes = np.arange(7) * 1000 + 7
+    assert fingerprint_of(table, sizes) == fingerprint_of(paths, sizes)  # stores made before keep matching
+    with pytest.raises(IndexError):
+        table[7]
+    many = PathTable.from_paths(f"n{c:08d}/n{c:08d}_{i}.JPEG" for c in range(10) for i in range(1000))
+    assert many.nbytes < 25 * len(many)  # 19-byte names + offsets, the folder once per run
 
 
 def test_fingerprint_tracks_paths_and_sizes(tmp_path):

@@ -1,8 +1,10 @@
 """The Zarr label store: layout, bulk reads, crash-safe writes, validation and corruption errors."""
 
+import importlib.util
 import json
 import multiprocessing as mp
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -49,8 +51,8 @@ def filled_store(path, n=10, c=12, k=3, **kw):
 
 
 def test_layout_follows_the_measured_policy():
-    assert Layout.choose(1_281_167, 500).rows_per_shard == 512
-    assert Layout.choose(100_000, 64).rows_per_shard == 4096
+    assert Layout.choose(1_281_167, 500).rows_per_shard == 2048
+    assert Layout.choose(100_000, 64).rows_per_shard == 8192
     assert Layout.choose(10, 64).rows_per_shard == 10
     lay = Layout.choose(1000, 10, crops_per_chunk=4)
     assert lay.shard_crops(10) == 12 and lay.crops_per_chunk == 4
@@ -198,7 +200,8 @@ def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
 
 def test_verify_reads_every_chunk_of_a_sound_store(tmp_path):
     store, _ = filled_store(str(tmp_path / "s"), n=12, c=8, rows_per_shard=4)
-    assert open_store(str(tmp_path / "s")).verify() == {"rows_done": 12, "shards": 3}
+    assert open_store(str(tmp_path / "s")).verify() == {"rows_done": 12, "rows_checked": 12, "shards": 3,
+                                                         "shards_total": 3}
 
 
 def test_missing_chunk_file_of_done_rows_is_an_error(tmp_path):
@@ -209,6 +212,62 @@ def test_missing_chunk_file_of_done_rows_is_an_error(tmp_path):
         open_store(path).read_round(0, 4)
     with pytest.raises(StoreCorruptError, match="topk_idx"):
         open_store(path).read_rows([1])
+
+
+def test_an_all_false_flips_shard_is_data_not_a_lost_file(tmp_path):
+    """zarr skips a chunk equal to the fill value by default; an all-False flips shard must still be written."""
+    path = str(tmp_path / "s")
+    store = new_store(path, n=12, c=8, rows_per_shard=4)
+    data = content(12, 8, 3)
+    data["flips"][4:8] = False
+    for a, b in store.shard_ranges():
+        store.write_block(a, **{name: v[a:b] for name, v in data.items()})
+    store.finalize()
+    assert os.path.isfile(_shard_of(path, "flips", 1))
+    assert not open_store(path).read_round(0, 4).flips[4:8].any()
+    open_store(path).verify(workers=1)
+    os.remove(_shard_of(path, "flips", 1))  # a real loss is still found
+    with pytest.raises(StoreCorruptError, match="no chunk file flips/c/1/0 "):
+        open_store(path).read_round(0, 4)
+
+
+def test_verify_runs_in_processes_on_a_sample_with_progress(tmp_path):
+    path = str(tmp_path / "s")
+    filled_store(path, n=40, c=8, rows_per_shard=4)
+    seen = []
+    v = open_store(path).verify(sample=3, workers=2, progress=seen.append)
+    assert v["shards"] == 3 and sum(seen) == 3 and v["shards_total"] == 10 and v["rows_checked"] == 12
+    f = _shard_of(path, "topk_val", 7)
+    with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+    with pytest.raises(StoreCorruptError, match=r"topk_val/c/7/0/0 \(rows 28..31\)"):
+        open_store(path).verify(workers=2)
+
+
+def test_zip_and_file_url_stores_read_as_the_folder(tmp_path):
+    path = str(tmp_path / "s")
+    filled_store(path, n=12, c=8, rows_per_shard=4)
+    zpath = str(tmp_path / "s.zip")
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_STORED) as z:  # what `cd s && zip -r0 ../s.zip .` makes
+        for d, _, fs in os.walk(path):
+            for f in fs:
+                z.write(os.path.join(d, f), os.path.relpath(os.path.join(d, f), path))
+    want = open_store(path).read_round(1, 4)
+    for where in (zpath, "file://" + path):
+        got = open_store(where).read_round(1, 4)
+        assert all(np.array_equal(getattr(got, a), getattr(want, a)) for a in labelstore.CROP_ARRAYS)
+    z = open_store(zpath)
+    assert z.verify(workers=2)["rows_checked"] == 12  # the worker processes reopen the zip
+    assert labelstore.summarize(z)["bytes_total"] == labelstore.summarize(open_store(path))["bytes_total"]
+    with pytest.raises(StoreWriteError, match="read-only"):
+        open_store(zpath, mode="r+")
+
+
+def test_a_url_whose_backend_is_missing_names_the_package():
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(StoreNotFoundError, match=r"gs:// label stores need the gcsfs package.*pip install gcsfs"):
+        open_store("gs://bucket/store")
 
 
 def test_incomplete_store_reports_missing_rows(tmp_path):
@@ -234,10 +293,10 @@ def test_check_dataset_names_the_first_mismatch(tmp_path):
         store.check_dataset(files=files, classes=classes[:6], fingerprint="sha256:abc")
     with pytest.raises(StoreMismatchError, match="labels 10 images.*has 9"):
         store.check_dataset(files=files[:9], classes=classes, fingerprint="sha256:abc")
-    renamed = files[:3] + ["class_3/other.jpg"] + files[4:]
+    renamed = files[:3] + ["class_3/other.jpg"] + files[4:]  # a rename changes the fingerprint (it hashes names)
     with pytest.raises(StoreMismatchError, match="image 3 is 'class_3/img_003.jpg' in the store but "
                                                  "'class_3/other.jpg'"):
-        store.check_dataset(files=renamed, classes=classes, fingerprint="sha256:abc")
+        store.check_dataset(files=renamed, classes=classes, fingerprint="sha256:renamed")
     with pytest.raises(StoreMismatchError, match="sizes differ"):
         store.check_dataset(files=files, classes=classes, fingerprint="sha256:def")
     with pytest.raises(StoreMismatchError, match="has class"):

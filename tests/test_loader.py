@@ -11,6 +11,8 @@ from PIL import Image
 import labelstore
 from fkd_dali.crops import sample_crops
 from fkd_dali.dataset import scan_image_folder
+from fkd_dali.schedule import fkd_segments
+from fkd_dali.train import pass_index
 from pipelines import EvalLoader, FKDLoader, LoaderError, StandardLoader
 from pipelines.graphs import IMAGENET_MEAN, IMAGENET_STD
 from tests.conftest import current_device, textured
@@ -129,6 +131,53 @@ def test_alignment_sharding_and_rounds_over_epochs(coded, world):
     assert all(len(v) == n for v in crops_by_epoch.values())  # one round per epoch
     assert len({frozenset(crops_by_epoch[e]) for e in range(3)}) == 3  # 3 rounds: each once per cycle
     assert orders[0] != orders[1] != orders[2]
+
+
+def test_a_300_epoch_plan_uses_every_round_once_and_reads_each_pass_ahead(tmp_path):
+    """train.py numbers epochs 0, 4, 8, ...; the loader gets pass indices, so the round of the next pass is the
+    one read in the background, and no round repeats before the pool (75 rounds of 4) is used up."""
+    data = str(tmp_path / "data")
+    write_coded_dataset(data, 6)
+    make_store(data, str(tmp_path / "s"), pool=300)
+    reader = loader({"data": data, "store": str(tmp_path / "s")}, num_crops=4, batch_size=2).reader
+    reads = []
+    real = reader.store.read_round
+    reader.store.read_round = lambda r, n, **kw: reads.append(r) or real(r, n, **kw)
+    segments = fkd_segments(300, 4)
+    used = []
+    for seg in (s for s in segments if s.crops == 4):
+        p = pass_index(segments, seg)
+        ahead = p in reader._reads  # submitted while the previous pass trained
+        reader.start_epoch(p, reset=True)
+        rnd = reader.current_round()
+        assert rnd.index == reader.current.round_index and (ahead or p == 0)
+        used.append(rnd.index)
+    reader._reads[len(used)].result()
+    assert len(used) == 74 and len(set(used)) == 74  # 74 passes, 74 different rounds
+    assert reads == used + [reader.round_of(len(used))]  # every read was used, the last one is the next pass's
+    reader.close()
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_each_rank_reads_and_holds_only_the_rows_it_serves(coded, world):
+    whole = labelstore.open_store(coded["store"])
+    held = []
+    for rank in range(world):
+        ld = loader(coded, rank=rank, world_size=world, seed=2)
+        ld.set_epoch(1)
+        batches = list(ld)
+        rnd = ld.reader.round
+        rows = np.arange(30) if rnd.rows is None else rnd.rows  # None: every row (world 1)
+        served = np.concatenate([b["indices"][::2].numpy() for b in batches])
+        assert np.array_equal(rows, np.unique(served))  # this pass's rows of this rank, nothing else
+        want = whole.read_round(rnd.index, 2)
+        assert np.array_equal(rnd.topk_idx, want.topk_idx[rows]) and np.array_equal(rnd.boxes, want.boxes[rows])
+        assert rnd.boxes.dtype == whole.array("boxes").dtype  # stored dtypes, no int64/float32 copies
+        held.append(rnd.nbytes)
+        for b in batches:
+            check_batch(coded, b, 2)
+        ld.close()
+    assert max(held) <= -(-30 // world) / 30 * want.nbytes + 1
 
 
 def test_start_batch_resumes_inside_an_epoch(coded):

@@ -67,11 +67,18 @@ def test_unusable_file_stops_generate_with_its_name_or_is_left_out(world, data, 
 
 
 @pytest.mark.parametrize("kind", list(badfiles.UNUSABLE))
-def test_unusable_file_in_hard_label_training_is_named_before_the_first_step(data, tmp_path, kind):
+def test_unusable_file_in_hard_label_training_is_named_before_it_reaches_a_model(data, tmp_path, kind):
     put(data, badfiles.UNUSABLE[kind])
     ds = scan_image_folder(os.path.join(data, "train"))
+    ld = StandardLoader(ds.root, ds.files, ds.targets, batch_size=8, crop_size=16, device=DEVICE, seed=3)
+    bad_row = ds.files.index("class_3/img_010.jpg")
+    # the header check runs per batch, ahead of the pipeline: no batch holding the file is ever yielded
+    served = []
     with pytest.raises(LoaderError, match=r"1 unusable image file\(s\): .*class_3/img_010.jpg: "):
-        StandardLoader(ds.root, ds.files, ds.targets, batch_size=8, crop_size=16, device=DEVICE)
+        for b in ld:
+            served += b["indices"].tolist()
+    assert bad_row not in served
+    ld.close()
 
 
 def test_a_decompression_bomb_is_refused_before_any_decode(data):

@@ -75,6 +75,23 @@ def add_parser(sub, func) -> None:
     tr.set_defaults(func=func)
 
 
+    sc = bs.add_parser("scale", help="ImageNet scale: scan, first batch, pass switch, per-rank memory at world 1 "
+                       "and 8, baseline constructors, verify, a store on a local S3 server")
+    sc.add_argument("--images", type=int, default=1_281_167, help="training files (hard links to one JPEG)")
+    sc.add_argument("--crops", type=int, default=500, help="crops per image in the store")
+    sc.add_argument("--num-crops", type=int, default=4, help="crops per image per pass (a round)")
+    sc.add_argument("--input-size", type=int, default=224)
+    sc.add_argument("-b", "--batch-size", type=int, default=128, help="train.py's -b (crops per step), world 1")
+    sc.add_argument("--rank-batch", type=int, default=32, help="images per rank per batch at world 1 and 8")
+    sc.add_argument("--sample", type=int, default=100, help="shards for the verify --sample row")
+    sc.add_argument("--threads", type=int, default=None)
+    sc.add_argument("--no-s3", action="store_true", help="skip the object-storage row (needs moto[server], s3fs)")
+    sc.add_argument("--workdir", default=None, help="where the dataset and store are built (default: temp)")
+    sc.add_argument("--keep", action="store_true", help="keep the dataset and store for the next run")
+    sc.add_argument("--out", default="bench-results/scale.json")
+    sc.set_defaults(func=func)
+
+
 def _write(result: dict, out: str | None) -> None:
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -145,6 +162,13 @@ def run(args: argparse.Namespace) -> int:
         result = train_run(args, device, args.threads or (os.cpu_count() or 1))
         result["machine"] = machine
         print(train_table(result))
+        _write(result, args.out)
+    elif args.bench == "scale":
+        from .scale import format_table as scale_table
+        from .scale import run as scale_run
+        result = scale_run(args)
+        result["machine"] = machine
+        print(scale_table(result))
         _write(result, args.out)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(args.bench)

@@ -1,0 +1,432 @@
+"""``fkd-dali bench scale``: what a user meets at ImageNet scale, step by step, with per-rank memory.
+
+Data: N training files (default 1,281,167) in 1000 class folders plus 50 validation files per class,
+all hard links to one 500x500 photo-like JPEG (so the file system holds N entries but one image), and a
+label store of N images x C crops x top-5 written with ``create_store`` + ``write_block`` (simulated
+teacher content, one shard's worth reused; the default layout). ``--workdir`` keeps both between runs.
+
+Each measurement runs in a fresh Python process (its imports, its memory): dataset scan + fingerprint,
+``train.py``'s path from process start to the first batch (scan, store check, model, FKDLoader, the
+first pass's rows read), a later pass's first batch (its rows were read in the background), what the
+reader holds and the process's resident memory at world 1 and world 8 (rank 0, the same per-rank batch),
+the StandardLoader / EvalLoader constructors, ``verify`` of the whole store, and the same first batch
+with the store on a local S3 server (moto), with the requests per pass that the layout implies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+IMAGENET_TRAIN = 1_281_167
+CLASSES = 1000
+VAL_PER_CLASS = 50
+
+
+def _rss() -> dict[str, float]:
+    """Resident and peak resident memory of this process, MB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return {"rss_mb": out.get("VmRSS", 0.0), "peak_mb": out.get("VmHWM", 0.0)}
+
+
+# ---------------------------------------------------------------------------------------------- building
+def build(workdir: str, images: int, crops: int, top_k: int = 5) -> dict:
+    """The hard-linked dataset and its label store under ``workdir`` (reused when already built)."""
+    from PIL import Image
+
+    import labelstore
+
+    from ..dataset import scan_image_folder
+    from ..synthetic import photo_like
+    from .simulated import teacher_topk
+    marker = os.path.join(workdir, "built.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            got = json.load(f)
+        if got["images"] == images and got["crops"] == crops and got.get("rows_per_shard") == \
+                labelstore.Layout.choose(images, crops).rows_per_shard:
+            return got
+        os.remove(marker)
+    os.makedirs(workdir, exist_ok=True)
+    data = os.path.join(workdir, "data")
+    src = os.path.join(workdir, "one.JPEG")
+    t0 = time.perf_counter()
+    per_class = np.full(CLASSES, images // CLASSES)
+    per_class[:images % CLASSES] += 1
+    val_per_class = max(1, round(VAL_PER_CLASS * images / IMAGENET_TRAIN))
+    linked = os.path.join(workdir, "data.json")  # the links are reused when only the store is rebuilt
+    if os.path.exists(linked) and json.load(open(linked)) == {"images": images}:
+        per_class[:], val_per_class = 0, 0
+    else:
+        shutil.rmtree(data, ignore_errors=True)
+        Image.fromarray(photo_like(np.random.default_rng(0), 500, 500)).save(src, "JPEG", quality=90)
+    for c in range(CLASSES):
+        wnid = f"n{c:08d}"
+        first = None  # one copy per class (a file system caps the links to one inode), the rest links to it
+        for split, count in (("train", int(per_class[c])), ("val", val_per_class)):
+            d = os.path.join(data, split, wnid)
+            os.makedirs(d, exist_ok=True)
+            for i in range(count):
+                path = os.path.join(d, f"{wnid}_{i}.JPEG")
+                if first is None:
+                    shutil.copyfile(src, path)
+                    first = path
+                else:
+                    os.link(first, path)
+    link_s = time.perf_counter() - t0
+    with open(linked, "w") as f:
+        json.dump({"images": images}, f)
+    val_per_class = max(1, round(VAL_PER_CLASS * images / IMAGENET_TRAIN))
+    ds = scan_image_folder(os.path.join(data, "train"))
+    store_path = os.path.join(workdir, "store")
+    t0 = time.perf_counter()
+    store = labelstore.create_store(store_path, files=ds.files, targets=ds.targets, classes=ds.classes,
+                                    fingerprint=ds.fingerprint, dataset_root="train", num_crops=crops,
+                                    top_k=top_k, num_classes=CLASSES, overwrite=True)
+    R = store.layout.rows_per_shard
+    from ..crops import sample_crops
+    sizes = np.full((R, 2), 500, np.int64)
+    boxes, flips = sample_crops(0, range(R), sizes, crops, (0.08, 0.936))
+    idx, val = teacher_topk(R, crops, top_k, CLASSES)
+    from ..progress import progress
+    ranges = store.shard_ranges()
+    with progress(total=len(ranges), desc="bench store", unit="shard") as bar:
+        for a, b in ranges:
+            m = b - a
+            store.write_block(a, sizes=sizes[:m], boxes=boxes[:m], flips=flips[:m], topk_idx=idx[:m],
+                              topk_val=val[:m])
+            bar.update(1)
+    store.finalize()
+    info = {"images": images, "crops": crops, "top_k": top_k, "data": data, "store": store_path,
+            "val_images": val_per_class * CLASSES, "link_s": link_s, "store_write_s": time.perf_counter() - t0,
+            "store_bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store_path) for f in fs),
+            "shards": len(ranges), "rows_per_shard": R}
+    with open(marker, "w") as f:
+        json.dump(info, f)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- probes
+# Each probe runs in its own process: ``python -m fkd_dali.bench.scale PROBE JSON-ARGS``; ``t0`` is the
+# parent's clock just before it started the process, so "from start" includes the interpreter and imports.
+
+def probe_scan(a: dict) -> dict:
+    from ..dataset import scan_image_folder
+    runs = []
+    for _ in range(2):
+        t = time.perf_counter()
+        ds = scan_image_folder(os.path.join(a["data"], "train"))
+        fp = ds.fingerprint
+        runs.append(time.perf_counter() - t)
+    return {"scan_fingerprint_s": runs, "files": len(ds), "fingerprint": fp[:23], "paths_mb": ds.files.nbytes / 1e6,
+            **_rss()}
+
+
+def probe_train(a: dict) -> dict:
+    """train.py's own path (Trainer) at world 1, up to the first batch; then a later pass's first batch."""
+    from ..train import Trainer, TrainConfig, pass_index
+    t_import = time.time() - a["t0"]
+    cfg = TrainConfig(data=a["data"], softlabel_path=a["store"], arch="resnet18", num_crops=a["n"],
+                      batch_size=a["batch"] * a["n"], epochs=300, input_size=a["size"], device="cpu",
+                      output=a["out"], show_progress=False, workers=a.get("threads"))
+    trainer = Trainer(cfg)
+    t_trainer = time.time() - a["t0"]
+    seg = trainer.segments[0]
+    loader = trainer.loader(seg.crops)
+    t_loader = time.time() - a["t0"]
+    loader.set_epoch(pass_index(trainer.segments, seg))
+    it = iter(loader)
+    next(it)
+    first = time.time() - a["t0"]
+    out = {"imports_s": t_import, "trainer_s": t_trainer - t_import, "loader_s": t_loader - t_trainer,
+           "first_batch_from_start_s": first, "after_first_batch": _rss()}
+    t = time.perf_counter()
+    loader.reader._read(loader.reader.current.epoch + 1).result()
+    out["next_pass_read_waited_s"] = time.perf_counter() - t
+    return out
+
+
+def _two_rounds(loader) -> dict:
+    """Holdings and memory once the next pass's rows are read too (what a rank holds while it trains)."""
+    reader = loader.reader
+    t = time.perf_counter()
+    reader._read(reader.current.epoch + 1).result()
+    return {"next_pass_read_waited_s": time.perf_counter() - t, "held_two_rounds": reader.held_bytes(),
+            "with_two_rounds": _rss()}
+
+
+def probe_switch(a: dict) -> dict:
+    """A completed pass, then the next pass's first batch. Rank 0 of a world so large that a pass is ~8
+    batches (the round's chunks are read as at any world size); the next pass's rows are waited for before
+    the last batch, as a real pass (hours) would have them."""
+    import labelstore
+    from pipelines import FKDLoader
+
+    from ..dataset import scan_image_folder
+    ds = scan_image_folder(os.path.join(a["data"], "train"))
+    store = labelstore.open_store(a["store"])
+    store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets)
+    world = max(1, len(ds) // (8 * a["batch"]))
+    loader = FKDLoader(a["data"], store, batch_size=a["batch"], num_crops=a["n"], crop_size=a["size"], device="cpu",
+                       rank=0, world_size=world, files=ds.files, num_threads=a.get("threads"))
+    loader.set_epoch(0)
+    times, t = [], time.perf_counter()
+    for i, _ in enumerate(loader):
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            loader.reader._read(1).result()
+        t = time.perf_counter()
+    loader.set_epoch(1)
+    t = time.perf_counter()
+    next(iter(loader))
+    switch = time.perf_counter() - t
+    steady = float(np.median(times[1:])) if len(times) > 1 else 0.0
+    return {"world": world, "batches_per_pass": len(times), "median_batch_s": steady,
+            "later_pass_first_batch_s": switch, "stall_s": switch - steady}
+
+
+def probe_rank(a: dict) -> dict:
+    """Rank 0 of a world of ``world`` (the reader needs no process group): holdings and memory."""
+    import labelstore
+    from pipelines import FKDLoader
+
+    from ..dataset import scan_image_folder
+    base = _rss()
+    ds = scan_image_folder(os.path.join(a["data"], "train"))
+    store = labelstore.open_store(a["store"])
+    store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets)
+    t = time.perf_counter()
+    loader = FKDLoader(a["data"], store, batch_size=a["batch"], num_crops=a["n"], crop_size=a["size"], device="cpu",
+                       rank=0, world_size=a["world"], files=ds.files, num_threads=a.get("threads"))
+    loader.set_epoch(0)
+    next(iter(loader))
+    first = time.perf_counter() - t
+    held = loader.reader.held_bytes()
+    out = {"world": a["world"], "loader_to_first_batch_s": first, "before": base, "after_first_batch": _rss(),
+           "held_first_pass": held}
+    out.update(_two_rounds(loader))
+    return out
+
+
+def probe_baselines(a: dict) -> dict:
+    from pipelines import EvalLoader, StandardLoader
+
+    from ..dataset import scan_image_folder
+    out = {}
+    for name, split, cls in (("StandardLoader", "train", StandardLoader), ("EvalLoader", "train", EvalLoader),
+                             ("EvalLoader (val)", "val", EvalLoader)):
+        ds = scan_image_folder(os.path.join(a["data"], split))
+        before = _rss()["rss_mb"]
+        t = time.perf_counter()
+        ld = cls(ds.root, ds.files, ds.targets, batch_size=a["batch"], crop_size=a["size"], device="cpu",
+                 num_threads=a.get("threads"))
+        made = time.perf_counter() - t
+        grown = _rss()["rss_mb"] - before
+        t = time.perf_counter()
+        next(iter(ld))
+        out[name] = {"images": len(ds), "constructor_s": made, "constructor_rss_mb": grown,
+                     "first_batch_s": time.perf_counter() - t}
+        ld.close()
+        del ld, ds
+    return out
+
+
+def probe_verify(a: dict) -> dict:
+    import labelstore
+    store = labelstore.open_store(a["store"])
+    t = time.perf_counter()
+    sample = store.verify(sample=a["sample"])
+    sample_s = time.perf_counter() - t
+    t = time.perf_counter()
+    full = store.verify()
+    return {"sample": a["sample"], "sample_s": sample_s, "full_s": time.perf_counter() - t, "shards": full["shards"],
+            "workers": os.cpu_count()}
+
+
+PROBES = {"scan": probe_scan, "train": probe_train, "rank": probe_rank, "switch": probe_switch,
+          "baselines": probe_baselines, "verify": probe_verify}
+
+
+def _run_probe(name: str, args: dict, env: dict | None = None, timeout: float = 3600) -> dict:
+    args = dict(args, t0=time.time())
+    r = subprocess.run([sys.executable, "-m", "fkd_dali.bench.scale", name, json.dumps(args)], capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        raise RuntimeError(f"bench scale probe '{name}' failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- object storage
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_server(spill_dir: str):
+    """A moto S3 server on 127.0.0.1 in its own process (objects spilled to ``spill_dir``, not RAM)."""
+    port = _free_port()
+    env = {**os.environ, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": "1", "TMPDIR": spill_dir}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            time.sleep(0.1)
+    return proc, url
+
+
+def s3_env(endpoint: str) -> dict:
+    return {"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def requests_per_pass(shards: int, crops_per_chunk: int, n: int) -> int:
+    """Requests a rank makes to read its rows of one round of n crops: per crop array and shard, the shard
+    index and the inner chunks the round covers (a rank's rows are spread over every shard), one ``sizes``
+    chunk per shard (the box check), and one LIST per 1000 shard objects per crop array (the lost-file
+    check). Once per loader: the ``done`` chunks (one per shard) and the ``targets`` chunks."""
+    chunks = -(-n // crops_per_chunk)
+    return 4 * shards * (1 + chunks) + shards + 4 * -(-shards // 1000)
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def run(args) -> dict:
+    workdir = args.workdir or os.path.join(tempfile.gettempdir(), "fkd-bench-scale")
+    t = time.perf_counter()
+    info = build(workdir, args.images, args.crops)
+    print(f"data and store ready in {time.perf_counter() - t:.0f} s: {info['images']:,} images x {info['crops']} "
+          f"crops, {info['store_bytes'] / 1e9:.2f} GB in {info['shards']} shards", flush=True)
+    common = {"data": info["data"], "store": info["store"], "n": args.num_crops, "size": args.input_size,
+              "threads": args.threads}
+    res: dict = {"build": info, "num_crops": args.num_crops, "input_size": args.input_size,
+                 "batch_size": args.batch_size, "rank_batch": args.rank_batch}
+    out = tempfile.mkdtemp(prefix="fkd-bench-scale-out-")
+    try:
+        steps = [
+            ("scan", "scan", {}),
+            ("train", "train", {"batch": args.batch_size, "out": os.path.join(out, "run")}),
+            ("rank_w1", "rank", {"batch": args.rank_batch, "world": 1}),
+            ("rank_w8", "rank", {"batch": args.rank_batch, "world": 8}),
+            ("switch", "switch", {"batch": args.rank_batch}),
+            ("baselines", "baselines", {"batch": args.rank_batch}),
+            ("verify", "verify", {"sample": args.sample}),
+        ]
+        for key, probe, extra in steps:
+            t = time.perf_counter()
+            res[key] = _run_probe(probe, {**common, **extra})
+            print(f"  {key}: {time.perf_counter() - t:.0f} s", flush=True)
+        if not args.no_s3:
+            res["s3"] = _s3(info, common, args, out)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return res
+
+
+def _s3(info: dict, common: dict, args, out: str) -> dict:
+    try:
+        import moto  # noqa: F401
+        import s3fs
+    except ImportError as e:
+        return {"skipped": f"needs moto[server] and s3fs ({e}); pip install 'moto[server]' s3fs"}
+    spill = tempfile.mkdtemp(prefix="fkd-bench-s3-", dir=args.workdir)
+    proc, endpoint = s3_server(spill)
+    try:
+        env = s3_env(endpoint)
+        fs = s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint)
+        fs.mkdir("bench")
+        t = time.perf_counter()
+        fs.put(info["store"], "bench/store", recursive=True)
+        upload = time.perf_counter() - t
+        url = "s3://bench/store"
+        res = {"upload_s": upload, "endpoint": "moto server on 127.0.0.1"}
+        res["train"] = _run_probe("train", {**common, "store": url, "batch": args.batch_size,
+                                            "out": os.path.join(out, "run-s3")}, env=env)
+        lay = json.load(open(os.path.join(info["store"], "zarr.json")))["attributes"]["fkd"]["layout"]
+        res["requests_per_pass_per_rank"] = requests_per_pass(info["shards"], lay["crops_per_chunk"], args.num_crops)
+        return res
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- report
+def format_table(r: dict, scale_to: int = 14_000_000) -> str:
+    """The table of docs/benchmarks.md; the last column scales the O(N) part of each figure linearly."""
+    n = r["build"]["images"]
+    f = scale_to / n
+    tr, w1, w8, sw, b, v = r["train"], r["rank_w1"], r["rank_w8"], r["switch"], r["baselines"], r["verify"]
+
+    def mb(h):
+        return sum(h.values()) / 1e6
+    scan = min(r["scan"]["scan_fingerprint_s"])
+    first = tr["first_batch_from_start_s"]
+    lines = [f"| step ({n:,} images x {r['build']['crops']} crops, top-{r['build']['top_k']}) | measured | goal | "
+             f"{scale_to / 1e6:.0f} M images (O(N) part x{f:.1f}, not measured) |", "|---|---|---|---|",
+             f"| scan + fingerprint (warm; 2 runs) | {' / '.join(f'{x:.1f}' for x in r['scan']['scan_fingerprint_s'])} s "
+             f"| ≤ 10 s | {scan * f:.0f} s |",
+             f"| train.py start to first batch, world 1 | {first:.1f} s | ≤ 10 s | "
+             f"{tr['imports_s'] + (first - tr['imports_s']) * f:.0f} s |",
+             f"| of which: imports / Trainer (scan, store check, model) / loader built / first pass's rows read + "
+             f"pipeline + first batch | {tr['imports_s']:.1f} / {tr['trainer_s']:.1f} / {tr['loader_s']:.1f} / "
+             f"{first - tr['imports_s'] - tr['trainer_s'] - tr['loader_s']:.1f} s | | |",
+             f"| next pass's rows: read in the background, still to wait after the first batch | "
+             f"{tr['next_pass_read_waited_s']:.1f} s | (hidden by a pass of hours) | {tr['next_pass_read_waited_s'] * f:.0f} s |",
+             f"| later pass: first batch after a completed pass (rank 0 of {sw['world']:,}, steady batch "
+             f"{sw['median_batch_s']:.2f} s) | {sw['later_pass_first_batch_s']:.2f} s (stall {sw['stall_s']:+.2f} s) | "
+             f"≤ 1.5 s | same |",
+             f"| reader holds (paths + this and next pass's rows), world 1 | {mb(w1['held_two_rounds']):.0f} MB | | "
+             f"{mb(w1['held_two_rounds']) * f:.0f} MB |",
+             f"| reader holds (paths + this and next pass's rows), world 8 | {mb(w8['held_two_rounds']):.0f} MB | ≤ 80 MB | "
+             f"{mb(w8['held_two_rounds']) * f:.0f} MB |",
+             f"| of which paths (all rows, compact) / labels+boxes of 2 passes, world 8 | "
+             f"{w8['held_two_rounds']['paths'] / 1e6:.0f} / {w8['held_two_rounds']['rounds'] / 1e6:.0f} MB | | |",
+             f"| process RSS with two passes' rows, world 1 vs 8 (same {r.get('rank_batch', '')} images/rank batch; "
+             f"DALI, torch included) | {w1['with_two_rounds']['rss_mb']:.0f} vs {w8['with_two_rounds']['rss_mb']:.0f} MB "
+             f"(peak {w1['with_two_rounds']['peak_mb']:.0f} vs {w8['with_two_rounds']['peak_mb']:.0f}) | | |"]
+    for name, x in b.items():
+        lin = x["constructor_s"] * scale_to / n if x["images"] == n else x["constructor_s"]
+        lines.append(f"| {name} constructor ({x['images']:,} files) | {x['constructor_s']:.2f} s, "
+                     f"{x['constructor_rss_mb']:.0f} MB (first batch {x['first_batch_s']:.1f} s) | ≤ 5 s, ≤ 300 MB | "
+                     f"{lin:.1f} s |")
+    lines.append(f"| verify, {v['shards']:,} shards, {v['workers']} processes | {v['full_s']:.0f} s | ≤ 180 s | "
+                 f"{v['full_s'] * f:.0f} s |")
+    lines.append(f"| inspect --sample {v['sample']} | {v['sample_s']:.1f} s | | same |")
+    s3 = r.get("s3")
+    if s3 and "train" in s3:
+        got = s3["train"]["first_batch_from_start_s"]
+        lines.append(f"| the same train start to first batch, store on a local S3 server (moto) | {got:.1f} s = "
+                     f"{got / first:.2f}x local | ≤ 3x | |")
+        lines.append(f"| requests per pass per rank (layout: GET ranges + LIST) | {s3['requests_per_pass_per_rank']:,} | | "
+                     f"{s3['requests_per_pass_per_rank'] * f:,.0f} |")
+    elif s3:
+        lines.append(f"| object storage | {s3.get('skipped')} | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    name, args = argv[0], json.loads(argv[1])
+    print(json.dumps(PROBES[name](args)), flush=True)
+    os._exit(0)  # DALI/zarr threads need not be joined
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
