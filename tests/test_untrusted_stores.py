@@ -58,8 +58,10 @@ def every_command(m, tmp_path):
     }
 
 
-def refused_everywhere(m, tmp_path, capsys, says: str) -> None:
+def refused_everywhere(m, tmp_path, capsys, says: str, skip: tuple[str, ...] = ()) -> None:
     for name, args in every_command(m, tmp_path).items():
+        if name in skip:
+            continue
         rc, err = cli(capsys, *args)
         assert rc == 1 and says in err, (name, err[-2000:])
 
@@ -74,7 +76,14 @@ def _set_attr(store: str, **kw) -> None:
 @pytest.mark.parametrize("name", ["../../escaped/x.jpg", "/etc/passwd", "class_0/../../../x.jpg", "class_0//x.jpg"])
 def test_a_file_name_leaving_the_dataset_is_refused_by_every_command(made, tmp_path, capsys, name):
     zarr.open_group(made["store"], mode="r+")["files"][0] = name
-    refused_everywhere(made, tmp_path, capsys, f"file name 0 is {name!r}")
+    # `train` and `generate` never build a path from the store's names: they read the images their own scan of
+    # DATA found (the fingerprint ties them to the store), so a bad name there is never used (at ImageNet scale
+    # they do not even read the names); every other command refuses it.
+    refused_everywhere(made, tmp_path, capsys, f"file name 0 is {name!r}", skip=("train", "generate (resume)"))
+    commands = every_command(made, tmp_path)
+    for args in (commands["train"] + ["--soft-label-type", "marginal_smoothing_k3"], commands["generate (resume)"]):
+        rc, err = cli(capsys, *args)
+        assert rc == 0, err[-2000:]
     with pytest.raises(labelstore.StoreFormatError, match="may only name files inside its dataset folder"):
         FKDLoader(made["data"], made["store"], batch_size=4, num_crops=2, device=DEVICE)
     assert not (tmp_path / "fkd").exists() and not (tmp_path / "shown").exists()
