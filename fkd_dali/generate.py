@@ -273,13 +273,16 @@ def _open_checked(cfg: GenerateConfig, ds: Dataset, settings: dict, d: distribut
 
 
 def _wait_for_store(path: str, timeout_s: float = 600.0) -> None:
-    """Plain multi-process launches: ranks > 0 wait for rank 0 to create the store."""
+    """Plain multi-process launches: ranks > 0 wait for rank 0 to create the store. On a file system the
+    creation is atomic (a rename), so any error but "not found" is final; on object storage the group and its
+    arrays appear one object at a time, so a store still missing arrays is waited for too."""
     t0 = time.monotonic()
+    retry = labelstore.StoreError if "://" in str(path) else labelstore.StoreNotFoundError
     while True:
         try:
             open_store(path)
             return
-        except labelstore.StoreNotFoundError:  # not created yet (creation is atomic: any other error is final)
+        except retry:
             if time.monotonic() - t0 > timeout_s:
                 raise GenerateError(f"waited {timeout_s:.0f} s for rank 0 to create {path}; start rank 0 (it "
                                     "creates the store) or create it with a single-process run first") from None
