@@ -1,8 +1,9 @@
 """``fkd-dali bench meal``: Fast MEAL V2 on the demo's data — does distilling a teacher ensemble into an already
 trained student improve it, with and without MEAL V2's discriminator, and against plain FKD from the same start?
 
-1. the demo's data (``objects`` flavour, :data:`fkd_dali.demo.FULL` sizes): the students' small set, a five
-   times larger set for the teachers, one validation set;
+1. the demo's data (``objects`` flavour; ``--size full`` the demo's sizes, ``small`` (default) the same classes,
+   student and validation images at 48 px with 1,200 teacher images): the students' small set, a larger set for
+   the teachers, one validation set;
 2. two teachers of different architectures (default ResNet-18 and MobileNet-V2), hard labels on the larger set
    with the demo teacher's recipe;
 3. an ensemble store: ``generate`` with both teachers averages their probabilities on identical crops;
@@ -24,13 +25,17 @@ import torch
 from pipelines import EvalLoader
 
 from ..dataset import scan_image_folder, split_dir
-from ..demo import FULL, QUICK
+from ..demo import FULL, QUICK, DemoSize
 from ..evaluate import evaluate
 from ..generate import GenerateConfig, generate
 from ..synthetic import write_dataset
 from ..teachers import TeacherSpec, build_teacher
 from ..train import TrainConfig, recipe_config, train
 
+# The demo's data and recipes at 48 px with 1,200 teacher images and 10 teacher / 20 start epochs: about a third
+# of the demo's compute per run, for a 2-core CPU shared with other work.
+SMALL = DemoSize(teacher_per_class=120, image_size=48, teacher_epochs=10, student_epochs=20, warmup_epochs=2)
+SIZES = {"full": FULL, "small": SMALL, "quick": QUICK}
 VARIANTS = ("meal-v2", "meal-v2-no-disc", "fkd")
 LABELS = {"start": "start: hard-label student (the demo's, seed 0)",
           "meal-v2": "MEAL V2 recipe, discriminator on", "meal-v2-no-disc": "MEAL V2 recipe, no discriminator",
@@ -59,7 +64,9 @@ def _train_once(cfg: TrainConfig) -> dict:
     done = os.path.join(cfg.output, "done.json")
     if not os.path.exists(done):
         t = time.perf_counter()
-        train(cfg)
+        res = train(cfg)
+        if res["interrupted"] or res["stopped_early"]:
+            raise SystemExit(f"{cfg.output}: stopped before the end; rerun the same command to redo that run")
         with open(done, "w") as f:
             json.dump({"seconds": time.perf_counter() - t}, f)
     rec = _last(cfg.output)
@@ -68,7 +75,7 @@ def _train_once(cfg: TrainConfig) -> dict:
 
 
 def run(args) -> dict:
-    z = QUICK if args.quick else FULL
+    z = SIZES[args.size]
     device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
     threads = args.threads or (os.cpu_count() or 1)
     work = args.workdir
@@ -82,7 +89,7 @@ def run(args) -> dict:
         os.symlink(os.path.join("..", "data", "val"), os.path.join(teacher_data, "val"))
     base = dict(batch_size=z.batch, input_size=z.image_size, device=device, workers=threads, show_progress=False,
                 overwrite=True)
-    out: dict = {"device": device, "size": "quick" if args.quick else "full", "teachers": {}, "runs": {}}
+    out: dict = {"device": device, "size": args.size, "teachers": {}, "runs": {}}
 
     teachers = [a.strip() for a in args.teachers.split(",")]
     specs = []
