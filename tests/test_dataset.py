@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from torchvision.datasets import ImageFolder
 
-from fkd_dali.dataset import DatasetError, scan_image_folder, split_dir
+from fkd_dali.dataset import DatasetError, scan_image_folder, split_dir, start_scan
 from labelstore import PathTable, fingerprint_of
 from tests.conftest import make_image_folder, textured, write_jpeg
 
@@ -79,6 +79,26 @@ def test_errors_name_the_folder(tmp_path):
 def test_split_folder_may_be_given_directly(tmp_path):
     split = make_image_folder(str(tmp_path / "d"), classes=2, per_class=1)
     assert split_dir(split, "train") == split
+
+
+def test_a_scan_in_a_child_process_gives_the_same_dataset_and_errors(tmp_path):
+    """start_scan runs a large dataset's scan in another process (its stats then run beside this process's own
+    work, not under its GIL): the same files, targets, sizes and fingerprint as the scan here, and the same
+    errors."""
+    split = make_image_folder(str(tmp_path / "d"), classes=3, per_class=4)
+    os.makedirs(os.path.join(split, "class_1", "sub"))
+    write_jpeg(os.path.join(split, "class_1", "sub", "deep.jpg"), textured(np.random.default_rng(1), 20, 30))
+    here = scan_image_folder(split)
+    scan = start_scan(split, child=True)
+    assert scan.proc is not None  # really another process
+    got = scan.result()
+    assert got.files == here.files and list(got.files) == list(here.files) and got.classes == here.classes
+    assert np.array_equal(got.targets, here.targets) and np.array_equal(got.byte_sizes, here.byte_sizes)
+    assert got.fingerprint == here.fingerprint and got.root == split
+    assert start_scan(split).proc is None  # a small dataset is scanned here, in result()
+    os.makedirs(os.path.join(split, "empty_cls"))
+    with pytest.raises(DatasetError, match="empty_cls contain no image"):
+        start_scan(split, child=True).result()
 
 
 def test_symlink_loop_is_an_error_not_a_hang(tmp_path):
