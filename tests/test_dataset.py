@@ -48,6 +48,23 @@ def test_path_table_is_a_compact_sequence_with_the_same_fingerprint():
     assert many.nbytes < 25 * len(many)  # 19-byte names + offsets, the folder once per run
 
 
+def test_the_vectorised_fingerprint_is_the_per_file_format():
+    """PathTable formats ``rel\\0size\\n`` with numpy, in blocks: every size width, folder prefixes of any
+    length (none at the top level), names that are not UTF-8, and rows across block boundaries hash exactly as
+    the per-file string form (which stores made before keep matching)."""
+    import hashlib
+
+    from labelstore.pathtable import FINGERPRINT_BLOCK
+    rng = np.random.default_rng(3)
+    paths = [f"{'d' * int(rng.integers(1, 30))}{i % 7}/" * int(rng.integers(0, 3)) + f"f{i}_é\udcff.jpg"
+             for i in range(2 * FINGERPRINT_BLOCK + 5)]
+    sizes = np.concatenate([[0, 9, 10, 99, 100, 10**12, 2**62, 10**18 - 1, 10**18],
+                            rng.integers(0, 10**10, len(paths) - 9)])
+    want = hashlib.sha256(b"".join(f"{p}\0{int(s)}\n".encode("utf-8", "surrogateescape")
+                                   for p, s in zip(paths, sizes))).hexdigest()
+    assert fingerprint_of(PathTable.from_paths(paths), sizes) == "sha256:" + want
+
+
 def test_fingerprint_tracks_paths_and_sizes(tmp_path):
     split = make_image_folder(str(tmp_path / "d"), classes=2, per_class=3)
     a = scan_image_folder(split).fingerprint
