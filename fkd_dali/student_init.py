@@ -17,7 +17,6 @@ import os
 import torch
 
 from . import checkpoint
-from .teachers import TeacherError, cached_weights
 
 
 class InitError(Exception):
@@ -70,6 +69,7 @@ def init_from_torchvision(model: torch.nn.Module, arch: str, weights: str, num_c
                           classes_from: str) -> None:
     """Load torchvision's published ``weights`` (e.g. IMAGENET1K_V1, DEFAULT) for ``arch`` from the local hub
     cache into ``model``."""
+    from .teachers import TeacherError, cached_weights  # noqa: PLC0415 - torchvision: see train.Trainer.resolved
     try:
         entry = cached_weights(arch, weights, file_flag="--init-from FILE")
     except TeacherError as e:

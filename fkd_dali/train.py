@@ -29,18 +29,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import labelstore
-from pipelines import DecoderOptions, EvalLoader, FKDLoader, StandardLoader
+from pipelines import DecoderOptions, EvalLoader, FKDLoader, RoundReads, StandardLoader
 
 from . import checkpoint, distributed, meal, student_init
 from .interrupt import GracefulStop
-from .dataset import scan_image_folder, split_dir
+from .dataset import Scan, scan_image_folder, split_dir, start_scan
 from .evaluate import evaluate
 from .mixing import MixConfig, mix_images
-from .models import create_model, is_transformer
 from .progress import format_eta, progress
 from .schedule import LRSchedule, Segment, fkd_segments, plain_segments
 from .soft_labels import parse_label_type, recover, soft_cross_entropy
-from .teachers import TeacherSpec, build_teacher, output_classes
 
 
 class TrainError(Exception):
@@ -112,6 +110,7 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """Fill the defaults that depend on the architecture family (FKD's CNN vs ViT recipes)."""
+        from .models import is_transformer  # noqa: PLC0415 - torchvision: imported once the dataset scan started
         vit = is_transformer(self.arch)
         opt = self.opt or ("adamw" if vit else "sgd")
         recipe = RECIPES.get(self.recipe, {})
@@ -146,6 +145,22 @@ def recipe_config(recipe: str = "fkd", **options) -> TrainConfig:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        # The dataset scan (a stat per file) starts first, in a child process when the dataset is large: it runs
+        # while this process imports the model zoo, joins the process group, opens the label store and reads
+        # the rows of the first pass (see _open_store).
+        self.early_reads: RoundReads | None = None  # the first pass's rows, read while the dataset is scanned
+        scan = start_scan(split_dir(cfg.data, "train")) \
+            if not cfg.evaluate and cfg.labels in ("fkd", "hard", "online") else None
+        try:
+            self._setup(cfg, scan)
+        except BaseException:
+            if scan is not None:
+                scan.cancel()
+            if self.early_reads is not None:
+                self.early_reads.close()
+            raise
+
+    def _setup(self, cfg: TrainConfig, scan: Scan | None) -> None:
         self.cfg = cfg = cfg.resolved()
         if cfg.labels not in ("fkd", "hard", "online"):
             raise TrainError(f"--labels must be fkd, hard or online, got {cfg.labels!r}")
@@ -167,9 +182,14 @@ class Trainer:
         self.main = self.dist.is_main
         self.store = None
         self.train_set = None
-        if not cfg.evaluate:
-            self.train_set = scan_image_folder(split_dir(cfg.data, "train"))
+        self.segments = fkd_segments(cfg.epochs, cfg.num_crops, cfg.warmup_epochs) if cfg.labels == "fkd" \
+            else plain_segments(cfg.epochs)
+        if cfg.labels == "fkd" and not cfg.evaluate:
+            self._open_store()
+        if scan is not None:
+            self.train_set = scan.result()
         self.num_classes = self._num_classes()
+        from .models import create_model  # noqa: PLC0415 - torchvision's import ran beside the scan (resolved())
         self.model = create_model(cfg.arch, self.num_classes, cfg.input_size, cfg.drop_path)
         if not cfg.evaluate and not cfg.resume:  # a resume restores the weights it trained
             self._init_student()
@@ -187,8 +207,6 @@ class Trainer:
         self.d_loss = None  # the discriminator loss of the last step
         self.lr_at = LRSchedule(cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr, cfg.cos,
                                 cfg.schedule)
-        self.segments = fkd_segments(cfg.epochs, cfg.num_crops, cfg.warmup_epochs) if cfg.labels == "fkd" \
-            else plain_segments(cfg.epochs)
         self.loaders: dict[int, Any] = {}
         self.teacher = self._teacher() if cfg.labels == "online" else None
         self.label_type = parse_label_type(cfg.soft_label_type, self.store.top_k, self.num_classes) \
@@ -242,13 +260,25 @@ class Trainer:
             disc, device_ids=[self.torch_device.index] if self.device == "gpu" else None) if self.dist.group else disc
         return disc, wrapped, torch.optim.SGD(disc.parameters(), lr=self.cfg.d_lr, momentum=self.cfg.momentum)
 
+    def _open_store(self) -> None:
+        """Open the label store and start reading the rows this rank serves in the first pass. They depend on
+        the store, the seed, the rank and the world size only, so the read runs while the dataset is scanned
+        and the model is built; nothing is served before ``check_dataset`` passed (the loader that serves
+        them is made after it)."""
+        cfg = self.cfg
+        if not cfg.softlabel_path:
+            raise TrainError("--labels fkd needs --softlabel-path STORE (a label store from `fkd-dali generate` "
+                             "or `fkd-dali import-fkd`); or train a baseline with --labels hard")
+        self.store = labelstore.open_store(cfg.softlabel_path)
+        first = self.segments[0]
+        if cfg.resume is None and 1 <= first.crops <= self.store.num_crops:  # a resume starts elsewhere
+            self.early_reads = RoundReads(self.store, num_crops=first.crops, seed=cfg.seed, rank=self.dist.rank,
+                                          world_size=self.dist.world_size, allow_incomplete=cfg.allow_incomplete)
+            self.early_reads.read(pass_index(self.segments, first))
+
     def _num_classes(self) -> int:
         cfg = self.cfg
         if cfg.labels == "fkd" and not cfg.evaluate:
-            if not cfg.softlabel_path:
-                raise TrainError("--labels fkd needs --softlabel-path STORE (a label store from `fkd-dali generate` "
-                                 "or `fkd-dali import-fkd`); or train a baseline with --labels hard")
-            self.store = labelstore.open_store(cfg.softlabel_path)
             ds = self.train_set
             self.store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint,
                                      targets=ds.targets, data_dir=ds.root)
@@ -286,6 +316,7 @@ class Trainer:
         raise TrainError(f"--opt must be sgd or adamw, got {cfg.opt!r}")
 
     def _teacher(self):
+        from .teachers import TeacherSpec, build_teacher, output_classes  # noqa: PLC0415 - see resolved()
         cfg = self.cfg
         if not cfg.teacher_arch:
             raise TrainError("--labels online needs --teacher-arch (and --teacher-path or --teacher-weights)")
@@ -315,9 +346,12 @@ class Trainer:
                           channels_last=self.channels_last, num_threads=cfg.workers, crop_size=cfg.input_size,
                           decoder=self.decoder)
             if cfg.labels == "fkd":
+                reads = None
+                if self.early_reads is not None and self.early_reads.num_crops == crops:
+                    reads, self.early_reads = self.early_reads, None
                 self.loaders[crops] = FKDLoader(cfg.data, self.store, batch_size=self._images_per_rank(crops),
                                                 num_crops=crops, allow_incomplete=cfg.allow_incomplete,
-                                                files=self.train_set.files, **common)
+                                                files=self.train_set.files, reads=reads, **common)
             else:
                 ds = self.train_set
                 self.loaders[crops] = StandardLoader(ds.root, ds.files, ds.targets, scale=cfg.scale,
@@ -500,6 +534,8 @@ class Trainer:
                 tb.close()
             for ld in self.loaders.values():
                 ld.close()
+            if self.early_reads is not None:
+                self.early_reads.close()
         summary = {"arch": cfg.arch, "labels": cfg.labels, "best_top1": self.best_top1,
                    "last": self.history[-1] if self.history else None, "seconds": time.perf_counter() - t_run,
                    "global_step": self.global_step, "stopped_early": stopped, "output": cfg.output,

@@ -118,16 +118,52 @@ class PathTable(Sequence[str]):
                 + sum(len(d) + 50 for d in self.dirs))
 
     def fingerprint_update(self, h: "hashlib._Hash", sizes: np.ndarray) -> None:
-        """Feed ``rel\\0size\\n`` per row to ``h`` (the dataset fingerprint's format), one folder at a time."""
-        bounds = list(self.dir_starts) + [len(self)]
-        blob = self.names.tobytes()
-        ends = self.ends.tolist()
-        sz = np.asarray(sizes).tolist()
-        for d, a, b in zip(self.dirs, bounds[:-1], bounds[1:]):
-            prefix = (d + "/").encode(*ENCODING) if d else b""
-            start = ends[a - 1] if a else 0
-            out = []
-            for e, s in zip(ends[a:b], sz[a:b]):
-                out.append(b"%s%s\0%d\n" % (prefix, blob[start:e], s))
-                start = e
-            h.update(b"".join(out))
+        """Feed ``rel\\0size\\n`` per row to ``h`` (the dataset fingerprint's format), built with numpy in
+        blocks of rows: no object per row (1.28 M files: 0.1 s instead of 0.8 s on the 2-core VM)."""
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if len(sizes) != n:
+            raise ValueError(f"{len(sizes)} sizes for {n} paths")
+        if n == 0:
+            return
+        if sizes.min() < 0:
+            raise ValueError("a file size is negative")
+        prefixes = [(d + "/").encode(*ENCODING) if d else b"" for d in self.dirs]
+        prefix_len = np.fromiter(map(len, prefixes), np.int64, len(prefixes))
+        width = int(prefix_len.max())
+        prefix_bytes = np.zeros((len(prefixes), max(1, width)), np.uint8)  # one row per folder, left-aligned
+        for i, pre in enumerate(prefixes):
+            prefix_bytes[i, :len(pre)] = np.frombuffer(pre, np.uint8)
+        run = np.repeat(np.arange(len(self.dirs)), np.diff(np.append(self.dir_starts, n)))
+        ends = self.ends.astype(np.int64)
+        for a in range(0, n, FINGERPRINT_BLOCK):
+            b = min(n, a + FINGERPRINT_BLOCK)
+            first = int(ends[a - 1]) if a else 0
+            name_at = np.concatenate(([first], ends[a:b - 1])) - first  # in the block's part of the blob
+            name_len = ends[a:b] - first - name_at
+            r = run[a:b]
+            plen = prefix_len[r]
+            size = sizes[a:b]
+            digits = np.ones(b - a, np.int64)
+            for j in range(1, 19):
+                digits += size >= 10 ** j
+            rec = plen + name_len + digits + 2  # folder/, name, NUL, digits, newline
+            at = np.cumsum(rec) - rec
+            out = np.empty(int(rec.sum()), np.uint8)
+            for k in range(width):  # the folder prefix, a byte column at a time
+                sel = plen > k
+                out[at[sel] + k] = prefix_bytes[r[sel], k]
+            names = self.names[first:int(ends[b - 1])]  # the block's names are contiguous: shift them into place
+            shift = np.repeat((at + plen - name_at).astype(np.int32), name_len)  # block offsets fit int32
+            shift += np.arange(len(names), dtype=np.int32)
+            out[shift] = names
+            nul = at + plen + name_len
+            out[nul] = 0
+            for j in range(int(digits.max())):  # the size in decimal, its last digit first
+                sel = digits > j
+                out[nul[sel] + digits[sel] - j] = 48 + (size[sel] // 10 ** j) % 10
+            out[at + rec - 1] = 10
+            h.update(out)
+
+
+FINGERPRINT_BLOCK = 1 << 16  # rows formatted at a time (bounds the temporaries to a few MB)

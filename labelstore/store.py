@@ -105,6 +105,7 @@ def location(where: "str | os.PathLike | Store", mode: str = "r") -> Location:
         where, sep = rest, ""
     if sep:
         import fsspec  # noqa: PLC0415 - a zarr dependency; only URLs need it
+        import fsspec.config  # noqa: PLC0415
         from fsspec.registry import known_implementations  # noqa: PLC0415
         try:
             fsspec.get_filesystem_class(scheme)
@@ -118,8 +119,13 @@ def location(where: "str | os.PathLike | Store", mode: str = "r") -> Location:
                                      "fsspec URL such as s3://bucket/store") from None
         # No listings cache: ranks write shards concurrently, and a cached listing (or a cached "not found"
         # from before another rank created the store) would hide them.
-        return Location(zarr.storage.FsspecStore.from_url(where, read_only=read_only,
-                                                          storage_options={"use_listings_cache": False}), where)
+        options: dict[str, Any] = {"use_listings_cache": False}
+        if scheme in ("s3", "s3a") and "max_concurrency" not in fsspec.config.conf.get(scheme, {}):
+            # s3fs sends a HEAD before every whole-object GET to decide whether to split it into parallel ranges
+            # (objects over 50 MB); a store's objects are all smaller, so that doubled the requests for the
+            # unsharded arrays (done, sizes, targets, metadata). One stream per object: one GET.
+            options["max_concurrency"] = 1
+        return Location(zarr.storage.FsspecStore.from_url(where, read_only=read_only, storage_options=options), where)
     if where.endswith(".zip") and not os.path.isdir(where):
         if not read_only:
             raise StoreWriteError(f"{where}: a .zip label store is read-only; generate or resume into a folder "

@@ -9,13 +9,13 @@ from .graphs import (IMAGENET_MEAN, IMAGENET_STD, DecoderOptions, center_crop, d
                      eval_pipeline, fkd_crops, fkd_pipeline, generation_pipeline, random_resized_crop,
                      replay_crops, roi_of, standard_pipeline, to_model_input)
 from .loader import EvalLoader, FKDLoader, StandardLoader  # noqa: E402
-from .reader import (EpochPlan, FKDReader, GenerationReader, ImagePaths, ImageReader,  # noqa: E402
+from .reader import (EpochPlan, FKDReader, GenerationReader, ImagePaths, ImageReader, RoundReads,  # noqa: E402
                      roi_from_boxes, round_for_pass, shard_positions)
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DaliInstallError", "DecoderOptions", "EpochPlan", "EvalLoader", "FKDLoader",
-    "FKDReader", "GenerationReader", "ImagePaths", "ImageReader", "LoaderError", "StandardLoader", "center_crop",
-    "decode", "eval_pipeline", "fkd_crops", "fkd_pipeline", "generation_pipeline", "random_resized_crop",
+    "FKDReader", "GenerationReader", "ImagePaths", "ImageReader", "LoaderError", "RoundReads", "StandardLoader",
+    "center_crop", "decode", "eval_pipeline", "fkd_crops", "fkd_pipeline", "generation_pipeline", "random_resized_crop",
     "replay_crops", "roi_from_boxes", "roi_of", "round_for_pass", "shard_positions", "standard_pipeline",
     "to_model_input",
 ]

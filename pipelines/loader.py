@@ -30,7 +30,7 @@ from labelstore import LabelStore, PathTable
 from . import graphs, handoff
 from .dali_install import check_gpu_build
 from .errors import LoaderError, probe_image
-from .reader import EpochPlan, FKDReader, ImageReader
+from .reader import EpochPlan, FKDReader, ImageReader, RoundReads
 
 
 def default_threads() -> int:
@@ -193,7 +193,9 @@ class FKDLoader(_DaliLoader):
     One loader epoch is one *pass* over the images (FKD counts it as ``num_crops`` epochs): ``set_epoch``
     takes the pass index 0, 1, 2, ..., which picks the round of stored crops (each once before any repeats).
     ``files``: the dataset scan's paths, already checked against the store (saves reading the store's
-    ``files`` and a stat per file). Crops of one image are adjacent. ``batch_size`` counts images; a batch
+    ``files`` and a stat per file). ``reads``: a :class:`~pipelines.reader.RoundReads` of this store and
+    these settings whose first pass's read started earlier (train.py starts it before the dataset scan).
+    Crops of one image are adjacent. ``batch_size`` counts images; a batch
     holds ``batch_size * n`` crops.
     ``dtype``: float32 / float16 / bfloat16 (DALI 2.4 has no bfloat16: cast from float32 on the device) /
     uint8 (no normalisation, RGB). ``channels_last`` gives NCHW tensors with channels-last strides.
@@ -209,12 +211,12 @@ class FKDLoader(_DaliLoader):
                  allow_incomplete: bool = False, verify_files: bool = True, num_threads: int | None = None,
                  device_id: int | None = None, prefetch_queue_depth: int = 2,
                  decoder: graphs.DecoderOptions | None = None,
-                 files: Sequence[str] | PathTable | None = None):
+                 files: Sequence[str] | PathTable | None = None, reads: RoundReads | None = None):
         if dtype not in ("float32", "float16", "bfloat16", "uint8"):
             raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype!r}")
         reader = FKDReader(data, store, num_crops=num_crops, batch_size=batch_size, seed=seed, rank=rank,
                            world_size=world_size, shuffle=shuffle, drop_last=drop_last,
-                           allow_incomplete=allow_incomplete, verify_files=verify_files, files=files)
+                           allow_incomplete=allow_incomplete, verify_files=verify_files, files=files, reads=reads)
         super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
                          prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.store = reader.store

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from torchvision.datasets import ImageFolder
 
-from fkd_dali.dataset import DatasetError, scan_image_folder, split_dir
+from fkd_dali.dataset import DatasetError, scan_image_folder, split_dir, start_scan
 from labelstore import PathTable, fingerprint_of
 from tests.conftest import make_image_folder, textured, write_jpeg
 
@@ -48,6 +48,23 @@ def test_path_table_is_a_compact_sequence_with_the_same_fingerprint():
     assert many.nbytes < 25 * len(many)  # 19-byte names + offsets, the folder once per run
 
 
+def test_the_vectorised_fingerprint_is_the_per_file_format():
+    """PathTable formats ``rel\\0size\\n`` with numpy, in blocks: every size width, folder prefixes of any
+    length (none at the top level), names that are not UTF-8, and rows across block boundaries hash exactly as
+    the per-file string form (which stores made before keep matching)."""
+    import hashlib
+
+    from labelstore.pathtable import FINGERPRINT_BLOCK
+    rng = np.random.default_rng(3)
+    paths = [f"{'d' * int(rng.integers(1, 30))}{i % 7}/" * int(rng.integers(0, 3)) + f"f{i}_é\udcff.jpg"
+             for i in range(2 * FINGERPRINT_BLOCK + 5)]
+    sizes = np.concatenate([[0, 9, 10, 99, 100, 10**12, 2**62, 10**18 - 1, 10**18],
+                            rng.integers(0, 10**10, len(paths) - 9)])
+    want = hashlib.sha256(b"".join(f"{p}\0{int(s)}\n".encode("utf-8", "surrogateescape")
+                                   for p, s in zip(paths, sizes))).hexdigest()
+    assert fingerprint_of(PathTable.from_paths(paths), sizes) == "sha256:" + want
+
+
 def test_fingerprint_tracks_paths_and_sizes(tmp_path):
     split = make_image_folder(str(tmp_path / "d"), classes=2, per_class=3)
     a = scan_image_folder(split).fingerprint
@@ -79,6 +96,26 @@ def test_errors_name_the_folder(tmp_path):
 def test_split_folder_may_be_given_directly(tmp_path):
     split = make_image_folder(str(tmp_path / "d"), classes=2, per_class=1)
     assert split_dir(split, "train") == split
+
+
+def test_a_scan_in_a_child_process_gives_the_same_dataset_and_errors(tmp_path):
+    """start_scan runs a large dataset's scan in another process (its stats then run beside this process's own
+    work, not under its GIL): the same files, targets, sizes and fingerprint as the scan here, and the same
+    errors."""
+    split = make_image_folder(str(tmp_path / "d"), classes=3, per_class=4)
+    os.makedirs(os.path.join(split, "class_1", "sub"))
+    write_jpeg(os.path.join(split, "class_1", "sub", "deep.jpg"), textured(np.random.default_rng(1), 20, 30))
+    here = scan_image_folder(split)
+    scan = start_scan(split, child=True)
+    assert scan.proc is not None  # really another process
+    got = scan.result()
+    assert got.files == here.files and list(got.files) == list(here.files) and got.classes == here.classes
+    assert np.array_equal(got.targets, here.targets) and np.array_equal(got.byte_sizes, here.byte_sizes)
+    assert got.fingerprint == here.fingerprint and got.root == split
+    assert start_scan(split).proc is None  # a small dataset is scanned here, in result()
+    os.makedirs(os.path.join(split, "empty_cls"))
+    with pytest.raises(DatasetError, match="empty_cls contain no image"):
+        start_scan(split, child=True).result()
 
 
 def test_symlink_loop_is_an_error_not_a_hang(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from nvidia.dali.types import BatchInfo
 from PIL import Image
 
 import labelstore
@@ -13,8 +14,9 @@ from fkd_dali.crops import sample_crops
 from fkd_dali.dataset import scan_image_folder
 from fkd_dali.schedule import fkd_segments
 from fkd_dali.train import pass_index
-from pipelines import EvalLoader, FKDLoader, LoaderError, StandardLoader
+from pipelines import EvalLoader, FKDLoader, LoaderError, RoundReads, StandardLoader
 from pipelines.graphs import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.reader import READ_AHEAD_AT
 from tests.conftest import current_device, textured
 
 DEVICE = current_device()  # FKD_TEST_DEVICE: the loaders' device in these tests
@@ -152,6 +154,9 @@ def test_a_300_epoch_plan_uses_every_round_once_and_reads_each_pass_ahead(tmp_pa
         rnd = reader.current_round()
         assert rnd.index == reader.current.round_index and (ahead or p == 0)
         used.append(rnd.index)
+        for i in range(reader.current.num_batches):  # the pass's batches, as the pipeline asks for them
+            reader(BatchInfo(i, 0))
+            assert (p + 1 in reader._reads) == (i >= READ_AHEAD_AT)  # not before the pass's first batch was taken
     reader._reads[len(used)].result()
     assert len(used) == 74 and len(set(used)) == 74  # 74 passes, 74 different rounds
     assert reads == used + [reader.round_of(len(used))]  # every read was used, the last one is the next pass's
@@ -178,6 +183,33 @@ def test_each_rank_reads_and_holds_only_the_rows_it_serves(coded, world):
             check_batch(coded, b, 2)
         ld.close()
     assert max(held) <= -(-30 // world) / 30 * want.nbytes + 1
+
+
+def test_round_reads_started_before_the_loader_serve_the_same_rows(coded):
+    """A RoundReads started before the loader exists (train.py starts it before the dataset scan) reads the rows
+    the loader serves in that pass; a loader refuses one started for another store or other settings."""
+    store = labelstore.open_store(coded["store"])
+    for world in (1, 3):
+        reads = RoundReads(store, num_crops=2, seed=4, rank=world - 1, world_size=world)
+        early = reads.read(2).result()
+        ld = FKDLoader(coded["data"], store, batch_size=4, num_crops=2, crop_size=24, device=DEVICE, num_threads=2,
+                       normalize=False, seed=4, rank=world - 1, world_size=world, reads=reads)
+        ld.set_epoch(2)
+        batches = list(ld)
+        assert ld.reader.round is early  # served from the early read
+        served = np.unique(np.concatenate([b["indices"].numpy() for b in batches]))
+        rows = np.arange(30) if early.rows is None else early.rows
+        assert np.array_equal(rows, served)
+        for b in batches:
+            check_batch(coded, b, 2)
+        ld.close()
+    other = RoundReads(store, num_crops=2, seed=5)
+    with pytest.raises(ValueError, match="other settings"):
+        FKDLoader(coded["data"], store, batch_size=4, num_crops=2, device=DEVICE, reads=other)
+    with pytest.raises(ValueError, match="another store"):
+        FKDLoader(coded["data"], coded["store"], batch_size=4, num_crops=2, device=DEVICE,
+                  reads=RoundReads(store, num_crops=2))
+    other.close()
 
 
 def test_start_batch_resumes_inside_an_epoch(coded):

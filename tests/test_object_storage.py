@@ -2,7 +2,9 @@
 127.0.0.1): two ranks generate into s3://, inspect --verify reads it back, train replays it, and the store
 equals one generated on local disk."""
 
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +82,59 @@ def test_generate_inspect_train_with_the_store_on_s3(s3, tmp_path):
                 "--epochs", "3", "--input-size", "24", "--device", "cpu", "--max-steps", "3", "--output",
                 str(tmp_path / "run"), "-q"], env)
     assert "3 steps" in out and "stopped by --max-steps" in out
+
+
+class Requests(logging.Handler):
+    """The requests the moto server answers (method, path), from werkzeug's access log."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seen: list[tuple[str, str]] = []
+
+    def emit(self, record):
+        m = re.search(r'"(\w+) (\S+) HTTP', re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage()))
+        if m:
+            self.seen.append((m.group(1), m.group(2).split("?")[0]))
+
+
+def test_a_pass_costs_one_get_per_object_and_two_per_shard_of_a_crop_array(s3, tmp_path):
+    """What docs/object-storage.md says a pass costs: per shard one GET of ``sizes`` (and of ``done``, once per
+    loader) and, per crop array, one GET of the shard index and one of the round's chunk; no HEAD before a
+    GET (s3fs sends one to decide on parallel ranges unless told not to)."""
+    from tests.test_loader import make_store
+    w = s3["world"]
+    local = str(tmp_path / "store")
+    make_store(w["data"], local, pool=6)  # 30 rows, 8 per shard: 4 shards
+    s3["fs"].put(local, "labels/cost/store", recursive=True)
+    log = logging.getLogger("werkzeug")
+    seen = Requests()
+    log.addHandler(seen)
+    level = log.level
+    log.setLevel(logging.INFO)
+    os.environ.update(s3["env"])
+    import fsspec.config
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = s3["env"]["FSSPEC_S3_ENDPOINT_URL"]
+    try:
+        store = labelstore.open_store("s3://labels/cost/store")
+        seen.seen.clear()
+        done = store.require_complete()
+        once = list(seen.seen)
+        seen.seen.clear()
+        store.read_round(1, 2, rows=np.arange(3, 30, 2), done=done)
+        per_pass = list(seen.seen)
+    finally:
+        fsspec.config.conf["s3"].pop("endpoint_url", None)
+        log.removeHandler(seen)
+        log.setLevel(level)
+
+    def chunks(reqs, name):
+        return [r for r in reqs if r[1].startswith(f"/labels/cost/store/{name}/c/")]
+    assert not [r for r in once + per_pass if r[0] == "HEAD"], once + per_pass
+    assert len(chunks(once, "done")) == 4
+    assert len(chunks(per_pass, "sizes")) == 4
+    for name in labelstore.CROP_ARRAYS:
+        assert len(chunks(per_pass, name)) == 2 * 4, name  # shard index + the round's chunk, per shard
+    assert len([r for r in per_pass if "/c/" in r[1]]) == 4 + 4 * 2 * 4
 
 
 def test_training_reads_a_read_only_zip_store(s3, tmp_path):

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -233,6 +235,72 @@ def test_baselines_run_in_the_same_loop(setup, tmp_path, labels):
         dict(label_smoothing=0.1)
     out = train(cfg(setup, tmp_path, labels=labels, softlabel_path=None, epochs=2, **extra))
     assert out["global_step"] == 2 * 2 and np.isfinite(out["last"]["train_loss"])  # 30 images / 16 per step
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+def timed(monkeypatch, owner, name: str, log: dict, delay: float = 0.0) -> None:
+    """Record when ``owner.name`` (the real function) starts and ends; ``delay`` makes it that much slower."""
+    real = getattr(owner, name)
+
+    def wrapper(*args, **kw):
+        log.setdefault(name, []).append([time.perf_counter(), None])
+        time.sleep(delay)
+        try:
+            return real(*args, **kw)
+        finally:
+            log[name][-1][1] = time.perf_counter()
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def test_the_first_pass_rows_are_read_while_the_dataset_is_scanned(setup, tmp_path, monkeypatch):
+    """The rows a rank serves in pass 0 depend on the store alone: their read runs while the dataset is scanned
+    (both slowed down here), the loader serves them only after the store passed its check, and they are the
+    store's rows of the pass's round."""
+    import fkd_dali.dataset
+    import fkd_dali.train
+    log: dict = {}
+    timed(monkeypatch, fkd_dali.dataset, "scan_image_folder", log, delay=1.0)
+    timed(monkeypatch, fkd_dali.train, "scan_image_folder", log, delay=1.0)  # wherever train.py scans
+    timed(monkeypatch, labelstore.LabelStore, "read_round", log, delay=0.5)
+    timed(monkeypatch, labelstore.LabelStore, "check_dataset", log)
+    trainer = Trainer(cfg(setup, tmp_path))
+    (scan_start, scan_end), = log["scan_image_folder"]
+    assert len(log.get("read_round", [])) == 1, "the first pass's rows were not read while the Trainer started"
+    (read_start, read_end), = log["read_round"]
+    assert read_start < scan_end and scan_start < read_end  # both started before either ended
+    assert log["check_dataset"][0][0] > scan_end
+    reads = trainer.early_reads
+    loader = trainer.loader(2)
+    assert loader.reader.reads is reads and trainer.early_reads is None  # adopted, not read again
+    loader.set_epoch(0)
+    batches = list(loader)
+    assert len(log["read_round"]) == 2  # pass 0 (early) and pass 1 (in the background while pass 0 trains)
+    store = labelstore.open_store(setup["store"])
+    rnd = store.read_round(loader.round_of(0), 2)
+    rows = np.concatenate([b["indices"].numpy() for b in batches])
+    assert sorted(set(rows.tolist())) == list(range(30))
+    idx = torch.cat([b["topk_idx"] for b in batches]).view(-1, 2, store.top_k).numpy()
+    assert np.array_equal(idx, rnd.topk_idx[rows[::2]])
+    crops = torch.cat([b["crop_ids"] for b in batches]).view(-1, 2).numpy()
+    assert (crops == np.arange(2) + 2 * loader.round_of(0)).all()
+    loader.close()
+
+
+def test_a_store_that_does_not_match_is_refused_while_its_rows_are_read(setup, tmp_path, monkeypatch):
+    """The first pass's read starts before the store is checked against the dataset; the check still refuses a
+    store of other files (naming the file), and nothing is served."""
+    data = str(tmp_path / "data")
+    shutil.copytree(setup["data"], data)
+    folder = os.path.join(data, "train", "class_3")
+    os.rename(os.path.join(folder, "img_010.jpg"), os.path.join(folder, "img_010b.jpg"))
+    import fkd_dali.dataset
+    log: dict = {}
+    timed(monkeypatch, fkd_dali.dataset, "scan_image_folder", log, delay=0.5)
+    timed(monkeypatch, labelstore.LabelStore, "read_round", log, delay=0.5)
+    with pytest.raises(labelstore.StoreMismatchError, match="'class_3/img_010.jpg' in the store but "
+                                                            "'class_3/img_010b.jpg'"):
+        Trainer(cfg(setup, tmp_path, data=data))
+    assert len(log["read_round"]) == 1  # the early read had started
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -275,12 +275,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def s3_server(spill_dir: str):
-    """A moto S3 server on 127.0.0.1 in its own process (objects spilled to ``spill_dir``, not RAM)."""
+def s3_server(spill_dir: str, log: str | None = None):
+    """A moto S3 server on 127.0.0.1 in its own process (objects spilled to ``spill_dir``, not RAM); ``log``: a
+    file for its access log (one line per request)."""
     port = _free_port()
     env = {**os.environ, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": "1", "TMPDIR": spill_dir}
+    out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
@@ -294,6 +296,29 @@ def s3_server(spill_dir: str):
 def s3_env(endpoint: str) -> dict:
     return {"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
             "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def count_requests(log: str, start: int = 0) -> dict[str, int]:
+    """Requests in a moto access log from byte ``start`` on, by method and store array ("GET boxes", "HEAD
+    done", "GET list" for a listing, "GET meta" for zarr.json and other metadata)."""
+    import collections
+    import re
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", f.read().decode("utf-8", "replace"))
+    got: collections.Counter = collections.Counter()
+    for m in re.finditer(r'"(\w+) (\S+) HTTP/1\.1"', text):
+        method, target = m.groups()
+        path, _, query = target.partition("?")
+        parts = path.strip("/").split("/")  # bench / store / <array> / c / ...
+        if "list-type" in query or (method == "GET" and len(parts) <= 2):
+            what = "list"
+        elif len(parts) > 3 and parts[3] == "c":
+            what = parts[2]
+        else:
+            what = "meta"
+        got[f"{method} {what}"] += 1
+    return dict(got)
 
 
 def requests_per_pass(shards: int, crops_per_chunk: int, n: int) -> int:
@@ -347,7 +372,8 @@ def _s3(info: dict, common: dict, args, out: str) -> dict:
     except ImportError as e:
         return {"skipped": f"needs moto[server] and s3fs ({e}); pip install 'moto[server]' s3fs"}
     spill = tempfile.mkdtemp(prefix="fkd-bench-s3-", dir=args.workdir)
-    proc, endpoint = s3_server(spill)
+    log = os.path.join(spill, "moto-access.log")
+    proc, endpoint = s3_server(spill, log)
     try:
         env = s3_env(endpoint)
         fs = s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint)
@@ -357,10 +383,18 @@ def _s3(info: dict, common: dict, args, out: str) -> dict:
         upload = time.perf_counter() - t
         url = "s3://bench/store"
         res = {"upload_s": upload, "endpoint": "moto server on 127.0.0.1"}
+        start = os.path.getsize(log)
         res["train"] = _run_probe("train", {**common, "store": url, "batch": args.batch_size,
                                             "out": os.path.join(out, "run-s3")}, env=env)
         lay = json.load(open(os.path.join(info["store"], "zarr.json")))["attributes"]["fkd"]["layout"]
         res["requests_per_pass_per_rank"] = requests_per_pass(info["shards"], lay["crops_per_chunk"], args.num_crops)
+        # Measured: the probe opened the store, read the done mask and targets, and read two passes (the first,
+        # and the next one it waits for after the first batch).
+        got = res["requests_measured"] = count_requests(log, start)
+        per_pass = sum(v for k, v in got.items() if k.split()[1] in ("boxes", "flips", "topk_idx", "topk_val",
+                                                                     "sizes", "list")) / 2
+        res["requests_measured_per_pass"] = per_pass
+        res["requests_measured_once"] = sum(got.values()) - 2 * per_pass
         return res
     finally:
         proc.terminate()
@@ -417,6 +451,10 @@ def format_table(r: dict, scale_to: int = 14_000_000) -> str:
                      f"{got / first:.2f}x local | ≤ 3x | |")
         lines.append(f"| requests per pass per rank (layout: GET ranges + LIST) | {s3['requests_per_pass_per_rank']:,} | | "
                      f"{s3['requests_per_pass_per_rank'] * f:,.0f} |")
+        if "requests_measured" in s3:
+            heads = sum(v for k, v in s3["requests_measured"].items() if k.startswith("HEAD"))
+            lines.append(f"| requests measured (server log): per pass / once per loader (HEADs among all) | "
+                         f"{s3['requests_measured_per_pass']:,.0f} / {s3['requests_measured_once']:,.0f} ({heads:,}) | | |")
     elif s3:
         lines.append(f"| object storage | {s3.get('skipped')} | | |")
     return "\n".join(lines)
