@@ -81,7 +81,7 @@ def add_parser(sub, func) -> None:
     me.add_argument("--teachers", default="resnet18,resnet34", help="two (or more) teacher architectures")
     me.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
                     help="comma-separated seeds of the distillation runs")
-    me.add_argument("--epochs", type=int, default=6, help="epochs of each run from the start")
+    me.add_argument("--epochs", type=int, default=4, help="epochs of each run from the start")
     me.add_argument("--num-crops", type=int, default=1, help="crops per image per step in each run")
     me.add_argument("--size", choices=("small", "full", "quick"), default="small",
                     help="small: the demo's data at 48 px, 1,200 teacher images, shorter teacher and start training "
