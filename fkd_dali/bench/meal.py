@@ -37,7 +37,7 @@ from ..train import TrainConfig, recipe_config, train
 SMALL = DemoSize(teacher_per_class=120, image_size=48, teacher_epochs=10, student_epochs=20, warmup_epochs=2)
 SIZES = {"full": FULL, "small": SMALL, "quick": QUICK}
 VARIANTS = ("meal-v2", "meal-v2-no-disc", "fkd")
-LABELS = {"start": "start: hard-label student (the demo's, seed 0)",
+LABELS = {"start": "start: hard-label student (seed 0; one start for every seed)",
           "meal-v2": "MEAL V2 recipe, discriminator on", "meal-v2-no-disc": "MEAL V2 recipe, no discriminator",
           "fkd": "plain FKD (the demo's FKD recipe) from the same start"}
 
