@@ -7,7 +7,7 @@ trained student improve it, with and without MEAL V2's discriminator, and agains
 2. two teachers of different architectures (default ResNet-18 and ResNet-34; MobileNet-V2 trained three times
    slower per epoch than ResNet-18 on a 2-core CPU), hard labels on the larger set with the demo teacher's recipe;
 3. an ensemble store: ``generate`` with both teachers averages their probabilities on identical crops;
-4. the start: the demo's hard-label ResNet-18 student (seed 0);
+4. the start: a hard-label ResNet-18 student with the demo's student recipe (seed 0);
 5. from that start, per seed: the MEAL V2 recipe with the discriminator, without it, and plain FKD (the demo's
    FKD student recipe), all for the same epochs and crops per step.
 
