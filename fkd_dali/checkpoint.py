@@ -59,7 +59,7 @@ def save(state: dict[str, Any], folder: str, is_best: bool = False) -> str:
     os.replace(tmp, path)
     if is_best:
         best = os.path.join(folder, BEST)
-        torch.save({k: v for k, v in state.items() if k not in ("optimizer", "rng")}, best + ".tmp")
+        torch.save({k: v for k, v in state.items() if k not in ("optimizer", "d_optimizer", "rng")}, best + ".tmp")
         os.replace(best + ".tmp", best)
     return path
 
@@ -140,11 +140,19 @@ def strip_ddp_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return sd
 
 
+def is_bare_state_dict(ckpt: Any) -> bool:
+    """A file holding ``model.state_dict()`` itself (MEAL V2's ``model_state_XX.pytar``, torchvision's weights)."""
+    return isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+
+
 def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
-    """The model weights of ours or FKD's checkpoints (DDP's ``module.`` prefix removed)."""
-    sd = ckpt.get("state_dict", ckpt.get("model"))
+    """The model weights of ours, FKD's or MEAL V2's checkpoints (DDP/DataParallel's ``module.`` prefix
+    removed): ``state_dict`` (ours, FKD's) or ``model`` under a dict, or a bare state_dict (MEAL V2's)."""
+    if is_bare_state_dict(ckpt):
+        return strip_ddp_prefix(ckpt)
+    sd = ckpt.get("state_dict", ckpt.get("model")) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
-        raise CheckpointError(f"{path} holds no 'state_dict'")
+        raise CheckpointError(f"{path} holds no 'state_dict' (nor is it a state_dict of tensors itself)")
     return strip_ddp_prefix(sd)
 
 
@@ -165,7 +173,7 @@ def state_mismatch(model: torch.nn.Module, sd: dict[str, torch.Tensor], arch: st
 
 def load_weights(model: torch.nn.Module, ckpt: dict[str, Any], path: str, arch: str) -> None:
     """Load a checkpoint's weights, with an error that says which architecture it belongs to."""
-    made_for = ckpt.get("arch")
+    made_for = None if is_bare_state_dict(ckpt) else ckpt.get("arch")
     if made_for is not None and made_for != arch:
         raise CheckpointError(f"{path} is a checkpoint of {made_for}, not {arch}; pass -a {made_for} or the "
                               f"checkpoint of a {arch}")

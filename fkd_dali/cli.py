@@ -149,23 +149,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models import is_transformer
-    from .train import TrainConfig, train
+    from .train import recipe_config, train
     if args.multiprocessing_distributed or (args.world_size and args.world_size > 1):
         raise ValueError("launch multi-GPU training with torchrun: torchrun --nproc_per_node N train.py ... "
                          "(--multiprocessing-distributed/--world-size/--dist-url are FKD's mp.spawn flags)")
     if args.pretrained:
-        raise ValueError("--pretrained is not supported: students start from scratch (FKD's recipe)")
-    cfg = TrainConfig(
+        raise ValueError("--pretrained takes a weights name here: --pretrained-weights NAME (torchvision's, e.g. "
+                         "IMAGENET1K_V1, from the local hub cache), or --init-from CHECKPOINT")
+    mixing = _mixing(args)
+    cos = True if args.cos or args.sched == "cosine" else False if args.sched == "step" else \
+        (None if args.recipe != "fkd" else is_transformer(args.arch))  # FKD: cosine for ViTs, steps for CNNs
+    cfg = recipe_config(
+        args.recipe, init_from=args.init_from, pretrained_weights=args.pretrained_weights,
+        use_discriminator_loss=args.use_discriminator_loss, d_lr=args.d_lr,
         data=args.data, arch=args.arch, labels=args.labels, softlabel_path=args.softlabel_path,
         soft_label_type=args.soft_label_type, temperature=args.temp, num_crops=args.num_crops,
         batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size, opt=args.opt, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay,
-        cos=args.cos or args.sched == "cosine" or (args.sched is None and is_transformer(args.arch)),
-        schedule=tuple(args.schedule), warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
-        min_lr=args.min_lr, opt_eps=args.opt_eps, drop_path=args.drop_path, clip_grad=args.clip_grad,
-        mixup_cutmix=args.mixup_cutmix, mixup=args.mixup, cutmix=args.cutmix,
-        mixup_cutmix_prob=args.mixup_cutmix_prob, mixup_switch_prob=args.mixup_switch_prob,
-        label_smoothing=args.label_smoothing, scale=_pair(args.scale, "--scale"), teacher_arch=args.teacher_arch, teacher_path=args.teacher_path,
+        momentum=args.momentum, weight_decay=args.weight_decay, cos=cos,
+        schedule=tuple(args.schedule) if args.schedule is not None else None, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, opt_eps=args.opt_eps, drop_path=args.drop_path,
+        clip_grad=args.clip_grad, **mixing, label_smoothing=args.label_smoothing, scale=_pair(args.scale, "--scale"), teacher_arch=args.teacher_arch, teacher_path=args.teacher_path,
         teacher_weights=args.teacher_weights, teacher_input_size=args.teacher_input_size,
         model_ema=args.model_ema, model_ema_decay=args.model_ema_decay, amp=args.amp,
         channels_last=args.channels_last, device=args.device, output=args.output, resume=args.resume or None,
@@ -185,6 +188,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
               f"{result['seconds']:.0f} s; checkpoints in {result['output']}"
               + (" (stopped by --max-steps)" if result["stopped_early"] else ""))
     return 0
+
+
+def _mixing(args: argparse.Namespace) -> dict:
+    """TrainConfig's mixing fields: FKD's --mixup-cutmix, or MEAL V2's --w-cutmix (CutMix alone)."""
+    if args.w_cutmix and args.mixup_cutmix:
+        raise ValueError("give either --mixup-cutmix (FKD's Mixup/CutMix) or --w-cutmix (MEAL V2's CutMix), not both")
+    if args.w_cutmix:
+        return dict(mixup_cutmix=True, mixup=0.0, cutmix=args.beta, mixup_cutmix_prob=args.cutmix_prob)
+    return dict(mixup_cutmix=args.mixup_cutmix, mixup=args.mixup, cutmix=args.cutmix,
+                mixup_cutmix_prob=args.mixup_cutmix_prob, mixup_switch_prob=args.mixup_switch_prob)
 
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:
@@ -221,7 +234,7 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
 
 def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
-    t.add_argument("-a", "--arch", default="resnet50",
+    t.add_argument("-a", "--arch", "--model", dest="arch", default="resnet50",
                    help="student: a torchvision model, deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S")
     t.add_argument("--softlabel-path", "--softlabel_path", dest="softlabel_path", help="the label store")
     t.add_argument("--labels", choices=("fkd", "hard", "online"), default="fkd",
@@ -229,19 +242,40 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--soft-label-type", "--soft_label_type", dest="soft_label_type", default="marginal_smoothing_k5",
                    help="hard, smoothing, marginal_smoothing_kK, marginal_renorm(_kK), full (FKD's names accepted)")
     t.add_argument("--temp", type=float, default=1.0, help="temperature on the student's logits")
-    t.add_argument("--num-crops", "--num_crops", dest="num_crops", type=int, default=4,
-                   help="crops per image per step (one pass = this many epochs)")
-    t.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=1024,
-                   help="crops per optimizer step over all ranks (images per step = ceil(b / num_crops))")
-    t.add_argument("--epochs", type=int, default=300)
-    t.add_argument("--input-size", dest="input_size", type=int, default=224)
+    t.add_argument("--recipe", choices=("fkd", "meal-v2"), default="fkd",
+                   help="defaults of every option not given: fkd (FKD's, default) or meal-v2 (MEAL V2's FKD_train.py: "
+                        "8 crops, -b 512, 200 epochs, lr 0.01 x0.1 at 100 and 180, no weight decay, the "
+                        "discriminator on; needs --init-from or --pretrained-weights)")
+    t.add_argument("--init-from", "--student-state-file", dest="init_from", metavar="CHECKPOINT",
+                   help="start the student from these weights (ours, FKD's, MEAL V2's or a torchvision state_dict; "
+                        "same architecture and classes)")
+    t.add_argument("--pretrained-weights", dest="pretrained_weights", metavar="NAME",
+                   help="start the student from torchvision's weights NAME (e.g. IMAGENET1K_V1) in the local hub "
+                        "cache; their classes must be the run's")
+    t.add_argument("--use-discriminator-loss", dest="use_discriminator_loss", action="store_true", default=None,
+                   help="MEAL V2's discriminator on the student's softmax vs the stored soft labels (meal-v2: on)")
+    t.add_argument("--no-discriminator-loss", dest="use_discriminator_loss", action="store_false",
+                   help="turn the discriminator of --recipe meal-v2 off")
+    t.add_argument("--d-lr", "--d_lr", dest="d_lr", type=float, help="the discriminator's learning rate (1e-4)")
+    t.add_argument("--w-cutmix", dest="w_cutmix", action="store_true",
+                   help="MEAL V2's CutMix (one box per batch; its loss weighs both images' labels by area)")
+    t.add_argument("--beta", type=float, default=1.0, help="--w-cutmix: lam ~ Beta(beta, beta)")
+    t.add_argument("--cutmix-prob", dest="cutmix_prob", type=float, default=1.0, help="--w-cutmix: probability")
+    t.add_argument("--num-crops", "--num_crops", dest="num_crops", type=int,
+                   help="crops per image per step (one pass = this many epochs; fkd 4, meal-v2 8)")
+    t.add_argument("-b", "--batch-size", dest="batch_size", type=int,
+                   help="crops per optimizer step over all ranks (images per step = ceil(b / num_crops); fkd 1024, "
+                        "meal-v2 512)")
+    t.add_argument("--epochs", type=int, help="fkd 300, meal-v2 200")
+    t.add_argument("--input-size", "--image-size", dest="input_size", type=int, default=224)
     t.add_argument("--opt", choices=("sgd", "adamw"), help="default: adamw for ViT/DeiT/SReT, sgd otherwise")
     t.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="default: 0.1 (sgd) / 0.002 (adamw)")
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, help="default: 1e-4 (sgd) / 0.05 (adamw)")
+    t.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
+    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, help="default: 1e-4 (sgd) / 0.05 (adamw); meal-v2 0")
     t.add_argument("--cos", action="store_true", help="cosine schedule (FKD's flag; the ViT recipe's default)")
     t.add_argument("--sched", choices=("cosine", "step"), help="cosine, or step at --schedule milestones")
-    t.add_argument("--schedule", type=int, nargs="*", default=[120, 240], help="step milestones (x0.1) without --cos")
+    t.add_argument("--schedule", type=int, nargs="*",
+                   help="step milestones (x0.1) without --cos (fkd 120 240, meal-v2 100 180)")
     t.add_argument("--warmup-epochs", dest="warmup_epochs", type=int, help="default: 5 for ViTs (single-crop), 0 else")
     t.add_argument("--warmup-lr", dest="warmup_lr", type=float, default=1e-5)
     t.add_argument("--min-lr", dest="min_lr", type=float)
@@ -265,7 +299,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     _bool_flag(t, "amp", "bf16 autocast (default: on with a GPU)")
     _bool_flag(t, "channels-last", "channels-last memory format (default: on with a GPU)")
     t.add_argument("--device", choices=("cpu", "gpu"))
-    t.add_argument("--output", "--save_checkpoint_path", dest="output",
+    t.add_argument("--output", "--save_checkpoint_path", "--save", dest="output",
                    help="checkpoints and log.jsonl (default runs/ARCH-LABELS); a folder holding another run's "
                         "checkpoint is refused unless --resume continues it or --overwrite replaces it")
     t.add_argument("--overwrite", action="store_true",

@@ -25,9 +25,19 @@ class MixConfig:
 
 def mix(images: torch.Tensor, soft: torch.Tensor, cfg: MixConfig, seed: int, step: int):
     """(images, soft labels, description) after one seeded Mixup/CutMix draw; inputs are not modified."""
+    out, perm, lam, kind = mix_images(images, cfg, seed, step)
+    if perm is None:
+        return images, soft, kind
+    return out, soft.mul(lam).add_(soft[perm], alpha=1.0 - lam), f"{kind} lam={lam:.3f}"
+
+
+def mix_images(images: torch.Tensor, cfg: MixConfig, seed: int, step: int):
+    """The image half of :func:`mix`: (images, perm, lam, kind); ``perm`` is None (and lam 1.0) when the draw
+    leaves the batch unmixed. The labels of the result are ``lam * labels + (1 - lam) * labels[perm]`` (MEAL V2
+    weights its two losses by ``lam`` and ``1 - lam`` instead)."""
     rng = np.random.default_rng([int(seed), int(step), 0x6D6978])
     if rng.random() >= cfg.prob or (cfg.mixup <= 0 and cfg.cutmix <= 0):
-        return images, soft, "none"
+        return images, None, 1.0, "none"
     B = images.shape[0]
     perm = torch.from_numpy(rng.permutation(B)).to(images.device)
     use_cutmix = cfg.cutmix > 0 and (cfg.mixup <= 0 or rng.random() < cfg.switch)
@@ -41,10 +51,6 @@ def mix(images: torch.Tensor, soft: torch.Tensor, cfg: MixConfig, seed: int, ste
         x1, x2 = np.clip(cx - cw // 2, 0, W), np.clip(cx + cw // 2, 0, W)
         out = images.clone()
         out[..., y1:y2, x1:x2] = images[perm][..., y1:y2, x1:x2]
-        lam = 1.0 - (y2 - y1) * (x2 - x1) / float(H * W)
-        kind = "cutmix"
-    else:
-        lam = float(rng.beta(cfg.mixup, cfg.mixup))
-        out = images.mul(lam).add_(images[perm], alpha=1.0 - lam)
-        kind = "mixup"
-    return out, soft.mul(lam).add_(soft[perm], alpha=1.0 - lam), f"{kind} lam={lam:.3f}"
+        return out, perm, 1.0 - (y2 - y1) * (x2 - x1) / float(H * W), "cutmix"
+    lam = float(rng.beta(cfg.mixup, cfg.mixup))
+    return images.mul(lam).add_(images[perm], alpha=1.0 - lam), perm, lam, "mixup"

@@ -91,12 +91,13 @@ def _timm():
     return timm
 
 
-def _cached_weights(arch: str, weights: str):
-    """The torchvision weights enum entry, after checking its file is in the local hub cache."""
+def cached_weights(arch: str, weights: str, file_flag: str = "--teacher-path"):
+    """The torchvision weights enum entry, after checking its file is in the local hub cache (``file_flag``: the
+    option that takes a weights file instead, for the messages)."""
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError):
-        raise TeacherError(f"torchvision publishes no weights for '{arch}'; pass --teacher-path") from None
+        raise TeacherError(f"torchvision publishes no weights for '{arch}'; pass {file_flag}") from None
     try:
         entry = enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
     except KeyError:
@@ -108,7 +109,7 @@ def _cached_weights(arch: str, weights: str):
             f"the weights {arch} {entry.name} are not in the local torch hub cache ({cache}), and this tool does "
             f"not download during a run. On a machine with internet run: python -c \"import torchvision; "
             f"torchvision.models.get_model('{arch}', weights='{entry.name}')\" and copy {os.path.basename(cache)} "
-            f"into {os.path.dirname(cache)} (or set TORCH_HOME), or pass the file with --teacher-path")
+            f"into {os.path.dirname(cache)} (or set TORCH_HOME), or pass the file with {file_flag}")
     return entry
 
 
@@ -163,7 +164,7 @@ def build_teacher(spec: TeacherSpec, num_classes: int) -> torch.nn.Module:
         if spec.weights:
             if spec.path:
                 raise TeacherError("give either --weights (torchvision's) or --teacher-path, not both")
-            weights = _cached_weights(arch, spec.weights)
+            weights = cached_weights(arch, spec.weights)
             if len(weights.meta.get("categories", [])) != num_classes:
                 raise TeacherError(f"{arch} {weights.name} has {len(weights.meta['categories'])} classes, the "
                                    f"dataset {num_classes}; pass --num-classes "

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 import labelstore
 from pipelines import DecoderOptions, EvalLoader, FKDLoader, RoundReads, StandardLoader
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, meal, student_init
 from .interrupt import GracefulStop
 from .dataset import Scan, scan_image_folder, split_dir, start_scan
 from .evaluate import evaluate
-from .mixing import MixConfig, mix
+from .mixing import MixConfig, mix_images
 from .progress import format_eta, progress
 from .schedule import LRSchedule, Segment, fkd_segments, plain_segments
 from .soft_labels import parse_label_type, recover, soft_cross_entropy
@@ -102,16 +102,23 @@ class TrainConfig:
     dist_backend: str | None = None  # nccl | gloo (default: nccl when every rank has a GPU of its own)
     decoder: DecoderOptions = dataclasses.field(default_factory=DecoderOptions)  # mixed-decoder settings
     overwrite: bool = False  # replace another run's checkpoints in --output (else refused unless --resume)
+    recipe: str = "fkd"  # fkd | meal-v2 (the defaults of recipe_config; recorded, and checked on --resume)
+    init_from: str | None = None  # the student's starting weights: a checkpoint file ...
+    pretrained_weights: str | None = None  # ... or torchvision's published weights, from the local hub cache
+    use_discriminator_loss: bool = False  # MEAL V2's discriminator on the student's softmax vs the soft labels
+    d_lr: float = 1e-4  # the discriminator's own (constant) learning rate
 
     def resolved(self) -> "TrainConfig":
         """Fill the defaults that depend on the architecture family (FKD's CNN vs ViT recipes)."""
         from .models import is_transformer  # noqa: PLC0415 - torchvision: imported once the dataset scan started
         vit = is_transformer(self.arch)
         opt = self.opt or ("adamw" if vit else "sgd")
+        recipe = RECIPES.get(self.recipe, {})
         return dataclasses.replace(
             self, opt=opt,
-            lr=self.lr if self.lr is not None else (0.002 if opt == "adamw" else 0.1),
-            weight_decay=self.weight_decay if self.weight_decay is not None else (0.05 if opt == "adamw" else 1e-4),
+            lr=self.lr if self.lr is not None else recipe.get("lr", 0.002 if opt == "adamw" else 0.1),
+            weight_decay=self.weight_decay if self.weight_decay is not None else
+            recipe.get("weight_decay", 0.05 if opt == "adamw" else 1e-4),
             warmup_epochs=self.warmup_epochs if self.warmup_epochs is not None else (5 if vit else 0),
             min_lr=self.min_lr if self.min_lr is not None else (1e-5 if opt == "adamw" else 0.0),
             output=self.output or os.path.join("runs", f"{self.arch}-{self.labels}"))
@@ -120,7 +127,20 @@ class TrainConfig:
 # Options that define the run's plan: a resume must agree on them.
 PLAN_KEYS = ("arch", "labels", "num_crops", "batch_size", "epochs", "input_size", "opt", "lr", "weight_decay",
              "cos", "warmup_epochs", "soft_label_type", "temperature", "mixup_cutmix", "seed", "label_smoothing",
-             "scale")
+             "scale", "recipe", "use_discriminator_loss", "d_lr")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # of keys older checkpoints lack
+
+# Defaults by --recipe; options given explicitly win (recipe_config). fkd: TrainConfig's own (FKD's).
+RECIPES: dict[str, dict[str, Any]] = {"fkd": {}, "meal-v2": meal.RECIPE}
+
+
+def recipe_config(recipe: str = "fkd", **options) -> TrainConfig:
+    """A TrainConfig with ``recipe``'s defaults under ``options`` (an option left None takes the recipe's
+    default, then TrainConfig's)."""
+    if recipe not in RECIPES:
+        raise TrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    given = {k: v for k, v in options.items() if v is not None}
+    return TrainConfig(recipe=recipe, **{**RECIPES[recipe], **given})
 
 
 class Trainer:
@@ -144,6 +164,7 @@ class Trainer:
         self.cfg = cfg = cfg.resolved()
         if cfg.labels not in ("fkd", "hard", "online"):
             raise TrainError(f"--labels must be fkd, hard or online, got {cfg.labels!r}")
+        self._check_recipe()
         if cfg.max_steps is not None and cfg.max_steps < 1:
             raise TrainError(f"--max-steps {cfg.max_steps}: give at least 1 step (or leave it out to train the "
                              "whole plan)")
@@ -169,7 +190,10 @@ class Trainer:
             self.train_set = scan.result()
         self.num_classes = self._num_classes()
         from .models import create_model  # noqa: PLC0415 - torchvision's import ran beside the scan (resolved())
-        self.model = create_model(cfg.arch, self.num_classes, cfg.input_size, cfg.drop_path).to(self.torch_device)
+        self.model = create_model(cfg.arch, self.num_classes, cfg.input_size, cfg.drop_path)
+        if not cfg.evaluate and not cfg.resume:  # a resume restores the weights it trained
+            self._init_student()
+        self.model = self.model.to(self.torch_device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -179,6 +203,8 @@ class Trainer:
             self.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.model_ema_decay)) \
             if cfg.model_ema else None
         self.optimizer = self._optimizer()
+        self.disc, self.ddisc, self.d_optimizer = self._discriminator()
+        self.d_loss = None  # the discriminator loss of the last step
         self.lr_at = LRSchedule(cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr, cfg.cos,
                                 cfg.schedule)
         self.loaders: dict[int, Any] = {}
@@ -194,9 +220,46 @@ class Trainer:
         self.output_lock = None
         self.stop: GracefulStop | None = None
         self.partial: dict | None = None  # this rank's running sums of the segment at the resume position
-        self.running = {"loss": None, "top1": None, "steps": 0}
+        self.running = {"loss": None, "top1": None, "d_loss": None, "steps": 0}
 
     # ------------------------------------------------------------------ setup
+    def _check_recipe(self) -> None:
+        cfg = self.cfg
+        if cfg.recipe not in RECIPES:
+            raise TrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+        if cfg.init_from and cfg.pretrained_weights:
+            raise TrainError("give either --init-from FILE or --pretrained-weights NAME, not both")
+        if cfg.labels != "fkd" and (cfg.recipe == "meal-v2" or cfg.use_discriminator_loss):
+            raise TrainError("--recipe meal-v2 and --use-discriminator-loss train on stored soft labels: use them "
+                             "with --labels fkd and --softlabel-path STORE (an ensemble store: generate -a a,b)")
+        if cfg.recipe == "meal-v2" and not (cfg.init_from or cfg.pretrained_weights or cfg.resume or cfg.evaluate):
+            raise TrainError("--recipe meal-v2 distils into a student that is already trained: pass --init-from "
+                             "CHECKPOINT (e.g. a hard-label run of this dataset) or --pretrained-weights NAME; to "
+                             "start from scratch, use the default recipe (with --use-discriminator-loss if wanted)")
+
+    def _init_student(self) -> None:
+        cfg = self.cfg
+        classes_from = f"the classes of {cfg.softlabel_path}" if self.store is not None else "the dataset's classes"
+        if cfg.init_from:
+            student_init.init_from_checkpoint(self.model, cfg.init_from, cfg.arch, self.num_classes, classes_from)
+        elif cfg.pretrained_weights:
+            student_init.init_from_torchvision(self.model, cfg.arch, cfg.pretrained_weights, self.num_classes,
+                                               classes_from)
+        else:
+            return
+        if self.main:
+            print(f"student {cfg.arch} starts from {cfg.init_from or cfg.pretrained_weights}", flush=True)
+
+    def _discriminator(self):
+        """MEAL V2's discriminator, its DDP wrapper (its gradients are averaged over the ranks like the
+        student's) and its own optimizer (SGD, the student's momentum, no weight decay); Nones without it."""
+        if not self.cfg.use_discriminator_loss:
+            return None, None, None
+        disc = meal.Discriminator(self.num_classes).to(self.torch_device)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            disc, device_ids=[self.torch_device.index] if self.device == "gpu" else None) if self.dist.group else disc
+        return disc, wrapped, torch.optim.SGD(disc.parameters(), lr=self.cfg.d_lr, momentum=self.cfg.momentum)
+
     def _open_store(self) -> None:
         """Open the label store and start reading the rows this rank serves in the first pass. They depend on
         the store, the seed, the rank and the world size only, so the read runs while the dataset is scanned
@@ -315,7 +378,8 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         run = self.running
         mine = {"rng": checkpoint.rng_state(), "partial": None if run["loss"] is None else {
-            "loss": float(run["loss"].item()), "top1": float(run["top1"].item()), "steps": run["steps"]}}
+            "loss": float(run["loss"].item()), "top1": float(run["top1"].item()), "steps": run["steps"],
+            "d_loss": float(run["d_loss"].item())}}
         every = [None] * self.dist.world_size
         if self.dist.group:
             dist.all_gather_object(every, mine)
@@ -326,6 +390,8 @@ class Trainer:
         return {"arch": self.cfg.arch, "num_classes": self.num_classes, "state_dict": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": None,
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "discriminator": self.disc.state_dict() if self.disc is not None else None,
+                "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer is not None else None,
                 "epoch": self.segments[seg].start_epoch if seg < len(self.segments) else self.cfg.epochs,
                 "segment": seg, "batch": batch, "global_step": self.global_step, "best_acc1": self.best_top1,
                 "history": self.history, "rng": rngs, "world_size": self.dist.world_size,
@@ -345,8 +411,8 @@ class Trainer:
         if made is None:
             raise TrainError(f"{path} is not a checkpoint of `fkd-dali train` (no run configuration); it can only be "
                              "evaluated (-e --resume)")
-        diffs = [f"{k}: {made.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in PLAN_KEYS
-                 if _norm(made.get(k)) != _norm(getattr(self.cfg, k))]
+        diffs = [f"{k}: {made.get(k, DEFAULTS[k])!r} -> {getattr(self.cfg, k)!r}" for k in PLAN_KEYS
+                 if _norm(made.get(k, DEFAULTS[k])) != _norm(getattr(self.cfg, k))]
         if ckpt.get("world_size") != self.dist.world_size:
             diffs.append(f"ranks: {ckpt.get('world_size')} -> {self.dist.world_size}")
         if diffs:
@@ -357,6 +423,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt.get("ema") is not None:
             self.ema.load_state_dict(ckpt["ema"])
+        if self.disc is not None:
+            self.disc.load_state_dict(ckpt["discriminator"])
+            self.d_optimizer.load_state_dict(ckpt["d_optimizer"])
         self.position = (ckpt["segment"], ckpt["batch"])
         self.global_step = ckpt["global_step"]
         self.best_top1 = ckpt.get("best_acc1", 0.0)
@@ -387,16 +456,27 @@ class Trainer:
                 soft = F.one_hot(target, self.num_classes).float()
                 if cfg.label_smoothing:
                     soft = soft * (1 - cfg.label_smoothing) + cfg.label_smoothing / self.num_classes
+            label_sets, weights = [soft], [1.0]  # what the discriminator compares the student with
             if self.mix_cfg is not None:
-                x, soft, _ = mix(x, soft, self.mix_cfg, cfg.seed, self.global_step)
+                x, perm, lam, _ = mix_images(x, self.mix_cfg, cfg.seed, self.global_step)
+                if perm is not None:
+                    label_sets, weights = [soft, soft[perm]], [lam, 1.0 - lam]
+                    soft = soft.mul(lam).add_(soft[perm], alpha=1.0 - lam)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             out = self.ddp(x)
         loss = soft_cross_entropy(out, soft, cfg.temperature if cfg.labels != "hard" else 1.0)
+        total = loss
+        if self.disc is not None:  # MEAL V2: student and discriminator minimise the sum together
+            self.d_loss = meal.discriminator_loss(self.ddisc, meal.student_probs(out), label_sets, weights)
+            total = loss + self.d_loss
+            self.d_optimizer.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
         self.optimizer.step()
+        if self.d_optimizer is not None:
+            self.d_optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.global_step += 1
@@ -499,8 +579,9 @@ class Trainer:
         self.partial = None
         loss_sum = torch.tensor(carried["loss"], device=self.torch_device)
         top1_sum = torch.tensor(carried["top1"], device=self.torch_device)
+        d_sum = torch.tensor(carried.get("d_loss", 0.0), device=self.torch_device)
         n = carried["steps"]  # steps of this segment so far on this rank (before a resume too)
-        self.running = {"loss": loss_sum, "top1": top1_sum, "steps": n}
+        self.running = {"loss": loss_sum, "top1": top1_sum, "d_loss": d_sum, "steps": n}
         crops = 0
         t0 = time.perf_counter()
         stopped = False
@@ -510,6 +591,8 @@ class Trainer:
             loss, top1 = self.step(batch, lr)
             loss_sum += loss
             top1_sum += top1
+            if self.disc is not None:
+                d_sum += self.d_loss.detach()
             n += 1
             self.running["steps"] = n
             crops += batch["images"].shape[0]
@@ -530,14 +613,17 @@ class Trainer:
             self.save()
             return True
         self.position = (seg.index + 1, 0)
-        self.running = {"loss": None, "top1": None, "steps": 0}
+        self.running = {"loss": None, "top1": None, "d_loss": None, "steps": 0}
         if self.dist.group:
             dist.all_reduce(loss_sum)
             dist.all_reduce(top1_sum)
+            dist.all_reduce(d_sum)
         world = self.dist.world_size
         record = {"segment": seg.index, "epochs": [seg.start_epoch, seg.end_epoch], "crops_per_image": seg.crops,
                   "train_loss": loss_sum.item() / max(1, n * world), "train_top1": 100 * top1_sum.item() / max(1, n * world),
                   "lr": lr, "steps": n, "seconds": seconds, "crops_per_s": crops * world / max(1e-9, seconds)}
+        if self.disc is not None:
+            record["train_d_loss"] = d_sum.item() / max(1, n * world)
         if start:  # loss and top-1 cover the whole segment (carried in the checkpoint); the timing does not
             record["resumed_at_step"] = start
         record.update({f"val_{k}": v for k, v in evaluate(self.ddp, self.eval_loader(), amp=self.amp,
@@ -551,7 +637,8 @@ class Trainer:
         self.history.append(record)
         self.save(is_best)
         if self.main:
-            print(f"{label}: loss {record['train_loss']:.4f}  train top-1 {record['train_top1']:.2f}%  "
+            d_text = f" (discriminator {record['train_d_loss']:.4f})" if self.disc is not None else ""
+            print(f"{label}: loss {record['train_loss']:.4f}{d_text}  train top-1 {record['train_top1']:.2f}%  "
                   f"val top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
                   f"({record['crops_per_s']:,.0f} crops/s; run ETA {self.run_eta(total)})", flush=True)
             if log:

@@ -1,7 +1,9 @@
 """Run by tests under torchrun: a few DDP training steps; each rank writes the rows it trained on and its
 weights, so the test can check disjoint shards and identical replicas. With FKD_TEST_DIE_RANK and
 FKD_TEST_DIE_STEP set, that rank SIGKILLs itself after that step (a rank lost mid-training); with
-FKD_TEST_SIGNAL=TERM (or INT) it sends itself that signal instead (a stop asked of one rank only)."""
+FKD_TEST_SIGNAL=TERM (or INT) it sends itself that signal instead (a stop asked of one rank only). With
+FKD_TEST_MEAL_INIT=CHECKPOINT it trains Fast MEAL V2 (discriminator on) from that checkpoint and also writes
+each rank's discriminator at the start and the end."""
 
 import json
 import os
@@ -10,18 +12,22 @@ import sys
 
 import torch
 
-from fkd_dali.train import Trainer, TrainConfig
+from fkd_dali.train import Trainer, TrainConfig, recipe_config
 
 
 def main(data: str, store: str, out: str, *extra: str) -> None:
     die_rank, die_step = int(os.environ.get("FKD_TEST_DIE_RANK", -1)), int(os.environ.get("FKD_TEST_DIE_STEP", 0))
     sig = getattr(signal, "SIG" + os.environ.get("FKD_TEST_SIGNAL", "KILL"))
     timeout = float(extra[extra.index("--dist-timeout") + 1]) if "--dist-timeout" in extra else 600.0
-    cfg = TrainConfig(data=data, arch="resnet18", softlabel_path=store, num_crops=2, batch_size=16, epochs=4,
-                      input_size=32, device=os.environ.get("FKD_TEST_DEVICE", "cpu"), output=os.path.join(out, "run"),
-                      max_steps=3 if die_rank < 0 else None, show_progress=False, lr=0.05, cos=True,
-                      dist_timeout=timeout)
+    common = dict(data=data, arch="resnet18", softlabel_path=store, num_crops=2, batch_size=16, epochs=4,
+                  input_size=32, device=os.environ.get("FKD_TEST_DEVICE", "cpu"), output=os.path.join(out, "run"),
+                  max_steps=3 if die_rank < 0 else None, show_progress=False, dist_timeout=timeout)
+    meal_init = os.environ.get("FKD_TEST_MEAL_INIT")  # Fast MEAL V2 from this checkpoint, discriminator on
+    cfg = recipe_config("meal-v2", init_from=meal_init, **common) if meal_init else \
+        TrainConfig(lr=0.05, cos=True, **common)
     trainer = Trainer(cfg)
+    if trainer.disc is not None:
+        disc_start = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
     seen = []
     step = trainer.step
 
@@ -42,6 +48,8 @@ def main(data: str, store: str, out: str, *extra: str) -> None:
     # Parameters are what DDP keeps identical; BatchNorm's running statistics (buffers) are each rank's own
     # until DDP broadcasts rank 0's at the next forward, and checkpoints hold rank 0's.
     torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+    if trainer.disc is not None:  # DDP made every rank's start rank 0's; the steps keep them equal
+        torch.save({"start": disc_start, "end": trainer.disc.state_dict()}, os.path.join(out, f"rank{rank}.disc.pt"))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,22 @@ def add_parser(sub, func) -> None:
     tr.set_defaults(func=func)
 
 
+    me = bs.add_parser("meal", help="Fast MEAL V2 on the demo data: an ensemble store, a hard-label start, MEAL V2 "
+                       "with/without the discriminator vs plain FKD from that start, over seeds")
+    me.add_argument("--workdir", default="bench-data/meal", help="data, teachers, store and runs (reused when rerun)")
+    me.add_argument("--teachers", default="resnet18,resnet34", help="two (or more) teacher architectures")
+    me.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
+                    help="comma-separated seeds of the distillation runs")
+    me.add_argument("--epochs", type=int, default=4, help="epochs of each run from the start")
+    me.add_argument("--num-crops", type=int, default=1, help="crops per image per step in each run")
+    me.add_argument("--size", choices=("small", "full", "quick"), default="small",
+                    help="small: the demo's data at 48 px, 1,200 teacher images, shorter teacher and start training "
+                         "(default); full: the demo's sizes; quick: a smoke test, not evidence")
+    me.add_argument("--threads", type=int, default=None)
+    me.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    me.add_argument("--out", default="bench-results/meal.json")
+    me.set_defaults(func=func)
+
     sc = bs.add_parser("scale", help="ImageNet scale: scan, first batch, pass switch, per-rank memory at world 1 "
                        "and 8, baseline constructors, verify, a store on a local S3 server")
     sc.add_argument("--images", type=int, default=1_281_167, help="training files (hard links to one JPEG)")
@@ -162,6 +178,14 @@ def run(args: argparse.Namespace) -> int:
         result = train_run(args, device, args.threads or (os.cpu_count() or 1))
         result["machine"] = machine
         print(train_table(result))
+        _write(result, args.out)
+    elif args.bench == "meal":
+        from .meal import format_table as meal_table
+        from .meal import run as meal_run
+        result = meal_run(args)
+        result["machine"] = machine
+        print()
+        print(meal_table(result))
         _write(result, args.out)
     elif args.bench == "scale":
         from .scale import format_table as scale_table
