@@ -43,17 +43,19 @@ from .train import TrainConfig, train
 @dataclasses.dataclass(frozen=True)
 class DemoSize:
     classes: int = 10
-    per_class: int = 40           # the students' labelled set
+    per_class: int = 30           # the students' labelled set
     teacher_per_class: int = 200  # the teacher's (larger) labelled set
-    val_per_class: int = 50
-    image_size: int = 48
-    teacher_epochs: int = 10
-    student_epochs: int = 24
+    val_per_class: int = 40
+    image_size: int = 40
+    teacher_epochs: int = 14
+    teacher_batch: int = 32     # more steps for the same work: the teacher must be far better than the students
+    teacher_warmup_epochs: int = 1
+    student_epochs: int = 20
     pool: int = 16              # stored crops per image
     top_k: int = 5
     num_crops: int = 1          # per image per step (docs/benchmarks.md: more cost accuracy at 64 crops per step)
     batch: int = 64
-    teacher_lr: float = 0.05
+    teacher_lr: float = 0.04
     lr: float = 0.025
     warmup_epochs: int = 3
     eval_every: int = 5         # validation after every 5th epoch (and the last): the plot's points
@@ -61,7 +63,7 @@ class DemoSize:
 
 FULL = DemoSize()
 QUICK = DemoSize(classes=4, per_class=12, teacher_per_class=16, val_per_class=4, image_size=32, teacher_epochs=2,
-                 student_epochs=4, pool=8, top_k=3, num_crops=2, batch=16, warmup_epochs=1, eval_every=2)
+                 teacher_batch=16, student_epochs=4, pool=8, top_k=3, num_crops=2, batch=16, warmup_epochs=1, eval_every=2)
 
 STUDENTS = (("hard", "hard labels"), ("online", "online KD"), ("fkd", "FKD"))
 
@@ -201,11 +203,12 @@ def run(workdir: str, quick: bool = False, device: str | None = None, seed: int 
           f"teacher, {z.classes * z.val_per_class} validation images; {z.classes} classes "
           f"({', '.join(ds.classes[:4])}, ...), {z.image_size} px  ({phases['data']:.0f} s)", flush=True)
 
-    base = dict(arch="resnet18", batch_size=z.batch, input_size=z.image_size, device=device, workers=threads,
+    base = dict(arch="resnet18", input_size=z.image_size, device=device, workers=threads,
                 cos=True, overwrite=True, seed=seed, progress_style="run", eval_every=z.eval_every)
     t = time.perf_counter()
     teacher = train(TrainConfig(data=teacher_data, labels="hard", epochs=z.teacher_epochs, scale=(0.25, 1.0),
-                                lr=z.teacher_lr, output=_fresh(os.path.join(workdir, "teacher")),
+                                batch_size=z.teacher_batch, lr=z.teacher_lr, warmup_epochs=z.teacher_warmup_epochs,
+                                output=_fresh(os.path.join(workdir, "teacher")),
                                 progress_label="2/5 teacher", **base))
     phases["teacher"] = time.perf_counter() - t
     ckpt = os.path.join(workdir, "teacher", "checkpoint.pth.tar")
@@ -232,7 +235,8 @@ def run(workdir: str, quick: bool = False, device: str | None = None, seed: int 
     for i, (labels, name) in enumerate(STUDENTS):
         t = time.perf_counter()
         run_dir = _fresh(os.path.join(workdir, f"student-{labels}"))
-        res = train(TrainConfig(data=data, labels=labels, epochs=z.student_epochs, lr=z.lr, output=run_dir,
+        res = train(TrainConfig(data=data, labels=labels, epochs=z.student_epochs, batch_size=z.batch, lr=z.lr,
+                                output=run_dir,
                                 warmup_epochs=z.warmup_epochs, progress_label=f"4/5 {name}", **base, **extra[labels]))
         phases[f"student ({labels})"] = time.perf_counter() - t
         students[labels] = {"result": res, "history": _history(run_dir)}
