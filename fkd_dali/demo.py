@@ -50,8 +50,8 @@ class DemoSize:
     teacher_epochs: int = 14
     teacher_batch: int = 32     # more steps for the same work: the teacher must be far better than the students
     teacher_warmup_epochs: int = 1
-    student_epochs: int = 20
-    pool: int = 16              # stored crops per image
+    student_epochs: int = 30
+    pool: int = 30              # stored crops per image: a fresh crop every epoch, as online KD has
     top_k: int = 5
     num_crops: int = 1          # per image per step (docs/benchmarks.md: more cost accuracy at 64 crops per step)
     batch: int = 64
