@@ -14,8 +14,8 @@ def outcome(**kw) -> Outcome:
 
 def test_verdict_states_both_halves_with_numbers():
     text = "\n".join(verdict(outcome(), SPREAD))
-    assert "matched online KD's accuracy (84.5 % vs 84.0 %, +0.5 points)" in text
-    assert "in 100 s against 140 s: 29 % less time; 21 % less counting the one-off labelling (10 s)" in text
+    assert "FKD matched online KD's accuracy: 84.5 % vs 84.0 % (+0.5; FKD − online KD over 5 seeds: mean +0.2" in text
+    assert "It took 100 s against online KD's 140 s: 29 % less time; 21 % less with the one-off labelling (10 s)" in text
     assert "beat the hard-label student by 9.5 points (84.5 % vs 75.0 %)" in text
     assert "mean +7.0, range +4.0 to +9.0 points" in text  # the seed noise beside the one run
 
@@ -23,14 +23,16 @@ def test_verdict_states_both_halves_with_numbers():
 def test_verdict_says_a_small_or_negative_margin_as_it_is():
     small = "\n".join(verdict(outcome(fkd=76.0, online=76.5), SPREAD))
     assert "by only 1.0 points" in small and "within one run's noise" in small and "range +4.0 to +9.0" in small
+    assert "by only 3.5 points" in "\n".join(verdict(outcome(fkd=78.5), SPREAD))  # below the sweep's smallest margin
+    assert "by only" not in "\n".join(verdict(outcome(fkd=78.5), dict(SPREAD, seeds=0)))  # no sweep: 1 point
     worse = "\n".join(verdict(outcome(fkd=74.0, online=74.0), SPREAD))
     assert "did NOT beat the hard-label student: -1.0 points" in worse
 
 
 def test_verdict_says_when_fkd_falls_short_of_online_kd_or_takes_longer():
     text = "\n".join(verdict(outcome(fkd=80.0, seconds_fkd=150.0), SPREAD))
-    assert "fell 4.0 points short of online KD (80.0 % vs 84.0 %)" in text
-    assert "7 % MORE time" in text and "14 % MORE counting the one-off labelling" in text
+    assert "fell 4.0 points short of online KD: 80.0 % vs 84.0 % (-4.0;" in text
+    assert "7 % MORE time" in text and "14 % MORE with the one-off labelling" in text
     assert "beat online KD by 3.0 points" in "\n".join(verdict(outcome(fkd=87.0), SPREAD))
 
 
