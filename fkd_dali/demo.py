@@ -16,7 +16,9 @@ once.
    the students' validation accuracy, and ``fkd-dali show``'s contact sheet of one image's crops.
 
 ``--seeds N`` repeats the demo for N seeds (each seed draws new data, a new teacher and new students) and
-prints the spread: docs/benchmarks.md's "Accuracy on the demo data" comes from it.
+prints the spread: docs/benchmarks.md's "Accuracy on the demo data" comes from it. A seed whose folder holds a
+finished run (``run.json``) is not run again, so sweeps over disjoint seeds can share a workdir and the
+table is printed from all of them.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ STUDENTS = (("hard", "hard labels"), ("online", "online KD"), ("fkd", "FKD"))
 # The spread over seeds of the full demo, measured by `fkd-dali demo --seeds 5` (docs/benchmarks.md, "Accuracy on
 # the demo data"): the verdict puts one run's margins beside them.
 SEED_SPREAD = {"seeds": 0, "fkd_minus_hard": (0.0, 0.0, 0.0), "fkd_minus_online": (0.0, 0.0, 0.0)}  # (min, mean, max)
-MATCH_POINTS = 1.5  # "as accurate as online KD": within this many points of it
+MATCH_POINTS = 1.5
+RUN_FILE = "run.json"  # a finished demo run's numbers, in its workdir  # "as accurate as online KD": within this many points of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +271,11 @@ def run(workdir: str, quick: bool = False, device: str | None = None, seed: int 
     print("\n".join(lines))
     print(f"\nplot of the students: {png}\ncontact sheet of {sheet['file']}'s stored crops: {sheet['sheet']}")
     print(f"demo finished in {time.perf_counter() - t_all:.0f} s", flush=True)
-    return {"seed": seed, "outcome": dataclasses.asdict(o), "phases": phases, "rates": rates,
-            "seconds": time.perf_counter() - t_all, "plot": png, "sheet": sheet["sheet"], "store": store}
+    result = {"seed": seed, "outcome": dataclasses.asdict(o), "phases": phases, "rates": rates,
+              "seconds": time.perf_counter() - t_all, "plot": png, "sheet": sheet["sheet"], "store": store}
+    with open(os.path.join(workdir, RUN_FILE), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:
@@ -302,6 +308,12 @@ def run_seeds(workdir: str, seeds: int, first: int = 0, quick: bool = False, dev
     """The demo once per seed (each in ``workdir/seed-S``), then the spread table (also in ``workdir/seeds.md``)."""
     runs = []
     for s in range(first, first + seeds):
+        done = os.path.join(workdir, f"seed-{s}", RUN_FILE)
+        if os.path.exists(done):  # a finished seed (an earlier or a parallel sweep in the same workdir)
+            with open(done) as f:
+                runs.append(json.load(f))
+            print(f"seed {s}: finished before, results from {done}", flush=True)
+            continue
         runs.append(run(os.path.join(workdir, f"seed-{s}"), quick=quick, device=device, seed=s))
         print(flush=True)
     table = sweep_table(runs)
