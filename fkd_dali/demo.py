@@ -65,7 +65,8 @@ class DemoSize:
 
 FULL = DemoSize()
 QUICK = DemoSize(classes=4, per_class=12, teacher_per_class=16, val_per_class=4, image_size=32, teacher_epochs=2,
-                 teacher_batch=16, student_epochs=4, pool=8, top_k=3, num_crops=2, batch=16, warmup_epochs=1, eval_every=2)
+                 teacher_batch=16, student_epochs=4, pool=8, top_k=3, num_crops=2, batch=16, warmup_epochs=1,
+                 eval_every=2)
 
 STUDENTS = (("hard", "hard labels"), ("online", "online KD"), ("fkd", "FKD"))
 
@@ -180,7 +181,8 @@ def _fresh(run_dir: str) -> str:
 def results_table(z: DemoSize, o: Outcome, rates: dict[str, float], images: int) -> str:
     epochs = f"{z.student_epochs} epochs"
     rows = [
-        f"| teacher (resnet18, hard labels, {z.classes * z.teacher_per_class} images; trained once) | {o.teacher:.1f} % "
+        f"| teacher (resnet18, hard labels, {z.classes * z.teacher_per_class} images; trained once) | "
+        f"{o.teacher:.1f} % "
         f"| - | - |",
         f"| one-off labelling: the teacher on {z.pool} crops x {images} images (generate) | - | "
         f"{o.seconds_labelling:.0f} s | - |",
@@ -193,7 +195,8 @@ def results_table(z: DemoSize, o: Outcome, rates: dict[str, float], images: int)
     return "| model | val top-1 | wall time | training crops/s |\n|---|---|---|---|\n" + "\n".join(rows)
 
 
-def run(workdir: str, quick: bool = False, device: str | None = None, seed: int = 0, size: DemoSize | None = None) -> dict:
+def run(workdir: str, quick: bool = False, device: str | None = None, seed: int = 0,
+        size: DemoSize | None = None) -> dict:
     z = size or (QUICK if quick else FULL)
     t_all = time.perf_counter()
     threads = torch.get_num_threads()  # all cores, or OMP_NUM_THREADS (1 is faster on a machine that is busy)
