@@ -89,8 +89,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
-    run(args.workdir, quick=args.quick, device=args.device)
+    from .demo import run, run_seeds
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: give 1 or more seeds")
+    if args.seeds > 1:
+        run_seeds(args.workdir, args.seeds, first=args.seed, quick=args.quick, device=args.device)
+    else:
+        run(args.workdir, quick=args.quick, device=args.device, seed=args.seed)
     return 0
 
 
@@ -475,6 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="demo-out", help="folder for the demo's data, stores, runs and report")
     d.add_argument("--quick", action="store_true", help="fewer images and epochs (for tests)")
     d.add_argument("--device", choices=("cpu", "gpu"), help="default: the GPU when there is one")
+    d.add_argument("--seed", type=int, default=0, help="draws the data, the teacher and the students (default 0)")
+    d.add_argument("--seeds", type=int, default=1,
+                   help="run the demo for N seeds (--seed, --seed+1, ...; each in WORKDIR/seed-S) and print the "
+                        "spread of the accuracies (docs/benchmarks.md's table)")
     d.set_defaults(func=_cmd_demo)
 
     from .bench import add_parser as add_bench_parser

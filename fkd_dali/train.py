@@ -96,6 +96,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop (with a checkpoint) after this global step
     val_batch_size: int = 64
     show_progress: bool = True
+    progress_style: str = "epoch"  # epoch: a bar per segment and a line per epoch; run: one bar for the whole run
+    progress_label: str = ""  # the whole-run bar's description (progress_style "run")
+    eval_every: int = 1  # validate after every N-th segment (and always after the last)
     dist_timeout: float = 600.0  # seconds a collective may wait for a lost rank before the job fails
     device_id: int | None = None  # CUDA device of this process (default: its local rank)
     cpu_affinity: str = "auto"  # auto: each rank of a node pinned to its share of the cores near its GPU
@@ -165,6 +168,11 @@ class Trainer:
         if cfg.labels not in ("fkd", "hard", "online"):
             raise TrainError(f"--labels must be fkd, hard or online, got {cfg.labels!r}")
         self._check_recipe()
+        if cfg.progress_style not in ("epoch", "run"):
+            raise TrainError(f"progress_style must be epoch or run, got {cfg.progress_style!r}")
+        if cfg.eval_every < 1:
+            raise TrainError(f"eval_every {cfg.eval_every}: validate at least after every segment (1) or less often "
+                             "(N > 1)")
         if cfg.max_steps is not None and cfg.max_steps < 1:
             raise TrainError(f"--max-steps {cfg.max_steps}: give at least 1 step (or leave it out to train the "
                              "whole plan)")
@@ -221,6 +229,8 @@ class Trainer:
         self.stop: GracefulStop | None = None
         self.partial: dict | None = None  # this rank's running sums of the segment at the resume position
         self.running = {"loss": None, "top1": None, "d_loss": None, "steps": 0}
+        self.run_bar = None  # the whole-run bar (progress_style "run"), made by the first segment
+        self.last_val: float | None = None  # the latest validation top-1, shown on the whole-run bar
 
     # ------------------------------------------------------------------ setup
     def _check_recipe(self) -> None:
@@ -536,6 +546,8 @@ class Trainer:
                 ld.close()
             if self.early_reads is not None:
                 self.early_reads.close()
+            if self.run_bar is not None:
+                self.run_bar.close()
         summary = {"arch": cfg.arch, "labels": cfg.labels, "best_top1": self.best_top1,
                    "last": self.history[-1] if self.history else None, "seconds": time.perf_counter() - t_run,
                    "global_step": self.global_step, "stopped_early": stopped, "output": cfg.output,
@@ -559,6 +571,30 @@ class Trainer:
             return "?"
         return format_eta((total - self.global_step) * (time.perf_counter() - t0) / done)
 
+    def segment_bar(self, label: str, steps: int, start: int, total: int):
+        """The bar this segment updates: its own (progress_style "epoch"), or the run's single bar ("run")."""
+        cfg = self.cfg
+        disable = not (self.main and cfg.show_progress)
+        if cfg.progress_style == "epoch":
+            return progress(total=steps, initial=start, desc=label, unit="step", disable=disable)
+        if self.run_bar is None:
+            self.run_bar = progress(total=total, initial=self.global_step, desc=cfg.progress_label or cfg.labels,
+                                    unit="step", disable=disable)
+        return self.run_bar
+
+    def bar_postfix(self, label: str, loss: float, top1: float, rate: float, lr: float, total: int) -> dict:
+        if self.cfg.progress_style == "epoch":
+            return {"loss": f"{loss:.3f}", "top1": f"{top1:.1f}", "crops_s": f"{rate:,.0f}", "lr": f"{lr:.2e}",
+                    "run_eta": self.run_eta(total)}
+        post = {"epoch": label.split()[-1], "loss": f"{loss:.3f}", "crops_s": f"{rate:,.0f}"}
+        if self.last_val is not None:
+            post["val_top1"] = f"{self.last_val:.1f}"
+        return post
+
+    def validates_after(self, seg: Segment) -> bool:
+        """Validation after this segment: every ``eval_every``-th one and the last."""
+        return (seg.index + 1) % self.cfg.eval_every == 0 or seg.index == len(self.segments) - 1
+
     def train_segment(self, seg: Segment, log, tb) -> bool:
         """Train one segment (from the resume position); returns True when --max-steps or a signal stopped the
         run (after saving a checkpoint)."""
@@ -574,7 +610,7 @@ class Trainer:
         self.position = (seg.index, start)
         self.ddp.train()
         label = f"epoch {seg.start_epoch}" + (f"-{seg.end_epoch - 1}" if seg.crops > 1 else "")
-        bar = progress(total=steps, initial=start, desc=label, unit="step", disable=not (self.main and cfg.show_progress))
+        bar = self.segment_bar(label, steps, start, total)
         carried = self.partial if start > 0 and self.partial else {"loss": 0.0, "top1": 0.0, "steps": 0}
         self.partial = None
         loss_sum = torch.tensor(carried["loss"], device=self.torch_device)
@@ -599,15 +635,16 @@ class Trainer:
             self.position = (seg.index, i + 1)
             if self.main and (n % 10 == 0 or i + 1 == steps):
                 rate = crops * self.dist.world_size / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss_sum.item() / n:.3f}", top1=f"{100 * top1_sum.item() / n:.1f}",
-                                crops_s=f"{rate:,.0f}", lr=f"{lr:.2e}", run_eta=self.run_eta(total), refresh=False)
+                bar.set_postfix(self.bar_postfix(label, loss_sum.item() / n, 100 * top1_sum.item() / n, rate, lr,
+                                                 total), refresh=False)
             bar.update(1)
             if self.stop.requested() or (cfg.max_steps is not None and self.global_step >= cfg.max_steps):
                 stopped = True
                 break
             if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and i + 1 < steps:
                 self.save()
-        bar.close()
+        if bar is not self.run_bar:
+            bar.close()
         seconds = time.perf_counter() - t0
         if stopped:
             self.save()
@@ -626,21 +663,27 @@ class Trainer:
             record["train_d_loss"] = d_sum.item() / max(1, n * world)
         if start:  # loss and top-1 cover the whole segment (carried in the checkpoint); the timing does not
             record["resumed_at_step"] = start
-        record.update({f"val_{k}": v for k, v in evaluate(self.ddp, self.eval_loader(), amp=self.amp,
-                                                          group=self.dist.group).items()})
-        if self.ema is not None:
-            record.update({f"val_ema_{k}": v for k, v in evaluate(self.ema.module, self.eval_loader(), amp=self.amp,
-                                                                  group=self.dist.group).items()})
-        self.loaders["val"].release()  # used once per segment: its pipeline is not kept during training
-        is_best = record["val_top1"] > self.best_top1
-        self.best_top1 = max(self.best_top1, record["val_top1"])
+        is_best = False
+        if self.validates_after(seg):
+            record.update({f"val_{k}": v for k, v in evaluate(self.ddp, self.eval_loader(), amp=self.amp,
+                                                              group=self.dist.group).items()})
+            if self.ema is not None:
+                record.update({f"val_ema_{k}": v for k, v in evaluate(self.ema.module, self.eval_loader(),
+                                                                      amp=self.amp, group=self.dist.group).items()})
+            self.loaders["val"].release()  # used once per segment: its pipeline is not kept during training
+            is_best = record["val_top1"] > self.best_top1
+            self.best_top1 = max(self.best_top1, record["val_top1"])
         self.history.append(record)
         self.save(is_best)
         if self.main:
-            d_text = f" (discriminator {record['train_d_loss']:.4f})" if self.disc is not None else ""
-            print(f"{label}: loss {record['train_loss']:.4f}{d_text}  train top-1 {record['train_top1']:.2f}%  "
-                  f"val top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
-                  f"({record['crops_per_s']:,.0f} crops/s; run ETA {self.run_eta(total)})", flush=True)
+            if cfg.progress_style == "epoch":
+                d_text = f" (discriminator {record['train_d_loss']:.4f})" if self.disc is not None else ""
+                val = f"val top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  " \
+                    if "val_top1" in record else ""
+                print(f"{label}: loss {record['train_loss']:.4f}{d_text}  train top-1 {record['train_top1']:.2f}%  "
+                      f"{val}({record['crops_per_s']:,.0f} crops/s; run ETA {self.run_eta(total)})", flush=True)
+            elif "val_top1" in record:
+                self.last_val = record["val_top1"]
             if log:
                 log.write(json.dumps(record) + "\n")
                 log.flush()

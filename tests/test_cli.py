@@ -78,13 +78,21 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     work = tmp_path / "demo"
     assert main(["demo", "--workdir", str(work), "--quick", "--device", DEVICE]) == 0
     out = capsys.readouterr().out
-    for row in ("| teacher (resnet18", "| student, hard labels", "| student, FKD", "the hard-label student", "FKD replay",
-                "demo finished in"):
+    for row in ("| teacher (resnet18", "| one-off labelling", "| student, hard labels", "| student, online KD",
+                "| student, FKD", "with the one-off labelling", "the hard-label student", "demo finished in"):
         assert row in out, row
+    assert any(line.startswith("FKD ") and "online KD" in line and " % vs " in line for line in out.splitlines())
+    assert "epoch 0:" not in out  # progress bars, not a line per epoch
+    assert "FKD replay" not in out  # no loader-only race at settings where decode-once cannot pay off
+    results = (work / "results.md").read_text()
+    assert "| student, online KD" in results and "FKD" in results.splitlines()[-1]
     store = labelstore.open_store(str(work / "store"))
     assert store.complete and store.num_crops == 8
-    for run_dir in ("teacher", "student-hard", "student-fkd"):
+    for run_dir in ("teacher", "student-hard", "student-online", "student-fkd"):
         assert (work / run_dir / "checkpoint.pth.tar").stat().st_size > 100_000
+    with open(work / "student-hard" / "log.jsonl") as f:
+        validated = ["val_top1" in json.loads(line) for line in f]
+    assert validated == [False, True, False, True]  # eval_every 2 of the quick demo's 4 epochs; the last always
     with Image.open(work / "students.png") as im:
         assert im.size[0] > 600 and im.size[1] > 300
     with Image.open(work / "show" / "sheet.png") as im:
@@ -92,6 +100,11 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     for k in range(8):
         with Image.open(work / "show" / f"crop_{k}.png") as im:
             assert im.size == (96, 96) and im.mode == "RGB"
+
+
+def test_demo_rejects_zero_seeds(capsys):
+    assert main(["demo", "--seeds", "0"]) == 1
+    assert "--seeds 0" in capsys.readouterr().err
 
 
 def test_bench_generate_smoke(tmp_path, capsys):
