@@ -176,6 +176,24 @@ def test_pretrained_weights_come_from_the_local_hub_cache_only(world, tmp_path, 
         Trainer(meal_cfg(world, tmp_path, init_from=None, pretrained_weights="IMAGENET1K_V1"))
 
 
+def test_pretrained_weights_load_from_the_cache_when_the_classes_match(tmp_path, monkeypatch):
+    """The success path of --pretrained-weights: the file torchvision keeps in the hub cache for a weights name
+    (here DEFAULT = IMAGENET1K_V1 of resnet18) is what the 1000-class student starts from, tensor for tensor."""
+    from fkd_dali.student_init import init_from_torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(5)
+    published = create_model("resnet18", 1000).state_dict()
+    torch.save(published, cached)
+    torch.manual_seed(6)
+    student = create_model("resnet18", 1000)
+    assert not torch.equal(student.fc.weight, published["fc.weight"])
+    init_from_torchvision(student, "resnet18", "DEFAULT", 1000, "ImageNet's classes")
+    got = student.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in published.items())
+
+
 def test_meal_v2_checkpoint_format_evaluates_and_starts_a_student(world, tmp_path):
     """MEAL V2 saves ``model.state_dict()`` of its DataParallel model (``module.`` keys, no wrapper dict) as
     model_state_XX.pytar: ``-e`` reads it, and so does --init-from."""
