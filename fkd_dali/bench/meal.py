@@ -26,10 +26,9 @@ import torch
 from pipelines import EvalLoader
 
 from ..dataset import scan_image_folder, split_dir
-from ..demo import QUICK, DemoSize
+from ..demo import QUICK, DemoSize, make_data
 from ..evaluate import evaluate
 from ..generate import GenerateConfig, generate
-from ..synthetic import write_dataset
 from ..teachers import TeacherSpec, build_teacher
 from ..train import TrainConfig, recipe_config, train
 
@@ -87,13 +86,7 @@ def run(args) -> dict:
     threads = args.threads or (os.cpu_count() or 1)
     work = args.workdir
     os.makedirs(work, exist_ok=True)
-    data, teacher_data = os.path.join(work, "data"), os.path.join(work, "teacher-data")
-    if not os.path.isdir(os.path.join(teacher_data, "val")):  # as `fkd-dali demo` writes them
-        write_dataset(data, flavour="objects", classes=z.classes, per_class=z.per_class,
-                      val_per_class=z.val_per_class, size=z.image_size, seed=0, workers=threads)
-        write_dataset(teacher_data, flavour="objects", classes=z.classes, per_class=z.teacher_per_class,
-                      val_per_class=0, size=z.image_size, seed=1, workers=threads)
-        os.symlink(os.path.join("..", "data", "val"), os.path.join(teacher_data, "val"))
+    data, teacher_data = make_data(work, z, 0, threads)  # as `fkd-dali demo --seed 0` writes them
     base = dict(batch_size=z.batch, input_size=z.image_size, device=device, workers=threads, show_progress=False,
                 overwrite=True)
     out: dict = {"device": device, "size": args.size, "teachers": {}, "runs": {}}
