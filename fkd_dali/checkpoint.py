@@ -50,13 +50,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(state: dict[str, Any], folder: str, is_best: bool = False) -> str:
-    """Write ``folder/checkpoint.pth.tar`` (and the best copy) atomically: a kill never leaves half a file."""
+def save(state: dict[str, Any], folder: str, is_best: bool = False, last: bool = True) -> str:
+    """Write ``folder/checkpoint.pth.tar`` (unless not ``last``) and the best copy (if ``is_best``) atomically:
+    a kill never leaves half a file."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LAST)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    if last:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
     if is_best:
         best = os.path.join(folder, BEST)
         torch.save({k: v for k, v in state.items() if k not in ("optimizer", "d_optimizer", "rng")}, best + ".tmp")

@@ -179,7 +179,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         channels_last=args.channels_last, device=args.device, output=args.output, resume=args.resume or None,
         evaluate=args.evaluate, seed=args.seed if args.seed is not None else 0, workers=args.workers,
         num_classes=args.num_classes, allow_incomplete=args.allow_incomplete,
-        checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, val_batch_size=args.val_batch_size,
+        checkpoint_every=args.checkpoint_every, checkpoint_epochs=args.checkpoint_epochs,
+        max_steps=args.max_steps, val_batch_size=args.val_batch_size,
         show_progress=not args.quiet, dist_timeout=args.dist_timeout, dist_backend=args.dist_backend,
         overwrite=args.overwrite, **_placement(args))
     result = train(cfg)
@@ -316,6 +317,10 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int)
     t.add_argument("--allow-incomplete", action="store_true", help="train on the done rows of an incomplete store")
     t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    t.add_argument("--checkpoint-epochs", type=int, default=1,
+                   help="write the checkpoint at a segment end only once N epochs passed since the last one "
+                        "(default 1: every segment; the last segment, a stop signal and a new best model always "
+                        "save). For short epochs, where writing it costs a noticeable share of the time")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (with a checkpoint); at least 1")
     t.add_argument("--val-batch-size", type=int, default=64)
     t.add_argument("--dist-timeout", type=float, default=600.0,

@@ -93,6 +93,8 @@ class TrainConfig:
     num_classes: int | None = None
     allow_incomplete: bool = False
     checkpoint_every: int = 0  # also save every N steps inside a segment (0: at segment ends only)
+    checkpoint_epochs: int = 1  # at a segment end, save only once this many epochs passed since the last save
+    #                             (the last segment, a stop and a new best model always save)
     max_steps: int | None = None  # stop (with a checkpoint) after this global step
     val_batch_size: int = 64
     show_progress: bool = True
@@ -173,6 +175,9 @@ class Trainer:
         if cfg.eval_every < 1:
             raise TrainError(f"eval_every {cfg.eval_every}: validate at least after every segment (1) or less often "
                              "(N > 1)")
+        if cfg.checkpoint_epochs < 1:
+            raise TrainError(f"--checkpoint-epochs {cfg.checkpoint_epochs}: give at least 1 (1 writes the "
+                             "checkpoint after every segment)")
         if cfg.max_steps is not None and cfg.max_steps < 1:
             raise TrainError(f"--max-steps {cfg.max_steps}: give at least 1 step (or leave it out to train the "
                              "whole plan)")
@@ -222,6 +227,8 @@ class Trainer:
         self.mix_cfg = MixConfig(cfg.mixup, cfg.cutmix, cfg.mixup_cutmix_prob, cfg.mixup_switch_prob) \
             if cfg.mixup_cutmix else None
         self.position = (0, 0)  # (segment, batch inside it)
+        self.saved_at = (0, 0)  # the position of the last checkpoint written
+        self.history_resumed = False
         self.global_step = 0
         self.best_top1 = 0.0
         self.history: list[dict] = []
@@ -409,10 +416,19 @@ class Trainer:
                 "config": dataclasses.asdict(self.cfg),
                 "store": {"path": self.store.path, "fingerprint": self.store.meta.fingerprint} if self.store else None}
 
-    def save(self, is_best: bool = False) -> None:
+    def save(self, is_best: bool = False, last: bool = True) -> None:
+        """The checkpoint of this position (``last``) and/or the best model's copy (``is_best``)."""
         state = self.state()  # every rank takes part (RNG gather)
         if self.main:
-            checkpoint.save(state, self.cfg.output, is_best)
+            checkpoint.save(state, self.cfg.output, is_best, last=last)
+        if last:
+            self.saved_at = self.position
+
+    def save_due(self, seg: Segment) -> bool:
+        """Whether the checkpoint is written at the end of ``seg``: ``checkpoint_epochs`` since the last one (the
+        same decision on every rank: it counts epochs, not seconds), or the run's last segment."""
+        saved_epoch = self.segments[self.saved_at[0]].start_epoch if self.saved_at[0] < len(self.segments) else 0
+        return (seg.index + 1 == len(self.segments) or seg.end_epoch - saved_epoch >= self.cfg.checkpoint_epochs)
 
     def resume(self, path: str) -> None:
         ckpt = checkpoint.load(path)
@@ -436,10 +452,11 @@ class Trainer:
         if self.disc is not None:
             self.disc.load_state_dict(ckpt["discriminator"])
             self.d_optimizer.load_state_dict(ckpt["d_optimizer"])
-        self.position = (ckpt["segment"], ckpt["batch"])
+        self.position = self.saved_at = (ckpt["segment"], ckpt["batch"])
         self.global_step = ckpt["global_step"]
         self.best_top1 = ckpt.get("best_acc1", 0.0)
         self.history = list(ckpt.get("history", []))
+        self.history_resumed = "history" in ckpt  # ours; FKD's checkpoints carry none
         rngs = ckpt.get("rng") or []
         if len(rngs) == self.dist.world_size:
             checkpoint.set_rng_state(rngs[self.dist.rank])
@@ -513,6 +530,16 @@ class Trainer:
         if why:
             raise TrainError(why)
 
+    def open_log(self):
+        """``log.jsonl`` for appending. On a resume it first holds exactly the checkpoint's records: those a
+        crash left after the checkpoint (``checkpoint_epochs`` > 1) are trained again and must not appear twice."""
+        path = os.path.join(self.cfg.output, "log.jsonl")
+        if self.cfg.resume and self.history_resumed:
+            with open(path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+            os.replace(path + ".tmp", path)
+        return open(path, "a")
+
     def run(self) -> dict:
         self.claim_output()
         try:
@@ -526,7 +553,7 @@ class Trainer:
         if cfg.resume:
             self.resume(cfg.resume)
         t_run = time.perf_counter()
-        log = open(os.path.join(cfg.output, "log.jsonl"), "a") if self.main and _mkdir(cfg.output) else None
+        log = self.open_log() if self.main and _mkdir(cfg.output) else None
         tb = _tensorboard(cfg.output) if self.main else None
         stopped = False
         self.stop = GracefulStop(self.dist.group)
@@ -674,7 +701,10 @@ class Trainer:
             is_best = record["val_top1"] > self.best_top1
             self.best_top1 = max(self.best_top1, record["val_top1"])
         self.history.append(record)
-        self.save(is_best)
+        if self.save_due(seg):
+            self.save(is_best)
+        elif is_best:
+            self.save(is_best, last=False)
         if self.main:
             if cfg.progress_style == "epoch":
                 d_text = f" (discriminator {record['train_d_loss']:.4f})" if self.disc is not None else ""
@@ -691,7 +721,11 @@ class Trainer:
                 for k, v in record.items():
                     if isinstance(v, (int, float)):
                         tb.add_scalar(k, v, seg.end_epoch)
-        return self.stop.requested()  # a signal during validation: the checkpoint above resumes
+        if self.stop.requested():  # a signal during validation: this position's checkpoint resumes
+            if self.saved_at != self.position:
+                self.save()
+            return True
+        return False
 
 
 def evaluate_checkpoint(cfg: TrainConfig) -> dict:

@@ -191,6 +191,48 @@ def test_resume_continues_exactly(setup, tmp_path, stop):
         assert la == lb
 
 
+def test_checkpoint_epochs_saves_less_and_a_crash_resumes_cleanly(setup, tmp_path, monkeypatch):
+    """checkpoint_epochs=3: the checkpoint is written at the first segment end 3 epochs after the last one and at
+    the end (passes [0,2) [2,4) [4,5) [5,6): after epochs 4 and 6). A crash after an unsaved segment resumes from
+    the last checkpoint: the log holds each segment once and the run trains what the uninterrupted one did."""
+    from fkd_dali import checkpoint
+    _, seen_a = run_recording(cfg(setup, tmp_path / "a", output=str(tmp_path / "a")))
+    writes = []
+    real_save = checkpoint.save
+
+    def counting_save(state, folder, is_best=False, last=True):
+        writes.append((state["segment"], last))
+        return real_save(state, folder, is_best, last)
+
+    monkeypatch.setattr(checkpoint, "save", counting_save)
+    train(cfg(setup, tmp_path / "c", output=str(tmp_path / "c"), checkpoint_epochs=3))
+    assert [seg for seg, last in writes if last] == [2, 4], writes
+
+    crashing = Trainer(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), checkpoint_epochs=3))
+    seen_b, step = [], crashing.step
+
+    def step_then_crash(batch, lr):
+        if crashing.position == (3, 0):  # the last segment's first step: segment 2's end was not saved
+            raise RuntimeError("simulated crash")
+        seen_b.append((batch["indices"].tolist(), batch["crop_ids"].tolist()))
+        return step(batch, lr)
+
+    crashing.step = step_then_crash
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.run()
+    assert len(open(tmp_path / "b" / "log.jsonl").readlines()) == 3  # segments 0-2 logged, 0-1 checkpointed
+    _, rest = run_recording(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), checkpoint_epochs=3,
+                                resume=str(tmp_path / "b" / "checkpoint.pth.tar")))
+    assert seen_b[:8] + rest == seen_a  # segments 0-1 (8 steps) before the checkpoint, the rest after the resume
+    la = [json.loads(x) for x in open(tmp_path / "a" / "log.jsonl")]
+    lb = [json.loads(x) for x in open(tmp_path / "b" / "log.jsonl")]
+    assert [x["epochs"] for x in lb] == [x["epochs"] for x in la] == [[0, 2], [2, 4], [4, 5], [5, 6]]
+    if DEVICE == "cpu":
+        assert [x["val_top1"] for x in lb] == [x["val_top1"] for x in la]
+    with pytest.raises(TrainError, match="checkpoint-epochs 0"):
+        train(cfg(setup, tmp_path / "d", output=str(tmp_path / "d"), checkpoint_epochs=0))
+
+
 def test_only_the_pipeline_in_use_is_alive(setup, tmp_path):
     """The n-crop, 1-crop and validation pipelines never hold their threads and buffers at the same time: each
     step runs with only its own loader's pipeline built (Trainer.release_loaders)."""
