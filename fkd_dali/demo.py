@@ -213,7 +213,8 @@ def run(workdir: str, quick: bool = False, device: str | None = None, seed: int 
           f"({', '.join(ds.classes[:4])}, ...), {z.image_size} px  ({phases['data']:.0f} s)", flush=True)
 
     base = dict(arch="resnet18", input_size=z.image_size, device=device, workers=threads,
-                cos=True, overwrite=True, seed=seed, progress_style="run", eval_every=z.eval_every)
+                cos=True, overwrite=True, seed=seed, progress_style="run", eval_every=z.eval_every,
+                checkpoint_epochs=10)  # epochs of 1-3 s: a checkpoint per epoch cost ~10 % of a student's time
     t = time.perf_counter()
     teacher = train(TrainConfig(data=teacher_data, labels="hard", epochs=z.teacher_epochs, scale=(0.25, 1.0),
                                 batch_size=z.teacher_batch, lr=z.teacher_lr, warmup_epochs=z.teacher_warmup_epochs,
