@@ -70,7 +70,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from .synthetic import write_dataset
     info = write_dataset(args.out, flavour=args.flavour, classes=args.classes, per_class=args.per_class,
                          val_per_class=args.val_per_class, size=args.size, quality=args.quality,
-                         seed=args.seed, workers=args.workers)
+                         seed=args.seed, workers=args.workers,
+                         **({"distractors": args.distractors} if args.distractors is not None else {}))
     print(json.dumps(info, indent=2))
     return 0
 
@@ -465,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=0,
                    help="side in px (objects: default 128; photo: default an ImageNet-like 250..500 mix)")
     s.add_argument("--quality", type=int, default=90, help="JPEG quality (1-95)")
+    s.add_argument("--distractors", type=int,
+                   help="objects: at most this many smaller objects of other classes per image (default 5, the "
+                        "demo's)")
     s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     s.add_argument("-j", "--workers", type=int, default=0, help="processes writing images (0: this one)")
     s.set_defaults(func=_cmd_synth)

@@ -37,7 +37,7 @@ from .bench.machine import describe, one_line
 from .dataset import scan_image_folder, split_dir
 from .generate import GenerateConfig, generate
 from .show import show
-from .synthetic import write_dataset
+from .synthetic import DISTRACTOR_SCALE, MAX_DISTRACTORS, write_dataset
 from .teachers import TeacherSpec
 from .train import TrainConfig, train
 
@@ -61,6 +61,8 @@ class DemoSize:
     lr: float = 0.025
     warmup_epochs: int = 3
     eval_every: int = 5         # validation after every 5th epoch (and the last): the plot's points
+    distractors: int = MAX_DISTRACTORS  # per image at most (the objects flavour's)
+    distractor_scale: tuple[float, float] = DISTRACTOR_SCALE
 
 
 FULL = DemoSize()
@@ -163,10 +165,11 @@ def make_data(workdir: str, z: DemoSize, seed: int, threads: int) -> tuple[str, 
     shares the validation images; both drawn from ``seed``."""
     data, teacher_data = os.path.join(workdir, "data"), os.path.join(workdir, "teacher-data")
     if not os.path.isdir(os.path.join(teacher_data, "val")):
-        write_dataset(data, flavour="objects", classes=z.classes, per_class=z.per_class,
-                      val_per_class=z.val_per_class, size=z.image_size, seed=2 * seed, workers=threads)
-        write_dataset(teacher_data, flavour="objects", classes=z.classes, per_class=z.teacher_per_class,
-                      val_per_class=0, size=z.image_size, seed=2 * seed + 1, workers=threads)  # other images
+        objects = dict(flavour="objects", classes=z.classes, size=z.image_size, workers=threads,
+                       distractors=z.distractors, distractor_scale=z.distractor_scale)
+        write_dataset(data, per_class=z.per_class, val_per_class=z.val_per_class, seed=2 * seed, **objects)
+        write_dataset(teacher_data, per_class=z.teacher_per_class, val_per_class=0, seed=2 * seed + 1,
+                      **objects)  # other images
         os.symlink(os.path.join("..", "data", "val"), os.path.join(teacher_data, "val"))  # the same validation set
     return data, teacher_data
 

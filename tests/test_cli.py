@@ -72,6 +72,23 @@ def test_synth_objects_is_deterministic_and_names_its_classes(tmp_path, capsys):
                 assert (tmp_path / "a" / split / c / f).read_bytes() == (tmp_path / "b" / split / c / f).read_bytes()
 
 
+def test_synth_distractors_change_the_images_and_are_checked(tmp_path, capsys):
+    """--distractors 0 draws only the class object (other images than the default's up-to-5 distractors); a
+    distractor as large as a class object or a negative count is refused."""
+    from fkd_dali.synthetic import write_dataset
+    for out, extra in (("five", []), ("none", ["--distractors", "0"])):
+        assert main(["synth", "--out", str(tmp_path / out), "--classes", "4", "--per-class", "3",
+                     "--val-per-class", "0", "--size", "48", "--seed", "1", *extra]) == 0
+    files = [os.path.join(c, f) for c in sorted(os.listdir(tmp_path / "five" / "train"))
+             for f in sorted(os.listdir(tmp_path / "five" / "train" / c))]
+    differ = [f for f in files if (tmp_path / "five" / "train" / f).read_bytes()
+              != (tmp_path / "none" / "train" / f).read_bytes()]
+    assert len(files) == 12 and differ, "no image drew a distractor"
+    for bad in (dict(distractors=-1), dict(distractor_scale=(0.2, 0.35))):
+        with pytest.raises(ValueError, match="no larger than the class object"):
+            write_dataset(str(tmp_path / "bad"), flavour="objects", classes=2, per_class=1, **bad)
+
+
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     import labelstore
     from PIL import Image
