@@ -52,6 +52,8 @@ class DemoSize:
     teacher_epochs: int = 14
     teacher_batch: int = 32     # more steps for the same work: the teacher must be far better than the students
     teacher_warmup_epochs: int = 1
+    teacher_scale: tuple[float, float] = (0.4, 1.0)  # its crops' area: with up to 5 distractors, smaller crops
+    #                                                  often show only a distractor and slow the teacher down
     student_epochs: int = 30
     pool: int = 30              # stored crops per image: a fresh crop every epoch, as online KD has
     top_k: int = 5
@@ -219,7 +221,7 @@ def run(workdir: str, quick: bool = False, device: str | None = None, seed: int 
                 cos=True, overwrite=True, seed=seed, progress_style="run", eval_every=z.eval_every,
                 checkpoint_epochs=10)  # epochs of 1-3 s: a checkpoint per epoch cost ~10 % of a student's time
     t = time.perf_counter()
-    teacher = train(TrainConfig(data=teacher_data, labels="hard", epochs=z.teacher_epochs, scale=(0.25, 1.0),
+    teacher = train(TrainConfig(data=teacher_data, labels="hard", epochs=z.teacher_epochs, scale=z.teacher_scale,
                                 batch_size=z.teacher_batch, lr=z.teacher_lr, warmup_epochs=z.teacher_warmup_epochs,
                                 output=_fresh(os.path.join(workdir, "teacher")),
                                 progress_label="2/5 teacher", **base))
