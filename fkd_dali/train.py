@@ -554,7 +554,9 @@ class Trainer:
             self.resume(cfg.resume)
         t_run = time.perf_counter()
         log = self.open_log() if self.main and _mkdir(cfg.output) else None
-        tb = _tensorboard(cfg.output) if self.main else None
+        resumed_at = (self.segments[self.position[0]].start_epoch + 1  # the next record's epoch, at the earliest
+                      if cfg.resume and self.position[0] < len(self.segments) else None)
+        tb = _tensorboard(cfg.output, resumed_at) if self.main else None
         stopped = False
         self.stop = GracefulStop(self.dist.group)
         self.eta = (time.perf_counter(), self.global_step)
@@ -779,12 +781,14 @@ def _mkdir(path: str) -> bool:
     return True
 
 
-def _tensorboard(folder: str):
+def _tensorboard(folder: str, purge_step: int | None = None):
+    """The TensorBoard writer (None without tensorboard); ``purge_step``: events from this epoch on were written
+    after the checkpoint a resume continues (a crash after an unsaved segment) and are dropped."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - optional (needs tensorboard)
     except Exception:  # noqa: BLE001
         return None
-    return SummaryWriter(os.path.join(folder, "tb"))
+    return SummaryWriter(os.path.join(folder, "tb"), purge_step=purge_step)
 
 
 def train(cfg: TrainConfig) -> dict:
