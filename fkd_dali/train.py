@@ -228,7 +228,6 @@ class Trainer:
             if cfg.mixup_cutmix else None
         self.position = (0, 0)  # (segment, batch inside it)
         self.saved_at = (0, 0)  # the position of the last checkpoint written
-        self.history_resumed = False
         self.global_step = 0
         self.best_top1 = 0.0
         self.history: list[dict] = []
@@ -456,7 +455,6 @@ class Trainer:
         self.global_step = ckpt["global_step"]
         self.best_top1 = ckpt.get("best_acc1", 0.0)
         self.history = list(ckpt.get("history", []))
-        self.history_resumed = "history" in ckpt  # ours; FKD's checkpoints carry none
         rngs = ckpt.get("rng") or []
         if len(rngs) == self.dist.world_size:
             checkpoint.set_rng_state(rngs[self.dist.rank])
@@ -534,7 +532,7 @@ class Trainer:
         """``log.jsonl`` for appending. On a resume it first holds exactly the checkpoint's records: those a
         crash left after the checkpoint (``checkpoint_epochs`` > 1) are trained again and must not appear twice."""
         path = os.path.join(self.cfg.output, "log.jsonl")
-        if self.cfg.resume and self.history_resumed:
+        if self.cfg.resume:  # resume() accepts only our checkpoints, and every one of them carries its history
             with open(path + ".tmp", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
             os.replace(path + ".tmp", path)
