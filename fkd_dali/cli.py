@@ -153,9 +153,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of a parsed ``train`` command line (imports torch)."""
     from .models import is_transformer
-    from .train import recipe_config, train
+    from .train import recipe_config
     if args.multiprocessing_distributed or (args.world_size and args.world_size > 1):
         raise ValueError("launch multi-GPU training with torchrun: torchrun --nproc_per_node N train.py ... "
                          "(--multiprocessing-distributed/--world-size/--dist-url are FKD's mp.spawn flags)")
@@ -165,7 +166,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     mixing = _mixing(args)
     cos = True if args.cos or args.sched == "cosine" else False if args.sched == "step" else \
         (None if args.recipe != "fkd" else is_transformer(args.arch))  # FKD: cosine for ViTs, steps for CNNs
-    cfg = recipe_config(
+    return recipe_config(
         args.recipe, init_from=args.init_from, pretrained_weights=args.pretrained_weights,
         use_discriminator_loss=args.use_discriminator_loss, d_lr=args.d_lr,
         data=args.data, arch=args.arch, labels=args.labels, softlabel_path=args.softlabel_path,
@@ -184,7 +185,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, val_batch_size=args.val_batch_size,
         show_progress=not args.quiet, dist_timeout=args.dist_timeout, dist_backend=args.dist_backend,
         overwrite=args.overwrite, **_placement(args))
-    result = train(cfg)
+
+
+def prepare_train(args: argparse.Namespace):
+    """The TrainConfig and the dataset scan of a parsed ``train`` command line, the scan started first."""
+    from .dataset import DatasetError, start_train_scan
+    # The dataset scan (a child process on a large dataset) runs while torch, DALI and the model zoo import.
+    try:
+        scan = start_train_scan(args.data, args.labels, args.evaluate)
+    except DatasetError:
+        scan = None  # the Trainer names the problem, after the options were checked
+    try:
+        cfg = train_config(args)
+    except BaseException:
+        if scan is not None:
+            scan.cancel()
+        raise
+    return cfg, scan
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg, scan = prepare_train(args)
+    from .train import train
+    result = train(cfg, scan)
     if not args.evaluate and "best_top1" in result:
         if result.get("interrupted"):
             return exit_code(signal.Signals[result["interrupted"]])

@@ -189,6 +189,14 @@ def start_scan(root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTENS
     return Scan(root, tuple(extensions), child)
 
 
+def start_train_scan(data: str | os.PathLike, labels: str, evaluate: bool = False) -> Scan | None:
+    """The scan of ``DATA/train`` that ``train`` needs (None when it scans nothing: ``--evaluate``). The CLI
+    calls it before it imports torch, so that the scan runs beside those imports."""
+    if evaluate or labels not in ("fkd", "hard", "online"):
+        return None
+    return start_scan(split_dir(data, "train"))
+
+
 def _estimated_files(root: str) -> int:
     """Class folders x entries of the first one (0 when it cannot be listed: the scan names the problem)."""
     try:

@@ -24,8 +24,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import torch
-import torch.distributed as dist
 
 REPEAT_S = 1.0
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -69,6 +67,7 @@ class GracefulStop:
         self._previous: dict = {}
         self._group = None
         if distributed:
+            import torch.distributed as dist  # noqa: PLC0415 - the CLI imports this module before torch
             self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     def __enter__(self) -> "GracefulStop":
@@ -97,6 +96,8 @@ class GracefulStop:
         """True, on every rank, once any rank got a signal. In DDP every rank must call it at the same point."""
         if self._group is None:
             return self.signum is not None
+        import torch  # noqa: PLC0415
+        import torch.distributed as dist  # noqa: PLC0415
         flag = torch.tensor([self.signum or 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         if flag.item() and self.signum is None:

@@ -33,7 +33,7 @@ from pipelines import DecoderOptions, EvalLoader, FKDLoader, RoundReads, Standar
 
 from . import checkpoint, distributed, meal, student_init
 from .interrupt import GracefulStop
-from .dataset import Scan, scan_image_folder, split_dir, start_scan
+from .dataset import Scan, scan_image_folder, split_dir, start_train_scan
 from .evaluate import evaluate
 from .mixing import MixConfig, mix_images
 from .progress import format_eta, progress
@@ -149,13 +149,16 @@ def recipe_config(recipe: str = "fkd", **options) -> TrainConfig:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, scan: Scan | None = None):
         # The dataset scan (a stat per file) starts first, in a child process when the dataset is large: it runs
         # while this process imports the model zoo, joins the process group, opens the label store and reads
-        # the rows of the first pass (see _open_store).
+        # the rows of the first pass (see _open_store). The CLI starts it before it imports torch (``scan``).
         self.early_reads: RoundReads | None = None  # the first pass's rows, read while the dataset is scanned
-        scan = start_scan(split_dir(cfg.data, "train")) \
-            if not cfg.evaluate and cfg.labels in ("fkd", "hard", "online") else None
+        if scan is None:
+            scan = start_train_scan(cfg.data, cfg.labels, cfg.evaluate)
+        elif scan.root != split_dir(cfg.data, "train"):
+            scan.cancel()
+            raise ValueError(f"the scan given is of {scan.root}, not of {cfg.data}'s train split")
         try:
             self._setup(cfg, scan)
         except BaseException:
@@ -367,7 +370,8 @@ class Trainer:
                     reads, self.early_reads = self.early_reads, None
                 self.loaders[crops] = FKDLoader(cfg.data, self.store, batch_size=self._images_per_rank(crops),
                                                 num_crops=crops, allow_incomplete=cfg.allow_incomplete,
-                                                files=self.train_set.files, reads=reads, **common)
+                                                files=self.train_set.files, targets=self.train_set.targets,
+                                                reads=reads, **common)
             else:
                 ds = self.train_set
                 self.loaders[crops] = StandardLoader(ds.root, ds.files, ds.targets, scale=cfg.scale,
@@ -789,7 +793,12 @@ def _tensorboard(folder: str, purge_step: int | None = None):
     return SummaryWriter(os.path.join(folder, "tb"), purge_step=purge_step)
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, scan: Scan | None = None) -> dict:
+    """Train (or, with ``cfg.evaluate``, evaluate a checkpoint). ``scan``: the training split's scan, started
+    early by the caller (:func:`fkd_dali.dataset.start_train_scan`, before torch is imported); by default
+    the Trainer starts it."""
     if cfg.evaluate:
+        if scan is not None:
+            scan.cancel()
         return evaluate_checkpoint(cfg)
-    return Trainer(cfg).run()
+    return Trainer(cfg, scan).run()

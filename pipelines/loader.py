@@ -192,8 +192,8 @@ class FKDLoader(_DaliLoader):
 
     One loader epoch is one *pass* over the images (FKD counts it as ``num_crops`` epochs): ``set_epoch``
     takes the pass index 0, 1, 2, ..., which picks the round of stored crops (each once before any repeats).
-    ``files``: the dataset scan's paths, already checked against the store (saves reading the store's
-    ``files`` and a stat per file). ``reads``: a :class:`~pipelines.reader.RoundReads` of this store and
+    ``files`` and ``targets``: the dataset scan's paths and classes, already checked against the store (saves
+    reading the store's ``files`` and ``targets`` and a stat per file). ``reads``: a :class:`~pipelines.reader.RoundReads` of this store and
     these settings whose first pass's read started earlier (train.py starts it before the dataset scan).
     Crops of one image are adjacent. ``batch_size`` counts images; a batch
     holds ``batch_size * n`` crops.
@@ -211,12 +211,14 @@ class FKDLoader(_DaliLoader):
                  allow_incomplete: bool = False, verify_files: bool = True, num_threads: int | None = None,
                  device_id: int | None = None, prefetch_queue_depth: int = 2,
                  decoder: graphs.DecoderOptions | None = None,
-                 files: Sequence[str] | PathTable | None = None, reads: RoundReads | None = None):
+                 files: Sequence[str] | PathTable | None = None, targets: Sequence[int] | None = None,
+                 reads: RoundReads | None = None):
         if dtype not in ("float32", "float16", "bfloat16", "uint8"):
             raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype!r}")
         reader = FKDReader(data, store, num_crops=num_crops, batch_size=batch_size, seed=seed, rank=rank,
                            world_size=world_size, shuffle=shuffle, drop_last=drop_last,
-                           allow_incomplete=allow_incomplete, verify_files=verify_files, files=files, reads=reads)
+                           allow_incomplete=allow_incomplete, verify_files=verify_files, files=files, targets=targets,
+                           reads=reads)
         super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
                          prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.store = reader.store

@@ -34,6 +34,9 @@ ROUND_STREAM = 0x726F756E64  # separates the round schedule's random stream from
 # The batch of a pass whose request starts the read of the next pass's rows. The loaders' pipelines read two
 # batches ahead, so DALI asks for batch 2 once batch 0 was taken: the read does not slow the pass's first batch.
 READ_AHEAD_AT = 2
+# Until a pass's rows are read, a batch is served from a read of its own rows and those of the next batches,
+# this many in all (the pipelines ask for two or three batches at once when they start).
+BRIDGE_BATCHES = 4
 
 
 class ImagePaths:
@@ -341,6 +344,8 @@ class RoundReads:
         self.num_rounds = store.num_rounds(num_crops)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._reads: dict[int, concurrent.futures.Future] = {}  # pass -> this rank's rows of its round
+        self._urgent = 0  # reads a batch waits for, under way (the background read pauses for them)
+        self._urgent_cond = threading.Condition()
         threading.Thread(target=self._work, name="fkd-round", daemon=True).start()
         self._done = self._submit(lambda: store.require_complete(allow_incomplete))
 
@@ -372,12 +377,33 @@ class RoundReads:
             self._reads[pass_index] = self._submit(lambda: self._read_pass(pass_index))
         return self._reads[pass_index]
 
+    def read_rows(self, pass_index: int, rows: np.ndarray) -> Round:
+        """Only ``rows`` (sorted store rows) of pass ``pass_index``'s round, read now in the caller's thread
+        (what a batch is served from while the pass's read is under way; the shard listing is reused). The
+        background read gives way meanwhile: it pauses before its next block of shards until this is done (on
+        a busy object store its requests would otherwise queue ahead of the batch's)."""
+        with self._urgent_cond:
+            self._urgent += 1
+        try:
+            return self.store.read_round(self.round_of(pass_index), self.num_crops, rows=rows, done=self.done(),
+                                         listed=True)
+        finally:
+            with self._urgent_cond:
+                self._urgent -= 1
+                self._urgent_cond.notify_all()
+
+    def _give_way(self) -> None:
+        with self._urgent_cond:
+            while self._urgent:
+                self._urgent_cond.wait()
+
     def _read_pass(self, pass_index: int) -> Round:
         done = self._done.result()
         usable = None if done.all() else np.flatnonzero(done)
         num = len(done) if usable is None else len(usable)
         rows = unique_rows(pass_rows(num, self.seed, pass_index, self.rank, self.world_size, self.shuffle, usable))
-        return self.store.read_round(self.round_of(pass_index), self.num_crops, rows=rows, done=done)
+        return self.store.read_round(self.round_of(pass_index), self.num_crops, rows=rows, done=done,
+                                     pause=self._give_way)
 
     def keep(self, *passes: int) -> None:
         """Drop the reads of every other pass (a pending one is cancelled)."""
@@ -403,11 +429,15 @@ class FKDReader(ImageReader):
     round once per cycle, so no crop repeats before the pool is used up. Only the rows this rank serves in
     the pass are read from the store, in bulk (never per sample), and the next pass's rows are read in the
     background while this one trains (from its batch ``READ_AHEAD_AT`` on); a rank holds at most those two.
+    A batch never waits for a whole pass's read: until it is done (a run's first batches, whose pass is read
+    beside the dataset scan), the rows of the next ``BRIDGE_BATCHES`` batches are read on their own when
+    needed (per shard one chunk per array, no listing), and the background read gives way to that read.
     Only rows marked done are served.
 
     ``files``: the dataset's paths (a scan's :class:`PathTable`) already checked against the store (e.g. by
     ``LabelStore.check_dataset`` with the scan's fingerprint); without it the store's ``files`` are read
-    and, with ``verify_files``, every file's size is checked once against the fingerprint. ``reads``: a
+    and, with ``verify_files``, every file's size is checked once against the fingerprint. ``targets``: the
+    scan's classes, checked the same way (``check_dataset(targets=...)``); without them the store's are read. ``reads``: a
     :class:`RoundReads` of the same store and settings, started earlier (train.py starts the first pass's
     read before it scans the dataset); by default the reader starts its own.
     """
@@ -418,7 +448,8 @@ class FKDReader(ImageReader):
     def __init__(self, data: str, store: str | LabelStore, *, num_crops: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = False,
                  allow_incomplete: bool = False, verify_files: bool = True,
-                 files: Sequence[str] | PathTable | None = None, reads: RoundReads | None = None):
+                 files: Sequence[str] | PathTable | None = None, targets: Sequence[int] | None = None,
+                 reads: RoundReads | None = None):
         self.store = store if isinstance(store, LabelStore) else labelstore.open_store(store)
         s = self.store
         settings = (num_crops, seed, rank, world_size, shuffle, allow_incomplete)
@@ -438,17 +469,24 @@ class FKDReader(ImageReader):
                 check_files(root, s, files)
         elif len(files) != s.num_images:
             raise LoaderError(f"{len(files)} files given for {s.path}, which labels {s.num_images} images")
+        if targets is None:
+            targets = s.targets_compact()
+        elif len(targets) != s.num_images:
+            raise LoaderError(f"{len(targets)} targets given for {s.path}, which labels {s.num_images} images")
         self.num_crops = num_crops
         self.num_rounds = s.num_rounds(num_crops)
         idx_dtype = _dali_int(s.array("topk_idx").dtype)
         self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, idx_dtype, types.FLOAT16, types.INT64,
                        types.INT64, types.INT64)
-        super().__init__(root, files, s.targets_compact(), batch_size=batch_size,
+        super().__init__(root, files, targets, batch_size=batch_size,
                          rows=None if done.all() else np.flatnonzero(done), seed=seed, rank=rank,
                          world_size=world_size, shuffle=shuffle, drop_last=drop_last)
         self._wanted: int | None = None  # the pass being served
         self._loaded: int | None = None  # the pass whose rows ``round`` holds
         self.round: Round | None = None  # this rank's rows of the pass's round (rows sorted)
+        self.bridged = 0  # reads of a few batches' rows made while their pass's read was not done yet
+        self._bridge: tuple[int, Round] | None = None  # (pass, the rows of its latest bridge read)
+        self._upcoming: np.ndarray | None = None  # the rows of the batches after the one being made
 
     def round_of(self, pass_index: int) -> int:
         return self.reads.round_of(pass_index)
@@ -476,6 +514,8 @@ class FKDReader(ImageReader):
     def _rows(self, info: BatchInfo) -> np.ndarray:
         rows = super()._rows(info)
         plan = self.current
+        a = (info.iteration + 1) * plan.batch_size
+        self._upcoming = plan.rows[a:a + (BRIDGE_BATCHES - 1) * plan.batch_size]  # what a bridge read adds
         if info.iteration >= min(READ_AHEAD_AT, plan.num_batches - 1):
             self._read(plan.epoch + 1)  # the next pass's rows, read while this one trains
         return rows
@@ -488,18 +528,40 @@ class FKDReader(ImageReader):
             self._loaded = self._wanted
         return self.round
 
+    def _round_for(self, rows: np.ndarray) -> Round:
+        """What a batch of ``rows`` is served from: the pass's rows when their read is done; until then (a run's
+        first batches: the read started beside the dataset scan; a pass whose read ran late) the rows of this
+        and the next ``BRIDGE_BATCHES - 1`` batches, read now, so that no batch waits for the whole pass."""
+        if self._loaded == self._wanted:
+            return self.round
+        read = self._read(self._wanted)
+        if read.done():
+            self._bridge = None
+            return self.current_round()
+        self.round, self._loaded = None, None  # the previous pass's rows are not served again
+        if self._bridge is not None and self._bridge[0] == self._wanted:
+            held = self._bridge[1].rows  # None: every row (read_round's answer to all rows)
+            if held is None or (len(held) and np.array_equal(
+                    held[np.minimum(np.searchsorted(held, rows), len(held) - 1)], rows)):
+                return self._bridge[1]
+        self.bridged += 1
+        upcoming = np.concatenate([rows, self._upcoming]) if self._upcoming is not None else rows
+        self._bridge = (self._wanted, self.reads.read_rows(self._wanted, unique_rows(upcoming)))
+        return self._bridge[1]
+
     def held_bytes(self) -> dict[str, int]:
         """What this reader holds for boxes, labels and paths (the rows of the rounds read or being read)."""
         rounds = self.reads.rounds()
-        if self.round is not None and all(r is not self.round for r in rounds):
-            rounds.append(self.round)
+        for extra in (self.round, self._bridge[1] if self._bridge is not None else None):
+            if extra is not None and all(r is not extra for r in rounds):
+                rounds.append(extra)
         plan = self.current.rows.nbytes if self.current is not None else 0
         return {"paths": self.paths.files.nbytes, "targets": self.targets.nbytes,
                 "rounds": sum(r.nbytes + (r.rows.nbytes if r.rows is not None else 0) for r in rounds),
                 "plan": plan + (self.rows.nbytes if self.rows is not None else 0)}
 
     def batch(self, rows: np.ndarray) -> tuple:
-        rnd = self.current_round()
+        rnd = self._round_for(rows)
         pos = rows if rnd.rows is None else np.searchsorted(rnd.rows, rows)
         start, end = roi_from_boxes(rnd.boxes[pos], rnd.flips[pos])
         crop_ids = rnd.crop_start + np.arange(self.num_crops, dtype=np.int64)

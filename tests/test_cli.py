@@ -134,3 +134,19 @@ def test_bench_generate_smoke(tmp_path, capsys):
     # Same pixels, same teacher: the same top-1 (on a GPU, bf16 in batches of other sizes may flip near-ties).
     assert r["runs"]["loader-geometry"]["top1_agreement"] >= (1.0 if DEVICE == "cpu" else 0.99)
     assert 0 < r["runs"]["fkd-default"]["ratio_to_forward_only"]
+
+
+def test_the_train_command_starts_the_scan_before_torch_is_imported(tmp_path):
+    """The CLI imports torch only after it started the dataset scan (a child process on a large dataset), so
+    the two run side by side; a scan of another folder is refused by the Trainer."""
+    r = subprocess.run([sys.executable, "-c", "import sys, fkd_dali.cli; print(sorted(m for m in ('torch', "
+                        "'torchvision', 'nvidia.dali') if m in sys.modules))"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    from fkd_dali.dataset import start_train_scan
+    from fkd_dali.train import TrainConfig, Trainer
+    for split in ("a", "b"):
+        os.makedirs(tmp_path / split / "train" / "c0")
+    scan = start_train_scan(str(tmp_path / "a"), "hard")
+    assert start_train_scan(str(tmp_path / "a"), "hard", evaluate=True) is None
+    with pytest.raises(ValueError, match="not of .*b's train split"):
+        Trainer(TrainConfig(data=str(tmp_path / "b"), labels="hard", device="cpu"), scan)

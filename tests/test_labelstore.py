@@ -214,6 +214,32 @@ def test_missing_chunk_file_of_done_rows_is_an_error(tmp_path):
         open_store(path).read_rows([1])
 
 
+def test_a_read_that_reuses_the_listing_still_finds_a_lost_file_and_blocks_read_the_same(tmp_path):
+    """``listed=True`` (a batch's own read) trusts the last listing only for shards it found; a shard it did not
+    find is listed again and reported. A read in blocks (``pause``) returns what one bulk read returns."""
+    path = str(tmp_path / "s")
+    filled_store(path, n=12, c=8, rows_per_shard=4)
+    store = open_store(path)
+    whole = store.read_round(1, 4)  # lists every crop array once
+    rows = np.array([1, 6, 11])
+    part = store.read_round(1, 4, rows=rows, listed=True)
+    assert np.array_equal(part.topk_idx, whole.topk_idx[rows]) and np.array_equal(part.rows, rows)
+    os.remove(_shard_of(path, "boxes", 2))
+    store._seen_shards["boxes"].discard(2)  # as a listing made after the loss would have it
+    with pytest.raises(StoreCorruptError, match="no chunk file boxes/c/2/0/0"):
+        store.read_round(1, 4, rows=rows, listed=True)
+    paused = []
+    other = filled_store(str(tmp_path / "t"), n=100, c=8, rows_per_shard=2)[0]
+    import labelstore.store as S
+    blocks = -(-50 // S.READ_BLOCK_SHARDS)
+    for sel in (None, np.arange(3, 100, 7)):
+        bulk = other.read_round(0, 4, rows=sel)
+        got = other.read_round(0, 4, rows=sel, pause=lambda: paused.append(1))
+        for name in ("boxes", "flips", "topk_idx", "topk_val"):
+            assert np.array_equal(getattr(bulk, name), getattr(got, name)), name
+    assert len(paused) == 2 * blocks
+
+
 def test_an_all_false_flips_shard_is_data_not_a_lost_file(tmp_path):
     """zarr skips a chunk equal to the fill value by default; an all-False flips shard must still be written."""
     path = str(tmp_path / "s")

@@ -1,6 +1,8 @@
 """The DALI FKD loader on the CPU backend: pixel fidelity, alignment, sharding, rounds, bad files."""
 
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -171,7 +173,7 @@ def test_each_rank_reads_and_holds_only_the_rows_it_serves(coded, world):
         ld = loader(coded, rank=rank, world_size=world, seed=2)
         ld.set_epoch(1)
         batches = list(ld)
-        rnd = ld.reader.round
+        rnd = ld.reader.current_round()  # the pass's read (the first batches may have been served before it)
         rows = np.arange(30) if rnd.rows is None else rnd.rows  # None: every row (world 1)
         served = np.concatenate([b["indices"][::2].numpy() for b in batches])
         assert np.array_equal(rows, np.unique(served))  # this pass's rows of this rank, nothing else
@@ -210,6 +212,65 @@ def test_round_reads_started_before_the_loader_serve_the_same_rows(coded):
         FKDLoader(coded["data"], coded["store"], batch_size=4, num_crops=2, device=DEVICE,
                   reads=RoundReads(store, num_crops=2))
     other.close()
+
+
+def test_batches_do_not_wait_for_their_pass_read(coded):
+    """While a pass's read is under way (held here), its batches are served from reads of their own rows: the
+    same images, crops and labels as once the pass's read is done."""
+    store = labelstore.open_store(coded["store"])
+    release = threading.Event()
+    real = store.read_round
+
+    def held_pass_read(r, n, **kw):  # the pass's read (the one that gives way: pause=) waits for the test
+        if kw.get("pause") is not None:
+            release.wait(60)
+        return real(r, n, **kw)
+    store.read_round = held_pass_read
+    ld = FKDLoader(coded["data"], store, batch_size=4, num_crops=2, crop_size=24, device=DEVICE, num_threads=2,
+                   normalize=False, seed=3)
+    try:
+        ld.set_epoch(1)
+        early = list(ld)
+        assert not ld.reader._reads[1].done() and ld.reader.bridged == 2  # 8 batches, 4 per read of their own
+    finally:
+        release.set()
+    ld.reader._reads[1].result(timeout=60)
+    ld.set_epoch(1)
+    late = list(ld)
+    assert ld.reader.round is ld.reader._reads[1].result() and ld.reader.bridged == 2
+    assert len(early) == len(late) == 8
+    for a, b in zip(early, late):
+        check_batch(coded, a, 2)
+        for key in ("images", "topk_idx", "topk_val", "targets", "indices", "crop_ids"):
+            assert torch.equal(a[key].cpu(), b[key].cpu()), key
+    ld.close()
+
+
+def test_the_pass_read_gives_way_to_a_batch_read(coded):
+    """The background read of a pass pauses (before its next block of shards) while a batch's own read is under
+    way: on a busy object store its requests would otherwise queue ahead of the batch's."""
+    store = labelstore.open_store(coded["store"])
+    reads = RoundReads(store, num_crops=2)
+    reads.done()
+    entered, release = threading.Event(), threading.Event()
+    real = store.read_round
+
+    def held_batch_read(r, n, **kw):
+        if kw.get("listed"):  # the batch's own read: under way until the test releases it
+            entered.set()
+            release.wait(60)
+        return real(r, n, **kw)
+    store.read_round = held_batch_read
+    batch = threading.Thread(target=reads.read_rows, args=(0, np.array([1, 9, 17])))
+    batch.start()
+    assert entered.wait(30)
+    whole = reads.read(0)
+    time.sleep(1.0)
+    assert not whole.done()  # a 30-row read takes milliseconds: it is waiting for the batch's read
+    release.set()
+    batch.join(30)
+    assert whole.result(timeout=60).topk_idx.shape == (30, 2, 3)
+    reads.close()
 
 
 def test_start_batch_resumes_inside_an_epoch(coded):

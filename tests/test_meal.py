@@ -112,7 +112,7 @@ def test_each_side_gets_its_gradient_and_its_own_step(world, tmp_path):
 # ---------------------------------------------------------------------------------------------- the recipe
 def _parsed(argv, monkeypatch):
     seen = {}
-    monkeypatch.setattr("fkd_dali.train.train", lambda c: seen.setdefault("cfg", c.resolved()) and {})
+    monkeypatch.setattr("fkd_dali.train.train", lambda c, scan=None: seen.setdefault("cfg", c.resolved()) and {})
     assert main(["train"] + argv.split()) == 0
     return seen["cfg"]
 

@@ -144,7 +144,7 @@ def test_a_finished_store_and_an_empty_one_say_so(setup, tmp_path, capsys):  # n
 
 def test_a_command_stopped_at_once_says_how_to_resume(monkeypatch, capsys):
     """What the CLI prints when a second signal (train) or the first (generate) stops a command at once."""
-    def stopped(cfg):
+    def stopped(cfg, scan=None):
         raise Interrupted(signal.SIGINT)
 
     monkeypatch.setattr("fkd_dali.train.train", stopped)

@@ -117,7 +117,7 @@ def test_mixing_is_seeded_and_keeps_labels_normalised():
 ])
 def test_fkd_readme_commands_parse_to_fkd_recipes(argv, expect, monkeypatch):
     seen = {}
-    monkeypatch.setattr("fkd_dali.train.train", lambda c: seen.setdefault("cfg", c.resolved()) and {})
+    monkeypatch.setattr("fkd_dali.train.train", lambda c, scan=None: seen.setdefault("cfg", c.resolved()) and {})
     assert main(["train"] + argv.split()) == 0
     got = seen["cfg"]
     for k, v in expect.items():

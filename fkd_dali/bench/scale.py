@@ -135,13 +135,16 @@ def probe_scan(a: dict) -> dict:
 
 
 def probe_train(a: dict) -> dict:
-    """train.py's own path (Trainer) at world 1, up to the first batch; then a later pass's first batch."""
-    from ..train import Trainer, TrainConfig, pass_index
+    """train.py's own path at world 1 (the CLI's: its parse, the scan started before torch is imported, the
+    config, the Trainer), up to the first batch; then a later pass's first batch."""
+    from ..cli import build_parser, prepare_train
+    argv = ["train", a["data"], "--softlabel-path", a["store"], "-a", "resnet18", "--num-crops", str(a["n"]),
+            "-b", str(a["batch"] * a["n"]), "--epochs", "300", "--input-size", str(a["size"]), "--device", "cpu",
+            "--output", a["out"], "--quiet"] + (["-j", str(a["threads"])] if a.get("threads") else [])
+    cfg, scan = prepare_train(build_parser().parse_args(argv))
+    from ..train import Trainer, pass_index
     t_import = time.time() - a["t0"]
-    cfg = TrainConfig(data=a["data"], softlabel_path=a["store"], arch="resnet18", num_crops=a["n"],
-                      batch_size=a["batch"] * a["n"], epochs=300, input_size=a["size"], device="cpu",
-                      output=a["out"], show_progress=False, workers=a.get("threads"))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, scan)
     t_trainer = time.time() - a["t0"]
     seg = trainer.segments[0]
     loader = trainer.loader(seg.crops)
