@@ -5,8 +5,21 @@ from .errors import (StoreCorruptError, StoreError, StoreFormatError, StoreIncom
 from .fingerprint import file_sizes, fingerprint_dir, fingerprint_of
 from .pathtable import PathTable
 from .schema import ATTR_KEY, CROP_ARRAYS, EXIF_POLICY, SCHEMA_VERSION, Layout, StoreMeta
-from .store import LabelStore, Location, Round, check_block, create_store, location, open_store, store_exists
-from .summary import format_summary, summarize
+
+# zarr is imported on first use of these (``labelstore.open_store``, ``from labelstore import LabelStore``): the
+# dataset scan's child process and the CLI's start (which starts the scan) need only the light part above.
+_LAZY = {name: "store" for name in ("LabelStore", "Location", "Round", "check_block", "create_store", "location",
+                                    "open_store", "store_exists")}
+_LAZY.update(format_summary="summary", summarize="summary")
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'labelstore' has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "ATTR_KEY", "CROP_ARRAYS", "EXIF_POLICY", "SCHEMA_VERSION", "LabelStore", "Layout", "Location", "PathTable",

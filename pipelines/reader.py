@@ -37,6 +37,7 @@ READ_AHEAD_AT = 2
 # Until a pass's rows are read, a batch is served from a read of its own rows and those of the next batches,
 # this many in all (the pipelines ask for two or three batches at once when they start).
 BRIDGE_BATCHES = 4
+BRIDGE_MAX_SHARDS = 0.25  # ... while their rows fall in at most this fraction of the store's shards
 
 
 class ImagePaths:
@@ -475,6 +476,7 @@ class FKDReader(ImageReader):
             raise LoaderError(f"{len(targets)} targets given for {s.path}, which labels {s.num_images} images")
         self.num_crops = num_crops
         self.num_rounds = s.num_rounds(num_crops)
+        self.num_shards = len(s.shard_ranges())
         idx_dtype = _dali_int(s.array("topk_idx").dtype)
         self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, idx_dtype, types.FLOAT16, types.INT64,
                        types.INT64, types.INT64)
@@ -531,19 +533,27 @@ class FKDReader(ImageReader):
     def _round_for(self, rows: np.ndarray) -> Round:
         """What a batch of ``rows`` is served from: the pass's rows when their read is done; until then (a run's
         first batches: the read started beside the dataset scan; a pass whose read ran late) the rows of this
-        and the next ``BRIDGE_BATCHES - 1`` batches, read now, so that no batch waits for the whole pass."""
+        and the next ``BRIDGE_BATCHES - 1`` batches, read now, so that no batch waits for the whole pass. Such a
+        read decodes a chunk of every shard its rows fall in, so it is made only while those are at most
+        ``BRIDGE_MAX_SHARDS`` of the shards (big batches on a small store wait for the pass's read instead,
+        which does the same work once)."""
         if self._loaded == self._wanted:
             return self.round
-        read = self._read(self._wanted)
-        if read.done():
-            self._bridge = None
-            return self.current_round()
-        self.round, self._loaded = None, None  # the previous pass's rows are not served again
-        if self._bridge is not None and self._bridge[0] == self._wanted:
-            held = self._bridge[1].rows  # None: every row (read_round's answer to all rows)
-            if held is None or (len(held) and np.array_equal(
-                    held[np.minimum(np.searchsorted(held, rows), len(held) - 1)], rows)):
-                return self._bridge[1]
+        if not self._read(self._wanted).done():
+            if self._bridge is not None and self._bridge[0] == self._wanted:
+                held = self._bridge[1].rows  # None: every row (read_round's answer to all rows)
+                if held is None or (len(held) and np.array_equal(
+                        held[np.minimum(np.searchsorted(held, rows), len(held) - 1)], rows)):
+                    return self._bridge[1]
+            for want in (np.concatenate([rows, self._upcoming]) if self._upcoming is not None else rows, rows):
+                want = unique_rows(want)
+                if len(unique_rows(want // self.store.layout.rows_per_shard)) <= BRIDGE_MAX_SHARDS * self.num_shards:
+                    self.round, self._loaded = None, None  # the previous pass's rows are not served again
+                    self.bridged += 1
+                    self._bridge = (self._wanted, self.reads.read_rows(self._wanted, want))
+                    return self._bridge[1]
+        self._bridge = None
+        return self.current_round()
         self.bridged += 1
         upcoming = np.concatenate([rows, self._upcoming]) if self._upcoming is not None else rows
         self._bridge = (self._wanted, self.reads.read_rows(self._wanted, unique_rows(upcoming)))

@@ -44,7 +44,8 @@ def code_of(row: int, crop: int) -> list[int]:
     return [row % 10, (row // 10) % 10, crop % 10]
 
 
-def make_store(data: str, path: str, pool: int, seed: int = 0, boxes=None, flips=None, k: int = 3):
+def make_store(data: str, path: str, pool: int, seed: int = 0, boxes=None, flips=None, k: int = 3,
+               rows_per_shard: int = 8):
     ds = scan_image_folder(os.path.join(data, "train"))
     sizes = np.array([Image.open(ds.path(i)).size[::-1] for i in range(len(ds))])
     if boxes is None:
@@ -53,7 +54,7 @@ def make_store(data: str, path: str, pool: int, seed: int = 0, boxes=None, flips
     val = np.full(idx.shape, 0.25, np.float16)
     store = labelstore.create_store(path, files=ds.files, targets=ds.targets, classes=ds.classes,
                                     fingerprint=ds.fingerprint, dataset_root="train", num_crops=pool, num_classes=NUM_CLASSES,
-                                    top_k=k, rows_per_shard=8, overwrite=True)
+                                    top_k=k, rows_per_shard=rows_per_shard, overwrite=True)
     for a, b in store.shard_ranges():
         store.write_block(a, sizes=sizes[a:b], boxes=boxes[a:b], flips=flips[a:b], topk_idx=idx[a:b],
                           topk_val=val[a:b])
@@ -214,10 +215,14 @@ def test_round_reads_started_before_the_loader_serve_the_same_rows(coded):
     other.close()
 
 
-def test_batches_do_not_wait_for_their_pass_read(coded):
-    """While a pass's read is under way (held here), its batches are served from reads of their own rows: the
-    same images, crops and labels as once the pass's read is done."""
-    store = labelstore.open_store(coded["store"])
+@pytest.mark.parametrize("rows_per_shard, batch, bridged", [(1, 4, 7), (1, 1, 8), (8, 4, 0)])
+def test_batches_do_not_wait_for_their_pass_read(coded, tmp_path, rows_per_shard, batch, bridged):
+    """While a pass's read is under way (held here), its batches are served from reads of their own rows (and
+    the next batches', while they fall in at most a quarter of the shards; else they wait): the same images,
+    crops and labels as once the pass's read is done."""
+    path = str(tmp_path / "store")
+    make_store(coded["data"], path, pool=6, rows_per_shard=rows_per_shard)
+    store = labelstore.open_store(path)
     release = threading.Event()
     real = store.read_round
 
@@ -226,19 +231,24 @@ def test_batches_do_not_wait_for_their_pass_read(coded):
             release.wait(60)
         return real(r, n, **kw)
     store.read_round = held_pass_read
-    ld = FKDLoader(coded["data"], store, batch_size=4, num_crops=2, crop_size=24, device=DEVICE, num_threads=2,
-                   normalize=False, seed=3)
+    ld = FKDLoader(coded["data"], store, batch_size=batch, num_crops=2, crop_size=24, device=DEVICE,
+                   num_threads=2, normalize=False, seed=3)
+    if not bridged:  # every batch waits for the pass's read
+        threading.Timer(1.0, release.set).start()
     try:
         ld.set_epoch(1)
         early = list(ld)
-        assert not ld.reader._reads[1].done() and ld.reader.bridged == 2  # 8 batches, 4 per read of their own
+        # 30 shards: 4 batches of 4 rows fall in more than 7 (a quarter), so each batch is read alone (the last,
+        # short one with the one before), and batches of 1 four at a time; 4 shards: a batch of 4 rows falls in
+        # more than 1, so it waits
+        assert ld.reader._reads[1].done() != bool(bridged) and ld.reader.bridged == bridged
     finally:
         release.set()
     ld.reader._reads[1].result(timeout=60)
     ld.set_epoch(1)
     late = list(ld)
-    assert ld.reader.round is ld.reader._reads[1].result() and ld.reader.bridged == 2
-    assert len(early) == len(late) == 8
+    assert ld.reader.round is ld.reader._reads[1].result() and ld.reader.bridged == bridged
+    assert len(early) == len(late) == 30 // batch + (30 % batch > 0)
     for a, b in zip(early, late):
         check_batch(coded, a, 2)
         for key in ("images", "topk_idx", "topk_val", "targets", "indices", "crop_ids"):

@@ -139,7 +139,7 @@ def probe_train(a: dict) -> dict:
     config, the Trainer), up to the first batch; then a later pass's first batch."""
     from ..cli import build_parser, prepare_train
     argv = ["train", a["data"], "--softlabel-path", a["store"], "-a", "resnet18", "--num-crops", str(a["n"]),
-            "-b", str(a["batch"] * a["n"]), "--epochs", "300", "--input-size", str(a["size"]), "--device", "cpu",
+            "-b", str(a["batch"]), "--epochs", "300", "--input-size", str(a["size"]), "--device", "cpu",
             "--output", a["out"], "--quiet"] + (["-j", str(a["threads"])] if a.get("threads") else [])
     cfg, scan = prepare_train(build_parser().parse_args(argv))
     from ..train import Trainer, pass_index
