@@ -154,11 +154,15 @@ class Trainer:
         # while this process imports the model zoo, joins the process group, opens the label store and reads
         # the rows of the first pass (see _open_store). The CLI starts it before it imports torch (``scan``).
         self.early_reads: RoundReads | None = None  # the first pass's rows, read while the dataset is scanned
-        if scan is None:
-            scan = start_train_scan(cfg.data, cfg.labels, cfg.evaluate)
-        elif scan.root != split_dir(cfg.data, "train"):
-            scan.cancel()
-            raise ValueError(f"the scan given is of {scan.root}, not of {cfg.data}'s train split")
+        try:
+            if scan is None:
+                scan = start_train_scan(cfg.data, cfg.labels, cfg.evaluate)
+            elif scan.root != split_dir(cfg.data, "train"):
+                raise ValueError(f"the scan given is of {scan.root}, not of {cfg.data}'s train split")
+        except BaseException:
+            if scan is not None:
+                scan.cancel()
+            raise
         try:
             self._setup(cfg, scan)
         except BaseException:

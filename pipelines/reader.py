@@ -345,7 +345,7 @@ class RoundReads:
         self.num_rounds = store.num_rounds(num_crops)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._reads: dict[int, concurrent.futures.Future] = {}  # pass -> this rank's rows of its round
-        self._urgent = 0  # reads a batch waits for, under way (the background read pauses for them)
+        self._urgent_started = self._urgent_finished = 0  # reads a batch waits for (the pass read pauses for them)
         self._urgent_cond = threading.Condition()
         threading.Thread(target=self._work, name="fkd-round", daemon=True).start()
         self._done = self._submit(lambda: store.require_complete(allow_incomplete))
@@ -383,20 +383,28 @@ class RoundReads:
         (what a batch is served from while the pass's read is under way; the shard listing is reused). The
         background read gives way meanwhile: it pauses before its next block of shards until this is done (on
         a busy object store its requests would otherwise queue ahead of the batch's)."""
-        with self._urgent_cond:
-            self._urgent += 1
+        started = False
         try:
+            with self._urgent_cond:
+                self._urgent_started += 1
+                started = True
             return self.store.read_round(self.round_of(pass_index), self.num_crops, rows=rows, done=self.done(),
                                          listed=True)
         finally:
-            with self._urgent_cond:
-                self._urgent -= 1
-                self._urgent_cond.notify_all()
+            if started:
+                with self._urgent_cond:
+                    self._urgent_finished += 1
+                    self._urgent_cond.notify_all()
 
-    def _give_way(self) -> None:
+    def _give_way(self, pass_index: int) -> None:
+        """Before each block of the pass read: wait for the batch reads under way now (not for ones started
+        later, so the pass read gets at least a block between two of them); stop if the pass was dropped."""
         with self._urgent_cond:
-            while self._urgent:
+            under_way = self._urgent_started
+            while self._urgent_finished < under_way:
                 self._urgent_cond.wait()
+        if pass_index not in self._reads:  # keep() dropped it (the loader moved on): its rows are not needed
+            raise concurrent.futures.CancelledError(f"pass {pass_index}'s read was dropped")
 
     def _read_pass(self, pass_index: int) -> Round:
         done = self._done.result()
@@ -404,7 +412,7 @@ class RoundReads:
         num = len(done) if usable is None else len(usable)
         rows = unique_rows(pass_rows(num, self.seed, pass_index, self.rank, self.world_size, self.shuffle, usable))
         return self.store.read_round(self.round_of(pass_index), self.num_crops, rows=rows, done=done,
-                                     pause=self._give_way)
+                                     pause=lambda: self._give_way(pass_index))
 
     def keep(self, *passes: int) -> None:
         """Drop the reads of every other pass (a pending one is cancelled)."""
@@ -545,7 +553,8 @@ class FKDReader(ImageReader):
                 if held is None or (len(held) and np.array_equal(
                         held[np.minimum(np.searchsorted(held, rows), len(held) - 1)], rows)):
                     return self._bridge[1]
-            for want in (np.concatenate([rows, self._upcoming]) if self._upcoming is not None else rows, rows):
+            ahead = self._upcoming is not None and len(self._upcoming) > 0
+            for want in (np.concatenate([rows, self._upcoming]), rows) if ahead else (rows,):
                 want = unique_rows(want)
                 if len(unique_rows(want // self.store.layout.rows_per_shard)) <= BRIDGE_MAX_SHARDS * self.num_shards:
                     self.round, self._loaded = None, None  # the previous pass's rows are not served again
@@ -554,10 +563,6 @@ class FKDReader(ImageReader):
                     return self._bridge[1]
         self._bridge = None
         return self.current_round()
-        self.bridged += 1
-        upcoming = np.concatenate([rows, self._upcoming]) if self._upcoming is not None else rows
-        self._bridge = (self._wanted, self.reads.read_rows(self._wanted, unique_rows(upcoming)))
-        return self._bridge[1]
 
     def held_bytes(self) -> dict[str, int]:
         """What this reader holds for boxes, labels and paths (the rows of the rounds read or being read)."""

@@ -1,5 +1,6 @@
 """The DALI FKD loader on the CPU backend: pixel fidelity, alignment, sharding, rounds, bad files."""
 
+import concurrent.futures
 import os
 import threading
 import time
@@ -280,6 +281,36 @@ def test_the_pass_read_gives_way_to_a_batch_read(coded):
     release.set()
     batch.join(30)
     assert whole.result(timeout=60).topk_idx.shape == (30, 2, 3)
+    reads.close()
+
+
+def test_a_dropped_pass_read_stops_at_its_next_block(tmp_path):
+    """A pass read whose pass the loader dropped (keep) stops before its next block instead of reading on and
+    delaying the next pass's read."""
+    from tests.test_labelstore import filled_store
+    store = filled_store(str(tmp_path / "s"), n=100, c=8, rows_per_shard=1)[0]  # 100 shards: 4 blocks of 32
+    reads = RoundReads(store, num_crops=2)
+    reads.done()
+    entered, release = threading.Event(), threading.Event()
+    real = store.read_round
+
+    def held_batch_read(r, n, **kw):
+        if kw.get("listed"):
+            entered.set()
+            release.wait(60)
+        return real(r, n, **kw)
+    store.read_round = held_batch_read
+    batch = threading.Thread(target=reads.read_rows, args=(0, np.array([5])))
+    batch.start()
+    assert entered.wait(30)
+    dropped = reads.read(0)  # starts, then waits before its first block for the batch read
+    time.sleep(0.5)
+    reads.keep(1)  # the loader moved on to pass 1
+    release.set()
+    batch.join(30)
+    with pytest.raises(concurrent.futures.CancelledError):
+        dropped.result(timeout=60)
+    assert reads.read(1).result(timeout=60).topk_idx.shape == (100, 2, 3)
     reads.close()
 
 
