@@ -710,7 +710,7 @@ class LabelStore:
         blocks = [(0, count)] if pause is None else self._row_blocks(sel)
         got: dict[str, np.ndarray] = {}
         for a, b in blocks:
-            part = sel[a:b] if rows is not None else slice(a, b) if pause is not None else sel
+            part = slice(a, b) if rows is None else sel[a:b]
             wanted = {name: (part, cs) for name in CROP_ARRAYS}
             if check:
                 wanted["sizes"] = (part, slice(None))

@@ -257,24 +257,31 @@ def test_batches_do_not_wait_for_their_pass_read(coded, tmp_path, rows_per_shard
     ld.close()
 
 
-def test_the_pass_read_gives_way_to_a_batch_read(coded):
-    """The background read of a pass pauses (before its next block of shards) while a batch's own read is under
-    way: on a busy object store its requests would otherwise queue ahead of the batch's."""
-    store = labelstore.open_store(coded["store"])
-    reads = RoundReads(store, num_crops=2)
+def hold_batch_read(reads: RoundReads, rows: np.ndarray) -> tuple[threading.Thread, threading.Event]:
+    """A batch's own read of ``rows`` of pass 0 (``RoundReads.read_rows``), started in a thread and kept under way
+    until the returned event is set."""
     reads.done()
     entered, release = threading.Event(), threading.Event()
-    real = store.read_round
+    real = reads.store.read_round
 
     def held_batch_read(r, n, **kw):
         if kw.get("listed"):  # the batch's own read: under way until the test releases it
             entered.set()
             release.wait(60)
         return real(r, n, **kw)
-    store.read_round = held_batch_read
-    batch = threading.Thread(target=reads.read_rows, args=(0, np.array([1, 9, 17])))
+    reads.store.read_round = held_batch_read
+    batch = threading.Thread(target=reads.read_rows, args=(0, rows))
     batch.start()
     assert entered.wait(30)
+    return batch, release
+
+
+def test_the_pass_read_gives_way_to_a_batch_read(coded):
+    """The background read of a pass pauses (before its next block of shards) while a batch's own read is under
+    way: on a busy object store its requests would otherwise queue ahead of the batch's."""
+    store = labelstore.open_store(coded["store"])
+    reads = RoundReads(store, num_crops=2)
+    batch, release = hold_batch_read(reads, np.array([1, 9, 17]))
     whole = reads.read(0)
     time.sleep(1.0)
     assert not whole.done()  # a 30-row read takes milliseconds: it is waiting for the batch's read
@@ -290,19 +297,7 @@ def test_a_dropped_pass_read_stops_at_its_next_block(tmp_path):
     from tests.test_labelstore import filled_store
     store = filled_store(str(tmp_path / "s"), n=100, c=8, rows_per_shard=1)[0]  # 100 shards: 4 blocks of 32
     reads = RoundReads(store, num_crops=2)
-    reads.done()
-    entered, release = threading.Event(), threading.Event()
-    real = store.read_round
-
-    def held_batch_read(r, n, **kw):
-        if kw.get("listed"):
-            entered.set()
-            release.wait(60)
-        return real(r, n, **kw)
-    store.read_round = held_batch_read
-    batch = threading.Thread(target=reads.read_rows, args=(0, np.array([5])))
-    batch.start()
-    assert entered.wait(30)
+    batch, release = hold_batch_read(reads, np.array([5]))
     dropped = reads.read(0)  # starts, then waits before its first block for the batch read
     time.sleep(0.5)
     reads.keep(1)  # the loader moved on to pass 1
