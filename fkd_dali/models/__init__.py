@@ -1,5 +1,5 @@
 """Students by name (``create_model``), as timm does it: any torchvision classification model, the DeiT
-configurations of torchvision's VisionTransformer, and SReT."""
+configurations of torchvision's VisionTransformer, SReT, and two tiny models for tests and smoke runs."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from .sret import CONFIGS as SRET_CONFIGS
 from .sret import SReT, sret
+from .tiny import TINY
 
 # DeiT (Touvron et al. 2021) sizes: patch 16, 12 layers; tiny 3 heads x 64, small 6 heads x 64.
 DEIT = {"deit_tiny": dict(num_heads=3, hidden_dim=192, mlp_dim=768),
         "deit_small": dict(num_heads=6, hidden_dim=384, mlp_dim=1536),
         "deit_base": dict(num_heads=12, hidden_dim=768, mlp_dim=3072)}
-TRANSFORMERS = set(DEIT) | set(SRET_CONFIGS) | {n for n in torchvision.models.list_models(module=torchvision.models)
+TRANSFORMERS = set(DEIT) | set(SRET_CONFIGS) | {"tiny_vit"} | {n for n in torchvision.models.list_models(module=torchvision.models)
                                                 if n.startswith(("vit_", "swin_", "maxvit"))}
 
 
@@ -28,12 +29,14 @@ def is_transformer(name: str) -> bool:
 
 
 def available() -> list[str]:
-    return sorted(set(torchvision.models.list_models(module=torchvision.models)) | set(DEIT) | set(SRET_CONFIGS))
+    return sorted(set(torchvision.models.list_models(module=torchvision.models)) | set(DEIT) | set(SRET_CONFIGS) | set(TINY))
 
 
 def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: float | None = None) -> torch.nn.Module:
     if name in SRET_CONFIGS:
         return sret(name, num_classes=num_classes, image_size=image_size, drop_path=drop_path)
+    if name in TINY:
+        return TINY[name](num_classes, image_size)
     if name in DEIT:
         return VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_classes=num_classes,
                                  **DEIT[name])
@@ -41,7 +44,7 @@ def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: 
         kw = {"image_size": image_size} if name.startswith("vit_") else {}
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
     raise ModelError(f"unknown architecture '{name}'; choose a torchvision classification model (e.g. resnet50), "
-                     f"deit_tiny, deit_small, SReT_T, SReT_LT or SReT_S")
+                     f"deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S, or tiny_cnn / tiny_vit for tests")
 
 
 __all__ = ["DEIT", "ModelError", "SReT", "available", "create_model", "is_transformer"]
