@@ -189,10 +189,10 @@ def start_scan(root: str | os.PathLike, extensions: tuple[str, ...] = IMG_EXTENS
     return Scan(root, tuple(extensions), child)
 
 
-def start_train_scan(data: str | os.PathLike, labels: str, evaluate: bool = False) -> Scan | None:
+def start_train_scan(data: str | os.PathLike, evaluate: bool = False) -> Scan | None:
     """The scan of ``DATA/train`` that ``train`` needs (None when it scans nothing: ``--evaluate``). The CLI
     calls it before it imports torch, so that the scan runs beside those imports."""
-    if evaluate or labels not in ("fkd", "hard", "online"):
+    if evaluate:
         return None
     return start_scan(split_dir(data, "train"))
 

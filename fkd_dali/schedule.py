@@ -47,6 +47,12 @@ def fkd_segments(epochs: int, num_crops: int, warmup_epochs: int = 0) -> list[Se
     return [Segment(i, s, c) for i, (s, c) in enumerate(plan)]
 
 
+def pass_index(segments: list[Segment], seg: Segment) -> int:
+    """The loader's pass number of a segment: its count among the earlier segments with as many crops (a
+    loader's pass p picks round p of the crop pool's seeded order, so rounds never repeat early)."""
+    return sum(1 for s in segments[:seg.index] if s.crops == seg.crops)
+
+
 def plain_segments(epochs: int) -> list[Segment]:
     """One single-crop segment per epoch (the hard-label and online-KD baselines)."""
     return [Segment(e, e, 1) for e in range(epochs)]

@@ -20,7 +20,6 @@ import fcntl
 import os
 import shutil
 import threading
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 

@@ -26,8 +26,9 @@ def main(data: str, store: str, out: str, *extra: str) -> None:
     cfg = recipe_config("meal-v2", init_from=meal_init, **common) if meal_init else \
         TrainConfig(lr=0.05, cos=True, **common)
     trainer = Trainer(cfg)
-    if trainer.disc is not None:
-        disc_start = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
+    disc = getattr(trainer.objective, "disc", None)  # Fast MEAL V2's discriminator
+    if disc is not None:
+        disc_start = {k: v.clone() for k, v in disc.state_dict().items()}
     seen = []
     step = trainer.step
 
@@ -48,8 +49,8 @@ def main(data: str, store: str, out: str, *extra: str) -> None:
     # Parameters are what DDP keeps identical; BatchNorm's running statistics (buffers) are each rank's own
     # until DDP broadcasts rank 0's at the next forward, and checkpoints hold rank 0's.
     torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
-    if trainer.disc is not None:  # DDP made every rank's start rank 0's; the steps keep them equal
-        torch.save({"start": disc_start, "end": trainer.disc.state_dict()}, os.path.join(out, f"rank{rank}.disc.pt"))
+    if disc is not None:  # DDP made every rank's start rank 0's; the steps keep them equal
+        torch.save({"start": disc_start, "end": disc.state_dict()}, os.path.join(out, f"rank{rank}.disc.pt"))
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def test_the_train_command_starts_the_scan_before_torch_is_imported(tmp_path):
     from fkd_dali.train import TrainConfig, Trainer
     for split in ("a", "b"):
         os.makedirs(tmp_path / split / "train" / "c0")
-    scan = start_train_scan(str(tmp_path / "a"), "hard")
-    assert start_train_scan(str(tmp_path / "a"), "hard", evaluate=True) is None
+    scan = start_train_scan(str(tmp_path / "a"))
+    assert start_train_scan(str(tmp_path / "a"), evaluate=True) is None
     with pytest.raises(ValueError, match="not of .*b's train split"):
         Trainer(TrainConfig(data=str(tmp_path / "b"), labels="hard", device="cpu"), scan)

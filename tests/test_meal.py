@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fkd_dali import meal
 from fkd_dali.cli import main
@@ -84,13 +83,13 @@ def test_each_side_gets_its_gradient_and_its_own_step(world, tmp_path):
     with its own optimizer."""
     trainer = Trainer(meal_cfg(world, tmp_path / "run", d_lr=0.003, amp=False))  # float32 as the reference
     assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}.isdisjoint(
-        id(p) for p in trainer.disc.parameters())
+        id(p) for p in trainer.objective.disc.parameters())
     loader = trainer.loader(2)
     loader.set_epoch(0)
     batch = {k: v.clone() for k, v in next(iter(loader)).items()}
-    student, disc = copy.deepcopy(trainer.model), copy.deepcopy(trainer.disc)
+    student, disc = copy.deepcopy(trainer.model), copy.deepcopy(trainer.objective.disc)
     lr = 0.01
-    soft = recover(batch["topk_idx"], batch["topk_val"], 10, trainer.label_type)
+    soft = recover(batch["topk_idx"], batch["topk_val"], 10, trainer.objective.label_type)
     out = student(batch["images"])
     kl = soft_cross_entropy(out, soft)
     d_loss = meal.discriminator_loss(disc, torch.softmax(out, 1), [soft])
@@ -104,9 +103,9 @@ def test_each_side_gets_its_gradient_and_its_own_step(world, tmp_path):
     trainer.step(batch, lr)
     for p0, g, p1 in zip(params, g_student, trainer.model.parameters()):  # SGD's first step: p - lr * g (wd 0)
         torch.testing.assert_close(p1.detach(), p0.detach() - lr * g, atol=2e-6, rtol=1e-4)
-    for p0, g, p1 in zip(dparams, g_disc, trainer.disc.parameters()):
+    for p0, g, p1 in zip(dparams, g_disc, trainer.objective.disc.parameters()):
         torch.testing.assert_close(p1.detach(), p0.detach() - 0.003 * g, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(trainer.d_loss.detach(), d_loss.detach())
+    torch.testing.assert_close(trainer.objective.d_loss.detach(), d_loss.detach())
 
 
 # ---------------------------------------------------------------------------------------------- the recipe

@@ -58,7 +58,9 @@ def _records(folder: str, name: str = "log.jsonl") -> list[dict]:
 
 def _assert_equal(a: dict, b: dict, what: str, parts=FINAL_PARTS) -> None:
     for part in parts:
-        assert (a[part] is None) == (b[part] is None), part
+        assert (a.get(part) is None) == (b.get(part) is None), part
+        if a.get(part) is None:
+            continue
         ta, tb = dict(_tensors(a[part])), dict(_tensors(b[part]))
         assert ta.keys() == tb.keys(), part
         for k in ta:
@@ -72,7 +74,9 @@ def test_an_old_checkpoint_resumes_exactly(name, tmp_path, one_thread):
     assert stopped["global_step"] == 4 and stopped["batch"] > 0  # inside a segment: its partial sums are carried
     resumed = train(run_config(FIXTURES, name, str(tmp_path / "resumed"), resume=old))
     b = checkpoint.load(str(tmp_path / "resumed" / "checkpoint.pth.tar"))
-    assert set(b) == set(stopped), "the checkpoint's keys changed"
+    # the same entries, but for those an objective never uses (the earlier code wrote "discriminator": None ...)
+    assert set(b) <= set(stopped) and {k for k, v in stopped.items() if v is not None} <= set(b), \
+        "the checkpoint's keys changed"
     _assert_equal(torch.load(os.path.join(FIXTURES, name, "resumed_final.pt"), weights_only=True), b,
                   "what the earlier code got by resuming this checkpoint")
     assert _records(str(tmp_path / "resumed")) == _records(os.path.join(FIXTURES, name), "resumed_log.jsonl")

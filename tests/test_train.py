@@ -13,7 +13,7 @@ import torch
 
 import labelstore
 from fkd_dali.checkpoint import CheckpointError
-from fkd_dali.cli import build_parser, main
+from fkd_dali.cli import main
 from fkd_dali.generate import GenerateConfig, generate
 from fkd_dali.mixing import MixConfig, mix
 from fkd_dali.models import ModelError, create_model
@@ -299,10 +299,10 @@ def test_the_first_pass_rows_are_read_while_the_dataset_is_scanned(setup, tmp_pa
     (both slowed down here), the loader serves them only after the store passed its check, and they are the
     store's rows of the pass's round."""
     import fkd_dali.dataset
-    import fkd_dali.train
+    import fkd_dali.trainer
     log: dict = {}
     timed(monkeypatch, fkd_dali.dataset, "scan_image_folder", log, delay=1.0)
-    timed(monkeypatch, fkd_dali.train, "scan_image_folder", log, delay=1.0)  # wherever train.py scans
+    timed(monkeypatch, fkd_dali.trainer, "scan_image_folder", log, delay=1.0)  # wherever the Trainer scans
     timed(monkeypatch, labelstore.LabelStore, "read_round", log, delay=0.5)
     timed(monkeypatch, labelstore.LabelStore, "check_dataset", log)
     trainer = Trainer(cfg(setup, tmp_path))
@@ -311,9 +311,9 @@ def test_the_first_pass_rows_are_read_while_the_dataset_is_scanned(setup, tmp_pa
     (read_start, read_end), = log["read_round"]
     assert read_start < scan_end and scan_start < read_end  # both started before either ended
     assert log["check_dataset"][0][0] > scan_end
-    reads = trainer.early_reads
+    reads = trainer.objective.early_reads
     loader = trainer.loader(2)
-    assert loader.reader.reads is reads and trainer.early_reads is None  # adopted, not read again
+    assert loader.reader.reads is reads and trainer.objective.early_reads is None  # adopted, not read again
     loader.set_epoch(0)
     batches = list(loader)
     assert len(log["read_round"]) == 2  # pass 0 (early) and pass 1 (in the background while pass 0 trains)

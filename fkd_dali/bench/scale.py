@@ -137,11 +137,11 @@ def probe_scan(a: dict) -> dict:
 def probe_train(a: dict) -> dict:
     """train.py's own path at world 1 (the CLI's: its parse, the scan started before torch is imported, the
     config, the Trainer), up to the first batch; then a later pass's first batch."""
-    from ..cli import build_parser, prepare_train
-    argv = ["train", a["data"], "--softlabel-path", a["store"], "-a", "resnet18", "--num-crops", str(a["n"]),
+    from ..options import prepare_train, train_parser
+    argv = [a["data"], "--softlabel-path", a["store"], "-a", "resnet18", "--num-crops", str(a["n"]),
             "-b", str(a["batch"]), "--epochs", "300", "--input-size", str(a["size"]), "--device", "cpu",
             "--output", a["out"], "--quiet"] + (["-j", str(a["threads"])] if a.get("threads") else [])
-    cfg, scan = prepare_train(build_parser().parse_args(argv))
+    cfg, scan = prepare_train(train_parser().parse_args(argv))
     from ..train import Trainer, pass_index
     t_import = time.time() - a["t0"]
     trainer = Trainer(cfg, scan)
@@ -250,7 +250,7 @@ def probe_verify(a: dict) -> dict:
     import labelstore
     store = labelstore.open_store(a["store"])
     t = time.perf_counter()
-    sample = store.verify(sample=a["sample"])
+    store.verify(sample=a["sample"])
     sample_s = time.perf_counter() - t
     t = time.perf_counter()
     full = store.verify()

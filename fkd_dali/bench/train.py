@@ -12,7 +12,6 @@ help accuracy.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -176,7 +175,7 @@ def format_table(r: dict) -> str:
              "| training fed by | crops/s | ratio |", "|---|---|---|",
              f"| one batch of random tensors on the device | {t['synthetic_crops_per_s']:,.0f} | 1.00 |",
              f"| FKDLoader (real JPEGs, stored crops and labels) | {t['loader_crops_per_s']:,.0f} | {t['ratio']:.2f} |",
-             "", f"| labels | s per epoch | crops/s |", "|---|---|---|",
+             "", "| labels | s per epoch | crops/s |", "|---|---|---|",
              f"| FKD (stored, {r['num_crops']} crops per decode) | {o['fkd']['seconds_per_epoch']:.1f} | "
              f"{o['fkd']['crops_per_s']:,.0f} |",
              f"| online KD, teacher {r['teacher_arch']} every step | {o['online']['seconds_per_epoch']:.1f} | "

@@ -1,0 +1,199 @@
+"""``fkd-dali bench WHAT``: its options and the dispatch to the measurement modules beside this one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from . import LOADERS
+from .machine import describe, one_line
+
+
+def add_parser(sub, func) -> None:
+    b = sub.add_parser("bench", help="measure the label store, the loader and the generator")
+    bs = b.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    s = bs.add_parser("store", help="store size vs FKD's files; read_round and append throughput")
+    s.add_argument("--size-images", type=int, default=1000)
+    s.add_argument("--size-crops", type=int, default=500)
+    s.add_argument("--images", type=int, default=100_000)
+    s.add_argument("--crops", type=int, default=64)
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--round-crops", type=int, default=4)
+    s.add_argument("--workdir", default=None, help="where temporary stores go (default: system temp)")
+    s.add_argument("--out", default="bench-results/store.json")
+    s.set_defaults(func=func)
+
+    lo = bs.add_parser("loader", help="FKD-DALI vs FKD's loader, standard DALI and decode-only")
+    lo.add_argument("--data", default=None, help="dataset root with train/ (default: synthesize photo-like JPEGs)")
+    lo.add_argument("--images", type=int, default=1024, help="images to synthesize when --data is not given")
+    lo.add_argument("--classes", type=int, default=16)
+    lo.add_argument("--pool", type=int, default=16, help="crops per image in the bench label store")
+    lo.add_argument("--num-crops", type=int, default=4)
+    lo.add_argument("-b", "--batch-size", type=int, default=64, help="images per batch, every contender")
+    lo.add_argument("--threads", type=int, default=None, help="DALI threads = DataLoader workers (default: all cores)")
+    lo.add_argument("--epochs", type=int, default=5, help="measured epochs per contender (after one warm-up)")
+    lo.add_argument("--device", choices=("cpu", "gpu"), default=None, help="default: gpu when there is one")
+    lo.add_argument("--only", default=",".join(LOADERS), help=f"comma-separated subset of {','.join(LOADERS)}")
+    lo.add_argument("--workdir", default="bench-data", help="where the synthetic data and stores are kept")
+    lo.add_argument("--out", default="bench-results/loader.json", help="JSON result; a PNG chart goes beside it")
+    lo.set_defaults(func=func)
+
+    ge = bs.add_parser("generate", help="generation crops/s vs the teacher alone; label fidelity")
+    ge.add_argument("--data", default=None, help="dataset root with train/ (default: synthesize photo-like JPEGs)")
+    ge.add_argument("--images", type=int, default=512)
+    ge.add_argument("--classes", type=int, default=16)
+    ge.add_argument("-a", "--arch", default=None, help="default: resnet50 on a GPU, resnet18 on the CPU")
+    ge.add_argument("--input-size", type=int, default=None, help="default: 224 on a GPU, 112 on the CPU")
+    ge.add_argument("--num-crops", type=int, default=8)
+    ge.add_argument("--num-seg", type=int, default=8, help="crops per decode")
+    ge.add_argument("-b", "--batch-size", type=int, default=8, help="groups per batch (teacher batch = b x num-seg)")
+    ge.add_argument("--train-epochs", type=int, default=4, help="epochs to train the benchmark teacher")
+    ge.add_argument("--threads", type=int, default=None)
+    ge.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    ge.add_argument("--workdir", default="bench-data")
+    ge.add_argument("--out", default="bench-results/generate.json")
+    ge.set_defaults(func=func)
+
+    tr = bs.add_parser("train", help="FKDLoader vs synthetic data in the training step; FKD vs online KD; accuracy")
+    tr.add_argument("--data", default=None, help="dataset root with train/ (default: synthesize photo-like JPEGs)")
+    tr.add_argument("--images", type=int, default=1024)
+    tr.add_argument("--classes", type=int, default=16)
+    tr.add_argument("-a", "--arch", default=None, help="student (default: resnet50 on a GPU, resnet18 on the CPU)")
+    tr.add_argument("--teacher-arch", default=None, help="online-KD teacher (default: resnet152 GPU, resnet50 CPU)")
+    tr.add_argument("--input-size", type=int, default=None, help="default: 224 on a GPU, 64 on the CPU")
+    tr.add_argument("-b", "--batch-size", type=int, default=None, help="crops per step (default: 256 GPU, 64 CPU)")
+    tr.add_argument("--num-crops", type=int, default=4)
+    tr.add_argument("--steps", type=int, default=30, help="timed steps per throughput measurement")
+    tr.add_argument("--accuracy", action="store_true", help="also train FKD / hard / online students and compare")
+    tr.add_argument("--accuracy-epochs", type=int, default=16)
+    tr.add_argument("--threads", type=int, default=None)
+    tr.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    tr.add_argument("--workdir", default="bench-data")
+    tr.add_argument("--out", default="bench-results/train.json")
+    tr.set_defaults(func=func)
+
+
+    me = bs.add_parser("meal", help="Fast MEAL V2 on the demo data: an ensemble store, a hard-label start, MEAL V2 "
+                       "with/without the discriminator vs plain FKD from that start, over seeds")
+    me.add_argument("--workdir", default="bench-data/meal", help="data, teachers, store and runs (reused when rerun)")
+    me.add_argument("--teachers", default="resnet18,resnet34", help="two (or more) teacher architectures")
+    me.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
+                    help="comma-separated seeds of the distillation runs")
+    me.add_argument("--epochs", type=int, default=4, help="epochs of each run from the start")
+    me.add_argument("--num-crops", type=int, default=1, help="crops per image per step in each run")
+    me.add_argument("--size", choices=("small", "large", "quick"), default="small",
+                    help="small: the demo's data at 48 px, 1,200 teacher images, shorter teacher and start training "
+                         "(default); large: 64 px, 3,000 teacher images (the demo's sizes before issue 14, strong "
+                         "teachers); quick: a smoke test, not evidence")
+    me.add_argument("--threads", type=int, default=None)
+    me.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    me.add_argument("--out", default="bench-results/meal.json")
+    me.set_defaults(func=func)
+
+    sc = bs.add_parser("scale", help="ImageNet scale: scan, first batch, pass switch, per-rank memory at world 1 "
+                       "and 8, baseline constructors, verify, a store on a local S3 server")
+    sc.add_argument("--images", type=int, default=1_281_167, help="training files (hard links to one JPEG)")
+    sc.add_argument("--crops", type=int, default=500, help="crops per image in the store")
+    sc.add_argument("--num-crops", type=int, default=4, help="crops per image per pass (a round)")
+    sc.add_argument("--input-size", type=int, default=224)
+    sc.add_argument("-b", "--batch-size", type=int, default=128, help="train.py's -b (crops per step), world 1")
+    sc.add_argument("--rank-batch", type=int, default=32, help="images per rank per batch at world 1 and 8")
+    sc.add_argument("--sample", type=int, default=100, help="shards for the verify --sample row")
+    sc.add_argument("--threads", type=int, default=None)
+    sc.add_argument("--no-s3", action="store_true", help="skip the object-storage row (needs moto[server], s3fs)")
+    sc.add_argument("--workdir", default=None, help="where the dataset and store are built (default: temp)")
+    sc.add_argument("--keep", action="store_true", help="keep the dataset and store for the next run")
+    sc.add_argument("--out", default="bench-results/scale.json")
+    sc.set_defaults(func=func)
+
+
+def _write(result: dict, out: str | None) -> None:
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"\nwrote {out}")
+
+
+def run(args: argparse.Namespace) -> int:
+    machine = describe()
+    print(f"Machine: {one_line(machine)}\n")
+    if args.bench == "store":
+        from .store import format_store, size_vs_fkd, throughput
+        size = size_vs_fkd(args.size_images, args.size_crops, args.top_k, args.workdir)
+        speed = throughput(args.images, args.crops, args.top_k, args.round_crops, workdir=args.workdir)
+        result = {"machine": machine, "size": size, "speed": speed}
+        print(format_store(result))
+        _write(result, args.out)
+    elif args.bench == "loader":
+        import torch
+
+        from .loader import benchmark, format_table, plot, prepare_data
+        device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
+        threads = args.threads or (os.cpu_count() or 1)
+        which = [w.strip() for w in args.only.split(",") if w.strip()]
+        bad = set(which) - set(LOADERS)
+        if bad:
+            raise ValueError(f"unknown loader(s) {', '.join(sorted(bad))}; choose from {', '.join(LOADERS)}")
+        p = prepare_data(args.workdir, args.data, args.images, args.classes, args.pool)
+        if p["synthetic"]:
+            s = p["synthetic"]
+            print(f"Data: {p['images']} synthetic photo-like JPEGs, mean {s['mean_bytes'] / 1e3:.0f} KB and "
+                  f"{s['mean_pixels'] / 1e3:.0f} kpx per image (quality {s['quality']}, 4:2:0)")
+        else:
+            print(f"Data: {p['images']} images from {p['data']}")
+        print(f"{args.num_crops} crops/image, {args.batch_size} images/batch, {threads} threads/workers, "
+              f"device {device}\n")
+        result = benchmark(p, device=device, batch_size=args.batch_size, num_crops=args.num_crops,
+                           threads=threads, epochs=args.epochs, which=which)
+        result["machine"] = machine
+        print()
+        print(format_table(result))
+        _write(result, args.out)
+        if args.out:
+            png = os.path.splitext(args.out)[0] + ".png"
+            plot(result, png)
+            print(f"wrote {png}")
+    elif args.bench == "generate":
+        import torch
+
+        from .generate import format_table as gen_table
+        from .generate import run as gen_run
+        device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
+        result = gen_run(args.workdir, args.data, args.images, args.classes, args.arch, args.input_size,
+                         args.num_crops, args.num_seg, args.batch_size, device, args.threads or (os.cpu_count() or 1),
+                         args.train_epochs)
+        result["machine"] = machine
+        print(gen_table(result))
+        _write(result, args.out)
+    elif args.bench == "train":
+        import torch
+
+        from .train import format_table as train_table
+        from .train import run as train_run
+        device = args.device or ("gpu" if torch.cuda.is_available() else "cpu")
+        if args.batch_size is None:
+            args.batch_size = 256 if device == "gpu" else 64
+        result = train_run(args, device, args.threads or (os.cpu_count() or 1))
+        result["machine"] = machine
+        print(train_table(result))
+        _write(result, args.out)
+    elif args.bench == "meal":
+        from .meal import format_table as meal_table
+        from .meal import run as meal_run
+        result = meal_run(args)
+        result["machine"] = machine
+        print()
+        print(meal_table(result))
+        _write(result, args.out)
+    elif args.bench == "scale":
+        from .scale import format_table as scale_table
+        from .scale import run as scale_run
+        result = scale_run(args)
+        result["machine"] = machine
+        print(scale_table(result))
+        _write(result, args.out)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise ValueError(args.bench)
+    return 0

@@ -1,0 +1,315 @@
+"""The command line's options, below the commands that use them: the argument definitions of ``train`` and
+``generate`` and their translation into a TrainConfig / GenerateConfig. ``fkd_dali.cli`` builds its parser
+from these, and so do the benchmarks that run ``train``'s own path (``bench scale``); nothing here imports
+torch before the dataset scan has started (:func:`prepare_train`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import objectives
+
+
+class Parser(argparse.ArgumentParser):
+    """No abbreviated options (``--num-crop`` is not silently ``--num-crops``), in every subcommand."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """A parser of ``train``'s options alone (``fkd-dali train``'s, without the command name)."""
+    p = Parser(prog="fkd-dali train")
+    add_train_args(p)
+    return p
+
+
+FKD_LABEL_TYPE_TOP_K = {"hard": 1, "smoothing": 1, "marginal_smoothing_k5": 5, "marginal_renorm": 5,
+                        "marginal_renorm_k5": 5, "marginal_smoothing_k10": 10}
+
+
+def pair(text: str, name: str) -> tuple[float, float]:
+    parts = [fraction(x) for x in text.split(",")]
+    if len(parts) != 2 or parts[0] > parts[1]:
+        raise ValueError(f"{name} takes two increasing values 'min,max', got {text!r}")
+    return parts[0], parts[1]
+
+
+def fraction(x: str) -> float:
+    """'3/4' or '0.75' -> 0.75."""
+    a, _, b = x.strip().partition("/")
+    return float(a) / float(b) if b else float(a)
+
+
+def generate_config(args: argparse.Namespace):
+    """The GenerateConfig of a parsed ``generate`` command line (imports torch)."""
+    from .generate import GenerateConfig
+    from .teachers import parse_teachers
+    top_k = args.top_k
+    if top_k is None:
+        top_k = FKD_LABEL_TYPE_TOP_K.get(args.label_type, 5) if args.label_type else 5
+    cfg = GenerateConfig(
+        data=args.data, save_path=args.save_path,
+        teachers=parse_teachers(args.arch, args.teacher_path, args.weights, args.input_size, args.interpolation,
+                                args.mean, args.std),
+        num_crops=args.num_crops, top_k=top_k, temperature=args.temperature,
+        scale=(args.min_scale_crops, args.max_scale_crops), ratio=pair(args.ratio, "--ratio"), seed=args.seed,
+        group_size=args.num_seg, batch_size=args.batch_size, device=args.device, num_classes=args.num_classes,
+        skip_corrupt=args.skip_corrupt, reference=args.reference, rows_per_shard=args.rows_per_shard,
+        crops_per_chunk=args.crops_per_chunk, threads=args.workers, amp=False if args.no_amp else None,
+        channels_last=False if args.no_channels_last else None, label_type=args.label_type, rank=args.rank,
+        world_size=args.world_size, show_progress=not args.quiet, evaluate=args.evaluate,
+        crop_dtype=args.crop_dtype, **placement(args))
+    return cfg
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of a parsed ``train`` command line (imports torch)."""
+    from .models import is_transformer
+    from .train_config import recipe_config
+    if args.multiprocessing_distributed or (args.world_size and args.world_size > 1):
+        raise ValueError("launch multi-GPU training with torchrun: torchrun --nproc_per_node N train.py ... "
+                         "(--multiprocessing-distributed/--world-size/--dist-url are FKD's mp.spawn flags)")
+    if args.pretrained:
+        raise ValueError("--pretrained takes a weights name here: --pretrained-weights NAME (torchvision's, e.g. "
+                         "IMAGENET1K_V1, from the local hub cache), or --init-from CHECKPOINT")
+    mix_fields = mixing(args)
+    cos = True if args.cos or args.sched == "cosine" else False if args.sched == "step" else \
+        (None if args.recipe != "fkd" else is_transformer(args.arch))  # FKD: cosine for ViTs, steps for CNNs
+    return recipe_config(
+        args.recipe, init_from=args.init_from, pretrained_weights=args.pretrained_weights,
+        use_discriminator_loss=args.use_discriminator_loss, d_lr=args.d_lr,
+        data=args.data, arch=args.arch, labels=args.labels, softlabel_path=args.softlabel_path,
+        soft_label_type=args.soft_label_type, temperature=args.temp, num_crops=args.num_crops,
+        batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size, opt=args.opt, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, cos=cos,
+        schedule=tuple(args.schedule) if args.schedule is not None else None, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, opt_eps=args.opt_eps, drop_path=args.drop_path,
+        clip_grad=args.clip_grad, **mix_fields, label_smoothing=args.label_smoothing,
+        scale=pair(args.scale, "--scale"), teacher_arch=args.teacher_arch, teacher_path=args.teacher_path,
+        teacher_weights=args.teacher_weights, teacher_input_size=args.teacher_input_size,
+        model_ema=args.model_ema, model_ema_decay=args.model_ema_decay, amp=args.amp,
+        channels_last=args.channels_last, device=args.device, output=args.output, resume=args.resume or None,
+        evaluate=args.evaluate, seed=args.seed if args.seed is not None else 0, workers=args.workers,
+        num_classes=args.num_classes, allow_incomplete=args.allow_incomplete,
+        checkpoint_every=args.checkpoint_every, checkpoint_epochs=args.checkpoint_epochs,
+        max_steps=args.max_steps, val_batch_size=args.val_batch_size,
+        show_progress=not args.quiet, dist_timeout=args.dist_timeout, dist_backend=args.dist_backend,
+        overwrite=args.overwrite, **placement(args))
+
+
+def prepare_train(args: argparse.Namespace):
+    """The TrainConfig and the dataset scan of a parsed ``train`` command line, the scan started first."""
+    from .dataset import DatasetError, start_train_scan
+    # The dataset scan (a child process on a large dataset) runs while torch, DALI and the model zoo import.
+    try:
+        scan = start_train_scan(args.data, args.evaluate)
+    except DatasetError:
+        scan = None  # the Trainer names the problem, after the options were checked
+    try:
+        cfg = train_config(args)
+    except BaseException:
+        if scan is not None:
+            scan.cancel()
+        raise
+    return cfg, scan
+
+
+def mixing(args: argparse.Namespace) -> dict:
+    """TrainConfig's mixing fields: FKD's --mixup-cutmix, or MEAL V2's --w-cutmix (CutMix alone)."""
+    if args.w_cutmix and args.mixup_cutmix:
+        raise ValueError("give either --mixup-cutmix (FKD's Mixup/CutMix) or --w-cutmix (MEAL V2's CutMix), not both")
+    if args.w_cutmix:
+        return dict(mixup_cutmix=True, mixup=0.0, cutmix=args.beta, mixup_cutmix_prob=args.cutmix_prob)
+    return dict(mixup_cutmix=args.mixup_cutmix, mixup=args.mixup, cutmix=args.cutmix,
+                mixup_cutmix_prob=args.mixup_cutmix_prob, mixup_switch_prob=args.mixup_switch_prob)
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """Where a rank runs: its GPU, its CPU cores, and how its GPU decoder uses the hardware."""
+    p.add_argument("--device-id", type=int, help="CUDA device of this process (default: its local rank, i.e. "
+                   "LOCAL_RANK under torchrun, --rank modulo the visible GPUs otherwise)")
+    p.add_argument("--cpu-affinity", choices=("auto", "none"), default="auto",
+                   help="auto (default): with several ranks on a node, pin each to its share of the cores near its "
+                        "GPU (DALI's threads too); none: leave scheduling to the OS or the launcher")
+    p.add_argument("--hw-decoder-load", type=float, default=0.65,
+                   help="share of JPEGs sent to the GPU's hardware decoder (A100/H100/H200; DALI's default 0.65)")
+    p.add_argument("--decoder-padding-mib", default="16,8", metavar="DEVICE,HOST",
+                   help="nvJPEG buffer padding per decoder thread in MiB, device and pinned host (DALI's 16,8); "
+                        "lower it when many pipelines or ranks share one GPU")
+
+
+def placement(args: argparse.Namespace) -> dict:
+    """GenerateConfig / TrainConfig fields of :func:`add_placement_args`."""
+    from pipelines import DecoderOptions
+    try:
+        dev, host = (int(x) for x in args.decoder_padding_mib.split(","))
+    except ValueError:
+        raise ValueError(f"--decoder-padding-mib takes two integers 'DEVICE,HOST' (MiB), got "
+                         f"{args.decoder_padding_mib!r}") from None
+    return {"device_id": args.device_id, "cpu_affinity": args.cpu_affinity,
+            "decoder": DecoderOptions(hw_decoder_load=args.hw_decoder_load, device_memory_padding=dev << 20,
+                                      host_memory_padding=host << 20)}
+
+
+def bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None,
+                   help=help)
+
+
+def add_train_args(t: argparse.ArgumentParser) -> None:
+    t.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
+    t.add_argument("-a", "--arch", "--model", dest="arch", default="resnet50",
+                   help="student: a torchvision model, deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S")
+    t.add_argument("--softlabel-path", "--softlabel_path", dest="softlabel_path", help="the label store")
+    choices = objectives.label_choices()
+    t.add_argument("--labels", choices=tuple(choices), default="fkd",
+                   help="how the student learns: " + "; ".join(f"{k}: {v}" for k, v in choices.items()))
+    t.add_argument("--soft-label-type", "--soft_label_type", dest="soft_label_type", default="marginal_smoothing_k5",
+                   help="hard, smoothing, marginal_smoothing_kK, marginal_renorm(_kK), full (FKD's names accepted)")
+    t.add_argument("--temp", type=float, default=1.0, help="temperature on the student's logits")
+    t.add_argument("--recipe", choices=("fkd", "meal-v2"), default="fkd",
+                   help="defaults of every option not given: fkd (FKD's, default) or meal-v2 (MEAL V2's FKD_train.py: "
+                        "8 crops, -b 512, 200 epochs, lr 0.01 x0.1 at 100 and 180, no weight decay, the "
+                        "discriminator on; needs --init-from or --pretrained-weights)")
+    t.add_argument("--init-from", "--student-state-file", dest="init_from", metavar="CHECKPOINT",
+                   help="start the student from these weights (ours, FKD's, MEAL V2's or a torchvision state_dict; "
+                        "same architecture and classes)")
+    t.add_argument("--pretrained-weights", dest="pretrained_weights", metavar="NAME",
+                   help="start the student from torchvision's weights NAME (e.g. IMAGENET1K_V1) in the local hub "
+                        "cache; their classes must be the run's")
+    t.add_argument("--use-discriminator-loss", dest="use_discriminator_loss", action="store_true", default=None,
+                   help="MEAL V2's discriminator on the student's softmax vs the stored soft labels (meal-v2: on)")
+    t.add_argument("--no-discriminator-loss", dest="use_discriminator_loss", action="store_false",
+                   help="turn the discriminator of --recipe meal-v2 off")
+    t.add_argument("--d-lr", "--d_lr", dest="d_lr", type=float, help="the discriminator's learning rate (1e-4)")
+    t.add_argument("--w-cutmix", dest="w_cutmix", action="store_true",
+                   help="MEAL V2's CutMix (one box per batch; its loss weighs both images' labels by area)")
+    t.add_argument("--beta", type=float, default=1.0, help="--w-cutmix: lam ~ Beta(beta, beta)")
+    t.add_argument("--cutmix-prob", dest="cutmix_prob", type=float, default=1.0, help="--w-cutmix: probability")
+    t.add_argument("--num-crops", "--num_crops", dest="num_crops", type=int,
+                   help="crops per image per step (one pass = this many epochs; fkd 4, meal-v2 8)")
+    t.add_argument("-b", "--batch-size", dest="batch_size", type=int,
+                   help="crops per optimizer step over all ranks (images per step = ceil(b / num_crops); fkd 1024, "
+                        "meal-v2 512)")
+    t.add_argument("--epochs", type=int, help="fkd 300, meal-v2 200")
+    t.add_argument("--input-size", "--image-size", dest="input_size", type=int, default=224)
+    t.add_argument("--opt", choices=("sgd", "adamw"), help="default: adamw for ViT/DeiT/SReT, sgd otherwise")
+    t.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="default: 0.1 (sgd) / 0.002 (adamw)")
+    t.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
+    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, help="default: 1e-4 (sgd) / 0.05 (adamw); meal-v2 0")
+    t.add_argument("--cos", action="store_true", help="cosine schedule (FKD's flag; the ViT recipe's default)")
+    t.add_argument("--sched", choices=("cosine", "step"), help="cosine, or step at --schedule milestones")
+    t.add_argument("--schedule", type=int, nargs="*",
+                   help="step milestones (x0.1) without --cos (fkd 120 240, meal-v2 100 180)")
+    t.add_argument("--warmup-epochs", dest="warmup_epochs", type=int, help="default: 5 for ViTs (single-crop), 0 else")
+    t.add_argument("--warmup-lr", dest="warmup_lr", type=float, default=1e-5)
+    t.add_argument("--min-lr", dest="min_lr", type=float)
+    t.add_argument("--opt-eps", dest="opt_eps", type=float, default=1e-8)
+    t.add_argument("--drop-path", dest="drop_path", type=float, help="stochastic depth (SReT's own default otherwise)")
+    t.add_argument("--clip-grad", dest="clip_grad", type=float)
+    t.add_argument("--mixup-cutmix", "--mixup_cutmix", dest="mixup_cutmix", action="store_true",
+                   help="Mixup/CutMix on images and soft labels")
+    t.add_argument("--mixup", type=float, default=0.8)
+    t.add_argument("--cutmix", type=float, default=1.0)
+    t.add_argument("--mixup-cutmix-prob", "--mixup_cutmix_prob", dest="mixup_cutmix_prob", type=float, default=1.0)
+    t.add_argument("--mixup-switch-prob", "--mixup_switch_prob", dest="mixup_switch_prob", type=float, default=0.5)
+    t.add_argument("--label-smoothing", dest="label_smoothing", type=float, default=0.0, help="--labels hard only")
+    t.add_argument("--scale", default="0.08,1", help="crop area range of --labels hard/online (FKD: stored crops)")
+    t.add_argument("--teacher-arch", dest="teacher_arch", help="--labels online: the teacher")
+    t.add_argument("--teacher-path", dest="teacher_path")
+    t.add_argument("--teacher-weights", dest="teacher_weights")
+    t.add_argument("--teacher-input-size", dest="teacher_input_size", type=int)
+    t.add_argument("--model-ema", dest="model_ema", action="store_true", help="keep an EMA of the weights")
+    t.add_argument("--model-ema-decay", dest="model_ema_decay", type=float, default=0.9998)
+    bool_flag(t, "amp", "bf16 autocast (default: on with a GPU)")
+    bool_flag(t, "channels-last", "channels-last memory format (default: on with a GPU)")
+    t.add_argument("--device", choices=("cpu", "gpu"))
+    t.add_argument("--output", "--save_checkpoint_path", "--save", dest="output",
+                   help="checkpoints and log.jsonl (default runs/ARCH-LABELS); a folder holding another run's "
+                        "checkpoint is refused unless --resume continues it or --overwrite replaces it")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoints and log of another run in --output (they are deleted)")
+    t.add_argument("--resume", default="", help="continue from this checkpoint (or evaluate it with -e)")
+    t.add_argument("-e", "--evaluate", action="store_true", help="evaluate --resume on DATA/val and exit")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("-j", "--workers", type=int, help="DALI threads per rank")
+    t.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int)
+    t.add_argument("--allow-incomplete", action="store_true", help="train on the done rows of an incomplete store")
+    t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    t.add_argument("--checkpoint-epochs", type=int, default=1,
+                   help="write the checkpoint at a segment end only once N epochs passed since the last one "
+                        "(default 1: every segment; the last segment, a stop signal and a new best model always "
+                        "save). For short epochs, where writing it costs a noticeable share of the time")
+    t.add_argument("--max-steps", type=int, help="stop after this many steps (with a checkpoint); at least 1")
+    t.add_argument("--val-batch-size", type=int, default=64)
+    t.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a DDP collective waits for a lost rank before the job fails (default 600)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_placement_args(t)
+    # Accepted for FKD compatibility.
+    t.add_argument("-p", "--print-freq", type=int, default=10, help=argparse.SUPPRESS)
+    t.add_argument("--start-epoch", type=int, default=0, help=argparse.SUPPRESS)
+    t.add_argument("--gpu", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--pretrained", action="store_true", help=argparse.SUPPRESS)
+    t.add_argument("--world-size", dest="world_size", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    t.add_argument("--dist-url", help=argparse.SUPPRESS)
+    t.add_argument("--dist-backend", choices=("nccl", "gloo"),
+                   help="DDP backend (default: nccl when every rank has its own GPU, gloo on the CPU or when ranks "
+                        "share a GPU)")
+    t.add_argument("--multiprocessing-distributed", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_generate_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
+    g.add_argument("--save-path", "--save_path", dest="save_path", help="the label store to write (or resume)")
+    g.add_argument("-a", "--arch", required=True,
+                   help="teacher(s), comma-separated: a torchvision model name, 'torchscript' or 'export' with "
+                        "--teacher-path, or a timm name when timm is installed")
+    g.add_argument("--weights", help="torchvision weights name (e.g. IMAGENET1K_V2, DEFAULT), from the local hub cache")
+    g.add_argument("--teacher-path", "--teacher_path", dest="teacher_path",
+                   help="checkpoint or serialized model per teacher (comma-separated)")
+    g.add_argument("--input-size", "--input_size", dest="input_size", default="224",
+                   help="teacher input size (one, or one per teacher)")
+    g.add_argument("--interpolation", default="bicubic", help="crop resampling per teacher: bicubic (FKD), bilinear")
+    g.add_argument("--mean", help="per-teacher normalisation mean, e.g. 0.5/0.5/0.5 (default ImageNet's)")
+    g.add_argument("--std", help="per-teacher normalisation std, e.g. 0.5/0.5/0.5 (default ImageNet's)")
+    g.add_argument("--num-crops", "--num_crops", dest="num_crops", type=int, default=500, help="crops per image (C)")
+    g.add_argument("--num-seg", "--num_seg", dest="num_seg", type=int, default=50,
+                   help="crops cut from one decode (a group); the teacher batch is -b x --num-seg crops")
+    g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=4, help="groups per pipeline batch")
+    g.add_argument("--top-k", dest="top_k", type=int, help="probabilities kept per crop (default 5; num_classes = full)")
+    g.add_argument("--label-type", "--label_type", dest="label_type",
+                   help="FKD's label type; sets --top-k (marginal_smoothing_k5: 5, k10: 10, hard/smoothing: 1) and "
+                        "is recorded as the intended training label type")
+    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=1.0,
+                   help="softmax temperature of the stored probabilities")
+    g.add_argument("--min-scale-crops", "--min_scale_crops", dest="min_scale_crops", type=float, default=0.08)
+    g.add_argument("--max-scale-crops", "--max_scale_crops", dest="max_scale_crops", type=float, default=0.936)
+    g.add_argument("--ratio", default="3/4,4/3", help="aspect-ratio range of the crops")
+    g.add_argument("--seed", type=int, default=0, help="crops of row r depend only on (seed, r)")
+    g.add_argument("--use-fp16", "--use_fp16", dest="use_fp16", action="store_true",
+                   help="accepted for FKD compatibility: probabilities are always stored as float16")
+    g.add_argument("--reference", "--reference-path", "--reference_path", dest="reference",
+                   help="reuse the boxes and flips of this store (a new store is written; see docs)")
+    g.add_argument("--device", choices=("cpu", "gpu"), help="default: the GPU when there is one")
+    g.add_argument("--num-classes", dest="num_classes", type=int,
+                   help="store the teacher's class count when it differs from the dataset's (deliberately)")
+    g.add_argument("--skip-corrupt", action="store_true",
+                   help="leave unreadable images out (recorded in the store, never trained on) instead of stopping")
+    g.add_argument("--rows-per-shard", type=int, help="images per shard file (default: about 2^20 crops per shard)")
+    g.add_argument("--crops-per-chunk", type=int, help="crops per inner chunk (default 4)")
+    g.add_argument("-j", "--workers", type=int, help="DALI CPU threads (default: the cores of this rank)")
+    g.add_argument("--rank", type=int, help="this process's rank, for launches without torchrun")
+    g.add_argument("--world-size", type=int, help="number of processes, for launches without torchrun")
+    g.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the teacher(s) on DATA/val")
+    g.add_argument("--crop-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the teacher's input crops out of DALI (float16 halves the bandwidth)")
+    g.add_argument("--no-amp", action="store_true", help="run the teachers in float32 on the GPU (default bf16)")
+    g.add_argument("--no-channels-last", action="store_true", help="keep NCHW on the GPU")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_placement_args(g)
+
+

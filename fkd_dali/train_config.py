@@ -1,0 +1,151 @@
+"""What a ``train`` run is asked to do: :class:`TrainConfig` (every option, FKD's defaults), the recipes
+(``--recipe``: another paper's defaults under the options given), the options a resume must agree on, and the
+checks of options that do not depend on how the student learns."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from pipelines import DecoderOptions
+
+from . import meal
+
+
+class TrainError(Exception):
+    """Training cannot start or go on; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str
+    arch: str = "resnet50"
+    labels: str = "fkd"  # how the student learns: an objective's name (fkd_dali.objectives: fkd | hard | online)
+    softlabel_path: str | None = None
+    soft_label_type: str = "marginal_smoothing_k5"
+    temperature: float = 1.0
+    num_crops: int = 4
+    batch_size: int = 1024  # crops per optimizer step, all ranks together (FKD's -b)
+    epochs: int = 300
+    input_size: int = 224
+    opt: str | None = None  # sgd | adamw; default by architecture family
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    cos: bool = True
+    schedule: tuple[int, ...] = (120, 240)
+    warmup_epochs: int | None = None
+    warmup_lr: float = 1e-5
+    min_lr: float | None = None
+    opt_eps: float = 1e-8
+    drop_path: float | None = None
+    clip_grad: float | None = None
+    mixup_cutmix: bool = False
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_cutmix_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+    scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range of --labels hard/online
+    teacher_arch: str | None = None
+    teacher_path: str | None = None
+    teacher_weights: str | None = None
+    teacher_input_size: int | None = None
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    amp: bool | None = None
+    channels_last: bool | None = None
+    device: str | None = None
+    output: str | None = None
+    resume: str | None = None
+    evaluate: bool = False
+    seed: int = 0
+    workers: int | None = None
+    num_classes: int | None = None
+    allow_incomplete: bool = False
+    checkpoint_every: int = 0  # also save every N steps inside a segment (0: at segment ends only)
+    checkpoint_epochs: int = 1  # at a segment end, save only once this many epochs passed since the last save
+    #                             (the last segment, a stop and a new best model always save)
+    max_steps: int | None = None  # stop (with a checkpoint) after this global step
+    val_batch_size: int = 64
+    show_progress: bool = True
+    progress_style: str = "epoch"  # epoch: a bar per segment and a line per epoch; run: one bar for the whole run
+    progress_label: str = ""  # the whole-run bar's description (progress_style "run")
+    eval_every: int = 1  # validate after every N-th segment (and always after the last)
+    dist_timeout: float = 600.0  # seconds a collective may wait for a lost rank before the job fails
+    device_id: int | None = None  # CUDA device of this process (default: its local rank)
+    cpu_affinity: str = "auto"  # auto: each rank of a node pinned to its share of the cores near its GPU
+    dist_backend: str | None = None  # nccl | gloo (default: nccl when every rank has a GPU of its own)
+    decoder: DecoderOptions = dataclasses.field(default_factory=DecoderOptions)  # mixed-decoder settings
+    overwrite: bool = False  # replace another run's checkpoints in --output (else refused unless --resume)
+    recipe: str = "fkd"  # fkd | meal-v2 (the defaults of recipe_config; recorded, and checked on --resume)
+    init_from: str | None = None  # the student's starting weights: a checkpoint file ...
+    pretrained_weights: str | None = None  # ... or torchvision's published weights, from the local hub cache
+    use_discriminator_loss: bool = False  # MEAL V2's discriminator on the student's softmax vs the soft labels
+    d_lr: float = 1e-4  # the discriminator's own (constant) learning rate
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the defaults that depend on the architecture family (FKD's CNN vs ViT recipes)."""
+        from .models import is_transformer  # noqa: PLC0415 - torchvision: imported once the dataset scan started
+        vit = is_transformer(self.arch)
+        opt = self.opt or ("adamw" if vit else "sgd")
+        recipe = RECIPES.get(self.recipe, {})
+        return dataclasses.replace(
+            self, opt=opt,
+            lr=self.lr if self.lr is not None else recipe.get("lr", 0.002 if opt == "adamw" else 0.1),
+            weight_decay=self.weight_decay if self.weight_decay is not None else
+            recipe.get("weight_decay", 0.05 if opt == "adamw" else 1e-4),
+            warmup_epochs=self.warmup_epochs if self.warmup_epochs is not None else (5 if vit else 0),
+            min_lr=self.min_lr if self.min_lr is not None else (1e-5 if opt == "adamw" else 0.0),
+            output=self.output or os.path.join("runs", f"{self.arch}-{self.labels}"))
+
+
+# Options that define the run's plan: a resume must agree on them (and on its objective's own plan_keys).
+PLAN_KEYS = ("arch", "labels", "num_crops", "batch_size", "epochs", "input_size", "opt", "lr", "weight_decay",
+             "cos", "warmup_epochs", "soft_label_type", "temperature", "mixup_cutmix", "seed", "label_smoothing",
+             "scale", "recipe", "use_discriminator_loss", "d_lr")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # of keys older checkpoints lack
+
+# Defaults by --recipe; options given explicitly win (recipe_config). fkd: TrainConfig's own (FKD's).
+RECIPES: dict[str, dict[str, Any]] = {"fkd": {}, "meal-v2": meal.RECIPE}
+
+
+def recipe_config(recipe: str = "fkd", **options) -> TrainConfig:
+    """A TrainConfig with ``recipe``'s defaults under ``options`` (an option left None takes the recipe's
+    default, then TrainConfig's)."""
+    if recipe not in RECIPES:
+        raise TrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    given = {k: v for k, v in options.items() if v is not None}
+    return TrainConfig(recipe=recipe, **{**RECIPES[recipe], **given})
+
+
+
+
+def check(cfg: TrainConfig) -> None:
+    """Refuse options that cannot make a run, whatever the objective (``cfg`` resolved)."""
+    if cfg.recipe not in RECIPES:
+        raise TrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+    if cfg.init_from and cfg.pretrained_weights:
+        raise TrainError("give either --init-from FILE or --pretrained-weights NAME, not both")
+    if cfg.recipe == "meal-v2" and cfg.labels != "fkd":
+        raise TrainError(MEAL_NEEDS_STORE)
+    if cfg.recipe == "meal-v2" and not (cfg.init_from or cfg.pretrained_weights or cfg.resume or cfg.evaluate):
+        raise TrainError("--recipe meal-v2 distils into a student that is already trained: pass --init-from "
+                         "CHECKPOINT (e.g. a hard-label run of this dataset) or --pretrained-weights NAME; to "
+                         "start from scratch, use the default recipe (with --use-discriminator-loss if wanted)")
+    if cfg.progress_style not in ("epoch", "run"):
+        raise TrainError(f"progress_style must be epoch or run, got {cfg.progress_style!r}")
+    if cfg.eval_every < 1:
+        raise TrainError(f"eval_every {cfg.eval_every}: validate at least after every segment (1) or less often "
+                         "(N > 1)")
+    if cfg.checkpoint_epochs < 1:
+        raise TrainError(f"--checkpoint-epochs {cfg.checkpoint_epochs}: give at least 1 (1 writes the "
+                         "checkpoint after every segment)")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise TrainError(f"--max-steps {cfg.max_steps}: give at least 1 step (or leave it out to train the "
+                         "whole plan)")
+
+
+MEAL_NEEDS_STORE = ("--recipe meal-v2 and --use-discriminator-loss train on stored soft labels: use them with "
+                    "--labels fkd and --softlabel-path STORE (an ensemble store: generate -a a,b)")
