@@ -8,8 +8,8 @@ from .schema import ATTR_KEY, CROP_ARRAYS, EXIF_POLICY, SCHEMA_VERSION, Layout, 
 
 # zarr is imported on first use of these (``labelstore.open_store``, ``from labelstore import LabelStore``): the
 # dataset scan's child process and the CLI's start (which starts the scan) need only the light part above.
-_LAZY = {name: "store" for name in ("LabelStore", "Location", "Round", "check_block", "create_store", "location",
-                                    "open_store", "store_exists")}
+_LAZY = {"LabelStore": "store", "open_store": "store", "create_store": "create", "Round": "reading",
+         "check_block": "checks", "Location": "location", "location": "location", "store_exists": "location"}
 _LAZY.update(format_summary="summary", summarize="summary")
 
 

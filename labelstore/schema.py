@@ -67,6 +67,12 @@ MIN_ROWS_PER_SHARD = 64
 MAX_ROWS_PER_SHARD = 8192
 DEFAULT_CROPS_PER_CHUNK = 4
 FILES_CHUNK = 1 << 16
+# Fill values are impossible values, so a chunk that is missing on disk reads as something the sanity
+# checks reject instead of as plausible labels (zarr returns the fill value for absent chunks).
+FILL = {"boxes": 0, "flips": False, "topk_idx": -1, "topk_val": float("nan"), "sizes": 0, "done": False}
+# Every chunk is written, also one equal to the fill value (an all-False ``flips`` shard is real data):
+# zarr skips such chunks by default, and a skipped chunk cannot be told from a lost file.
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 EXIF_POLICY = "ignore"
 """Orientation policy shared by generate, train and import: EXIF orientation tags are *not* applied.

@@ -230,7 +230,7 @@ def test_a_read_that_reuses_the_listing_still_finds_a_lost_file_and_blocks_read_
         store.read_round(1, 4, rows=rows, listed=True)
     paused = []
     other = filled_store(str(tmp_path / "t"), n=100, c=8, rows_per_shard=2)[0]
-    import labelstore.store as S
+    import labelstore.reading as S
     blocks = -(-50 // S.READ_BLOCK_SHARDS)
     for sel in (None, np.arange(3, 100, 7)):
         bulk = other.read_round(0, 4, rows=sel)

@@ -1,0 +1,53 @@
+"""Checks of label values, vectorised over blocks of rows: a row is refused (naming its file) when a box
+leaves its image, a class id is out of range or a probability is not one. Used wherever labels are written or
+read (:mod:`labelstore.writing`, :mod:`labelstore.reading`, :mod:`labelstore.verify`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .errors import StoreCorruptError
+
+
+def check_block(data: dict[str, np.ndarray], num_classes: int, *, first_row: int, where: str,
+                files: Sequence[str] | Callable[[int], str] | None = None, rows_mask: np.ndarray | None = None,
+                row_ids: np.ndarray | None = None) -> None:
+    """Reject impossible labels: boxes outside their image, class ids out of range, bad probabilities.
+
+    Vectorised over the whole block in the stored dtypes (int32 for box arithmetic, no int64 copies);
+    ``rows_mask`` limits the check to rows that are done. Block row i is store row ``row_ids[i]`` (default
+    ``first_row + i``); ``files`` (a sequence or a function of the row) names it in the error.
+    """
+    sizes = np.asarray(data["sizes"])
+    boxes = np.asarray(data["boxes"])
+    idx = np.asarray(data["topk_idx"])
+    val = np.asarray(data["topk_val"])
+    sel = np.arange(len(sizes)) if rows_mask is None else np.flatnonzero(rows_mask)
+    if sel.size == 0:
+        return
+    if rows_mask is not None and sel.size < len(sizes):
+        sizes, boxes, idx, val = sizes[sel], boxes[sel], idx[sel], val[sel]
+
+    def fail(mask: np.ndarray, what: str) -> None:
+        r = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+        if r.size:
+            i = int(sel[r[0]])
+            row = int(row_ids[i]) if row_ids is not None else i + first_row
+            name = ""
+            if files is not None:
+                name = f" ({files(row) if callable(files) else files[row]})"
+            raise StoreCorruptError(f"{where}: row {row}{name}: {what} ({int(r.size)} rows affected). The "
+                                    "labels are invalid; regenerate or re-import them")
+
+    wide = np.int64 if boxes.dtype.itemsize > 2 or sizes.dtype.itemsize > 4 else np.int32
+    sizes = sizes.astype(wide, copy=False)
+    fail((sizes < 1).any(axis=1), "image size is missing or < 1 px (a chunk may be missing on disk)")
+    t, l, h, w = (boxes[..., i].astype(wide, copy=False) for i in range(4))
+    fail((h < 1) | (w < 1), "a crop box has zero height or width (a chunk may be missing on disk)")
+    fail((t < 0) | (l < 0) | (t + h > sizes[:, None, 0]) | (l + w > sizes[:, None, 1]),
+         "a crop box reaches outside its image")
+    fail((idx < 0) | (idx >= num_classes), f"a class id is outside 0..{num_classes - 1}")
+    vf = val if val.dtype in (np.float16, np.float32) else val.astype(np.float32)
+    fail(~np.isfinite(vf) | (vf < 0) | (vf > 1.001), "a probability is not a finite value in [0, 1]")

@@ -1,0 +1,146 @@
+"""Writing a label store (:class:`StoreWriting`, a part of :class:`labelstore.LabelStore`): blocks of whole
+shards, data arrays first and ``done`` last, each chunk file replaced atomically by zarr's LocalStore (an
+object store PUTs whole objects), so a crash never leaves a row marked done with missing data; every chunk is
+written, also one equal to the fill value, so a missing shard file always means a lost one. Also the
+metadata a writer updates (``complete``, ``skipped``, teachers) under a lock shared by the ranks of a host."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .checks import check_block
+from .errors import StoreWriteError
+from .schema import ATTR_KEY, CROP_ARRAYS, WRITE_CONFIG, StoreMeta
+
+
+class StoreWriting:
+    """The writing methods of :class:`labelstore.LabelStore` (which holds ``group``, ``meta``, ``layout``,
+    ``mode``, ``path``, ``store``, ``local_dir``)."""
+
+    @contextlib.contextmanager
+    def _attrs_lock(self):
+        """Serialise read-modify-write of the group attributes between processes (ranks) on one host (a
+        local store; an object store has no locks: there ranks only add rows to ``skipped``)."""
+        if self.local_dir is None:
+            yield
+            return
+        fd = os.open(self.local_dir, os.O_RDONLY)  # the store directory itself: no extra file in the hierarchy
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _set_attr(self, _merge=None, **updates: Any) -> None:
+        with self._attrs_lock():
+            fresh = zarr.open_group(self.store, mode="r+").attrs.asdict()[ATTR_KEY]
+            attrs = dict(fresh)
+            attrs.update(updates)
+            if _merge is not None:
+                _merge(attrs)
+            self.group.attrs.update({ATTR_KEY: attrs})
+        self.meta = StoreMeta.from_attrs(attrs, self.path)
+
+    def update_meta(self, **updates: Any) -> None:
+        """Replace top-level metadata keys (e.g. ``teachers``, ``source``). Writers only."""
+        self._require_writable()
+        self._set_attr(**updates)
+
+    def mark_skipped(self, rows_and_reasons: list[tuple[int, str]]) -> None:
+        """Record rows left out on purpose, with the reason (e.g. the file and its decode error)."""
+        self._require_writable()
+        new = [[int(r), str(why)] for r, why in rows_and_reasons]
+
+        def merge(attrs):
+            have = {int(r) for r, _ in attrs.get("skipped", [])}
+            attrs["skipped"] = list(attrs.get("skipped", [])) + [x for x in new if x[0] not in have]
+        self._set_attr(_merge=merge)
+
+    def _require_writable(self) -> None:
+        if self.mode == "r":
+            raise StoreWriteError(f"{self.path} was opened read-only; open it with mode='r+' to write")
+
+    def write_block(self, start: int, *, sizes: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
+                    topk_idx: np.ndarray, topk_val: np.ndarray, rows_done: np.ndarray | None = None,
+                    overwrite: bool = False) -> None:
+        """Write whole rows ``[start, start + len(sizes))``; the block must cover whole shards.
+
+        Data arrays are written first and ``done`` last. ``rows_done`` (bool per row, default all) says
+        which rows hold real labels; the others stay not done (e.g. skipped corrupt images). Rows
+        already done are refused unless ``overwrite`` (nothing is silently replaced).
+        """
+        self._require_writable()
+        m = self.meta
+        count = len(sizes)
+        stop = start + count
+        R = self.layout.rows_per_shard
+        if start % R or (stop % R and stop != m.num_images) or count == 0 or stop > m.num_images:
+            raise StoreWriteError(f"{self.path}: block [{start}, {stop}) is not made of whole shards of "
+                                  f"{R} rows (N={m.num_images}); writers must own whole shards")
+        expect = {"sizes": (count, 2), "boxes": (count, m.num_crops, 4), "flips": (count, m.num_crops),
+                  "topk_idx": (count, m.num_crops, m.top_k), "topk_val": (count, m.num_crops, m.top_k)}
+        data = {"sizes": np.asarray(sizes), "boxes": np.asarray(boxes), "flips": np.asarray(flips),
+                "topk_idx": np.asarray(topk_idx), "topk_val": np.asarray(topk_val)}
+        for name, shape in expect.items():
+            if data[name].shape != shape:
+                raise StoreWriteError(f"{self.path}: '{name}' block has shape {data[name].shape}, "
+                                      f"expected {shape}")
+        if not overwrite:
+            already = np.flatnonzero(self._read("done", slice(start, stop)))
+            if already.size:
+                raise StoreWriteError(f"{self.path}: rows {start + already[0]}.. are already done; pass "
+                                      "overwrite=True to replace written labels")
+        mask = np.ones(count, bool) if rows_done is None else np.asarray(rows_done, dtype=bool)
+        if mask.shape != (count,):
+            raise StoreWriteError(f"{self.path}: rows_done has shape {mask.shape}, expected ({count},)")
+        check_block(data, m.num_classes, first_row=start, files=self.file_name, where=self.path, rows_mask=mask)
+        for name in ("sizes",) + CROP_ARRAYS:
+            arr = self.group[name].with_config(WRITE_CONFIG)
+            try:
+                arr[start:stop] = data[name].astype(arr.dtype, copy=False)
+            except OSError as e:
+                raise StoreWriteError(f"{self.path}: writing '{name}' rows [{start}, {stop}) failed: {e}. "
+                                      "Nothing of these rows is marked done; free space and rerun the "
+                                      "same command to resume") from e
+        try:
+            self.group["done"].with_config(WRITE_CONFIG)[start:stop] = mask
+        except OSError as e:
+            raise StoreWriteError(f"{self.path}: writing the done flags of rows [{start}, {stop}) failed: "
+                                  f"{e}. Free space and rerun the same command to resume") from e
+
+    def clear_done(self, rows: np.ndarray | slice) -> None:
+        """Mark rows as not done (their labels will be regenerated on resume)."""
+        self._require_writable()
+        done = self.done()
+        done[rows] = False
+        self.group["done"][:] = done
+        self._set_attr(complete=False)
+
+    def finalize(self) -> bool:
+        """Set ``complete`` once every row is done or skipped; returns whether it is. Never clears the flag
+        (so ranks finishing at different times cannot undo each other); ``clear_done`` does."""
+        self._require_writable()
+        complete = bool(self.settled().all())
+        if complete and not self.meta.complete:
+            self._set_attr(complete=True)
+        return complete
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary chunk files left by a writer killed mid-write (zarr writes ``*.partial`` and
+        renames); returns how many."""
+        count = 0
+        if self.local_dir is None:  # object stores PUT whole objects: nothing partial is left
+            return 0
+        for d, _, fs in os.walk(self.local_dir):
+            for f in fs:
+                if f.endswith(".partial"):
+                    os.remove(os.path.join(d, f))
+                    count += 1
+        return count
