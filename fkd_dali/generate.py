@@ -34,8 +34,8 @@ from labelstore import LabelStore, create_store, open_store
 from labelstore.locking import Lock, LockedError, create_atomically, store_writer_lock
 from pipelines import DecoderOptions, graphs, handoff
 from pipelines.errors import probe_image, read_headers
+from pipelines.generation_reader import GenerationReader
 from pipelines.loader import EvalLoader, default_threads
-from pipelines.reader import GenerationReader
 
 from . import distributed
 from .crops import sample_crops

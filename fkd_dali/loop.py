@@ -1,7 +1,7 @@
 """The training loop, as plain functions in the spirit of torchvision's reference script: a step
-(:func:`train_step`), a segment (:func:`train_segment`), a run (:func:`train_run`). Each takes ``run``, a :class:`~fkd_dali.trainer.Trainer` (the run's state, which calls
-them: this module does not import it), and asks the run's objective for targets and losses; no way of learning
-is named here.
+(:func:`train_step`), a segment (:func:`train_segment`), a run (:func:`train_run`). Each takes ``run``, a
+:class:`~fkd_dali.trainer.Trainer` (the run's state, which calls them: this module does not import it), and asks
+the run's objective for targets and losses; no way of learning is named here.
 
 A segment is ``n`` epochs trained as one pass over the images with ``n`` crops each (FKD's plan) or one
 ordinary epoch; after it come validation (every ``--eval-every`` segments and the last), the log record, the

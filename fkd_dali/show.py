@@ -17,7 +17,8 @@ from PIL import Image
 
 import labelstore
 from pipelines import graphs
-from pipelines.reader import GenerationReader, check_files, resolve_root
+from pipelines.fkd_reader import check_files, resolve_root
+from pipelines.generation_reader import GenerationReader
 
 
 class ShowError(Exception):

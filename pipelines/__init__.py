@@ -5,12 +5,15 @@ from .dali_install import DaliInstallError, import_dali
 import_dali()  # a missing or doubled DALI says how to fix it, before any `import nvidia.dali` below fails
 
 from .errors import LoaderError  # noqa: E402
+from .fkd_reader import FKDReader, roi_from_boxes  # noqa: E402
+from .generation_reader import GenerationReader  # noqa: E402
 from .graphs import (IMAGENET_MEAN, IMAGENET_STD, DecoderOptions, center_crop, decode,  # noqa: E402
                      eval_pipeline, fkd_crops, fkd_pipeline, generation_pipeline, random_resized_crop,
                      replay_crops, roi_of, standard_pipeline, to_model_input)
+from .image_reader import ImagePaths, ImageReader  # noqa: E402
 from .loader import EvalLoader, FKDLoader, StandardLoader  # noqa: E402
-from .reader import (EpochPlan, FKDReader, GenerationReader, ImagePaths, ImageReader, RoundReads,  # noqa: E402
-                     roi_from_boxes, round_for_pass, shard_positions)
+from .order import EpochPlan, round_for_pass, shard_positions  # noqa: E402
+from .round_reads import RoundReads  # noqa: E402
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DaliInstallError", "DecoderOptions", "EpochPlan", "EvalLoader", "FKDLoader",

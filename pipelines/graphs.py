@@ -113,7 +113,7 @@ def replay_crops(images: DataNode, roi_start: DataNode, roi_end: DataNode, num_c
     """The stored crops of each decoded image: ``(num_crops, size, size, 3)`` uint8, layout FHWC.
 
     ``roi_start``/``roi_end``: per sample ``(num_crops, 2)`` float (y, x) pixel coordinates with the flip
-    already encoded (see :func:`pipelines.reader.roi_from_boxes`). The image is decoded once; each crop is
+    already encoded (see :func:`pipelines.fkd_reader.roi_from_boxes`). The image is decoded once; each crop is
     one ROI resize of it.
     """
     _, dev = devices(device)
@@ -210,7 +210,7 @@ def fkd_pipeline(source, *, num_crops: int, size: int, device: str, normalize: b
                  std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear", labels_on_device: bool = True,
                  decoder: DecoderOptions = DEFAULT_DECODER):
     """FKD replay: outputs images (B, n, 3, S, S) [or (B, n, S, S, 3)], topk_idx, topk_val, target, index,
-    crop_ids, all aligned per sample. ``source`` is a :class:`pipelines.reader.FKDReader`."""
+    crop_ids, all aligned per sample. ``source`` is a :class:`pipelines.fkd_reader.FKDReader`."""
     nodes = source.nodes()
     images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
     frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)

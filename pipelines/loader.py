@@ -30,7 +30,10 @@ from labelstore import LabelStore, PathTable
 from . import graphs, handoff
 from .dali_install import check_gpu_build
 from .errors import LoaderError, probe_image
-from .reader import EpochPlan, FKDReader, ImageReader, RoundReads
+from .fkd_reader import FKDReader
+from .image_reader import ImageReader
+from .order import EpochPlan
+from .round_reads import RoundReads
 
 
 def default_threads() -> int:
@@ -193,8 +196,9 @@ class FKDLoader(_DaliLoader):
     One loader epoch is one *pass* over the images (FKD counts it as ``num_crops`` epochs): ``set_epoch``
     takes the pass index 0, 1, 2, ..., which picks the round of stored crops (each once before any repeats).
     ``files`` and ``targets``: the dataset scan's paths and classes, already checked against the store (saves
-    reading the store's ``files`` and ``targets`` and a stat per file). ``reads``: a :class:`~pipelines.reader.RoundReads` of this store and
-    these settings whose first pass's read started earlier (train.py starts it before the dataset scan).
+    reading the store's ``files`` and ``targets`` and a stat per file). ``reads``: a
+    :class:`~pipelines.round_reads.RoundReads` of this store and these settings whose first pass's read started
+    earlier (the FKD objective starts it before the dataset scan).
     Crops of one image are adjacent. ``batch_size`` counts images; a batch
     holds ``batch_size * n`` crops.
     ``dtype``: float32 / float16 / bfloat16 (DALI 2.4 has no bfloat16: cast from float32 on the device) /

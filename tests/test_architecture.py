@@ -135,8 +135,9 @@ def test_the_loop_and_the_run_name_no_objective():
             tree = ast.parse(f.read())
         strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         assert not strings & names, (module, strings & names)
-        labels = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in ("labels", "use_discriminator_loss")
-                  and any(isinstance(p, ast.Compare) for p in ast.walk(tree) if n in ast.walk(p))]
+        compared = {id(x) for c in ast.walk(tree) if isinstance(c, ast.Compare) for x in ast.walk(c)}
+        labels = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and id(n) in compared
+                  and n.attr in ("labels", "use_discriminator_loss")]
         assert labels == [], f"{module} compares the objective's option"
         assert not {d for d in OURS[module] if d.startswith("fkd_dali.objectives.")} - {"fkd_dali.objectives.base"}, \
             f"{module} imports an objective's module"

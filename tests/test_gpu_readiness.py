@@ -17,7 +17,9 @@ from fkd_dali.cli import main
 from fkd_dali.distributed import choose_backend, choose_device
 from pipelines import DecoderOptions, graphs
 from pipelines.dali_install import DaliInstallError, check_builds, check_driver, cuda_major, installed_builds
-from pipelines.reader import FKDReader, GenerationReader, ImageReader
+from pipelines.fkd_reader import FKDReader
+from pipelines.generation_reader import GenerationReader
+from pipelines.image_reader import ImageReader
 from tests.conftest import ROOT, pythonpath
 from tests.test_loader import make_store, write_coded_dataset
 

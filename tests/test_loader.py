@@ -18,8 +18,8 @@ from fkd_dali.dataset import scan_image_folder
 from fkd_dali.schedule import fkd_segments
 from fkd_dali.train import pass_index
 from pipelines import EvalLoader, FKDLoader, LoaderError, RoundReads, StandardLoader
+from pipelines.fkd_reader import READ_AHEAD_AT
 from pipelines.graphs import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.reader import READ_AHEAD_AT
 from tests.conftest import current_device, textured
 
 DEVICE = current_device()  # FKD_TEST_DEVICE: the loaders' device in these tests

@@ -26,7 +26,7 @@ from PIL import Image
 
 import labelstore
 from pipelines import FKDLoader, StandardLoader, graphs
-from pipelines.reader import ImageReader
+from pipelines.image_reader import ImageReader
 
 from ..crops import sample_crops
 from ..dataset import scan_image_folder, split_dir

@@ -20,7 +20,8 @@ from PIL import Image
 
 import labelstore
 from pipelines import DecoderOptions, FKDLoader, graphs, handoff
-from pipelines.reader import FKDReader, ImageReader
+from pipelines.fkd_reader import FKDReader
+from pipelines.image_reader import ImageReader
 
 from .. import imagefiles
 from .context import PHOTO_CLASSES, Context, Result, pillow_rgb

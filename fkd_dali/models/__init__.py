@@ -15,8 +15,8 @@ from .tiny import TINY
 DEIT = {"deit_tiny": dict(num_heads=3, hidden_dim=192, mlp_dim=768),
         "deit_small": dict(num_heads=6, hidden_dim=384, mlp_dim=1536),
         "deit_base": dict(num_heads=12, hidden_dim=768, mlp_dim=3072)}
-TRANSFORMERS = set(DEIT) | set(SRET_CONFIGS) | {"tiny_vit"} | {n for n in torchvision.models.list_models(module=torchvision.models)
-                                                if n.startswith(("vit_", "swin_", "maxvit"))}
+TRANSFORMERS = set(DEIT) | set(SRET_CONFIGS) | {"tiny_vit"} | {
+    n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(("vit_", "swin_", "maxvit"))}
 
 
 class ModelError(Exception):
@@ -29,7 +29,8 @@ def is_transformer(name: str) -> bool:
 
 
 def available() -> list[str]:
-    return sorted(set(torchvision.models.list_models(module=torchvision.models)) | set(DEIT) | set(SRET_CONFIGS) | set(TINY))
+    return sorted(set(torchvision.models.list_models(module=torchvision.models)) | set(DEIT) | set(SRET_CONFIGS)
+                  | set(TINY))
 
 
 def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: float | None = None) -> torch.nn.Module:

@@ -1,0 +1,82 @@
+"""The external source of the generator: :class:`GenerationReader` serves one job (a shard of rows) at a time, each
+row's crops cut into groups, one decode of the image per group."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import nvidia.dali.types as types
+from nvidia.dali.types import BatchInfo
+
+from labelstore import PathTable
+
+from .fkd_reader import roi_from_boxes
+from .image_reader import ImagePaths, source_nodes
+
+
+class GenerationReader:
+    """External source of the generator: one job (a shard of rows) at a time, each row cut into groups of
+    ``group_size`` crops; one sample = one decode of the row's image + one group of crops.
+
+    A short last group is padded with copies of its first crop, whose crop id is -1 (discard them).
+    Batches never span jobs, so a shard's teacher batches are the same whether it is generated in one
+    run, after a resume, or by another rank.
+    """
+
+    names = ("paths", "roi_start", "roi_end", "index", "crop_ids")
+    dtypes = (types.UINT8, types.FLOAT, types.FLOAT, types.INT64, types.INT64)
+    ndims = (1, 2, 2, 0, 1)
+
+    def __init__(self, root: str, files: Sequence[str] | PathTable, group_size: int, batch_size: int):
+        if group_size < 1 or batch_size < 1:
+            raise ValueError("group_size and batch_size must be >= 1")
+        self.root = root
+        self.paths = ImagePaths(root, files)
+        self.group_size, self.batch_size = group_size, batch_size
+        self._selected: tuple[int, ...] | None = None
+        self._rows = self._start = self._end = self._ids = None
+        self.num_batches = 0
+
+    def start_job(self, rows: np.ndarray, boxes: np.ndarray, flips: np.ndarray) -> int:
+        """Serve rows (m,) with their boxes (m, C, 4) and flips (m, C); returns the number of batches."""
+        rows = np.asarray(rows, dtype=np.int64)
+        m, C = boxes.shape[:2]
+        G = self.group_size
+        groups = -(-C // G)
+        start, end = roi_from_boxes(boxes, flips)
+        ids = np.arange(groups * G, dtype=np.int64)
+        if groups * G > C:
+            pad = groups * G - C
+            first = np.repeat(np.arange(C - C % G, C - C % G + 1), pad)
+            start = np.concatenate([start, start[:, first]], axis=1)
+            end = np.concatenate([end, end[:, first]], axis=1)
+            ids[C:] = -1
+        self._start = np.ascontiguousarray(start.reshape(m * groups, G, 2))
+        self._end = np.ascontiguousarray(end.reshape(m * groups, G, 2))
+        self._rows = np.repeat(rows, groups)
+        self._ids = np.tile(ids.reshape(groups, G), (m, 1))
+        self.num_batches = -(-len(self._rows) // self.batch_size)
+        return self.num_batches
+
+    def batch_items(self, i: int) -> slice:
+        if i >= self.num_batches:
+            raise StopIteration
+        return slice(i * self.batch_size, min(len(self._rows), (i + 1) * self.batch_size))
+
+    def path_of(self, row: int) -> str:
+        return self.paths.path_of(row)
+
+    def rows_of_batch(self, i: int) -> np.ndarray:
+        return self._rows[self.batch_items(i)]
+
+    def batch(self, items: slice) -> tuple:
+        rows = self._rows[items]
+        return (self.paths.encoded(rows), self._start[items], self._end[items], rows, self._ids[items])
+
+    def __call__(self, info: BatchInfo):
+        out = self.batch(self.batch_items(info.iteration))
+        return out if self._selected is None else tuple(out[i] for i in self._selected)
+
+    def nodes(self, names: Sequence[str] | None = None) -> dict:
+        return source_nodes(self, names)
