@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torchvision
 
 from .checkpoint import TRUSTED_FIX, refused, state_mismatch, strip_ddp_prefix
 
@@ -54,8 +53,8 @@ class TeacherSpec:
 
     def record(self, num_classes: int) -> dict[str, Any]:
         """What the store keeps about this teacher."""
-        source = ("torchvision" if self.arch in torchvision_models() else
-                  self.arch if self.arch in SERIALIZED else "timm")
+        source = (self.arch if self.arch in SERIALIZED else
+                  "torchvision" if self.arch in torchvision_models() else "timm")
         return {"name": self.arch, "source": source, "weights": self.weights,
                 "path": os.path.abspath(self.path) if self.path else None, "sha256": self.digest(),
                 "input_size": self.input_size, "interpolation": self.interpolation, "mean": list(self.mean),
@@ -79,7 +78,14 @@ class TeacherSpec:
 _DIGESTS: dict[tuple, str] = {}
 
 
+def _torchvision():
+    """torchvision, imported when a teacher needs it (~1.7 s: a TorchScript or exported teacher does not)."""
+    import torchvision  # noqa: PLC0415
+    return torchvision
+
+
 def torchvision_models() -> set[str]:
+    torchvision = _torchvision()
     return set(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -95,7 +101,7 @@ def cached_weights(arch: str, weights: str, file_flag: str = "--teacher-path"):
     """The torchvision weights enum entry, after checking its file is in the local hub cache (``file_flag``: the
     option that takes a weights file instead, for the messages)."""
     try:
-        enum = torchvision.models.get_model_weights(arch)
+        enum = _torchvision().models.get_model_weights(arch)
     except (ValueError, KeyError):
         raise TeacherError(f"torchvision publishes no weights for '{arch}'; pass {file_flag}") from None
     try:
@@ -169,9 +175,9 @@ def build_teacher(spec: TeacherSpec, num_classes: int) -> torch.nn.Module:
                 raise TeacherError(f"{arch} {weights.name} has {len(weights.meta['categories'])} classes, the "
                                    f"dataset {num_classes}; pass --num-classes "
                                    f"{len(weights.meta['categories'])} to label with its classes deliberately")
-            model = torchvision.models.get_model(arch, weights=weights)
+            model = _torchvision().models.get_model(arch, weights=weights)
         else:
-            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+            model = _torchvision().models.get_model(arch, weights=None, num_classes=num_classes)
             if spec.path:
                 _load_state(model, _state_dict_from(spec.path), spec.path, arch)
             else:

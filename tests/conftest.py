@@ -4,6 +4,9 @@ tests run their DALI pipelines and models on.
 ``FKD_TEST_DEVICE=gpu`` (or ``pytest --device gpu``) runs the loader, generation, training, show and
 reliability tests on the GPU (DALI's mixed decoder and GPU ops, CUDA models); the default is ``cpu`` (DALI's
 CPU backend), which is what CI runs. Tests marked ``gpu`` need CUDA whatever the setting and skip without it.
+Tests marked ``slow`` (real processes started and killed, servers, whole runs) are left out of the fast tier
+(``make test-fast``, ``pytest -m "not slow"``), which covers every module in a few minutes for the edit loop;
+``make test`` (CI) runs everything.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ test_device.__test__ = False  # a helper, not a test
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one, whatever FKD_TEST_DEVICE says)")
+    config.addinivalue_line("markers", "slow: several seconds or more (processes started, killed, servers, whole "
+                            "runs); `make test-fast` (pytest -m 'not slow') leaves these out")
     device = test_device(config)
     if device == "gpu" and not torch.cuda.is_available():
         raise pytest.UsageError("FKD_TEST_DEVICE=gpu (or --device gpu) but torch sees no CUDA device; run the tests "

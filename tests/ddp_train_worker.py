@@ -19,7 +19,7 @@ def main(data: str, store: str, out: str, *extra: str) -> None:
     die_rank, die_step = int(os.environ.get("FKD_TEST_DIE_RANK", -1)), int(os.environ.get("FKD_TEST_DIE_STEP", 0))
     sig = getattr(signal, "SIG" + os.environ.get("FKD_TEST_SIGNAL", "KILL"))
     timeout = float(extra[extra.index("--dist-timeout") + 1]) if "--dist-timeout" in extra else 600.0
-    common = dict(data=data, arch="resnet18", softlabel_path=store, num_crops=2, batch_size=16, epochs=4,
+    common = dict(data=data, arch="tiny_cnn", softlabel_path=store, num_crops=2, batch_size=16, epochs=4,
                   input_size=32, device=os.environ.get("FKD_TEST_DEVICE", "cpu"), output=os.path.join(out, "run"),
                   max_steps=3 if die_rank < 0 else None, show_progress=False, dist_timeout=timeout)
     meal_init = os.environ.get("FKD_TEST_MEAL_INIT")  # Fast MEAL V2 from this checkpoint, discriminator on

@@ -89,6 +89,7 @@ def test_synth_distractors_change_the_images_and_are_checked(tmp_path, capsys):
             write_dataset(str(tmp_path / "bad"), flavour="objects", classes=2, per_class=1, **bad)
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     import labelstore
     from PIL import Image
@@ -124,6 +125,7 @@ def test_demo_rejects_zero_seeds(capsys):
     assert "--seeds 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_generate_smoke(tmp_path, capsys):
     assert main(["bench", "generate", "--images", "24", "--classes", "3", "--input-size", "32", "--num-crops", "4",
                  "--num-seg", "4", "-b", "4", "--train-epochs", "1", "--device", DEVICE, "--workdir",

@@ -84,6 +84,7 @@ def _small(w, save):
     return cmd
 
 
+@pytest.mark.slow
 def test_two_generate_runs_started_at_once_with_other_teachers(world, tmp_path):  # noqa: F811
     """The issue's case: both runs at once on one --save-path. Exactly one writes the store; the other is
     refused by name (the lock's holder, or the setting that differs); every label comes from the teacher the
@@ -106,6 +107,7 @@ def test_two_generate_runs_started_at_once_with_other_teachers(world, tmp_path):
     _same_stores(ref, save)
 
 
+@pytest.mark.slow
 def test_a_second_generate_run_is_refused_while_the_first_writes_and_a_killed_one_blocks_nothing(
         world, tmp_path):  # noqa: F811
     save = str(tmp_path / "s")
@@ -139,7 +141,7 @@ def test_train_refuses_an_output_folder_holding_another_run(setup, tmp_path):  #
     first = train(train_cfg(setup, tmp_path, max_steps=2))
     ckpt = tmp_path / "run" / "checkpoint.pth.tar"
     before = ckpt.read_bytes()
-    with pytest.raises(TrainError, match=r"run holds a checkpoint of resnet18 at step 2 .*--resume .*--overwrite"):
+    with pytest.raises(TrainError, match=r"run holds a checkpoint of tiny_cnn at step 2 .*--resume .*--overwrite"):
         train(train_cfg(setup, tmp_path, max_steps=3))
     assert ckpt.read_bytes() == before
     resumed = train(train_cfg(setup, tmp_path, max_steps=3, resume=str(ckpt)))

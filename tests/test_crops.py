@@ -25,6 +25,7 @@ def ours(h: int, w: int, n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.
     return boxes.reshape(-1, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("h,w", [(375, 500), (500, 333)])
 def test_distribution_matches_torchvision_ks(h, w):
     tv = torchvision_boxes(h, w, DRAWS)

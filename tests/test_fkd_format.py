@@ -277,3 +277,25 @@ def test_a_failed_import_leaves_nothing_and_overwrite_keeps_the_old_store_until_
     for name in before:
         np.testing.assert_array_equal(before[name], after[name])
     assert sorted(os.listdir(tmp_path)) == ["data", "fkd", "s"]
+
+
+def test_the_loader_bench_fkd_contender_reads_an_export_as_fkds_trainer(image_folder, tmp_path):
+    """``bench loader``'s FKD baseline (a re-creation of FKD's own DataLoader) trains from an export-fkd folder:
+    crops of the asked size, each with one of its image's stored labels and the image's class."""
+    from fkd_dali.bench.fkd_original import fkd_original_loader, iterate
+    store = _store(image_folder, tmp_path, "marginal")
+    export_fkd(store, str(tmp_path / "out"), show_progress=False)
+    ds = scan_image_folder(os.path.join(image_folder, "train"))
+    loader = fkd_original_loader(ds.root, list(ds.files), [int(t) for t in ds.targets], str(tmp_path / "out" / "train"),
+                                 batch_size=4, num_crops=2, workers=0, size=24)
+    rows = open_store(store).read_rows(range(len(ds)))
+    stored = {(int(ds.targets[i]), tuple(rows["topk_idx"][i, c].tolist()), tuple(rows["topk_val"][i, c].tolist()))
+              for i in range(len(ds)) for c in range(C)}
+    seen = 0
+    for images, soft, hard in iterate(loader):
+        assert images.shape == (len(hard), 3, 24, 24) and soft.shape == (len(hard), 2, K)
+        for s, t in zip(soft, hard):
+            ids, vals = s[0].long().tolist(), s[1].numpy().astype(np.float16).tolist()
+            assert (int(t), tuple(ids), tuple(vals)) in stored
+        seen += len(hard)
+    assert seen == 2 * len(ds)

@@ -297,9 +297,17 @@ def _done_rows(save: str) -> int:
         return 0
 
 
-def test_sigkill_at_random_moments_then_resume_gives_the_same_store(world, tmp_path):
-    ref = str(tmp_path / "ref")
-    subprocess.run(_cli(world, ref), env=_env(), check=True, capture_output=True, timeout=300)
+@pytest.fixture(scope="module")
+def one_run(world, tmp_path_factory):
+    """The store one uninterrupted `generate` process writes (what killed, resumed and sharded runs must equal)."""
+    path = str(tmp_path_factory.mktemp("gen") / "one")
+    subprocess.run(_cli(world, path), env=_env(), check=True, capture_output=True, timeout=300)
+    return path
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_gives_the_same_store(world, one_run, tmp_path):
+    ref = one_run
     save = str(tmp_path / "s")
     rng = np.random.default_rng(0)
     progress = []
@@ -321,9 +329,9 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_store(world, tmp_p
     assert not partial
 
 
-def test_two_processes_give_the_same_store_as_one(world, tmp_path):
-    one = str(tmp_path / "one")
-    subprocess.run(_cli(world, one), env=_env(), check=True, capture_output=True, timeout=300)
+@pytest.mark.slow
+def test_two_processes_give_the_same_store_as_one(world, one_run, tmp_path):
+    one = one_run
     two = str(tmp_path / "two")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(free_port()), *_cli(world, two)[1:]], env=_env(), capture_output=True,

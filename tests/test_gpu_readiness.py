@@ -22,6 +22,7 @@ from pipelines.generation_reader import GenerationReader
 from pipelines.image_reader import ImageReader
 from tests.conftest import ROOT, pythonpath
 from tests.test_loader import make_store, write_coded_dataset
+from tests.test_train import setup  # noqa: F401 - module fixture: 30 images and a top-5 store
 
 
 # ---------------------------------------------------------------------------------------------- decoder, graphs
@@ -121,6 +122,7 @@ def test_a_dali_build_newer_than_the_driver_is_refused_with_the_fix():
     check_driver({"nvidia-dali-cuda130": "2.4.0"}, None)  # no driver: CPU only, nothing to check
 
 
+@pytest.mark.slow
 def test_a_second_dali_wheel_on_the_path_is_named(tmp_path):
     """A real environment with a second DALI distribution (its metadata on sys.path): any command says which
     wheels collide and how to keep one."""
@@ -135,6 +137,7 @@ def test_a_second_dali_wheel_on_the_path_is_named(tmp_path):
     assert f"{other}==2.4.0" in r.stderr and "pip uninstall -y" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_missing_dali_says_how_to_install_it(tmp_path):
     code = ("import sys; sys.modules['nvidia.dali'] = None\n"  # as if the wheel were not installed
             "from fkd_dali.cli import main; sys.exit(main(['train', 'x', '--labels', 'hard']))")
@@ -145,6 +148,7 @@ def test_missing_dali_says_how_to_install_it(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_the_source_tree_runs_without_installation(tmp_path):
     """As on a GPU machine whose DALI came as wheels: the tree copied elsewhere, its dependencies importable
     but no install hook (site's .pth files off), runs its commands from that copy."""
@@ -175,6 +179,7 @@ def _report(out):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_doctor_passes_on_this_machine(doctor_work, tmp_path, capsys):
     out = str(tmp_path / "out")
     rc = main(["doctor", "--device", "cpu", "--only", "decode,replay,zero-copy,buffers,generate,ddp,memory",
@@ -221,3 +226,50 @@ def test_doctor_markdown_cells_keep_the_table_intact():
                                                           "meaning": ""}]})
     row = next(line for line in md.splitlines() if line.startswith("| x |"))
     assert row.replace("\\|", "").count("|") == 5 and "max \\|Δ\\| 1" in row  # 4 cells; the figure's bars escaped
+
+
+def test_the_ddp_worker_trains_and_reports_in_one_process(setup, tmp_path):  # noqa: F811
+    """The doctor's DDP smoke worker, here as a world of one (torchrun starts two of it in the doctor's check):
+    three steps from the store, and the report the parent compares across ranks."""
+    from fkd_dali.doctor import ddp_worker
+    ddp_worker.main(setup["data"], setup["store"], str(tmp_path), "cpu")
+    report = json.load(open(tmp_path / "rank0.json"))
+    assert report["rank"] == 0 and report["backend"] == "none" and len(report["rows"]) == 3
+    assert report["device"] == "cpu" and set(report["cpus"]) <= os.sched_getaffinity(0)
+    assert all(report["rows"]) and "/" in report["weights"]
+
+
+# ---------------------------------------------------------------------------------------------- the GPU session
+def test_a_session_step_is_bounded_by_its_share_and_logged(tmp_path):
+    """The GPU session's steps (doctor/session.py): each runs with its output in a log, its outcome is passed,
+    its exit code, or stopped at its share of the budget; the summary shows a log's last lines."""
+    from fkd_dali.doctor.session import _run, _tail
+    env = dict(os.environ)
+    log = str(tmp_path / "ok.log")
+    outcome, secs = _run([sys.executable, "-c", "print('one'); print('two')"], log, 60, env)
+    assert outcome == "passed" and secs < 60 and _tail(log) == f"$ {sys.executable} -c print('one'); " \
+        "print('two') / one / two"
+    assert _run([sys.executable, "-c", "raise SystemExit(3)"], str(tmp_path / "bad.log"), 60, env)[0] == "exit 3"
+    outcome, secs = _run([sys.executable, "-c", "import time; time.sleep(30)"], str(tmp_path / "slow.log"), 1, env)
+    assert outcome == "stopped at its 1 s share of the budget" and secs < 10
+
+
+@pytest.mark.slow
+def test_the_gpu_session_rehearses_on_the_cpu_within_its_budget(tmp_path):
+    """docs/gpu-check.md's one command, rehearsed without a GPU and with a budget too small for the whole suite:
+    the doctor within its deadline, the GPU-only tests (skipped here), the suite not started; the summary says
+    which and the exit code is not 0."""
+    from fkd_dali.doctor import session
+    out = tmp_path / "session"
+    rc = session.main(["--device", "cpu", "--out", str(out), "--budget", "50", "--doctor-deadline", "8"])
+    summary = (out / "session.md").read_text()
+    assert rc == 1 and "| test suite on the cpu | not started: budget used up |" in summary, summary
+    assert "| GPU-only tests (pytest -m gpu) | passed |" in summary, summary
+    assert "| doctor |" in summary and (out / "doctor.log").exists() and (out / "pytest-gpu.log").exists()
+    assert len(os.listdir(out)) <= 6  # all of it comes back from a lent machine
+
+
+def test_python_dash_m_fkd_dali_is_the_command_line():
+    r = subprocess.run([sys.executable, "-m", "fkd_dali", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=pythonpath()), timeout=120)
+    assert r.returncode == 0 and "usage: fkd-dali" in r.stdout and "generate" in r.stdout and "doctor" in r.stdout

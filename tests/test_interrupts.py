@@ -42,14 +42,32 @@ def _log_lines(path) -> int:
     return path.exists() and len(path.read_text().splitlines())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_train_saves_a_checkpoint_that_resumes_exactly(world, tmp_path, sig):  # noqa: F811
-    store = str(tmp_path / "s")
-    generate(gen_config(world, store, num_crops=8, top_k=5))
-    env = dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1")
-    full = subprocess.run(_train_cmd(world, store, str(tmp_path / "a")), env=env, capture_output=True, text=True,
+@pytest.fixture(scope="module")
+def store(world, tmp_path_factory):  # noqa: F811
+    path = str(tmp_path_factory.mktemp("interrupts") / "s")
+    generate(gen_config(world, path, num_crops=8, top_k=5))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, store, tmp_path_factory):  # noqa: F811
+    """The run the interrupted ones are compared with (the same for every signal)."""
+    out = tmp_path_factory.mktemp("interrupts") / "a"
+    full = subprocess.run(_train_cmd(world, store, str(out)), env=_train_env(), capture_output=True, text=True,
                           timeout=600)
     assert full.returncode == 0, full.stderr[-2000:]
+    return out
+
+
+def _train_env() -> dict:
+    return dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_train_saves_a_checkpoint_that_resumes_exactly(world, store, uninterrupted, tmp_path,  # noqa: F811
+                                                                      sig):
+    env = _train_env()
     out = tmp_path / "b"
     p = subprocess.Popen(_train_cmd(world, store, str(out)), env=env, preexec_fn=_sigint_as_on_a_terminal,
                          stdout=subprocess.PIPE,
@@ -69,20 +87,19 @@ def test_a_signal_during_train_saves_a_checkpoint_that_resumes_exactly(world, tm
     again = subprocess.run(_train_cmd(world, store, str(out), "--resume", str(last)), env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
-    a = torch.load(tmp_path / "a" / "checkpoint.pth.tar", weights_only=True)
+    a = torch.load(uninterrupted / "checkpoint.pth.tar", weights_only=True)
     b = torch.load(last, weights_only=True)
     assert a["global_step"] == b["global_step"] > stopped_at["global_step"]
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    la, lb = _log(tmp_path / "a" / "log.jsonl"), _log(out / "log.jsonl")
+    la, lb = _log(uninterrupted / "log.jsonl"), _log(out / "log.jsonl")
     assert [x["train_loss"] for x in la] == [x["train_loss"] for x in lb]  # a resumed segment's loss is whole
     assert [x["steps"] for x in la] == [x["steps"] for x in lb]
     assert [x.get("resumed_at_step") for x in lb].count(stopped_at["batch"]) == 1
 
 
-def test_sigterm_to_one_ddp_rank_stops_every_rank_after_the_same_step(world, tmp_path):  # noqa: F811
-    store = str(tmp_path / "s")
-    generate(gen_config(world, store, num_crops=8, top_k=5))
+@pytest.mark.slow
+def test_sigterm_to_one_ddp_rank_stops_every_rank_after_the_same_step(world, store, tmp_path):  # noqa: F811
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath(), FKD_TEST_DIE_RANK="1", FKD_TEST_DIE_STEP="2",
                FKD_TEST_SIGNAL="TERM")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -114,6 +131,7 @@ def test_a_second_signal_stops_at_once_and_a_repeat_within_a_second_does_not():
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_generate_stopped_by_a_signal_says_how_to_resume(world, tmp_path, sig):  # noqa: F811
     save = str(tmp_path / "s")

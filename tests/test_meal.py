@@ -28,7 +28,7 @@ DEVICE = current_device()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """30 training images, an ensemble store of two teachers (averaged on identical crops) and a student
-    checkpoint to start from (a plain state_dict of a resnet18 over the 10 classes)."""
+    checkpoint to start from (a plain state_dict of a tiny_cnn over the 10 classes)."""
     w = make_world(str(tmp_path_factory.mktemp("meal")))
     root = w["root"]
     store = os.path.join(root, "store")
@@ -37,12 +37,12 @@ def world(tmp_path_factory):
         group_size=8, batch_size=4, device=DEVICE, show_progress=False))
     torch.manual_seed(0)
     init = os.path.join(root, "start.pth")
-    torch.save(create_model("resnet18", 10).state_dict(), init)
+    torch.save(create_model("tiny_cnn", 10).state_dict(), init)
     return {"root": root, "data": w["data"], "store": store, "init": init}
 
 
 def meal_cfg(w, out, **kw):
-    args = dict(data=w["data"], arch="resnet18", softlabel_path=w["store"], num_crops=2, batch_size=16, epochs=4,
+    args = dict(data=w["data"], arch="tiny_cnn", softlabel_path=w["store"], num_crops=2, batch_size=16, epochs=4,
                 input_size=32, device=DEVICE, output=str(out), show_progress=False, init_from=w["init"])
     args.update(kw)
     return recipe_config("meal-v2", **args)
@@ -159,7 +159,7 @@ def test_init_with_other_classes_is_refused(world, tmp_path):
                tmp_path / "imagenet.pth.tar")
     with pytest.raises(InitError, match=r"imagenet.pth.tar has 1000 classes \('fc.weight' has shape \(1000, 512\)\), "
                                         r"this run has 10 \(the classes of .*store\).*trained on these 10 classes"):
-        Trainer(meal_cfg(world, tmp_path, init_from=str(tmp_path / "imagenet.pth.tar")))
+        Trainer(meal_cfg(world, tmp_path, arch="resnet18", init_from=str(tmp_path / "imagenet.pth.tar")))
     with pytest.raises(InitError, match="checkpoint of resnet18, not resnet34"):
         Trainer(meal_cfg(world, tmp_path, arch="resnet34", init_from=str(tmp_path / "imagenet.pth.tar")))
 
@@ -168,11 +168,11 @@ def test_pretrained_weights_come_from_the_local_hub_cache_only(world, tmp_path, 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     with pytest.raises(InitError, match=f"not in the local torch hub cache \\({cached}\\).*--init-from FILE"):
-        Trainer(meal_cfg(world, tmp_path, init_from=None, pretrained_weights="IMAGENET1K_V1"))
+        Trainer(meal_cfg(world, tmp_path, arch="resnet18", init_from=None, pretrained_weights="IMAGENET1K_V1"))
     cached.parent.mkdir(parents=True)
     torch.save(create_model("resnet18", 1000).state_dict(), cached)  # a file where torchvision keeps its weights
     with pytest.raises(InitError, match="resnet18 IMAGENET1K_V1 has 1000 classes.*this run has 10"):
-        Trainer(meal_cfg(world, tmp_path, init_from=None, pretrained_weights="IMAGENET1K_V1"))
+        Trainer(meal_cfg(world, tmp_path, arch="resnet18", init_from=None, pretrained_weights="IMAGENET1K_V1"))
 
 
 def test_pretrained_weights_load_from_the_cache_when_the_classes_match(tmp_path, monkeypatch):
@@ -197,7 +197,7 @@ def test_meal_v2_checkpoint_format_evaluates_and_starts_a_student(world, tmp_pat
     """MEAL V2 saves ``model.state_dict()`` of its DataParallel model (``module.`` keys, no wrapper dict) as
     model_state_XX.pytar: ``-e`` reads it, and so does --init-from."""
     torch.manual_seed(3)
-    model = create_model("resnet18", 10)
+    model = create_model("tiny_cnn", 10)
     path = str(tmp_path / "model_state_07.pytar")
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)
     res = train(meal_cfg(world, tmp_path, init_from=None, evaluate=True, resume=path))
@@ -212,6 +212,7 @@ def _state(path):
     return ck["state_dict"], ck["discriminator"], ck["d_optimizer"]["state"]
 
 
+@pytest.mark.slow
 def test_resume_with_the_discriminator_is_exact(world, tmp_path):
     """Stopped at step 3 (inside the first pass, CutMix on) and resumed: student, discriminator and both
     optimizers as an uninterrupted run's, bit for bit on the CPU; the logs (discriminator loss too) equal."""
@@ -236,6 +237,7 @@ def test_resume_with_the_discriminator_is_exact(world, tmp_path):
                        resume=str(tmp_path / "b" / "checkpoint.pth.tar")))
 
 
+@pytest.mark.slow
 def test_ddp_keeps_the_discriminators_in_step(world, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath(), FKD_TEST_MEAL_INIT=world["init"])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -43,6 +43,7 @@ def one_line_error(r, command: str, says: str) -> None:
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_wrong_and_read_only_paths_are_one_clear_line(setup, tmp_path):  # noqa: F811
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -52,7 +53,7 @@ def test_wrong_and_read_only_paths_are_one_clear_line(setup, tmp_path):  # noqa:
     ro = tmp_path / "ro"
     ro.mkdir()
     one_line_error(run(*gen, str(ro / "s"), read_only=str(ro)), "generate", "Permission denied")
-    one_line_error(run("train", setup["data"], "--softlabel-path", setup["store"], "-a", "resnet18", "--device", DEVICE,
+    one_line_error(run("train", setup["data"], "--softlabel-path", setup["store"], "-a", "tiny_cnn", "--device", DEVICE,
                        "--output", str(ro / "run"), read_only=str(ro)), "train", "Permission denied")
     one_line_error(run("synth", "--out", str(ro / "d"), "--classes", "2", "--per-class", "1", read_only=str(ro)),
                    "synth", "Permission denied")
@@ -105,7 +106,7 @@ def test_every_option_says_what_it_does():
 def test_max_steps_zero_is_refused_and_a_run_without_validation_says_so(setup, tmp_path, capsys):  # noqa: F811
     with pytest.raises(TrainError, match="--max-steps 0: give at least 1 step"):
         Trainer(cfg(setup, tmp_path, max_steps=0))
-    assert main(["train", setup["data"], "--softlabel-path", setup["store"], "-a", "resnet18", "--num-crops", "2",
+    assert main(["train", setup["data"], "--softlabel-path", setup["store"], "-a", "tiny_cnn", "--num-crops", "2",
                  "-b", "16", "--epochs", "6", "--input-size", "32", "--device", DEVICE, "--max-steps", "1",
                  "--output", str(tmp_path / "r"), "-q"]) == 0
     out = capsys.readouterr().out

@@ -48,6 +48,7 @@ def _generate(w, save, rank=None):
     return args + (["--rank", str(rank), "--world-size", "2"] if rank is not None else [])
 
 
+@pytest.mark.slow
 def test_generate_inspect_train_with_the_store_on_s3(s3, tmp_path):
     w, env = s3["world"], s3["env"]
     url = "s3://labels/run1/store"
@@ -78,7 +79,7 @@ def test_generate_inspect_train_with_the_store_on_s3(s3, tmp_path):
     finally:
         fsspec.config.conf["s3"].pop("endpoint_url", None)
 
-    out = _run(["train", w["data"], "-a", "resnet18", "--softlabel-path", url, "--num-crops", "2", "-b", "16",
+    out = _run(["train", w["data"], "-a", "tiny_cnn", "--softlabel-path", url, "--num-crops", "2", "-b", "16",
                 "--epochs", "3", "--input-size", "24", "--device", "cpu", "--max-steps", "3", "--output",
                 str(tmp_path / "run"), "-q"], env)
     assert "3 steps" in out and "stopped by --max-steps" in out
@@ -137,12 +138,13 @@ def test_a_pass_costs_one_get_per_object_and_two_per_shard_of_a_crop_array(s3, t
     assert len([r for r in per_pass if "/c/" in r[1]]) == 4 + 4 * 2 * 4
 
 
+@pytest.mark.slow
 def test_training_reads_a_read_only_zip_store(s3, tmp_path):
     w = s3["world"]
     store = str(tmp_path / "store")
     _run(_generate(w, store), {})
     zpath = shutil.make_archive(str(tmp_path / "store"), "zip", store)
-    out = _run(["train", w["data"], "-a", "resnet18", "--softlabel-path", zpath, "--num-crops", "2", "-b", "16",
+    out = _run(["train", w["data"], "-a", "tiny_cnn", "--softlabel-path", zpath, "--num-crops", "2", "-b", "16",
                 "--epochs", "3", "--input-size", "24", "--device", "cpu", "--max-steps", "2", "--output",
                 str(tmp_path / "run"), "-q"], {})
     assert "2 steps" in out

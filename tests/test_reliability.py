@@ -178,6 +178,7 @@ def _without_root_file_access() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+@pytest.mark.slow
 def test_unreadable_file_is_named(world, data, tmp_path):  # noqa: F811
     """A real chmod 000 file, met by generate and by train (as root, the commands run without root's
     file-access capabilities)."""
@@ -186,7 +187,7 @@ def test_unreadable_file_is_named(world, data, tmp_path):  # noqa: F811
     common = ["--device", DEVICE, "-q"]
     gen = ["generate", data, "--save-path", str(tmp_path / "s"), "-a", "torchscript", "--teacher-path",
            world["teachers"][0], "--input-size", "24", "--num-crops", "4", "--top-k", "3"]
-    trn = ["train", data, "--softlabel-path", str(tmp_path / "before"), "-a", "resnet18", "--num-crops", "2", "-b",
+    trn = ["train", data, "--softlabel-path", str(tmp_path / "before"), "-a", "tiny_cnn", "--num-crops", "2", "-b",
            "8", "--epochs", "2", "--input-size", "24", "--output", str(tmp_path / "run")]
     for args, says in ((gen, "class_3/img_010.jpg: the file cannot be read (permission denied)"),
                        (trn, "class_3/img_010.jpg: the file cannot be read (permission denied)")):
@@ -256,15 +257,17 @@ def test_disk_full_while_writing_stops_cleanly_and_resumes(world, data, tmp_path
 
 # --- killed jobs ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(world, tmp_path):  # noqa: F811
-    """SIGKILL a real `fkd-dali train` process after its second step checkpoint; resuming from the last
-    checkpoint gives the weights of an uninterrupted run (same data order, crop rounds and LR schedule)."""
+    """SIGKILL a real `fkd-dali train` process after its third step's checkpoint; resuming from the last
+    checkpoint gives the weights of an uninterrupted run (same data order, crop rounds and LR schedule). A tiny
+    student for 30 epochs (120 steps, a checkpoint after each): the kill lands well before the end."""
     store = str(tmp_path / "s")
     generate(config(world, store, num_crops=8, top_k=5))
 
     def cmd(out, *extra):
         return [sys.executable, "-m", "fkd_dali", "train", world["data"], "--softlabel-path", store, "-a",
-                "resnet18", "--num-crops", "2", "-b", "8", "--epochs", "6", "--input-size", "32", "--lr", "0.05",
+                "tiny_cnn", "--num-crops", "2", "-b", "8", "--epochs", "30", "--input-size", "32", "--lr", "0.05",
                 "--cos", "--device", DEVICE, "--checkpoint-every", "1", "--output", out, "-q", *extra]
 
     env = dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1")
@@ -296,6 +299,7 @@ def test_training_killed_at_a_random_moment_resumes_to_the_same_weights(world, t
     assert_same_weights(a["state_dict"], b["state_dict"], rerun)
 
 
+@pytest.mark.slow
 def test_a_dying_ddp_rank_ends_the_job_instead_of_hanging(world, tmp_path):  # noqa: F811
     """Rank 1 SIGKILLs itself after its second step; torchrun must end rank 0 and exit with an error in
     bounded time (not wait out the collective timeout)."""

@@ -67,6 +67,7 @@ def _assert_equal(a: dict, b: dict, what: str, parts=FINAL_PARTS) -> None:
             assert torch.equal(ta[k], tb[k]), f"{part}{k} differs from {what}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_an_old_checkpoint_resumes_exactly(name, tmp_path, one_thread):
     old = os.path.join(FIXTURES, name, "checkpoint.pth.tar")

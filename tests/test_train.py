@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
 
 
 def cfg(s, tmp_path, **kw):
-    args = dict(data=s["data"], arch="resnet18", softlabel_path=s["store"], num_crops=2, batch_size=16, epochs=6,
+    args = dict(data=s["data"], arch="tiny_cnn", softlabel_path=s["store"], num_crops=2, batch_size=16, epochs=6,
                 input_size=32, device=DEVICE, output=str(tmp_path / "run"), show_progress=False, lr=0.05, cos=True)
     args.update(kw)
     return TrainConfig(**args)
@@ -124,6 +124,7 @@ def test_fkd_readme_commands_parse_to_fkd_recipes(argv, expect, monkeypatch):
         assert getattr(got, k) == v, (k, getattr(got, k), v)
 
 
+@pytest.mark.slow
 def test_fkd_readme_command_runs_verbatim_plus_a_small_budget(setup, tmp_path):
     r = subprocess.run([sys.executable, "train.py", "-a", "resnet18", "--lr", "0.1", "--num_crops", "4", "-b", "32",
                         "--cos", "--softlabel_path", setup["store"], setup["data"], "--epochs", "5", "--input-size",
@@ -138,6 +139,7 @@ def test_fkd_readme_command_runs_verbatim_plus_a_small_budget(setup, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+@pytest.mark.slow
 def test_training_writes_logs_and_checkpoints(setup, tmp_path):
     out = train(cfg(setup, tmp_path, mixup_cutmix=True, model_ema=True))
     # 30 images, 16 crops per step: passes of 2 crops take 8 images/step (4 steps), single-crop epochs 16 (2 steps)
@@ -147,7 +149,7 @@ def test_training_writes_logs_and_checkpoints(setup, tmp_path):
     assert all(np.isfinite(x["train_loss"]) and "val_top1" in x and "val_ema_top1" in x for x in lines)
     assert (tmp_path / "run" / "checkpoint.pth.tar").exists() and (tmp_path / "run" / "model_best.pth.tar").exists()
     ck = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=False)
-    assert ck["arch"] == "resnet18" and ck["segment"] == 4 and ck["ema"] is not None and len(ck["rng"]) == 1
+    assert ck["arch"] == "tiny_cnn" and ck["segment"] == 4 and ck["ema"] is not None and len(ck["rng"]) == 1
 
 
 def _weights(path):
@@ -168,6 +170,7 @@ def run_recording(c: TrainConfig) -> tuple[dict, list]:
     return trainer.run(), seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [3, 9])  # inside the first multi-crop pass; inside the first single-crop epoch
 def test_resume_continues_exactly(setup, tmp_path, stop):
     """Stopped at step ``stop`` and resumed: the same images and crops in the same order as an uninterrupted
@@ -191,6 +194,7 @@ def test_resume_continues_exactly(setup, tmp_path, stop):
         assert la == lb
 
 
+@pytest.mark.slow
 def test_checkpoint_epochs_saves_less_and_a_crash_resumes_cleanly(setup, tmp_path, monkeypatch):
     """checkpoint_epochs=3: the checkpoint is written at the first segment end 3 epochs after the last one and at
     the end (passes [0,2) [2,4) [4,5) [5,6): after epochs 4 and 6). A crash after an unsaved segment resumes from
@@ -256,6 +260,7 @@ def test_resume_refuses_other_settings(setup, tmp_path):
         train(cfg(setup, tmp_path, num_crops=4, resume=str(tmp_path / "run")))
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_see_disjoint_shards_and_stay_in_sync(setup, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath())
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -369,7 +374,7 @@ def test_incomplete_store_and_pool_and_classes(setup, tmp_path):
 
 def test_checkpoint_of_another_arch(setup, tmp_path):
     train(cfg(setup, tmp_path, max_steps=1))
-    with pytest.raises(CheckpointError, match="checkpoint of resnet18, not resnet34"):
+    with pytest.raises(CheckpointError, match="checkpoint of tiny_cnn, not resnet34"):
         train(cfg(setup, tmp_path, arch="resnet34", evaluate=True, resume=str(tmp_path / "run")))
 
 
@@ -377,13 +382,13 @@ def test_fkd_checkpoint_format_can_be_evaluated(setup, tmp_path, capsys):
     model = create_model("resnet18", 10)
     torch.save({"epoch": 300, "arch": "resnet18", "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
                 "best_acc1": 0.0, "optimizer": {}}, str(tmp_path / "fkd.pth.tar"))
-    res = train(cfg(setup, tmp_path, evaluate=True, resume=str(tmp_path / "fkd.pth.tar")))
+    res = train(cfg(setup, tmp_path, arch="resnet18", evaluate=True, resume=str(tmp_path / "fkd.pth.tar")))
     assert res["images"] == 10 and 0 <= res["top1"] <= 100
 
 
 def test_a_trained_student_can_teach(setup, tmp_path):
     """A `fkd-dali train` checkpoint is a valid --teacher-path for `generate` (safe, weights-only loading)."""
-    train(cfg(setup, tmp_path, max_steps=2))
+    train(cfg(setup, tmp_path, arch="resnet18", max_steps=2))
     rep = generate(GenerateConfig(data=setup["data"], save_path=str(tmp_path / "s"), teachers=[
         TeacherSpec("resnet18", path=str(tmp_path / "run" / "checkpoint.pth.tar"), input_size=32)], num_crops=2,
         top_k=3, group_size=2, batch_size=4, device=DEVICE, show_progress=False))

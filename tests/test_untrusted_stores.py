@@ -50,7 +50,7 @@ def every_command(m, tmp_path):
         "inspect --verify": ["inspect", s, "--verify"],
         "show": ["show", s, d, "--image", "0", "--out", str(tmp_path / "shown")],
         "export-fkd": ["export-fkd", s, "--out", str(tmp_path / "fkd")],
-        "train": ["train", d, "--softlabel-path", s, "-a", "resnet18", "--num-crops", "2", "-b", "8", "--epochs",
+        "train": ["train", d, "--softlabel-path", s, "-a", "tiny_cnn", "--num-crops", "2", "-b", "8", "--epochs",
                   "2", "--input-size", "16", "--device", DEVICE, "--output", str(tmp_path / "run"), "-q"],
         "generate (resume)": ["generate", d, "--save-path", s, "-a", "torchscript", "--teacher-path",
                               m["teachers"][0], "--input-size", "24", "--num-crops", "6", "--top-k", "3", "--num-seg",
@@ -73,6 +73,7 @@ def _set_attr(store: str, **kw) -> None:
     g.attrs.update({"fkd": attrs})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["../../escaped/x.jpg", "/etc/passwd", "class_0/../../../x.jpg", "class_0//x.jpg"])
 def test_a_file_name_leaving_the_dataset_is_refused_by_every_command(made, tmp_path, capsys, name):
     zarr.open_group(made["store"], mode="r+")["files"][0] = name
@@ -105,6 +106,7 @@ def test_export_never_writes_outside_out(made, tmp_path):
     assert os.listdir(tmp_path / "elsewhere") == []
 
 
+@pytest.mark.slow
 def test_export_refuses_two_images_with_one_fkd_name(world, tmp_path):  # noqa: F811
     data = str(tmp_path / "data")
     shutil.copytree(world["data"], data)

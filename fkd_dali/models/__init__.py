@@ -1,11 +1,12 @@
 """Students by name (``create_model``), as timm does it: any torchvision classification model, the DeiT
-configurations of torchvision's VisionTransformer, SReT, and two tiny models for tests and smoke runs."""
+configurations of torchvision's VisionTransformer, SReT, and two tiny models for tests and smoke runs.
+
+torchvision is imported when a model needs it (it costs ~1.7 s of every process's start: its ops import
+torch._dynamo), so a run of the tiny CNN, and ``generate`` with a TorchScript teacher, start without it."""
 
 from __future__ import annotations
 
 import torch
-import torchvision
-from torchvision.models.vision_transformer import VisionTransformer
 
 from .sret import CONFIGS as SRET_CONFIGS
 from .sret import SReT, sret
@@ -15,22 +16,25 @@ from .tiny import TINY
 DEIT = {"deit_tiny": dict(num_heads=3, hidden_dim=192, mlp_dim=768),
         "deit_small": dict(num_heads=6, hidden_dim=384, mlp_dim=1536),
         "deit_base": dict(num_heads=12, hidden_dim=768, mlp_dim=3072)}
-TRANSFORMERS = set(DEIT) | set(SRET_CONFIGS) | {"tiny_vit"} | {
-    n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(("vit_", "swin_", "maxvit"))}
+TORCHVISION_TRANSFORMERS = ("vit_", "swin_", "maxvit")  # name prefixes of torchvision's transformer families
 
 
 class ModelError(Exception):
     """Unknown architecture or unusable settings."""
 
 
+def torchvision_models() -> set[str]:
+    import torchvision  # noqa: PLC0415 - see the module docstring
+    return set(torchvision.models.list_models(module=torchvision.models))
+
+
 def is_transformer(name: str) -> bool:
     """ViT-family students train with FKD's ViT recipe (AdamW, warm-up) by default."""
-    return name in TRANSFORMERS
+    return name in DEIT or name in SRET_CONFIGS or name == "tiny_vit" or name.startswith(TORCHVISION_TRANSFORMERS)
 
 
 def available() -> list[str]:
-    return sorted(set(torchvision.models.list_models(module=torchvision.models)) | set(DEIT) | set(SRET_CONFIGS)
-                  | set(TINY))
+    return sorted(torchvision_models() | set(DEIT) | set(SRET_CONFIGS) | set(TINY))
 
 
 def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: float | None = None) -> torch.nn.Module:
@@ -39,13 +43,15 @@ def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: 
     if name in TINY:
         return TINY[name](num_classes, image_size)
     if name in DEIT:
+        from torchvision.models.vision_transformer import VisionTransformer  # noqa: PLC0415
         return VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_classes=num_classes,
                                  **DEIT[name])
-    if name in torchvision.models.list_models(module=torchvision.models):
+    if name in torchvision_models():
+        import torchvision  # noqa: PLC0415
         kw = {"image_size": image_size} if name.startswith("vit_") else {}
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
     raise ModelError(f"unknown architecture '{name}'; choose a torchvision classification model (e.g. resnet50), "
                      f"deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S, or tiny_cnn / tiny_vit for tests")
 
 
-__all__ = ["DEIT", "ModelError", "SReT", "available", "create_model", "is_transformer"]
+__all__ = ["DEIT", "ModelError", "SReT", "available", "create_model", "is_transformer", "torchvision_models"]

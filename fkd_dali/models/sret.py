@@ -18,7 +18,6 @@ import dataclasses
 
 import torch
 from torch import nn
-from torchvision.ops import StochasticDepth
 
 
 class Scale(nn.Module):
@@ -86,6 +85,7 @@ class SharedBlock(nn.Module):
         self.attn = GroupAttention(dim, heads, attn_drop, drop)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio), drop)
+        from torchvision.ops import StochasticDepth  # noqa: PLC0415 - torchvision costs ~1.7 s to import
         self.drop_path = StochasticDepth(drop_path, "row")
         self.scales = nn.ModuleList(Scale() for _ in range(4))
 
