@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import labelstore
-from pipelines import EvalLoader
+from pipelines import EvalLoader, check_loader_state
 
 from . import checkpoint, distributed, loop, objectives, student_init
 from .dataset import Scan, scan_image_folder, split_dir, start_train_scan
@@ -102,6 +102,7 @@ class Trainer:
         self.output_lock = None
         self.stop: GracefulStop | None = None
         self.partial: dict | None = None  # this rank's running sums of the segment at the resume position
+        self.loader_states: dict = {}  # this rank's loaders' random state at the resume position, by key
         self.running: dict | None = None  # this rank's running sums of the segment under way (tensors)
         self.run_bar = None  # the whole-run bar (progress_style "run"), made by the first segment
         self.last_val: float | None = None  # the latest validation top-1, shown on the whole-run bar
@@ -175,7 +176,10 @@ class Trainer:
     def loader(self, crops: int):
         """The objective's loader of segments with ``crops`` crops per image (made once, kept)."""
         if crops not in self.loaders:
-            self.loaders[crops] = self.objective.loader(self, crops)
+            ld = self.objective.loader(self, crops)
+            if crops in self.loader_states:  # its random crops go on as in the run that saved the checkpoint
+                ld.restore(self.loader_states.pop(crops))
+            self.loaders[crops] = ld
         return self.loaders[crops]
 
     def eval_loader(self) -> EvalLoader:
@@ -209,7 +213,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
-        mine = {"rng": checkpoint.rng_state(), "partial": loop.partial_sums(self.running)}
+        mine = {"rng": checkpoint.rng_state(), "partial": loop.partial_sums(self.running),
+                "loaders": {k: s for k, ld in self.loaders.items() if (s := ld.state()) is not None}}
         every = [None] * self.dist.world_size
         if self.dist.group:
             dist.all_gather_object(every, mine)
@@ -224,7 +229,7 @@ class Trainer:
                 "epoch": self.segments[seg].start_epoch if seg < len(self.segments) else self.cfg.epochs,
                 "segment": seg, "batch": batch, "global_step": self.global_step, "best_acc1": self.best_top1,
                 "history": self.history, "rng": rngs, "world_size": self.dist.world_size,
-                "partial": [x["partial"] for x in every],
+                "partial": [x["partial"] for x in every], "loader_state": [x["loaders"] for x in every],
                 "config": dataclasses.asdict(self.cfg)}
 
     def save(self, is_best: bool = False, last: bool = True) -> None:
@@ -269,6 +274,21 @@ class Trainer:
             checkpoint.set_rng_state(rngs[self.dist.rank])
         partials = ckpt.get("partial") or []
         self.partial = partials[self.dist.rank] if len(partials) == self.dist.world_size else None
+        self.loader_states = self._loader_states(ckpt, path)
+
+    def _loader_states(self, ckpt: dict, path: str) -> dict:
+        """This rank's loaders' random state in ``ckpt`` (checkpoints written before it was kept hold none: those
+        loaders then draw fresh random crops), each checked before DALI reads it."""
+        states = ckpt.get("loader_state") or []
+        if not isinstance(states, list) or len(states) != self.dist.world_size:
+            return {}
+        mine = states[self.dist.rank]
+        bad = "it is not a table of loaders" if not isinstance(mine, dict) else next(
+            (f"loader {k!r}: {why}" for k, v in mine.items() if (why := check_loader_state(v))), None)
+        if bad:
+            raise TrainError(f"{path}: the loader state of rank {self.dist.rank} is damaged ({bad}); resume from an "
+                             "intact checkpoint")
+        return dict(mine)
 
     def claim_output(self) -> None:
         """Rank 0 takes the output folder (refused when another run's checkpoint is there, or a live run

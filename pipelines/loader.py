@@ -60,10 +60,37 @@ def _device(device: str) -> str:
     return device
 
 
+MAX_LOADER_STATE_BYTES = 64 << 20  # a DALI checkpoint holds a few KB of generator state per sample and operator
+
+
+def check_loader_state(state: object) -> str | None:
+    """Why ``state`` (from an untrusted checkpoint) cannot be a loader's :meth:`~_DaliLoader.state`, or None when
+    it can: its fields, types and sizes are checked before DALI parses the pipeline part."""
+    if not isinstance(state, dict) or set(state) != {"pipeline", "epoch", "offset", "batch", "at_end"}:
+        return "it is not a loader state (pipeline, epoch, offset, batch, at_end)"
+    if not isinstance(state["pipeline"], bytes) or not 0 < len(state["pipeline"]) <= MAX_LOADER_STATE_BYTES:
+        return f"its pipeline state is not 1 B to {MAX_LOADER_STATE_BYTES >> 20} MiB of bytes"
+    if not all(isinstance(state[k], int) and not isinstance(state[k], bool) and 0 <= state[k] < 1 << 40
+               for k in ("epoch", "offset", "batch")) or state["offset"] > state["batch"]:
+        return "its epoch, offset and batch are not a position in an epoch"
+    if not isinstance(state["at_end"], bool):
+        return "its at_end flag is not a bool"
+    return None
+
+
 class _DaliLoader:
-    """Pipeline lifecycle and the epoch loop shared by the loaders."""
+    """Pipeline lifecycle and the epoch loop shared by the loaders.
+
+    A loader whose pipeline draws random numbers (``random_state``: StandardLoader's random crops and flips)
+    keeps them reproducible across a stop: :meth:`state` is DALI's checkpoint of the pipeline (its random
+    generators; ``enable_checkpointing``) with the batch it is at, :meth:`restore` makes the next pipeline built
+    go on from there, and a pipeline released between epochs keeps its state the same way. A resumed training
+    run therefore sees the crops an uninterrupted one would have seen. Loaders that replay stored crops have no
+    random state: their batches are a function of (seed, epoch, rank) alone.
+    """
 
     output_names: tuple[str, ...] = ()
+    random_state: bool = False
 
     def __init__(self, reader: ImageReader, *, device: str, num_threads: int | None, device_id: int | None,
                  prefetch_queue_depth: int, decoder: graphs.DecoderOptions | None = None):
@@ -80,6 +107,10 @@ class _DaliLoader:
         self.start_batch = 0
         self._pipe = None
         self._at_boundary = False  # the built pipeline has finished an epoch: a reset is enough
+        self._kept: dict | None = None  # random state for the next pipeline built (restore / release)
+        self._checkpoint: bytes | None = None  # DALI checkpoint the next _new_pipeline() starts from
+        # (epoch, plan rows skipped when its pipeline epoch began, next batch of the epoch's plan)
+        self._position = (0, 0, 0)
 
     @property
     def batch_size(self) -> int:
@@ -105,9 +136,59 @@ class _DaliLoader:
         raise NotImplementedError
 
     def _pipeline_args(self) -> dict:
-        return dict(batch_size=self.reader.batch_size, num_threads=self.num_threads, device_id=self.device_id,
+        args = dict(batch_size=self.reader.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                     prefetch_queue_depth=self.prefetch_queue_depth,
                     seed=self.reader.seed + 1000 * self.reader.rank, exec_dynamic=True)
+        if self.random_state:
+            args["enable_checkpointing"] = True
+            if self._checkpoint is not None:
+                args["checkpoint"], self._checkpoint = self._checkpoint, None
+        return args
+
+    # ------------------------------------------------------------------ random state across a stop
+    def state(self) -> dict | None:
+        """What a training checkpoint keeps of this loader so that a resumed run draws the same random crops: the
+        pipeline's DALI checkpoint and where it is (epoch, batch). None without random state, or before the
+        loader first ran (a new loader then starts where this one would have)."""
+        if not self.random_state:
+            return None
+        if self._pipe is None:
+            return self._kept
+        epoch, offset, batch = self._position
+        return {"pipeline": self._pipe.checkpoint(), "epoch": epoch, "offset": offset, "batch": batch,
+                "at_end": self._at_boundary}
+
+    def restore(self, state: dict | None) -> None:
+        """Go on from ``state`` (:meth:`state` of a loader like this one, e.g. from a checkpoint): the next
+        iteration builds its pipeline from it. It applies when that iteration starts the epoch after the one
+        the state ended, or continues that epoch at its batch (``set_epoch(epoch, start_batch)``)."""
+        if state is not None and not self.random_state:
+            raise LoaderError(f"{type(self).__name__} has no random state to restore")
+        why = None if state is None else check_loader_state(state)
+        if why:
+            raise LoaderError(f"cannot restore {type(self).__name__} from this state: {why}")
+        self.release()
+        self._kept = state
+
+    def _build(self, checkpoint: bytes | None = None):
+        self._checkpoint = checkpoint
+        pipe = self._new_pipeline()
+        pipe.build()
+        return pipe
+
+    def _at_epoch_end(self, kept: dict):
+        """A pipeline restored from ``kept``, taken at the end of an epoch, brought to that end again (it reads
+        its end-of-epoch marker), so that the next epoch starts with a reset as in the run that saved it."""
+        self.reader.start_epoch(kept["epoch"], reset=True, start_batch=kept["offset"])
+        pipe = self._build(kept["pipeline"])
+        pipe.schedule_run()
+        try:
+            handoff.take(pipe, self.device, self.device_id)
+        except StopIteration:
+            self._at_boundary = True
+            return pipe
+        raise LoaderError(f"a pipeline restored at the end of epoch {kept['epoch']} went on past it; the saved "
+                          "loader state does not belong to this loader (other data, batch size or rank?)")
 
     def _to_torch(self, outputs) -> dict[str, torch.Tensor]:
         """Each output as a torch tensor over DALI's own memory (DLPack, zero copy)."""
@@ -115,17 +196,28 @@ class _DaliLoader:
                 for name, tl in zip(self.output_names, outputs)}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        plan = self.reader.start_epoch(self.epoch, reset=True, start_batch=self.start_batch)
-        self.start_batch = 0
-        if self._pipe is not None and self._at_boundary:
-            self._pipe.reset()
-        else:  # first epoch, or the last one was abandoned half way / failed: start afresh
-            self._pipe = self._new_pipeline()
-            self._pipe.build()
+        start, self.start_batch = self.start_batch, 0
+        kept, self._kept = self._kept, None
+        first, offset = 0, start
+        if self._pipe is None and kept is not None and kept["at_end"]:
+            self._pipe = self._at_epoch_end(kept)
+        if self._pipe is None and kept is not None and (kept["epoch"], kept["batch"]) == (self.epoch, start):
+            # the restored pipeline goes on with this batch of the epoch, in the plan as it was sliced then
+            offset = kept["offset"]
+            plan = self.reader.start_epoch(self.epoch, reset=True, start_batch=offset)
+            self._pipe = self._build(kept["pipeline"])
+            first = start - offset
+        else:
+            plan = self.reader.start_epoch(self.epoch, reset=True, start_batch=start)
+            if self._pipe is not None and self._at_boundary:
+                self._pipe.reset()
+            else:  # first epoch, or the last one was abandoned half way / failed: start afresh
+                self._pipe = self._build()
         pipe = self._pipe
         self._at_boundary = False
+        self._position = (self.epoch, offset, offset + first)
         pipe.schedule_run()
-        for i in range(plan.num_batches):
+        for i in range(first, plan.num_batches):
             try:
                 outputs = handoff.take(pipe, self.device, self.device_id)
             except StopIteration:
@@ -137,6 +229,7 @@ class _DaliLoader:
             tensors = self._to_torch(outputs)
             pipe.release_outputs()
             pipe.schedule_run()
+            self._position = (self.epoch, offset, offset + i + 1)
             yield self._convert(tensors)
         try:
             handoff.take(pipe, self.device, self.device_id)
@@ -172,6 +265,8 @@ class _DaliLoader:
         iteration builds it again (a fraction of a second). Batches already taken stay valid."""
         if self._pipe is None:
             return
+        if self.random_state:
+            self._kept = self.state()  # the next pipeline built goes on drawing where this one stopped
         self._pipe = None
         self._at_boundary = False
         import gc
@@ -333,7 +428,10 @@ class EvalLoader(_SingleViewLoader):
 
 class StandardLoader(_SingleViewLoader):
     """The usual DALI ImageNet training input: fused decode + random-resized crop, flip, hard labels.
-    ``check_headers`` as for EvalLoader."""
+    ``check_headers`` as for EvalLoader. Its random crops and flips are DALI's; :meth:`state` /
+    :meth:`restore` carry them across a stop."""
+
+    random_state = True
 
     def __init__(self, root: str, files: Sequence[str] | PathTable, targets: Sequence[int], batch_size: int,
                  crop_size: int = 224, device: str = "gpu", rank: int = 0, world_size: int = 1, seed: int = 0,

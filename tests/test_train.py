@@ -194,6 +194,63 @@ def test_resume_continues_exactly(setup, tmp_path, stop):
         assert la == lb
 
 
+def _images_recording(c: TrainConfig, crash_at: tuple | None = None) -> tuple[dict | None, list]:
+    """Train with ``c`` and record each step's images; ``crash_at``: raise at the step of that position (a crash
+    after the checkpoints written so far)."""
+    trainer = Trainer(c)
+    seen, step = [], trainer.step
+
+    def recording_step(batch, lr):
+        if trainer.position == crash_at:
+            raise RuntimeError("simulated crash")
+        seen.append(batch["images"].clone())
+        return step(batch, lr)
+
+    trainer.step = recording_step
+    if crash_at is None:
+        return trainer.run(), seen
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.run()
+    return None, seen
+
+
+@pytest.mark.parametrize("stop", ["inside an epoch", "after an epoch's last step", "crash after an epoch's end"])
+def test_a_baseline_resumes_with_the_random_crops_it_would_have_drawn(setup, tmp_path, stop):
+    """The hard-label baseline's crops and flips come from DALI's random generators; their state travels in the
+    checkpoint, so a resumed run trains on the same images as an uninterrupted one, bit for bit on the CPU."""
+    kw = dict(labels="hard", softlabel_path=None, epochs=4, batch_size=16)  # 30 images: 2 steps per epoch
+    _, seen_a = _images_recording(cfg(setup, tmp_path / "a", output=str(tmp_path / "a"), **kw))
+    b = str(tmp_path / "b")
+    if stop == "crash after an epoch's end":  # the checkpoint written at the end of epoch 1 (after validation)
+        _, seen_b = _images_recording(cfg(setup, tmp_path / "b", output=b, **kw), crash_at=(2, 1))
+        seen_b = seen_b[:4]
+    else:
+        _, seen_b = _images_recording(cfg(setup, tmp_path / "b", output=b, max_steps=3 if stop == "inside an epoch"
+                                          else 4, **kw))
+    saved = torch.load(os.path.join(b, "checkpoint.pth.tar"), weights_only=True)
+    state = saved["loader_state"][0][1]
+    assert (state["epoch"], state["batch"], state["at_end"]) == \
+        {"inside an epoch": (1, 1, False), "after an epoch's last step": (1, 2, False),
+         "crash after an epoch's end": (1, 2, True)}[stop]
+    _, rest = _images_recording(cfg(setup, tmp_path / "b", output=b, resume=os.path.join(b, "checkpoint.pth.tar"),
+                                    **kw))
+    assert len(seen_b) + len(rest) == len(seen_a) == 8
+    assert all(torch.equal(x, y) for x, y in zip(seen_b + rest, seen_a))
+    assert_same_weights(_weights(tmp_path / "a" / "checkpoint.pth.tar"), _weights(tmp_path / "b" / "checkpoint.pth.tar"))
+
+
+def test_a_damaged_loader_state_is_refused_naming_the_checkpoint(setup, tmp_path):
+    kw = dict(labels="hard", softlabel_path=None, epochs=4, batch_size=16)
+    train(cfg(setup, tmp_path, max_steps=3, **kw))
+    path = tmp_path / "run" / "checkpoint.pth.tar"
+    ck = torch.load(path, weights_only=True)
+    ck["loader_state"][0][1]["batch"] = -5
+    torch.save(ck, path)
+    with pytest.raises(TrainError, match=r"checkpoint.pth.tar: the loader state of rank 0 is damaged \(loader 1: "
+                                         r"its epoch, offset and batch are not a position"):
+        train(cfg(setup, tmp_path, resume=str(path), **kw))
+
+
 @pytest.mark.slow
 def test_checkpoint_epochs_saves_less_and_a_crash_resumes_cleanly(setup, tmp_path, monkeypatch):
     """checkpoint_epochs=3: the checkpoint is written at the first segment end 3 epochs after the last one and at
