@@ -28,7 +28,13 @@ def mix(images: torch.Tensor, soft: torch.Tensor, cfg: MixConfig, seed: int, ste
     out, perm, lam, kind = mix_images(images, cfg, seed, step)
     if perm is None:
         return images, soft, kind
-    return out, soft.mul(lam).add_(soft[perm], alpha=1.0 - lam), f"{kind} lam={lam:.3f}"
+    return out, mix_labels(soft, perm, lam), f"{kind} lam={lam:.3f}"
+
+
+def mix_labels(labels: torch.Tensor, perm: torch.Tensor, lam: float) -> torch.Tensor:
+    """``lam * labels + (1 - lam) * labels[perm]``, the labels of images mixed by :func:`mix_images` (a new
+    tensor; ``labels`` is not modified)."""
+    return labels.mul(lam).add_(labels[perm], alpha=1.0 - lam)
 
 
 def mix_images(images: torch.Tensor, cfg: MixConfig, seed: int, step: int):

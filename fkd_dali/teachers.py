@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .checkpoint import TRUSTED_FIX, refused, state_mismatch, strip_ddp_prefix
+from .models import torchvision_models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,11 +83,6 @@ def _torchvision():
     """torchvision, imported when a teacher needs it (~1.7 s: a TorchScript or exported teacher does not)."""
     import torchvision  # noqa: PLC0415
     return torchvision
-
-
-def torchvision_models() -> set[str]:
-    torchvision = _torchvision()
-    return set(torchvision.models.list_models(module=torchvision.models))
 
 
 def _timm():

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..mixing import mix_labels
 from ..schedule import Segment, plain_segments
 from ..soft_labels import soft_cross_entropy
 
@@ -163,4 +164,4 @@ def mixed(targets: torch.Tensor, mix: Mix | None) -> torch.Tensor:
     if mix is None:
         return targets
     with torch.no_grad():
-        return targets.mul(mix.lam).add_(targets[mix.perm], alpha=1.0 - mix.lam)
+        return mix_labels(targets, mix.perm, mix.lam)
