@@ -167,7 +167,7 @@ class _DaliLoader:
         why = None if state is None else check_loader_state(state)
         if why:
             raise LoaderError(f"cannot restore {type(self).__name__} from this state: {why}")
-        self.release()
+        self.release(keep_state=False)
         self._kept = state
 
     def _build(self, checkpoint: bytes | None = None):
@@ -260,12 +260,13 @@ class _DaliLoader:
         return LoaderError(f"DALI failed on batch {i} of epoch {plan.epoch} ({last}); every file of the batch "
                            f"decodes with Pillow, so the cause is not a corrupt image. Full error: {msg[:2000]}")
 
-    def release(self) -> None:
+    def release(self, keep_state: bool = True) -> None:
         """Free the pipeline (its threads, decoder state and buffers) while the loader is not in use; the next
-        iteration builds it again (a fraction of a second). Batches already taken stay valid."""
+        iteration builds it again (a fraction of a second), going on with its random state unless ``keep_state``
+        is False. Batches already taken stay valid."""
         if self._pipe is None:
             return
-        if self.random_state:
+        if self.random_state and keep_state:
             self._kept = self.state()  # the next pipeline built goes on drawing where this one stopped
         self._pipe = None
         self._at_boundary = False
@@ -276,7 +277,7 @@ class _DaliLoader:
         ReleaseUnusedMemory()  # and hand DALI's pooled (device / pinned) memory back
 
     def close(self) -> None:
-        self.release()
+        self.release(keep_state=False)
 
 
 class FKDLoader(_DaliLoader):
