@@ -156,18 +156,29 @@ def _weights(path):
     return torch.load(path, weights_only=False)["state_dict"]
 
 
-def run_recording(c: TrainConfig) -> tuple[dict, list]:
-    """Train with ``c`` and record what each step trained on: (store rows, crop ids) per crop."""
+def stored_crops(batch) -> tuple[list, list]:
+    """What an FKD step trained on: (store rows, crop ids) per crop."""
+    return batch["indices"].tolist(), batch["crop_ids"].tolist()
+
+
+def run_recording(c: TrainConfig, record=stored_crops, crash_at: tuple | None = None) -> tuple[dict | None, list]:
+    """Train with ``c`` and record ``record(batch)`` of each step; ``crash_at``: raise at the step of that position
+    (a crash after the checkpoints written so far; the result is then None)."""
     trainer = Trainer(c)
-    seen = []
-    step = trainer.step
+    seen, step = [], trainer.step
 
     def recording_step(batch, lr):
-        seen.append((batch["indices"].tolist(), batch["crop_ids"].tolist()))
+        if trainer.position == crash_at:
+            raise RuntimeError("simulated crash")
+        seen.append(record(batch))
         return step(batch, lr)
 
     trainer.step = recording_step
-    return trainer.run(), seen
+    if crash_at is None:
+        return trainer.run(), seen
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer.run()
+    return None, seen
 
 
 @pytest.mark.slow
@@ -194,24 +205,8 @@ def test_resume_continues_exactly(setup, tmp_path, stop):
         assert la == lb
 
 
-def _images_recording(c: TrainConfig, crash_at: tuple | None = None) -> tuple[dict | None, list]:
-    """Train with ``c`` and record each step's images; ``crash_at``: raise at the step of that position (a crash
-    after the checkpoints written so far)."""
-    trainer = Trainer(c)
-    seen, step = [], trainer.step
-
-    def recording_step(batch, lr):
-        if trainer.position == crash_at:
-            raise RuntimeError("simulated crash")
-        seen.append(batch["images"].clone())
-        return step(batch, lr)
-
-    trainer.step = recording_step
-    if crash_at is None:
-        return trainer.run(), seen
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        trainer.run()
-    return None, seen
+def images(batch) -> torch.Tensor:
+    return batch["images"].clone()
 
 
 @pytest.mark.parametrize("stop", ["inside an epoch", "after an epoch's last step", "crash after an epoch's end"])
@@ -219,21 +214,21 @@ def test_a_baseline_resumes_with_the_random_crops_it_would_have_drawn(setup, tmp
     """The hard-label baseline's crops and flips come from DALI's random generators; their state travels in the
     checkpoint, so a resumed run trains on the same images as an uninterrupted one, bit for bit on the CPU."""
     kw = dict(labels="hard", softlabel_path=None, epochs=4, batch_size=16)  # 30 images: 2 steps per epoch
-    _, seen_a = _images_recording(cfg(setup, tmp_path / "a", output=str(tmp_path / "a"), **kw))
+    _, seen_a = run_recording(cfg(setup, tmp_path / "a", output=str(tmp_path / "a"), **kw), images)
     b = str(tmp_path / "b")
     if stop == "crash after an epoch's end":  # the checkpoint written at the end of epoch 1 (after validation)
-        _, seen_b = _images_recording(cfg(setup, tmp_path / "b", output=b, **kw), crash_at=(2, 1))
+        _, seen_b = run_recording(cfg(setup, tmp_path / "b", output=b, **kw), images, crash_at=(2, 1))
         seen_b = seen_b[:4]
     else:
-        _, seen_b = _images_recording(cfg(setup, tmp_path / "b", output=b, max_steps=3 if stop == "inside an epoch"
-                                          else 4, **kw))
+        _, seen_b = run_recording(cfg(setup, tmp_path / "b", output=b, max_steps=3 if stop == "inside an epoch"
+                                      else 4, **kw), images)
     saved = torch.load(os.path.join(b, "checkpoint.pth.tar"), weights_only=True)
     state = saved["loader_state"][0][1]
     assert (state["epoch"], state["batch"], state["at_end"]) == \
         {"inside an epoch": (1, 1, False), "after an epoch's last step": (1, 2, False),
          "crash after an epoch's end": (1, 2, True)}[stop]
-    _, rest = _images_recording(cfg(setup, tmp_path / "b", output=b, resume=os.path.join(b, "checkpoint.pth.tar"),
-                                    **kw))
+    _, rest = run_recording(cfg(setup, tmp_path / "b", output=b, resume=os.path.join(b, "checkpoint.pth.tar"), **kw),
+                            images)
     assert len(seen_b) + len(rest) == len(seen_a) == 8
     assert all(torch.equal(x, y) for x, y in zip(seen_b + rest, seen_a))
     assert_same_weights(_weights(tmp_path / "a" / "checkpoint.pth.tar"), _weights(tmp_path / "b" / "checkpoint.pth.tar"))
@@ -269,18 +264,9 @@ def test_checkpoint_epochs_saves_less_and_a_crash_resumes_cleanly(setup, tmp_pat
     train(cfg(setup, tmp_path / "c", output=str(tmp_path / "c"), checkpoint_epochs=3))
     assert [seg for seg, last in writes if last] == [2, 4], writes
 
-    crashing = Trainer(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), checkpoint_epochs=3))
-    seen_b, step = [], crashing.step
-
-    def step_then_crash(batch, lr):
-        if crashing.position == (3, 0):  # the last segment's first step: segment 2's end was not saved
-            raise RuntimeError("simulated crash")
-        seen_b.append((batch["indices"].tolist(), batch["crop_ids"].tolist()))
-        return step(batch, lr)
-
-    crashing.step = step_then_crash
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        crashing.run()
+    # a crash at the last segment's first step: segment 2's end was not saved
+    _, seen_b = run_recording(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), checkpoint_epochs=3),
+                              crash_at=(3, 0))
     assert len(open(tmp_path / "b" / "log.jsonl").readlines()) == 3  # segments 0-2 logged, 0-1 checkpointed
     _, rest = run_recording(cfg(setup, tmp_path / "b", output=str(tmp_path / "b"), checkpoint_epochs=3,
                                 resume=str(tmp_path / "b" / "checkpoint.pth.tar")))
