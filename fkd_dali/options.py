@@ -67,18 +67,21 @@ def generate_config(args: argparse.Namespace):
 def train_config(args: argparse.Namespace):
     """The TrainConfig of a parsed ``train`` command line (imports torch)."""
     from .models import is_transformer
-    from .train_config import recipe_config
+    from .train_config import choose_recipe, recipe_config
     if args.multiprocessing_distributed or (args.world_size and args.world_size > 1):
         raise ValueError("launch multi-GPU training with torchrun: torchrun --nproc_per_node N train.py ... "
                          "(--multiprocessing-distributed/--world-size/--dist-url are FKD's mp.spawn flags)")
     if args.pretrained:
         raise ValueError("--pretrained takes a weights name here: --pretrained-weights NAME (torchvision's, e.g. "
                          "IMAGENET1K_V1, from the local hub cache), or --init-from CHECKPOINT")
+    meal_options = meal_v2_spellings(args)
+    recipe = choose_recipe(args.recipe, meal_options)
     mix_fields = mixing(args)
     cos = True if args.cos or args.sched == "cosine" else False if args.sched == "step" else \
-        (None if args.recipe != "fkd" else is_transformer(args.arch))  # FKD: cosine for ViTs, steps for CNNs
+        (None if recipe != "fkd" else is_transformer(args.arch))  # FKD: cosine for ViTs, steps for CNNs
     return recipe_config(
-        args.recipe, init_from=args.init_from, pretrained_weights=args.pretrained_weights,
+        recipe, recipe_from=tuple(meal_options) if args.recipe is None else (), unused=unused_meal_options(args),
+        init_from=args.init_from, pretrained_weights=args.pretrained_weights,
         use_discriminator_loss=args.use_discriminator_loss, d_lr=args.d_lr,
         data=args.data, arch=args.arch, labels=args.labels, softlabel_path=args.softlabel_path,
         soft_label_type=args.soft_label_type, temperature=args.temp, num_crops=args.num_crops,
@@ -102,6 +105,7 @@ def train_config(args: argparse.Namespace):
 def prepare_train(args: argparse.Namespace):
     """The TrainConfig and the dataset scan of a parsed ``train`` command line, the scan started first."""
     from .dataset import DatasetError, start_train_scan
+    meal_v2_spellings(args)  # DATA may be MEAL V2's --imagenet
     # The dataset scan (a child process on a large dataset) runs while torch, DALI and the model zoo import.
     try:
         scan = start_train_scan(args.data, args.evaluate)
@@ -114,6 +118,41 @@ def prepare_train(args: argparse.Namespace):
             scan.cancel()
         raise
     return cfg, scan
+
+
+def meal_v2_spellings(args: argparse.Namespace) -> list[str]:
+    """Take MEAL V2's spellings of ``train``'s options (``--imagenet DATA``, ``--student-state-file``) as ours, in
+    ``args``; returns the options of MEAL V2's own that the command line uses. Without ``--recipe`` they choose
+    MEAL V2's recipe (:func:`fkd_dali.train_config.choose_recipe`): MEAL V2's spellings, or its discriminator
+    on a trained start. Calling it again changes nothing."""
+    used = []
+    for flag, theirs, ours in (("--imagenet", "imagenet", "data"), ("--student-state-file", "student_state_file",
+                                                                     "init_from")):
+        value = getattr(args, theirs)
+        if value is None:
+            continue
+        used.append(flag)
+        if getattr(args, ours) not in (None, value):
+            given = "DATA" if ours == "data" else "--init-from"
+            raise ValueError(f"{flag} {value} and {given} {getattr(args, ours)} name two different "
+                             f"{'datasets' if ours == 'data' else 'starting checkpoints'}: give one of them")
+        setattr(args, ours, value)
+    if args.data is None:
+        raise ValueError("the dataset is missing: give DATA, the folder holding train/ and val/ (MEAL V2's "
+                         "spelling, --imagenet DATA, works too)")
+    used += [flag for flag, dest in MEAL_V2_UNUSED if getattr(args, dest) is not None]
+    if args.use_discriminator_loss and (args.init_from or args.pretrained_weights) and not used:
+        used.append("--use-discriminator-loss on a trained start")
+    return used
+
+
+# MEAL V2's options that its FKD_train.py parses and never uses (its soft labels come from --softlabel_path):
+# accepted, recorded in the run's configuration, and said so when the run starts.
+MEAL_V2_UNUSED = (("--teacher-model", "teacher_model"), ("--teacher-state-file", "teacher_state_file"))
+
+
+def unused_meal_options(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(f"{flag} {getattr(args, dest)}" for flag, dest in MEAL_V2_UNUSED if getattr(args, dest) is not None)
 
 
 def mixing(args: argparse.Namespace) -> dict:
@@ -159,7 +198,8 @@ def bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
 
 
 def add_train_args(t: argparse.ArgumentParser) -> None:
-    t.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
+    t.add_argument("data", metavar="DATA", nargs="?", help="dataset root holding train/ and val/")
+    t.add_argument("--imagenet", metavar="DATA", help="MEAL V2's spelling of DATA")
     t.add_argument("-a", "--arch", "--model", dest="arch", default="resnet50",
                    help="student: a torchvision model, deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S")
     t.add_argument("--softlabel-path", "--softlabel_path", dest="softlabel_path", help="the label store")
@@ -169,13 +209,21 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--soft-label-type", "--soft_label_type", dest="soft_label_type", default="marginal_smoothing_k5",
                    help="hard, smoothing, marginal_smoothing_kK, marginal_renorm(_kK), full (FKD's names accepted)")
     t.add_argument("--temp", type=float, default=1.0, help="temperature on the student's logits")
-    t.add_argument("--recipe", choices=("fkd", "meal-v2"), default="fkd",
-                   help="defaults of every option not given: fkd (FKD's, default) or meal-v2 (MEAL V2's FKD_train.py: "
+    t.add_argument("--recipe", choices=("fkd", "meal-v2"),
+                   help="defaults of every option not given: fkd (FKD's) or meal-v2 (MEAL V2's FKD_train.py: "
                         "8 crops, -b 512, 200 epochs, lr 0.01 x0.1 at 100 and 180, no weight decay, the "
-                        "discriminator on; needs --init-from or --pretrained-weights)")
-    t.add_argument("--init-from", "--student-state-file", dest="init_from", metavar="CHECKPOINT",
+                        "discriminator on; needs --init-from or --pretrained-weights). Default: meal-v2 when the "
+                        "command uses MEAL V2's own options (--imagenet, --student-state-file, --teacher-model, or "
+                        "--use-discriminator-loss on a trained start), fkd otherwise; the run says which")
+    t.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
                    help="start the student from these weights (ours, FKD's, MEAL V2's or a torchvision state_dict; "
                         "same architecture and classes)")
+    t.add_argument("--student-state-file", dest="student_state_file", metavar="CHECKPOINT",
+                   help="MEAL V2's spelling of --init-from")
+    t.add_argument("--teacher-model", dest="teacher_model",
+                   help="MEAL V2's: accepted and not used (the soft labels in --softlabel-path are the teachers'; "
+                        "MEAL V2's FKD_train.py does not read it either)")
+    t.add_argument("--teacher-state-file", dest="teacher_state_file", help="MEAL V2's: as --teacher-model")
     t.add_argument("--pretrained-weights", dest="pretrained_weights", metavar="NAME",
                    help="start the student from torchvision's weights NAME (e.g. IMAGENET1K_V1) in the local hub "
                         "cache; their classes must be the run's")

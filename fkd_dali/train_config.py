@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from pipelines import DecoderOptions
@@ -84,6 +85,8 @@ class TrainConfig:
     pretrained_weights: str | None = None  # ... or torchvision's published weights, from the local hub cache
     use_discriminator_loss: bool = False  # MEAL V2's discriminator on the student's softmax vs the soft labels
     d_lr: float = 1e-4  # the discriminator's own (constant) learning rate
+    recipe_from: tuple[str, ...] = ()  # the options of MEAL V2's own that chose the recipe (--recipe not given)
+    unused: tuple[str, ...] = ()  # options accepted for MEAL V2's command line and not used (e.g. --teacher-model)
 
     def resolved(self) -> "TrainConfig":
         """Fill the defaults that depend on the architecture family (FKD's CNN vs ViT recipes)."""
@@ -111,6 +114,17 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # of ke
 RECIPES: dict[str, dict[str, Any]] = {"fkd": {}, "meal-v2": meal.RECIPE}
 
 
+def choose_recipe(recipe: str | None, meal_options: Sequence[str]) -> str:
+    """``--recipe`` as given; when it is not: meal-v2 if the command line uses options of MEAL V2's own
+    (``meal_options``: its spellings, or its discriminator on a trained start), else fkd. A user of MEAL V2 who
+    types MEAL V2's command expects MEAL V2's defaults (lr 0.01, no weight decay), not FKD's (lr 0.1, wd 1e-4,
+    made for a student trained from scratch, which would undo a trained start); the run says which it took
+    (:func:`notes`), and the choice is recorded, so the same command resumes the same plan."""
+    if recipe is not None:
+        return recipe
+    return "meal-v2" if meal_options else "fkd"
+
+
 def recipe_config(recipe: str = "fkd", **options) -> TrainConfig:
     """A TrainConfig with ``recipe``'s defaults under ``options`` (an option left None takes the recipe's
     default, then TrainConfig's)."""
@@ -131,9 +145,12 @@ def check(cfg: TrainConfig) -> None:
     if cfg.recipe == "meal-v2" and cfg.labels != "fkd":
         raise TrainError(MEAL_NEEDS_STORE)
     if cfg.recipe == "meal-v2" and not (cfg.init_from or cfg.pretrained_weights or cfg.resume or cfg.evaluate):
-        raise TrainError("--recipe meal-v2 distils into a student that is already trained: pass --init-from "
-                         "CHECKPOINT (e.g. a hard-label run of this dataset) or --pretrained-weights NAME; to "
-                         "start from scratch, use the default recipe (with --use-discriminator-loss if wanted)")
+        chosen = f" (chosen by MEAL V2's {', '.join(cfg.recipe_from)})" if cfg.recipe_from else ""
+        raise TrainError(f"--recipe meal-v2{chosen} distils into a student that is already trained: pass "
+                         "--init-from CHECKPOINT (alias --student-state-file; e.g. a hard-label run of this dataset) "
+                         "or --pretrained-weights NAME (MEAL V2's FKD_train.py silently starts from timm's "
+                         "pretrained --model; here the start is named); to start from scratch, pass --recipe fkd "
+                         "(with --use-discriminator-loss if wanted)")
     if cfg.progress_style not in ("epoch", "run"):
         raise TrainError(f"progress_style must be epoch or run, got {cfg.progress_style!r}")
     if cfg.eval_every < 1:
@@ -145,6 +162,23 @@ def check(cfg: TrainConfig) -> None:
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise TrainError(f"--max-steps {cfg.max_steps}: give at least 1 step (or leave it out to train the "
                          "whole plan)")
+
+
+def notes(cfg: TrainConfig) -> list[str]:
+    """What a run says when it starts about options it chose or did not use (``cfg`` resolved)."""
+    out = []
+    values = f"lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, {cfg.num_crops} crops, -b {cfg.batch_size}, " \
+             f"{cfg.epochs} epochs, discriminator {'on' if cfg.use_discriminator_loss else 'off'}"
+    if cfg.recipe_from:
+        out.append(f"recipe meal-v2 ({values}): chosen because the command uses MEAL V2's "
+                   f"{', '.join(cfg.recipe_from)}; pass --recipe fkd for FKD's defaults")
+    elif cfg.recipe == "fkd" and cfg.use_discriminator_loss:
+        out.append(f"recipe fkd ({values}): FKD's defaults, for a student trained from scratch; MEAL V2's "
+                   "(lr 0.01, no weight decay, from a trained student) are --recipe meal-v2 with --init-from")
+    if cfg.unused:
+        out.append(f"{', '.join(cfg.unused)}: accepted for MEAL V2's command line and not used: the soft labels "
+                   f"come from --softlabel-path {cfg.softlabel_path} (MEAL V2's FKD_train.py does not read it either)")
+    return out
 
 
 MEAL_NEEDS_STORE = ("--recipe meal-v2 and --use-discriminator-loss train on stored soft labels: use them with "

@@ -26,7 +26,7 @@ from .interrupt import GracefulStop
 from .mixing import MixConfig
 from .objectives.base import Objective
 from .schedule import LRSchedule
-from .train_config import DEFAULTS, PLAN_KEYS, TrainConfig, TrainError, check
+from .train_config import DEFAULTS, PLAN_KEYS, TrainConfig, TrainError, check, notes
 
 
 class Trainer:
@@ -67,6 +67,9 @@ class Trainer:
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device == "gpu"
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.main = self.dist.is_main
+        if self.main and not cfg.evaluate:
+            for line in notes(cfg):
+                print(line, flush=True)
         self.train_set = None
         self.objective = objective
         self.segments = objective.segments()
@@ -259,8 +262,12 @@ class Trainer:
         if ckpt.get("world_size") != self.dist.world_size:
             diffs.append(f"ranks: {ckpt.get('world_size')} -> {self.dist.world_size}")
         if diffs:
-            raise TrainError(f"{path} was made by a run with other settings ({'; '.join(diffs)}); resume with the same "
-                             "options to continue it exactly")
+            made_recipe = made.get("recipe", DEFAULTS["recipe"])
+            chosen = (f" (--recipe {self.cfg.recipe} was chosen by {', '.join(self.cfg.recipe_from)}: pass --recipe "
+                      f"{made_recipe} to continue this run)") if self.cfg.recipe_from and made_recipe != self.cfg.recipe \
+                else ""
+            raise TrainError(f"{path} was made by a run with other settings ({'; '.join(diffs)}){chosen}; resume with "
+                             "the same options to continue it exactly")
         self.objective.load_state_dict(ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None and ckpt.get("ema") is not None:

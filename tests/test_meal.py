@@ -251,3 +251,64 @@ def test_ddp_keeps_the_discriminators_in_step(world, tmp_path):
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- MEAL V2's command line
+def meal_v2_readme_command(w, out: str) -> list[str]:
+    """MEAL V2's README command for FKD_train.py, word for word but for the sizes (tiny data, tiny student)."""
+    return ["--save", out, "--batch-size", "16", "-j", "2", "--model", "tiny_cnn", "--epochs", "2",
+            "--teacher-model", "gluon_senet154,gluon_resnet152_v1s", "--imagenet", w["data"], "--num_crops", "2",
+            "--soft_label_type", "marginal_smoothing_k5", "--softlabel_path", w["store"], "--schedule", "1", "2",
+            "--use-discriminator-loss", "--image-size", "32", "--device", DEVICE]
+
+
+def test_meal_v2s_readme_command_runs(world, tmp_path, capsys):
+    """--imagenet is DATA; --teacher-model is accepted, recorded and said to be unused (MEAL V2's FKD_train.py
+    passes it to create_model(..., FKD=True), which ignores it). MEAL V2 starts its student from timm's
+    pretrained --model without saying so: here the start is named, and a command without one is refused saying
+    which option gives it."""
+    cmd = meal_v2_readme_command(world, str(tmp_path / "run"))
+    assert main(["train"] + cmd) == 1
+    err = capsys.readouterr().err
+    assert "--recipe meal-v2 (chosen by MEAL V2's --imagenet, --teacher-model)" in err and "--student-state-file" in err
+    assert main(["train"] + cmd + ["--student-state-file", world["init"]]) == 0
+    out = capsys.readouterr().out
+    assert "recipe meal-v2 (lr 0.01, weight decay 0," in out and "chosen because the command uses MEAL V2's" in out
+    assert "--teacher-model gluon_senet154,gluon_resnet152_v1s: accepted for MEAL V2's command line and not used" in out
+    ck = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
+    assert ck["config"]["data"] == world["data"] and ck["config"]["unused"] == (
+        "--teacher-model gluon_senet154,gluon_resnet152_v1s",)
+    assert "discriminator" in ck and ck["epoch"] == 2
+
+
+def test_meal_v2s_options_choose_its_recipe_and_resume_agrees(world, tmp_path, monkeypatch, capsys):
+    """MEAL V2's flags without --recipe train with MEAL V2's lr 0.01 and no weight decay (its opts.py), not FKD's
+    0.1 and 1e-4, and the run says so; --lr / --wd given still win. The same command resumes its run; a run made
+    with FKD's recipe is refused by the inferred one, naming the --recipe that continues it."""
+    got = _parsed("--student-state-file S.pth --use-discriminator-loss --softlabel-path STORE DATA", monkeypatch)
+    assert (got.recipe, got.lr, got.weight_decay, got.init_from, got.recipe_from) == \
+        ("meal-v2", 0.01, 0.0, "S.pth", ("--student-state-file",))
+    got = _parsed("--init-from S.pth --use-discriminator-loss --lr 0.05 --wd 1e-5 --softlabel-path STORE DATA",
+                  monkeypatch)
+    assert (got.recipe, got.lr, got.weight_decay) == ("meal-v2", 0.05, 1e-5)
+    got = _parsed("--use-discriminator-loss --softlabel-path STORE DATA", monkeypatch)  # from scratch: FKD's
+    assert (got.recipe, got.lr, got.weight_decay) == ("fkd", 0.1, 1e-4)
+    got = _parsed("--recipe fkd --student-state-file S.pth --softlabel-path STORE DATA", monkeypatch)
+    assert (got.recipe, got.lr, got.recipe_from) == ("fkd", 0.1, ())
+    monkeypatch.undo()
+    out = str(tmp_path / "run")
+    cmd = ["train", "--student-state-file", world["init"], "--use-discriminator-loss", "--softlabel-path",
+           world["store"], "-a", "tiny_cnn", "--num-crops", "2", "-b", "16", "--epochs", "2", "--input-size", "32",
+           "--device", DEVICE, "--save", out, "-q", world["data"]]
+    assert main(cmd + ["--max-steps", "2"]) == 0
+    assert "recipe meal-v2 (lr 0.01, weight decay 0," in capsys.readouterr().out
+    assert main(cmd + ["--resume", os.path.join(out, "checkpoint.pth.tar")]) == 0
+    ck = torch.load(os.path.join(out, "checkpoint.pth.tar"), weights_only=True)
+    assert ck["global_step"] == 4 and (ck["config"]["recipe"], ck["config"]["lr"]) == ("meal-v2", 0.01)
+    fkd_run = str(tmp_path / "fkd")
+    assert main(cmd[:-4] + ["--save", fkd_run, "-q", "--recipe", "fkd", "--max-steps", "1", world["data"]]) == 0
+    capsys.readouterr()
+    assert main(cmd[:-4] + ["--save", fkd_run, "-q", "--resume", os.path.join(fkd_run, "checkpoint.pth.tar"),
+                            world["data"]]) == 1
+    err = capsys.readouterr().err
+    assert "recipe: 'fkd' -> 'meal-v2'" in err and "pass --recipe fkd to continue this run" in err, err
