@@ -55,9 +55,17 @@ def _cmd_import_fkd(args: argparse.Namespace) -> int:
 def _cmd_export_fkd(args: argparse.Namespace) -> int:
     from .fkd_format import export_fkd
     rep = export_fkd(args.store, args.out, fp16=args.fp16, label_type=args.label_type, arrays="numpy" if args.numpy
-                     else "torch", overwrite=args.overwrite)
-    print(f"wrote {rep.written} FKD label files ({rep.layout} layout) under {args.out}; FKD's trainer reads them with "
-          f"--softlabel_path {args.out} --soft_label_type {rep.fkd_label_type}"
+                     else "torch", dataset_folder=args.dataset_folder, overwrite=args.overwrite)
+    if args.dataset_folder is None:
+        readers = (f"FKD's trainer reads them with --softlabel_path {args.out} --soft_label_type {rep.fkd_label_type}. "
+                   "MEAL V2's FKD_train.py reads one folder deeper, SOFTLABEL_PATH/<last folder of its "
+                   "--imagenet>/train/...: for it, export with --dataset-folder NAME")
+    else:
+        inner = os.path.join(args.out, args.dataset_folder)
+        readers = (f"MEAL V2's FKD_train.py reads them with --softlabel_path {args.out} --imagenet "
+                   f".../{args.dataset_folder} --soft_label_type {rep.fkd_label_type} (FKD's trainer with "
+                   f"--softlabel_path {inner})")
+    print(f"wrote {rep.written} FKD label files ({rep.layout} layout) under {args.out}; {readers}"
           + ("; float16 files need FKD's loss patched (see docs/reliability.md)" if args.fp16 else ""))
     return 0
 
@@ -189,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--numpy", action="store_true",
                     help="numpy arrays, as FKD's generator writes them (torch >= 2.6 then needs weights_only=False "
                          "to load them); default: torch tensors, which any torch loads safely")
+    ex.add_argument("--dataset-folder", metavar="NAME",
+                    help="write OUT/NAME/train/<class>/<stem>.tar, the layout MEAL V2's FKD_train.py reads (NAME: the "
+                         "last folder of the --imagenet path it is given; it reads one folder deeper than FKD)")
     ex.add_argument("--overwrite", action="store_true", help="replace label files already in OUT")
     ex.set_defaults(func=_cmd_export_fkd)
 

@@ -341,9 +341,29 @@ class ExportReport:
     fkd_label_type: str  # the --soft_label_type FKD's trainer needs for these files
 
 
+def meal_v2_prefix(name: str, classes: Sequence[str]) -> str:
+    """``name`` checked as the folder MEAL V2's FKD_train.py puts between its ``--softlabel_path`` and
+    ``train/``: it reads ``os.path.join(softlabel_path, '/'.join(path.split('/')[-4:]).split('.')[0] + '.tar')``
+    for ``path = IMAGENET/train/<class>/<file>``, i.e. ``SOFTLABEL_PATH/<last folder of --imagenet>/train/<class>/
+    <stem>.tar``, cut at the first dot of that whole relative path: a dot in the folder's or a class's name
+    would make it read another file."""
+    if not name or name in (".", "..") or "/" in name or os.sep in name or "." in name:
+        raise FKDFormatError(f"--dataset-folder {name!r}: give the last folder name of the --imagenet path MEAL V2's "
+                             "FKD_train.py is given (one name without '/' or '.'; MEAL V2 cuts its label path at the "
+                             "first dot)")
+    dotted = [c for c in classes if "." in c]
+    if dotted:
+        raise FKDFormatError(f"class folder {dotted[0]!r} has a dot in its name: MEAL V2's FKD_train.py cuts its label "
+                             f"path at the first dot and would look for {name}/train/{dotted[0].split('.')[0]}.tar "
+                             f"({len(dotted)} such class folder(s)); rename them for MEAL V2")
+    return name
+
+
 def export_fkd(store_path: str, out: str, *, fp16: bool = False, label_type: str = "auto", arrays: str = "torch",
-               overwrite: bool = False, show_progress: bool = True) -> ExportReport:
-    """Write every done row of a store as FKD label files ``OUT/<split>/<class>/<stem>.tar``.
+               dataset_folder: str | None = None, overwrite: bool = False, show_progress: bool = True) -> ExportReport:
+    """Write every done row of a store as FKD label files ``OUT/<split>/<class>/<stem>.tar``, or, with
+    ``dataset_folder``, ``OUT/<dataset_folder>/<split>/<class>/<stem>.tar``: the layout MEAL V2's FKD_train.py
+    reads (:func:`meal_v2_prefix`).
 
     The default is what FKD's own trainer reads unpatched on any torch: ``[coords, flips, output]`` as torch
     tensors (torch >= 2.6 loads them with its default ``weights_only=True``; numpy arrays would need
@@ -355,6 +375,8 @@ def export_fkd(store_path: str, out: str, *, fp16: bool = False, label_type: str
     if arrays not in ("torch", "numpy"):
         raise FKDFormatError(f"arrays={arrays!r}: choose torch or numpy")
     split = store.meta.dataset_root or "train"
+    if dataset_folder is not None:
+        split = meal_v2_prefix(dataset_folder, list(store.meta.classes)) + "/train"
     dt = np.float16 if fp16 else np.float32
     files = store.files
     done = store.done()

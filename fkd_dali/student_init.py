@@ -42,13 +42,23 @@ def _check_and_load(model: torch.nn.Module, sd: dict[str, torch.Tensor], source:
         key, theirs = head
         raise InitError(
             f"{source} has {theirs} classes ('{key}' has shape {tuple(sd[key].shape)}), this run has {num_classes} "
-            f"({classes_from}). MEAL V2 distils into a student already trained on the same classes: start from a "
-            f"checkpoint trained on these {num_classes} classes (e.g. `fkd-dali train --labels hard -a {arch} ...`), "
-            "or leave --init-from/--pretrained-weights out to start from scratch")
+            f"({classes_from}). MEAL V2 distils into a student already trained on the same classes: "
+            + (_more_classes_route(theirs) if theirs > num_classes else "")
+            + f"start from a checkpoint trained on these {num_classes} classes (e.g. `fkd-dali train --labels hard "
+            f"-a {arch} ...`), or leave --init-from/--pretrained-weights out to start from scratch")
     why = checkpoint.state_mismatch(model, sd, arch)
     if why:
         raise InitError(f"{source} {why}; give the checkpoint of a {arch} (-a names the student's architecture)")
     model.load_state_dict(sd)
+
+
+def _more_classes_route(theirs: int) -> str:
+    """How to start from weights with more outputs than the run's classes (MEAL V2's checkpoints and
+    torchvision's ImageNet weights always have 1000): give the run their classes."""
+    return (f"to start from these weights, give the run their {theirs} classes — a label store generated with "
+            f"`fkd-dali generate DATA --num-classes {theirs} ...` by teachers of those {theirs} classes (e.g. "
+            f"ImageNet-1k's; accuracy then counts class folder i as their class i, see docs/reliability.md), or "
+            f"--num-classes {theirs} with --labels hard; or ")
 
 
 def init_from_checkpoint(model: torch.nn.Module, path: str, arch: str, num_classes: int, classes_from: str) -> None:

@@ -240,6 +240,33 @@ def test_a_store_generated_for_hard_labels_exports_fkd_hard_files(image_folder, 
     fkd_trainer_reads(str(tmp_path / "out" / "train" / "class_0" / "img_000.tar"), "hard", 6)
 
 
+def test_export_fkd_writes_and_names_the_layout_meal_v2_reads(image_folder, tmp_path, capsys):
+    """MEAL V2's FKD_train.py reads one folder deeper than FKD: SOFTLABEL_PATH/<last folder of --imagenet>/train/
+    <class>/<stem>.tar (its ImageFolder_FKD, written out below). The default export says so; --dataset-folder NAME
+    writes that layout, and every image's path as MEAL V2 computes it holds that image's labels."""
+    import torchvision
+    store = _store(image_folder, tmp_path, "marginal")
+    assert main(["export-fkd", store, "--out", str(tmp_path / "fkd")]) == 0
+    out = capsys.readouterr().out
+    assert "MEAL V2's FKD_train.py reads one folder deeper" in out and "--dataset-folder NAME" in out, out
+    meal = str(tmp_path / "meal")
+    assert main(["export-fkd", store, "--out", meal, "--dataset-folder", "data"]) == 0
+    out = capsys.readouterr().out
+    assert f"MEAL V2's FKD_train.py reads them with --softlabel_path {meal} --imagenet .../data --soft_label_type " \
+           "marginal_smoothing_k5" in out, out
+    imagenet = image_folder  # MEAL V2's --imagenet; its train loader is an ImageFolder of --imagenet/train
+    samples = torchvision.datasets.ImageFolder(os.path.join(imagenet, "train")).samples
+    assert len(samples) == 12
+    for path, _ in samples:  # MEAL V2's utils_FKD.ImageFolder_FKD.__getitem__, @59e6bca
+        label_path = os.path.join(meal, '/'.join(path.split('/')[-4:]).split('.')[0] + '.tar')
+        fkd = os.path.join(tmp_path, "fkd", os.path.relpath(path, imagenet)).rsplit(".", 1)[0] + ".tar"
+        for a, b in zip(torch.load(label_path), torch.load(fkd)):
+            assert torch.equal(a, b), path
+    for bad in ("my.data", "a/b", ""):
+        assert main(["export-fkd", store, "--out", str(tmp_path / "x"), "--dataset-folder", bad]) == 1
+        assert f"--dataset-folder {bad!r}: give the last folder name of the --imagenet path" in capsys.readouterr().err
+
+
 def test_fp16_and_numpy_exports_and_what_fkds_trainer_makes_of_them(image_folder, tmp_path):
     """The documented limits (docs/reliability.md): float16 files load but FKD's loss fails on their dtype
     (FKD's own --use_fp16 files too); numpy files need weights_only=False on torch >= 2.6. Hard labels stay

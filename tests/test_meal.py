@@ -312,3 +312,37 @@ def test_meal_v2s_options_choose_its_recipe_and_resume_agrees(world, tmp_path, m
                             world["data"]]) == 1
     err = capsys.readouterr().err
     assert "recipe: 'fkd' -> 'meal-v2'" in err and "pass --recipe fkd to continue this run" in err, err
+
+
+class _ThousandWay(torch.nn.Module):
+    """A teacher of 1000 classes (as MEAL V2's timm ensemble), from the crop's mean colour."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 1000, generator=torch.Generator().manual_seed(4)) * 4)
+
+    def forward(self, x):
+        return x.float().mean(dim=(2, 3)) @ self.w
+
+
+def test_a_1000_class_meal_v2_checkpoint_is_given_the_route_that_works(world, tmp_path):
+    """MEAL V2's checkpoints always have 1000 outputs: on a 10-class store the error names the route that works
+    (a store generated with --num-classes 1000 by 1000-class teachers), and that route starts the student from
+    MEAL V2's weights, tensor for tensor."""
+    torch.manual_seed(8)
+    student = create_model("tiny_cnn", 1000)
+    path = str(tmp_path / "model_state_199.pytar")  # MEAL V2's format: DataParallel's state_dict
+    torch.save({"module." + k: v for k, v in student.state_dict().items()}, path)
+    with pytest.raises(InitError, match=r"model_state_199.pytar has 1000 classes .* this run has 10 .*give the run "
+                                        r"their 1000 classes .*`fkd-dali generate DATA --num-classes 1000 \.\.\.`"):
+        Trainer(meal_cfg(world, tmp_path, init_from=path))
+    teacher = str(tmp_path / "t1000.pt")
+    torch.jit.save(torch.jit.script(_ThousandWay()), teacher)
+    store = str(tmp_path / "store1000")
+    assert main(["generate", world["data"], "--save-path", store, "-a", "torchscript", "--teacher-path", teacher,
+                 "--input-size", "32", "--num-crops", "4", "--num-seg", "4", "--num-classes", "1000",
+                 "--device", DEVICE, "-q"]) == 0
+    trainer = Trainer(meal_cfg(world, tmp_path, init_from=path, softlabel_path=store, num_crops=4))
+    assert trainer.num_classes == 1000
+    assert all(torch.equal(v.cpu(), student.state_dict()[k]) for k, v in trainer.model.state_dict().items())
+    trainer.close()
