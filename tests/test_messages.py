@@ -120,6 +120,32 @@ def test_train_shows_the_eta_of_the_whole_run(setup, tmp_path, capsys):  # noqa:
     assert lines[-1].endswith("run ETA 00:00)")  # nothing left after the last segment
 
 
+@pytest.mark.slow
+def test_progress_in_a_log_file_is_plain_lines_at_intervals(setup, tmp_path):  # noqa: F811
+    """A batch job's log (stdout and stderr a file, not a terminal): no bar redrawn with carriage returns, one plain
+    line per FKD_DALI_PROGRESS_SECONDS at most, plus the line that closes each segment's bar."""
+    import json
+    import re
+    import time
+    log, out = tmp_path / "job.log", tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=pythonpath(), FKD_DALI_PROGRESS_SECONDS="0.5")
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, "-m", "fkd_dali", "train", setup["data"], "--softlabel-path", setup["store"],
+                            "-a", "tiny_cnn", "--num-crops", "2", "-b", "16", "--epochs", "6", "--input-size", "32",
+                            "--device", DEVICE, "--output", str(out)], cwd=ROOT, env=env, stdout=f, stderr=f,
+                           timeout=300)
+    seconds = time.monotonic() - t0
+    text = log.read_bytes().decode()  # bytes: reading text would turn carriage returns into newlines
+    assert r.returncode == 0, text[-2000:]
+    assert "\r" not in text and "\x1b" not in text, repr(text[-2000:])
+    bars = [x for x in text.splitlines() if re.match(r"epoch \d+(-\d+)?: \d+/\d+ step \(\d+%\) \[", x)]
+    segments = len((out / "log.jsonl").read_text().splitlines())
+    assert segments <= len(bars) <= segments + seconds / 0.5 + 1, (segments, seconds, bars)
+    assert all("loss=" in x for x in bars if "(100%)" in x) and all("step/s" in x for x in bars), bars
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["epochs"][-1] == 6
+
+
 def test_allow_incomplete_says_what_it_leaves_out(setup, tmp_path, capsys):  # noqa: F811
     part = partial_copy(setup["store"], str(tmp_path / "part"), done=16)
     Trainer(cfg(setup, tmp_path, softlabel_path=part, allow_incomplete=True))
