@@ -76,13 +76,16 @@ def train_config(args: argparse.Namespace):
                          "IMAGENET1K_V1, from the local hub cache), or --init-from CHECKPOINT")
     meal_options = meal_v2_spellings(args)
     recipe = choose_recipe(args.recipe, meal_options)
+    discriminator = args.use_discriminator_loss
+    if args.recipe is None and recipe == "meal-v2" and discriminator is None:
+        discriminator = False  # the recipe inferred from MEAL V2's command: its FKD_train.py's default, off
     mix_fields = mixing(args)
     cos = True if args.cos or args.sched == "cosine" else False if args.sched == "step" else \
         (None if recipe != "fkd" else is_transformer(args.arch))  # FKD: cosine for ViTs, steps for CNNs
     return recipe_config(
         recipe, recipe_from=tuple(meal_options) if args.recipe is None else (), unused=unused_meal_options(args),
         init_from=args.init_from, pretrained_weights=args.pretrained_weights,
-        use_discriminator_loss=args.use_discriminator_loss, d_lr=args.d_lr,
+        use_discriminator_loss=discriminator, d_lr=args.d_lr,
         data=args.data, arch=args.arch, labels=args.labels, softlabel_path=args.softlabel_path,
         soft_label_type=args.soft_label_type, temperature=args.temp, num_crops=args.num_crops,
         batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size, opt=args.opt, lr=args.lr,

@@ -293,6 +293,10 @@ def test_meal_v2s_options_choose_its_recipe_and_resume_agrees(world, tmp_path, m
     assert (got.recipe, got.lr, got.weight_decay) == ("meal-v2", 0.05, 1e-5)
     got = _parsed("--use-discriminator-loss --softlabel-path STORE DATA", monkeypatch)  # from scratch: FKD's
     assert (got.recipe, got.lr, got.weight_decay) == ("fkd", 0.1, 1e-4)
+    got = _parsed("--student-state-file S.pth --softlabel-path STORE DATA", monkeypatch)  # MEAL V2's default: off
+    assert (got.recipe, got.lr, got.use_discriminator_loss) == ("meal-v2", 0.01, False)
+    got = _parsed("--recipe meal-v2 --init-from S.pth --softlabel-path STORE DATA", monkeypatch)  # the recipe's: on
+    assert got.use_discriminator_loss is True
     got = _parsed("--recipe fkd --student-state-file S.pth --softlabel-path STORE DATA", monkeypatch)
     assert (got.recipe, got.lr, got.recipe_from) == ("fkd", 0.1, ())
     monkeypatch.undo()
