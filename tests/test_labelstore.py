@@ -388,3 +388,12 @@ def test_summary_reports_layout_and_bytes(tmp_path):
     assert s["arrays"]["boxes"]["shards"] == [4, 12, 4] and s["bytes_per_crop"] > 0
     text = labelstore.format_summary(s)
     assert "10  x  12 crops  x  top-3 of 7 classes" in text and "teacher    name=resnet18" in text
+
+
+def test_a_store_with_a_short_relative_path_lists_its_own_files(tmp_path, monkeypatch):
+    """zarr's LocalStore lists keys by deleting every "ROOT/" in the paths it finds: a store opened as "s" saw
+    "s/boxes/c/0/0/0" as "boxec/0/0/0" and reported its files lost."""
+    filled_store(str(tmp_path / "s"), n=12, c=8, rows_per_shard=4)
+    monkeypatch.chdir(tmp_path)
+    assert open_store("s").verify(workers=1)["rows_checked"] == 12
+    assert open_store("s").read_round(0, 4).boxes.shape == (12, 4, 4)
