@@ -18,7 +18,7 @@ from zarr.abc.store import Store
 from .bounds import check_bounds
 from .errors import StoreFormatError, StoreNotFoundError
 from .location import location
-from .paths import check_name, check_names
+from .paths import check_name, check_names, check_no_links
 from .pathtable import PathTable
 from .reading import StoreReading
 from .schema import ALL_ARRAYS, ATTR_KEY, FILES_CHUNK, SCHEMA_VERSION, Layout, StoreMeta
@@ -47,6 +47,8 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
                 "is not a Zarr v3 group (no zarr.json)"
             raise StoreNotFoundError(f"{self.path} {what}: expected an fkd-dali label store, made by "
                                      "`fkd-dali generate` or `fkd-dali import-fkd`")
+        if loc.local_dir is not None:
+            check_no_links(loc.local_dir, self.path)  # nothing is read or written through a link
         try:
             self.group = zarr.open_group(loc.store, mode=mode)
         except FileNotFoundError as e:

@@ -193,3 +193,40 @@ def test_a_chunk_larger_than_memory_is_refused_before_reading(made, tmp_path):
     json.dump(m, open(meta, "w"))
     with pytest.raises(labelstore.StoreFormatError, match=r"array 'done' has chunks of shape \(1000000000000,\)"):
         labelstore.open_store(made["store"])
+
+
+def test_a_store_never_reads_or_writes_through_a_symlink(made, tmp_path, capsys):
+    """Issue 23, items 1-2: a downloaded store whose lock file (or a chunk folder) links outside it. `generate`
+    (on a complete store too) and `inspect --clear-rows` wrote the lock's JSON into the linked file, and
+    `generate` wrote chunk files into a linked folder. Every command now refuses a link inside a store."""
+    s = made["store"]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.remove(os.path.join(s, "done", "writer.lock"))
+    os.symlink(victim, os.path.join(s, "done", "writer.lock"))
+    gen = every_command(made, tmp_path)["generate (resume)"]
+    for args in (gen, ["inspect", s, "--clear-rows", "0:8"], ["inspect", s]):
+        rc, err = cli(capsys, *args)
+        assert rc == 1 and f"done/writer.lock is a symbolic link (to {victim})" in err and "cp -rL" in err, err
+    assert victim.read_text() == "precious"  # untouched
+    os.remove(os.path.join(s, "done", "writer.lock"))
+    os.symlink(tmp_path / "missing.txt", os.path.join(s, "done", "writer.lock"))  # a link to nothing: not created
+    assert cli(capsys, *gen)[0] == 1 and not (tmp_path / "missing.txt").exists()
+    os.remove(os.path.join(s, "done", "writer.lock"))
+
+    outside = tmp_path / "outside"
+    shutil.move(os.path.join(s, "topk_val", "c"), outside)
+    os.symlink(outside, os.path.join(s, "topk_val", "c"))
+    before = sorted(str(p) for p in outside.rglob("*"))
+    for name, args in every_command(made, tmp_path).items():
+        rc, err = cli(capsys, *args)
+        assert rc == 1 and f"topk_val/c is a symbolic link (to {outside})" in err, (name, err[-2000:])
+    rc, err = cli(capsys, "inspect", s, "--clear-rows", "0:8")
+    assert rc == 1 and "topk_val/c is a symbolic link" in err
+    assert sorted(str(p) for p in outside.rglob("*")) == before
+    os.remove(os.path.join(s, "topk_val", "c"))
+    shutil.move(outside, os.path.join(s, "topk_val", "c"))
+    assert cli(capsys, "inspect", s, "--verify")[0] == 0  # the real folder back: a sound store
+
+    os.symlink(s, tmp_path / "link-to-store")  # the store's own path may be a link (the user made it)
+    assert cli(capsys, "inspect", str(tmp_path / "link-to-store"), "--verify")[0] == 0
