@@ -42,15 +42,29 @@ def _why_bad(name: str) -> str | None:
     return None
 
 
+def _holds_nul(arr: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """Per name: whether it holds a NUL (no file can have one in its path). numpy pads fixed-width strings with
+    NULs (and its string functions ignore "\0"), so a NUL code point before a name's end is looked for."""
+    out = np.zeros(arr.shape, bool)
+    width = arr.dtype.itemsize // 4
+    if width == 0:
+        return out
+    lengths = np.char.str_len(arr)
+    codes = arr.reshape(-1).view(np.uint32).reshape(-1, width)
+    for a in range(0, len(codes), block):
+        inside = np.arange(width) < lengths.reshape(-1)[a:a + block, None]
+        out.reshape(-1)[a:a + block] = ((codes[a:a + block] == 0) & inside).any(axis=1)
+    return out
+
+
 def check_names(names: Sequence[str] | np.ndarray, where: str, what: str = "file name") -> None:
     """Refuse any name that is not a plain relative path (see the module doc), naming the first one."""
     arr = np.asarray(names, dtype=str)
     if arr.size == 0:
         return
     s = getattr(np, "strings", np.char)  # numpy 2's string ufuncs; np.char on numpy 1.x
-    # (a NUL byte cannot hide a '..' from these checks, and open() refuses a path holding one)
     bad = (s.str_len(arr) == 0) | s.startswith(arr, "/") | s.endswith(arr, "/")
-    bad |= (s.find(arr, "//") >= 0)
+    bad |= (s.find(arr, "//") >= 0) | _holds_nul(arr)
     for comp in ("..", "."):
         bad |= (arr == comp) | s.startswith(arr, comp + "/") | s.endswith(arr, "/" + comp)
         bad |= s.find(arr, "/" + comp + "/") >= 0

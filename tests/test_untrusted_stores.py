@@ -230,3 +230,21 @@ def test_a_store_never_reads_or_writes_through_a_symlink(made, tmp_path, capsys)
 
     os.symlink(s, tmp_path / "link-to-store")  # the store's own path may be a link (the user made it)
     assert cli(capsys, "inspect", str(tmp_path / "link-to-store"), "--verify")[0] == 0
+
+
+def _filled(tmp_path) -> str:
+    from tests.test_labelstore import filled_store
+    path = str(tmp_path / "s")
+    filled_store(path, n=12, c=8, rows_per_shard=4)
+    return path
+
+
+def test_a_nul_byte_in_a_stored_name_is_refused_naming_the_row(tmp_path, capsys):
+    """Issue 23, item 7: a NUL byte passed `--verify`; `show` said only "embedded null byte"."""
+    s = _filled(tmp_path)
+    zarr.open_group(s, mode="r+")["files"][2] = "class_2/img\0_002.jpg"
+    rc, err = cli(capsys, "inspect", s, "--verify")
+    assert rc == 1 and "file name 2 is 'class_2/img\\x00_002.jpg': it holds a NUL byte (1 such names)" in err, err
+    for read in (lambda st: st.files, lambda st: st.file_table()):
+        with pytest.raises(labelstore.StoreFormatError, match="file name 2 .* it holds a NUL byte"):
+            read(labelstore.open_store(s))
