@@ -21,7 +21,7 @@ from .location import location
 from .paths import check_name, check_names, check_no_links
 from .pathtable import PathTable
 from .reading import StoreReading
-from .schema import ALL_ARRAYS, ATTR_KEY, FILES_CHUNK, SCHEMA_VERSION, Layout, StoreMeta
+from .schema import ALL_ARRAYS, ATTR_KEY, DTYPES, FILES_CHUNK, SCHEMA_VERSION, Layout, StoreMeta, dtype_name
 from .verify import StoreVerification
 from .writing import StoreWriting
 
@@ -129,6 +129,11 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
             if got != shape:
                 raise StoreFormatError(f"{self.path}: array '{name}' has shape {got}, the metadata says "
                                        f"{shape}; the store is damaged")
+            dtype = dtype_name(self.group[name].dtype)
+            if dtype not in DTYPES[name]:
+                raise StoreFormatError(f"{self.path}: array '{name}' holds {dtype} values; a label store's '{name}' "
+                                       f"is {' or '.join(DTYPES[name])} (schema v{SCHEMA_VERSION}). The store is "
+                                       "damaged or was not made by fkd-dali; regenerate or re-import it")
 
     # ------------------------------------------------------------------ per-row arrays
     @property

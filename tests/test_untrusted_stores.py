@@ -248,3 +248,32 @@ def test_a_nul_byte_in_a_stored_name_is_refused_naming_the_row(tmp_path, capsys)
     for read in (lambda st: st.files, lambda st: st.file_table()):
         with pytest.raises(labelstore.StoreFormatError, match="file name 2 .* it holds a NUL byte"):
             read(labelstore.open_store(s))
+
+
+def _retype_topk_idx(s: str) -> None:
+    g = zarr.open_group(s, mode="r+")
+    data = g["topk_idx"][:]
+    del g["topk_idx"]
+    g.create_array("topk_idx", data=data.astype(np.uint8), chunks=(4, 8, 3))
+
+
+@pytest.mark.parametrize("tamper,says", [
+    (lambda s: _set_attr(s, skipped=5), "the metadata attribute 'skipped' is 5 (int); expected a list of [row, reason] "
+                                        "pairs, rows in 0..11"),
+    (lambda s: _set_attr(s, skipped=[[40, "x"]]), "'skipped' is [[40, \"x\"]] (list); expected a list of [row, reason]"),
+    (lambda s: _set_attr(s, complete="yes"), "the metadata attribute 'complete' is \"yes\" (str); expected true or false"),
+    (lambda s: _set_attr(s, dataset=[1]), "the metadata attribute 'dataset' is [1] (list); expected an object"),
+    (lambda s: _set_attr(s, num_crops="8"), "the metadata attribute 'num_crops' is \"8\" (str); expected a whole number"),
+    (_retype_topk_idx, "array 'topk_idx' holds uint8 values; a label store's 'topk_idx' is int16 or int32"),
+], ids=["skipped-not-a-list", "skipped-row-out-of-range", "complete-a-string", "dataset-a-list", "num-crops-a-string",
+        "topk-idx-uint8"])
+def test_wrongly_typed_metadata_and_arrays_are_named(tmp_path, capsys, tamper, says):
+    """Issue 23, item 6: a `skipped` that is not a list and a uint8 `topk_idx` (train: KeyError: 'uint8') were raw
+    tracebacks."""
+    s = _filled(tmp_path)
+    tamper(s)
+    with pytest.raises(labelstore.StoreFormatError, match="damaged or (was crafted|was not made by fkd-dali)") as e:
+        labelstore.open_store(s)
+    assert says in str(e.value) and s in str(e.value)
+    rc, err = cli(capsys, "inspect", s)
+    assert rc == 1 and says in err
