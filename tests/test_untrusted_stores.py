@@ -277,3 +277,54 @@ def test_wrongly_typed_metadata_and_arrays_are_named(tmp_path, capsys, tamper, s
     assert says in str(e.value) and s in str(e.value)
     rc, err = cli(capsys, "inspect", s)
     assert rc == 1 and says in err
+
+
+def _argparse_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_lost_done_file_is_an_error_and_no_command_reports_work_it_did_not_do(tmp_path, capsys):
+    """Issue 23, item 5: a complete store whose `done` chunk is missing said "complete yes (0 / 12 rows done)" and
+    `export-fkd` "wrote 0" (exit 0); --clear-rows 5:2 cleared nothing but marked the store incomplete;
+    --verify --sample 0 verified 0 shards, "success"; --clear-rows abc gave Python's message."""
+    s = _filled(tmp_path)
+    os.remove(os.path.join(s, "done", "c", "1"))
+    says = "array 'done' has no chunk file done/c/1 (rows 4..7) although the store is marked complete"
+    for args in (["inspect", s], ["inspect", s, "--verify"], ["export-fkd", s, "--out", str(tmp_path / "fkd")]):
+        rc, err = cli(capsys, *args)
+        assert rc == 1 and says in err and "--clear-rows 4:8" in err, (args, err)
+    assert not (tmp_path / "fkd").exists()
+    assert cli(capsys, "inspect", s, "--clear-rows", "4:8")[0] == 0  # the advised fix works
+    assert labelstore.open_store(s).missing_rows().tolist() == [4, 5, 6, 7]
+
+    s = _filled(tmp_path / "t")
+    for bad, says in (("5:2", "'5:2' holds no row: A:B clears rows A..B-1, so it needs 0 <= A < B"),
+                      ("abc", "'abc': give the rows as A:B (rows A..B-1, e.g. 0:8) or one row A")):
+        assert f"argument --clear-rows: {says}" in _argparse_error(capsys, "inspect", s, "--clear-rows", bad)
+    rc, err = cli(capsys, "inspect", s, "--clear-rows", "8:40")
+    assert rc == 1 and "rows 8:40 are not a range of its rows" in err and "0 <= A < B <= 12" in err, err
+    assert labelstore.open_store(s).complete  # nothing was changed
+    assert "argument --sample: 0: give at least 1" in _argparse_error(capsys, "inspect", s, "--verify", "--sample", "0")
+    with pytest.raises(ValueError, match="a sample of 0 shards checks nothing"):
+        labelstore.open_store(s).verify(sample=0)
+
+    empty = str(tmp_path / "empty")
+    from tests.test_labelstore import new_store
+    new_store(empty, n=12, c=8)
+    rc, err = cli(capsys, "export-fkd", empty, "--out", str(tmp_path / "fkd"))
+    assert rc == 1 and "has no labelled row yet (0 of 12 rows done): nothing to export" in err, err
+
+
+@pytest.mark.parametrize("value", [99, -1])
+def test_verify_refuses_a_class_id_outside_the_store(tmp_path, capsys, value):
+    """Issue 23, item 5: `inspect --verify` called targets 99 and -1 "valid labels"."""
+    s = _filled(tmp_path)
+    zarr.open_group(s, mode="r+")["targets"][3] = value
+    rc, err = cli(capsys, "inspect", s, "--verify")
+    assert rc == 1 and f"row 3 (class_3/img_003.jpg): its class (targets) is {value}, outside 0..6 (the store has " \
+                       "7 classes; 1 rows affected)" in err, err
+    with pytest.raises(labelstore.StoreCorruptError, match="its class"):
+        labelstore.open_store(s).targets
