@@ -47,7 +47,8 @@ def _row_range(text: str) -> tuple[int, int]:
     try:
         start, stop = int(a), int(b) if colon else int(a) + 1
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give the rows as A:B (rows A..B-1, e.g. 0:8) or one row A") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give the rows as A:B (rows A..B-1, e.g. 0:8) or one row "
+                                         "A") from None
     if not 0 <= start < stop:
         raise argparse.ArgumentTypeError(f"{text!r} holds no row: A:B clears rows A..B-1, so it needs 0 <= A < B "
                                          "(e.g. 0:8)")

@@ -260,10 +260,13 @@ def _retype_topk_idx(s: str) -> None:
 @pytest.mark.parametrize("tamper,says", [
     (lambda s: _set_attr(s, skipped=5), "the metadata attribute 'skipped' is 5 (int); expected a list of [row, reason] "
                                         "pairs, rows in 0..11"),
-    (lambda s: _set_attr(s, skipped=[[40, "x"]]), "'skipped' is [[40, \"x\"]] (list); expected a list of [row, reason]"),
-    (lambda s: _set_attr(s, complete="yes"), "the metadata attribute 'complete' is \"yes\" (str); expected true or false"),
+    (lambda s: _set_attr(s, skipped=[[40, "x"]]),
+     "'skipped' is [[40, \"x\"]] (list); expected a list of [row, reason]"),
+    (lambda s: _set_attr(s, complete="yes"),
+     "the metadata attribute 'complete' is \"yes\" (str); expected true or false"),
     (lambda s: _set_attr(s, dataset=[1]), "the metadata attribute 'dataset' is [1] (list); expected an object"),
-    (lambda s: _set_attr(s, num_crops="8"), "the metadata attribute 'num_crops' is \"8\" (str); expected a whole number"),
+    (lambda s: _set_attr(s, num_crops="8"),
+     "the metadata attribute 'num_crops' is \"8\" (str); expected a whole number"),
     (_retype_topk_idx, "array 'topk_idx' holds uint8 values; a label store's 'topk_idx' is int16 or int32"),
 ], ids=["skipped-not-a-list", "skipped-row-out-of-range", "complete-a-string", "dataset-a-list", "num-crops-a-string",
         "topk-idx-uint8"])
