@@ -18,10 +18,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from labelstore.locking import store_writer_lock
     store = labelstore.open_store(args.store, mode="r+" if args.clear_rows else "r")
     if args.clear_rows:
-        a, _, b = args.clear_rows.partition(":")
-        start, stop = int(a), int(b or int(a) + 1)
+        start, stop = args.clear_rows
         with store_writer_lock(args.store):  # not while a generate run writes the store
-            store.clear_done(slice(start, stop))
+            store.clear_done(start, stop)
         print(f"rows {start}..{stop - 1} of {args.store} marked not done; rerun generation to relabel them")
     if args.verify or args.sample:
         from .fkd_format import stem_collisions
@@ -40,6 +39,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     summary = labelstore.summarize(store)
     print(json.dumps(summary, indent=2) if args.json else labelstore.format_summary(summary))
     return 0
+
+
+def _row_range(text: str) -> tuple[int, int]:
+    """``--clear-rows A:B`` (rows A..B-1) or ``A`` (one row), as (A, B); the store checks B <= its rows."""
+    a, colon, b = text.partition(":")
+    try:
+        start, stop = int(a), int(b) if colon else int(a) + 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the rows as A:B (rows A..B-1, e.g. 0:8) or one row "
+                                         "A") from None
+    if not 0 <= start < stop:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no row: A:B clears rows A..B-1, so it needs 0 <= A < B "
+                                         "(e.g. 0:8)")
+    return start, stop
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give at least 1")
+    return value
 
 
 def _cmd_import_fkd(args: argparse.Namespace) -> int:
@@ -170,9 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.add_argument("--verify", action="store_true",
                    help="decode every chunk and check every label (in parallel over shards, with progress)")
-    i.add_argument("--sample", type=int, metavar="K", help="verify K random shards only (a quick check)")
-    i.add_argument("-j", "--workers", type=int, help="processes for --verify (default: the cores)")
-    i.add_argument("--clear-rows", metavar="A:B", help="mark rows A..B-1 not done so generation relabels them")
+    i.add_argument("--sample", type=_at_least_one, metavar="K", help="verify K random shards only (a quick check)")
+    i.add_argument("-j", "--workers", type=_at_least_one, help="processes for --verify (default: the cores)")
+    i.add_argument("--clear-rows", metavar="A:B", type=_row_range,
+                   help="mark rows A..B-1 not done so generation relabels them")
     i.set_defaults(func=_cmd_inspect)
 
     im = sub.add_parser("import-fkd", help="convert FKD's per-image soft-label files into a label store")

@@ -380,6 +380,9 @@ def export_fkd(store_path: str, out: str, *, fp16: bool = False, label_type: str
     dt = np.float16 if fp16 else np.float32
     files = store.files
     done = store.done()
+    if not done.any():
+        raise FKDFormatError(f"{store_path} has no labelled row yet (0 of {store.num_images:,} rows done): nothing to "
+                             "export. Finish the store first (rerun the `fkd-dali generate` command that made it)")
     clashes = stem_collisions(files[done])
     if clashes:
         stem, a, b = clashes[0]

@@ -1,6 +1,7 @@
 """Checks of label values, vectorised over blocks of rows: a row is refused (naming its file) when a box
 leaves its image, a class id is out of range or a probability is not one. Used wherever labels are written or
-read (:mod:`labelstore.writing`, :mod:`labelstore.reading`, :mod:`labelstore.verify`)."""
+read (:mod:`labelstore.writing`, :mod:`labelstore.reading`, :mod:`labelstore.verify`), and of the rows' classes
+whenever a store's ``targets`` are read."""
 
 from __future__ import annotations
 
@@ -51,3 +52,14 @@ def check_block(data: dict[str, np.ndarray], num_classes: int, *, first_row: int
     fail((idx < 0) | (idx >= num_classes), f"a class id is outside 0..{num_classes - 1}")
     vf = val if val.dtype in (np.float16, np.float32) else val.astype(np.float32)
     fail(~np.isfinite(vf) | (vf < 0) | (vf > 1.001), "a probability is not a finite value in [0, 1]")
+
+
+def check_targets(targets: np.ndarray, num_classes: int, *, where: str, files: Callable[[int], str]) -> None:
+    """Reject a ground-truth class id (``targets``) outside ``0..num_classes-1``, naming the first row."""
+    t = np.asarray(targets)
+    bad = np.flatnonzero((t < 0) | (t >= num_classes))
+    if bad.size:
+        row = int(bad[0])
+        raise StoreCorruptError(f"{where}: row {row} ({files(row)}): its class (targets) is {int(t[row])}, outside "
+                                f"0..{num_classes - 1} (the store has {num_classes} classes; {bad.size} rows "
+                                "affected). The store is damaged or was crafted; regenerate or re-import it")

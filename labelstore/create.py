@@ -25,6 +25,13 @@ def _compressors() -> list[Any]:
     return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
 
 
+def _empty_folder(loc) -> bool:
+    """A local folder holding nothing (e.g. the staging folder :func:`labelstore.locking.create_atomically`
+    made for the store): it is created into."""
+    d = loc.local_dir
+    return d is not None and os.path.isdir(d) and not os.path.islink(d) and not os.listdir(d)
+
+
 def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], targets: Sequence[int],
                  classes: Sequence[str], fingerprint: str, dataset_root: str, num_crops: int, top_k: int,
                  num_classes: int | None = None, temperature: float = 1.0,
@@ -51,7 +58,7 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
     if tgt.size and (tgt.min() < 0 or tgt.max() >= num_classes):
         bad = int(np.flatnonzero((tgt < 0) | (tgt >= num_classes))[0])
         raise StoreWriteError(f"{path}: target {tgt[bad]} of {files[bad]} is outside 0..{num_classes - 1}")
-    if exists(loc):
+    if exists(loc) and not _empty_folder(loc):
         if not overwrite:
             raise StoreWriteError(f"{path} already exists; choose another --save-path, resume it, or "
                                   "delete it first")

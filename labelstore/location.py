@@ -70,7 +70,9 @@ def location(where: "str | os.PathLike | Store", mode: str = "r") -> Location:
             raise StoreNotFoundError(f"{where} does not exist: expected an fkd-dali label store, made by "
                                      "`fkd-dali generate` or `fkd-dali import-fkd`")
         return Location(zarr.storage.ZipStore(where, mode="r"), where)
-    return Location(zarr.storage.LocalStore(where, read_only=read_only), where, where)
+    # An absolute root: zarr's LocalStore lists keys by deleting every "ROOT/" from the paths it finds, so a
+    # relative root such as "s" turned "s/boxes/c/0" into "boxec/0" (a healthy store then "lost" its files).
+    return Location(zarr.storage.LocalStore(os.path.abspath(where), read_only=read_only), where, where)
 
 
 def exists(loc: Location) -> bool:

@@ -29,10 +29,12 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 from collections.abc import Callable
 
 from .errors import StoreError
+from .paths import check_no_links
 
 STORE_LOCK = os.path.join("done", "writer.lock")
 NO_LOCK_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.EBADF)
@@ -40,6 +42,10 @@ NO_LOCK_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, e
 
 class LockedError(StoreError):
     """Another live run holds the lock (it is named in the message)."""
+
+
+class LockFileError(StoreError):
+    """The lock file is a link or a file with other names: it is not opened (writing it would change them)."""
 
 
 def is_url(path: str) -> bool:
@@ -96,6 +102,27 @@ def describe_holder(lock_file: str) -> str:
     return f"pid {h.get('pid')} on host {h.get('host')}, started {h.get('started')}: {h.get('command')}"
 
 
+def _open_lock_file(lock_file: str) -> int:
+    """Open (or create) a lock file, never through a symbolic link (``O_NOFOLLOW``) and never a file that has
+    another name too (a hard link): the lock's JSON is written into it."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise LockFileError(f"{lock_file} is a symbolic link (to {os.readlink(lock_file)}); a lock file is never "
+                            "opened through a link (it would overwrite the file it points to). Remove the link "
+                            "(it holds nothing: the lock is recreated)") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} names " \
+            "(a hard link: writing the lock would change the other names' content)"
+        raise LockFileError(f"{lock_file} is {what}; a lock file is written, so it must be a plain file of its "
+                            "own. Remove it (it holds nothing: the lock is recreated)")
+    return fd
+
+
 def acquire(lock_file: str, what: str) -> Lock:
     """Take the exclusive lock ``lock_file`` for ``what`` (e.g. "label store /data/s"), without waiting.
 
@@ -103,7 +130,7 @@ def acquire(lock_file: str, what: str) -> Lock:
     holds nothing and says so."""
     if is_url(lock_file):
         return Lock(None, f"{what}: no lock on object storage; settings check only")
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock_file(lock_file)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -126,6 +153,7 @@ def store_writer_lock(store_path: str) -> Lock:
     """The lock of the one run allowed to write the store at ``store_path`` (which must exist)."""
     if is_url(store_path):
         return Lock(None, f"label store {store_path}: no lock on object storage; settings check only")
+    check_no_links(store_path, store_path)  # its ``done`` folder is where the lock file goes
     return acquire(os.path.join(store_path, STORE_LOCK), f"label store {store_path}")
 
 
@@ -147,6 +175,12 @@ def _remove_stale_staging(path: str) -> None:
             pass
 
 
+def _what_is(path: str) -> str:
+    if os.path.islink(path):
+        return f"a symbolic link to {os.readlink(path)}"
+    return "a folder" if os.path.isdir(path) else "a file"
+
+
 def create_atomically(path: str, build: Callable[[str], None], *, replace: bool = False) -> bool:
     """Run ``build(tmp)`` on a fresh hidden sibling of ``path`` and rename it into place.
 
@@ -160,6 +194,11 @@ def create_atomically(path: str, build: Callable[[str], None], *, replace: bool 
     _remove_stale_staging(path)
     tmp = _staging_path(path, "creating")
     old = None
+    try:
+        os.mkdir(tmp)  # made here, never found: a link (or anything) already at this name is not built into
+    except FileExistsError:
+        raise StoreError(f"{tmp} already exists ({_what_is(tmp)}); it is the staging folder of this process "
+                         f"and was not made by it, so nothing is built into it. Remove it and rerun") from None
     try:
         build(tmp)
         if replace and os.path.exists(path):

@@ -11,6 +11,9 @@ the same checks, then the real path (symlinks resolved) must stay inside the rea
 Images under a dataset root are an exception on purpose (:func:`image_path`): torchvision's
 ``ImageFolder`` follows symlinks inside the dataset, and so do we, since a link is made by the dataset's
 owner, never by a store (a store only holds names, and names cannot leave the root).
+
+:func:`check_no_links` is the store's own confinement: a local store holds no symbolic link (a folder or file
+of it linked elsewhere would be read or written through the link), checked whenever one is opened or locked.
 """
 
 from __future__ import annotations
@@ -39,15 +42,29 @@ def _why_bad(name: str) -> str | None:
     return None
 
 
+def _holds_nul(arr: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """Per name: whether it holds a NUL (no file can have one in its path). numpy pads fixed-width strings with
+    NULs (and its string functions ignore "\0"), so a NUL code point before a name's end is looked for."""
+    out = np.zeros(arr.shape, bool)
+    width = arr.dtype.itemsize // 4
+    if width == 0:
+        return out
+    lengths = np.char.str_len(arr)
+    codes = arr.reshape(-1).view(np.uint32).reshape(-1, width)
+    for a in range(0, len(codes), block):
+        inside = np.arange(width) < lengths.reshape(-1)[a:a + block, None]
+        out.reshape(-1)[a:a + block] = ((codes[a:a + block] == 0) & inside).any(axis=1)
+    return out
+
+
 def check_names(names: Sequence[str] | np.ndarray, where: str, what: str = "file name") -> None:
     """Refuse any name that is not a plain relative path (see the module doc), naming the first one."""
     arr = np.asarray(names, dtype=str)
     if arr.size == 0:
         return
     s = getattr(np, "strings", np.char)  # numpy 2's string ufuncs; np.char on numpy 1.x
-    # (a NUL byte cannot hide a '..' from these checks, and open() refuses a path holding one)
     bad = (s.str_len(arr) == 0) | s.startswith(arr, "/") | s.endswith(arr, "/")
-    bad |= (s.find(arr, "//") >= 0)
+    bad |= (s.find(arr, "//") >= 0) | _holds_nul(arr)
     for comp in ("..", "."):
         bad |= (arr == comp) | s.startswith(arr, comp + "/") | s.endswith(arr, "/" + comp)
         bad |= s.find(arr, "/" + comp + "/") >= 0
@@ -79,6 +96,33 @@ def resolve_inside(root: str, name: str, where: str, what: str = "file name") ->
                                f"under {root} points elsewhere); refusing to follow it. Remove the link or "
                                "choose another folder")
     return path
+
+
+def check_no_links(root: str, where: str) -> None:
+    """Refuse a local store holding a symbolic link anywhere inside ``root`` (``root`` itself may be one: the
+    user made it). One ``scandir`` per folder, no ``stat`` per file: a store is a few files per shard."""
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # a missing or unreadable folder is reported by whatever opens it
+        for entry in entries:
+            if entry.is_symlink():
+                try:
+                    target = os.readlink(entry.path)
+                except OSError:
+                    target = "?"
+                kind = "folder" if os.path.isdir(entry.path) else "file"
+                rel = os.path.relpath(entry.path, root)
+                raise StoreFormatError(
+                    f"{where}: {rel} is a symbolic link (to {target}); a label store is read and written only "
+                    "inside its own folder, never through a link, so fkd-dali does not use this store. Replace "
+                    f"the link with the real {kind} (e.g. copy the store without links: cp -rL {where} COPY), "
+                    "or remove it if you did not make it: a store that links outside itself may be crafted")
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
 
 
 def image_path(root: str, name: str, where: str) -> str:

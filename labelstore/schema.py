@@ -50,6 +50,7 @@ so the layout is chosen for read speed and the codec for write speed (zstd 9 wro
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
@@ -61,6 +62,10 @@ ATTR_KEY = "fkd"
 CROP_ARRAYS = ("boxes", "flips", "topk_idx", "topk_val")
 ROW_ARRAYS = ("files", "targets", "sizes", "done")
 ALL_ARRAYS = ROW_ARRAYS[:3] + CROP_ARRAYS + ("done",)
+
+# The dtypes each array may have (the table above); anything else is refused when a store is opened.
+DTYPES = {"files": ("string",), "targets": ("int32",), "sizes": ("int32",), "done": ("bool",),
+          "boxes": ("uint16", "int32"), "flips": ("bool",), "topk_idx": ("int16", "int32"), "topk_val": ("float16",)}
 
 TARGET_CROPS_PER_SHARD = 1 << 20
 MIN_ROWS_PER_SHARD = 64
@@ -80,6 +85,12 @@ EXIF_POLICY = "ignore"
 Boxes refer to the pixel grid as stored in the file, which is what PIL/torchvision ImageFolder (and so
 FKD's official labels) use; every DALI decoder in this project runs with ``adjust_orientation=False``.
 """
+
+
+def dtype_name(dtype: Any) -> str:
+    """A numpy dtype's name as :data:`DTYPES` spells it ("string" for any text dtype)."""
+    dtype = np.dtype(dtype)
+    return "string" if dtype.kind in "OSTU" else dtype.name
 
 
 def box_dtype(max_side: int) -> np.dtype:
@@ -166,22 +177,107 @@ class StoreMeta:
             from .errors import StoreFormatError
             raise StoreFormatError(f"{where}: the '{ATTR_KEY}' attributes lack {', '.join(missing)}; "
                                    "this is not a complete fkd-dali label store")
-        ds = attrs["dataset"]
+        f = _Fields(attrs, where)
+        ds = f.get("dataset", _dict, "an object {root, fingerprint, classes}")
+        d = _Fields(ds, where, "dataset.")
+        n = f.get("num_images", _int, "a whole number")
         return cls(
-            schema_version=int(attrs["schema_version"]),
-            num_images=int(attrs["num_images"]),
-            num_crops=int(attrs["num_crops"]),
-            top_k=int(attrs["top_k"]),
-            num_classes=int(attrs["num_classes"]),
-            classes=list(ds.get("classes", [])),
-            dataset_root=str(ds.get("root", "")),
-            fingerprint=str(ds.get("fingerprint", "")),
-            temperature=float(attrs.get("temperature", 1.0)),
-            teachers=list(attrs.get("teachers", [])),
-            crop=dict(attrs.get("crop", {})),
-            seed=attrs.get("seed"),
-            exif=str(attrs.get("exif", EXIF_POLICY)),
-            complete=bool(attrs.get("complete", False)),
-            source=dict(attrs.get("source", {})),
-            skipped=[list(x) for x in attrs.get("skipped", [])],
+            schema_version=f.get("schema_version", _int, "a whole number"),
+            num_images=n,
+            num_crops=f.get("num_crops", _int, "a whole number"),
+            top_k=f.get("top_k", _int, "a whole number"),
+            num_classes=f.get("num_classes", _int, "a whole number"),
+            classes=d.get("classes", _strings, "a list of class names", []),
+            dataset_root=d.get("root", _str, "a folder name", ""),
+            fingerprint=d.get("fingerprint", _str, "a string", ""),
+            temperature=float(f.get("temperature", _number, "a number", 1.0)),
+            teachers=f.get("teachers", _dicts, "a list of objects", []),
+            crop=f.get("crop", _dict, "an object", {}),
+            seed=f.get("seed", lambda v: v if v is None else _int(v), "a whole number or null", None),
+            exif=f.get("exif", _str, "a string", EXIF_POLICY),
+            complete=f.get("complete", _bool, "true or false", False),
+            source=f.get("source", _dict, "an object", {}),
+            skipped=f.get("skipped", lambda v: _skipped(v, n), f"a list of [row, reason] pairs, rows in 0..{n - 1}",
+                          []),
         )
+
+
+class _Fields:
+    """Typed reads of a metadata object: a value of the wrong type is refused naming the attribute, the value
+    found and the type expected (never a raw TypeError)."""
+
+    def __init__(self, attrs: Any, where: str, prefix: str = ""):
+        self.attrs, self.where, self.prefix = attrs, where, prefix
+
+    def get(self, key: str, convert, expected: str, default: Any = ...) -> Any:
+        value = self.attrs.get(key, default)
+        if value is ...:
+            value = self.attrs[key]
+        try:
+            return convert(value)
+        except (TypeError, ValueError, OverflowError):
+            from .errors import StoreFormatError
+            shown = json.dumps(value, default=repr)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise StoreFormatError(f"{self.where}: the metadata attribute '{self.prefix}{key}' is {shown} "
+                                   f"({type(value).__name__}); expected {expected}. The store's metadata "
+                                   "(zarr.json) is damaged or was crafted; regenerate or re-import the store") from None
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(v)
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(v)
+    return v
+
+
+def _list(v: Any) -> list:
+    if not isinstance(v, list):
+        raise TypeError(v)
+    return v
+
+
+def _strings(v: Any) -> list[str]:
+    if not all(isinstance(x, str) for x in _list(v)):
+        raise TypeError(v)
+    return list(v)
+
+
+def _dicts(v: Any) -> list[dict]:
+    if not all(isinstance(x, dict) for x in _list(v)):
+        raise TypeError(v)
+    return list(v)
+
+
+def _skipped(v: Any, num_images: int) -> list[list]:
+    out = []
+    for x in _list(v):
+        if not (isinstance(x, list) and len(x) == 2 and isinstance(x[1], str)):
+            raise TypeError(v)
+        if not 0 <= _int(x[0]) < num_images:
+            raise ValueError(v)
+        out.append([_int(x[0]), x[1]])
+    return out
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(v)
+    return v
+
+
+def _dict(v: Any) -> dict:
+    if not isinstance(v, dict):
+        raise TypeError(v)
+    return v
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(v)
+    return v

@@ -16,12 +16,13 @@ import zarr
 from zarr.abc.store import Store
 
 from .bounds import check_bounds
-from .errors import StoreFormatError, StoreNotFoundError
+from .checks import check_targets
+from .errors import StoreCorruptError, StoreFormatError, StoreNotFoundError
 from .location import location
-from .paths import check_name, check_names
+from .paths import check_name, check_names, check_no_links
 from .pathtable import PathTable
 from .reading import StoreReading
-from .schema import ALL_ARRAYS, ATTR_KEY, FILES_CHUNK, SCHEMA_VERSION, Layout, StoreMeta
+from .schema import ALL_ARRAYS, ATTR_KEY, DTYPES, FILES_CHUNK, SCHEMA_VERSION, Layout, StoreMeta, dtype_name
 from .verify import StoreVerification
 from .writing import StoreWriting
 
@@ -47,6 +48,8 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
                 "is not a Zarr v3 group (no zarr.json)"
             raise StoreNotFoundError(f"{self.path} {what}: expected an fkd-dali label store, made by "
                                      "`fkd-dali generate` or `fkd-dali import-fkd`")
+        if loc.local_dir is not None:
+            check_no_links(loc.local_dir, self.path)  # nothing is read or written through a link
         try:
             self.group = zarr.open_group(loc.store, mode=mode)
         except FileNotFoundError as e:
@@ -79,6 +82,7 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
         self.writes_empty_chunks = bool(lay.get("write_empty_chunks", False))
         self._files: np.ndarray | None = None
         self._targets: np.ndarray | None = None
+        self._done_files_checked = False
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -127,6 +131,11 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
             if got != shape:
                 raise StoreFormatError(f"{self.path}: array '{name}' has shape {got}, the metadata says "
                                        f"{shape}; the store is damaged")
+            dtype = dtype_name(self.group[name].dtype)
+            if dtype not in DTYPES[name]:
+                raise StoreFormatError(f"{self.path}: array '{name}' holds {dtype} values; a label store's '{name}' "
+                                       f"is {' or '.join(DTYPES[name])} (schema v{SCHEMA_VERSION}). The store is "
+                                       "damaged or was not made by fkd-dali; regenerate or re-import it")
 
     # ------------------------------------------------------------------ per-row arrays
     @property
@@ -157,18 +166,38 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
     @property
     def targets(self) -> np.ndarray:
         if self._targets is None:
-            self._targets = self._read("targets", slice(None)).astype(np.int64)
+            self._targets = self.targets_compact().astype(np.int64)
         return self._targets
 
     def targets_compact(self) -> np.ndarray:
-        """Targets in the stored int32 (no int64 copy)."""
-        return self._read("targets", slice(None))
+        """Targets in the stored int32 (no int64 copy), each checked to be a class of the store."""
+        targets = self._read("targets", slice(None))
+        check_targets(targets, self.num_classes, where=self.path, files=self.file_name)
+        return targets
 
     def sizes(self) -> np.ndarray:
         return self._read("sizes", slice(None))
 
     def done(self) -> np.ndarray:
-        return self._read("done", slice(None))
+        done = self._read("done", slice(None))
+        if self.meta.complete and not self._done_files_checked:
+            self._check_done_files()
+        return done
+
+    def _check_done_files(self) -> None:
+        """A store marked complete has a ``done`` chunk per shard (every shard was written, its done flags last):
+        a missing one is a lost file, not rows "not done" (zarr would read it as all False). One listing.
+        (A shard whose rows were all skipped may lack it in a store written before every chunk was.)"""
+        present = self._present_shards("done")
+        skipped = self.settled(np.zeros(self.num_images, bool))
+        lost = [i for i, (a, b) in enumerate(self.shard_ranges()) if i not in present and not skipped[a:b].all()]
+        if lost:
+            a, b = self.shard_ranges()[lost[0]]
+            raise StoreCorruptError(
+                f"{self.path}: array 'done' has no chunk file done/c/{lost[0]} (rows {a}..{b - 1}) although the store "
+                f"is marked complete ({len(lost)} such file(s)); the store lost a file. Restore it, or clear those "
+                f"rows with `fkd-dali inspect {self.path} --clear-rows {a}:{b}` and rerun generation")
+        self._done_files_checked = True
 
     def shard_ranges(self) -> list[tuple[int, int]]:
         return self.layout.shard_ranges(self.num_images)

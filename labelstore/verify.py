@@ -28,7 +28,10 @@ class StoreVerification:
         """Decode every chunk (of ``sample`` random shards, if given) and check every done row's labels, in
         ``workers`` processes (default: the cores); raises StoreCorruptError on damage. ``progress(k)`` is
         called as shards finish."""
+        if sample is not None and sample < 1:
+            raise ValueError(f"{self.path}: a sample of {sample} shards checks nothing; verify at least 1 shard")
         done = self.done()
+        self.targets_compact()  # every row's class
         ranges = self.shard_ranges()
         with_done = [i for i, (a, b) in enumerate(ranges) if done[a:b].any()]
         self._check_chunk_files(CROP_ARRAYS, with_done)

@@ -115,11 +115,16 @@ class StoreWriting:
             raise StoreWriteError(f"{self.path}: writing the done flags of rows [{start}, {stop}) failed: "
                                   f"{e}. Free space and rerun the same command to resume") from e
 
-    def clear_done(self, rows: np.ndarray | slice) -> None:
-        """Mark rows as not done (their labels will be regenerated on resume)."""
+    def clear_done(self, start: int, stop: int) -> None:
+        """Mark rows ``[start, stop)`` as not done (their labels will be regenerated on resume); a range
+        holding no row of the store is refused before anything changes."""
         self._require_writable()
-        done = self.done()
-        done[rows] = False
+        if not 0 <= start < stop <= self.num_images:
+            raise StoreWriteError(f"{self.path}: rows {start}:{stop} are not a range of its rows: A:B clears rows "
+                                  f"A..B-1 and needs 0 <= A < B <= {self.num_images} (the store has "
+                                  f"{self.num_images:,} rows); nothing was changed")
+        done = self._read("done", slice(None))  # not done(): a complete store's lost done file is cleared here
+        done[start:stop] = False
         self.group["done"][:] = done
         self._set_attr(complete=False)
 

@@ -388,3 +388,43 @@ def test_summary_reports_layout_and_bytes(tmp_path):
     assert s["arrays"]["boxes"]["shards"] == [4, 12, 4] and s["bytes_per_crop"] > 0
     text = labelstore.format_summary(s)
     assert "10  x  12 crops  x  top-3 of 7 classes" in text and "teacher    name=resnet18" in text
+
+
+def test_a_lock_file_is_never_opened_through_a_link_and_staging_is_never_found(tmp_path, monkeypatch):
+    """Issue 23, item 1: the lock file is opened with O_NOFOLLOW and must be a file of its own (not a hard link
+    to another name); the staging folder of a new store is made by the run, never built into if present."""
+    from labelstore.locking import LockFileError, acquire, create_atomically
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "out").mkdir()
+    os.symlink(victim, tmp_path / "out" / "train.lock")
+    with pytest.raises(LockFileError, match=r"train.lock is a symbolic link \(to .*victim.txt\)"):
+        acquire(str(tmp_path / "out" / "train.lock"), "output folder out")
+    os.remove(tmp_path / "out" / "train.lock")
+    os.link(victim, tmp_path / "out" / "train.lock")
+    with pytest.raises(LockFileError, match="a file with 2 names"):
+        acquire(str(tmp_path / "out" / "train.lock"), "output folder out")
+    assert victim.read_text() == "precious"
+    os.remove(tmp_path / "out" / "train.lock")
+    with acquire(str(tmp_path / "out" / "train.lock"), "output folder out") as lock:
+        assert lock.held
+
+    import labelstore.locking as L
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(L.os, "getpid", lambda: 424242)  # a staging name someone predicted and linked
+    os.symlink(elsewhere, L._staging_path(str(tmp_path / "s"), "creating"))
+    with pytest.raises(labelstore.StoreError, match=r"\.s\.creating-.*-424242 already exists \(a symbolic link"):
+        create_atomically(str(tmp_path / "s"), lambda tmp: new_store(tmp))
+    assert os.listdir(elsewhere) == [] and not (tmp_path / "s").exists()
+    monkeypatch.undo()
+    assert create_atomically(str(tmp_path / "s"), lambda tmp: new_store(tmp)) and open_store(str(tmp_path / "s"))
+
+
+def test_a_store_with_a_short_relative_path_lists_its_own_files(tmp_path, monkeypatch):
+    """zarr's LocalStore lists keys by deleting every "ROOT/" in the paths it finds: a store opened as "s" saw
+    "s/boxes/c/0/0/0" as "boxec/0/0/0" and reported its files lost."""
+    filled_store(str(tmp_path / "s"), n=12, c=8, rows_per_shard=4)
+    monkeypatch.chdir(tmp_path)
+    assert open_store("s").verify(workers=1)["rows_checked"] == 12
+    assert open_store("s").read_round(0, 4).boxes.shape == (12, 4, 4)

@@ -193,3 +193,141 @@ def test_a_chunk_larger_than_memory_is_refused_before_reading(made, tmp_path):
     json.dump(m, open(meta, "w"))
     with pytest.raises(labelstore.StoreFormatError, match=r"array 'done' has chunks of shape \(1000000000000,\)"):
         labelstore.open_store(made["store"])
+
+
+def test_a_store_never_reads_or_writes_through_a_symlink(made, tmp_path, capsys):
+    """Issue 23, items 1-2: a downloaded store whose lock file (or a chunk folder) links outside it. `generate`
+    (on a complete store too) and `inspect --clear-rows` wrote the lock's JSON into the linked file, and
+    `generate` wrote chunk files into a linked folder. Every command now refuses a link inside a store."""
+    s = made["store"]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.remove(os.path.join(s, "done", "writer.lock"))
+    os.symlink(victim, os.path.join(s, "done", "writer.lock"))
+    gen = every_command(made, tmp_path)["generate (resume)"]
+    for args in (gen, ["inspect", s, "--clear-rows", "0:8"], ["inspect", s]):
+        rc, err = cli(capsys, *args)
+        assert rc == 1 and f"done/writer.lock is a symbolic link (to {victim})" in err and "cp -rL" in err, err
+    assert victim.read_text() == "precious"  # untouched
+    os.remove(os.path.join(s, "done", "writer.lock"))
+    os.symlink(tmp_path / "missing.txt", os.path.join(s, "done", "writer.lock"))  # a link to nothing: not created
+    assert cli(capsys, *gen)[0] == 1 and not (tmp_path / "missing.txt").exists()
+    os.remove(os.path.join(s, "done", "writer.lock"))
+
+    outside = tmp_path / "outside"
+    shutil.move(os.path.join(s, "topk_val", "c"), outside)
+    os.symlink(outside, os.path.join(s, "topk_val", "c"))
+    before = sorted(str(p) for p in outside.rglob("*"))
+    for name, args in every_command(made, tmp_path).items():
+        rc, err = cli(capsys, *args)
+        assert rc == 1 and f"topk_val/c is a symbolic link (to {outside})" in err, (name, err[-2000:])
+    rc, err = cli(capsys, "inspect", s, "--clear-rows", "0:8")
+    assert rc == 1 and "topk_val/c is a symbolic link" in err
+    assert sorted(str(p) for p in outside.rglob("*")) == before
+    os.remove(os.path.join(s, "topk_val", "c"))
+    shutil.move(outside, os.path.join(s, "topk_val", "c"))
+    assert cli(capsys, "inspect", s, "--verify")[0] == 0  # the real folder back: a sound store
+
+    os.symlink(s, tmp_path / "link-to-store")  # the store's own path may be a link (the user made it)
+    assert cli(capsys, "inspect", str(tmp_path / "link-to-store"), "--verify")[0] == 0
+
+
+def _filled(tmp_path) -> str:
+    from tests.test_labelstore import filled_store
+    path = str(tmp_path / "s")
+    filled_store(path, n=12, c=8, rows_per_shard=4)
+    return path
+
+
+def test_a_nul_byte_in_a_stored_name_is_refused_naming_the_row(tmp_path, capsys):
+    """Issue 23, item 7: a NUL byte passed `--verify`; `show` said only "embedded null byte"."""
+    s = _filled(tmp_path)
+    zarr.open_group(s, mode="r+")["files"][2] = "class_2/img\0_002.jpg"
+    rc, err = cli(capsys, "inspect", s, "--verify")
+    assert rc == 1 and "file name 2 is 'class_2/img\\x00_002.jpg': it holds a NUL byte (1 such names)" in err, err
+    for read in (lambda st: st.files, lambda st: st.file_table()):
+        with pytest.raises(labelstore.StoreFormatError, match="file name 2 .* it holds a NUL byte"):
+            read(labelstore.open_store(s))
+
+
+def _retype_topk_idx(s: str) -> None:
+    g = zarr.open_group(s, mode="r+")
+    data = g["topk_idx"][:]
+    del g["topk_idx"]
+    g.create_array("topk_idx", data=data.astype(np.uint8), chunks=(4, 8, 3))
+
+
+@pytest.mark.parametrize("tamper,says", [
+    (lambda s: _set_attr(s, skipped=5), "the metadata attribute 'skipped' is 5 (int); expected a list of [row, reason] "
+                                        "pairs, rows in 0..11"),
+    (lambda s: _set_attr(s, skipped=[[40, "x"]]),
+     "'skipped' is [[40, \"x\"]] (list); expected a list of [row, reason]"),
+    (lambda s: _set_attr(s, complete="yes"),
+     "the metadata attribute 'complete' is \"yes\" (str); expected true or false"),
+    (lambda s: _set_attr(s, dataset=[1]), "the metadata attribute 'dataset' is [1] (list); expected an object"),
+    (lambda s: _set_attr(s, num_crops="8"),
+     "the metadata attribute 'num_crops' is \"8\" (str); expected a whole number"),
+    (_retype_topk_idx, "array 'topk_idx' holds uint8 values; a label store's 'topk_idx' is int16 or int32"),
+], ids=["skipped-not-a-list", "skipped-row-out-of-range", "complete-a-string", "dataset-a-list", "num-crops-a-string",
+        "topk-idx-uint8"])
+def test_wrongly_typed_metadata_and_arrays_are_named(tmp_path, capsys, tamper, says):
+    """Issue 23, item 6: a `skipped` that is not a list and a uint8 `topk_idx` (train: KeyError: 'uint8') were raw
+    tracebacks."""
+    s = _filled(tmp_path)
+    tamper(s)
+    with pytest.raises(labelstore.StoreFormatError, match="damaged or (was crafted|was not made by fkd-dali)") as e:
+        labelstore.open_store(s)
+    assert says in str(e.value) and s in str(e.value)
+    rc, err = cli(capsys, "inspect", s)
+    assert rc == 1 and says in err
+
+
+def _argparse_error(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_lost_done_file_is_an_error_and_no_command_reports_work_it_did_not_do(tmp_path, capsys):
+    """Issue 23, item 5: a complete store whose `done` chunk is missing said "complete yes (0 / 12 rows done)" and
+    `export-fkd` "wrote 0" (exit 0); --clear-rows 5:2 cleared nothing but marked the store incomplete;
+    --verify --sample 0 verified 0 shards, "success"; --clear-rows abc gave Python's message."""
+    s = _filled(tmp_path)
+    os.remove(os.path.join(s, "done", "c", "1"))
+    says = "array 'done' has no chunk file done/c/1 (rows 4..7) although the store is marked complete"
+    for args in (["inspect", s], ["inspect", s, "--verify"], ["export-fkd", s, "--out", str(tmp_path / "fkd")]):
+        rc, err = cli(capsys, *args)
+        assert rc == 1 and says in err and "--clear-rows 4:8" in err, (args, err)
+    assert not (tmp_path / "fkd").exists()
+    assert cli(capsys, "inspect", s, "--clear-rows", "4:8")[0] == 0  # the advised fix works
+    assert labelstore.open_store(s).missing_rows().tolist() == [4, 5, 6, 7]
+
+    s = _filled(tmp_path / "t")
+    for bad, says in (("5:2", "'5:2' holds no row: A:B clears rows A..B-1, so it needs 0 <= A < B"),
+                      ("abc", "'abc': give the rows as A:B (rows A..B-1, e.g. 0:8) or one row A")):
+        assert f"argument --clear-rows: {says}" in _argparse_error(capsys, "inspect", s, "--clear-rows", bad)
+    rc, err = cli(capsys, "inspect", s, "--clear-rows", "8:40")
+    assert rc == 1 and "rows 8:40 are not a range of its rows" in err and "0 <= A < B <= 12" in err, err
+    assert labelstore.open_store(s).complete  # nothing was changed
+    assert "argument --sample: 0: give at least 1" in _argparse_error(capsys, "inspect", s, "--verify", "--sample", "0")
+    with pytest.raises(ValueError, match="a sample of 0 shards checks nothing"):
+        labelstore.open_store(s).verify(sample=0)
+
+    empty = str(tmp_path / "empty")
+    from tests.test_labelstore import new_store
+    new_store(empty, n=12, c=8)
+    rc, err = cli(capsys, "export-fkd", empty, "--out", str(tmp_path / "fkd"))
+    assert rc == 1 and "has no labelled row yet (0 of 12 rows done): nothing to export" in err, err
+
+
+@pytest.mark.parametrize("value", [99, -1])
+def test_verify_refuses_a_class_id_outside_the_store(tmp_path, capsys, value):
+    """Issue 23, item 5: `inspect --verify` called targets 99 and -1 "valid labels"."""
+    s = _filled(tmp_path)
+    zarr.open_group(s, mode="r+")["targets"][3] = value
+    rc, err = cli(capsys, "inspect", s, "--verify")
+    assert rc == 1 and f"row 3 (class_3/img_003.jpg): its class (targets) is {value}, outside 0..6 (the store has " \
+                       "7 classes; 1 rows affected)" in err, err
+    with pytest.raises(labelstore.StoreCorruptError, match="its class"):
+        labelstore.open_store(s).targets
