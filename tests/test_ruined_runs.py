@@ -3,15 +3,56 @@ training, naming the step and the options to look at, and leaves the last good c
 that fails (a full disk) says why, removes its partial file and keeps the previous checkpoint."""
 
 import os
+import re
 import subprocess
 import sys
 
 import torch
 
 from fkd_dali import checkpoint
+from fkd_dali.train import TrainError, train
 from tests.conftest import pythonpath
+from tests.test_train import cfg, setup  # noqa: F401 - module fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_temperature_of_zero_stops_at_its_first_step_without_a_checkpoint(setup, tmp_path):  # noqa: F811
+    """--temp 0 (refused on the command line; here through the API): every loss is nan. The run stops at step 1
+    instead of training 6 epochs of nan and saving them."""
+    c = cfg(setup, tmp_path, temperature=0.0)
+    try:
+        train(c)
+    except TrainError as e:
+        why = str(e)
+    else:
+        raise AssertionError("a run whose every loss is nan finished")
+    assert "the training loss became nan or inf at step 1 " in why and "--temp 0" in why and "--lr" in why, why
+    assert "no checkpoint was written yet" in why, why
+    assert not os.path.exists(os.path.join(c.output, checkpoint.LAST))
+
+
+def test_a_diverging_run_stops_and_leaves_the_last_good_checkpoint(setup, tmp_path):  # noqa: F811
+    """lr 1e30 after one step of warm-up at 0.01: the weights blow up within a step or two. With a checkpoint after
+    every step, the one left is the step before the first non-finite one, and its weights are finite."""
+    c = cfg(setup, tmp_path, lr=1e30, warmup_epochs=2, warmup_lr=0.01, checkpoint_every=1)
+    try:
+        train(c)
+    except TrainError as e:
+        why = str(e)
+    else:
+        raise AssertionError("a diverging run finished")
+    m = re.search(r"became nan or inf at step (\d+) ", why)
+    assert m and "--lr 1e+30" in why, why
+    last = os.path.join(c.output, checkpoint.LAST)
+    ck = checkpoint.load(last)
+    assert ck["global_step"] == int(m.group(1)) - 1 >= 1, (ck["global_step"], why)
+    assert f"{last} (step {ck['global_step']}), is left as it was" in why, why
+    assert _finite(ck["state_dict"]) and not os.path.exists(last + ".tmp")
 
 
 WRITE_WITH_A_FILE_SIZE_LIMIT = """
