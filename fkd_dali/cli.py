@@ -246,8 +246,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
         return "finished shards are kept: rerun the same command to resume (nothing is labelled twice)"
     if args.command == "train" and not args.evaluate:
         last = os.path.join(args.output or os.path.join("runs", f"{args.arch}-{args.labels}"), "checkpoint.pth.tar")
-        return (f"rerun the same command with --resume {last} to continue from the last checkpoint (at the end of "
-                "the last segment, or of --checkpoint-every steps)")
+        if not os.path.exists(last):
+            return (f"no checkpoint was written yet ({last} is written at the end of a segment, and every "
+                    "--checkpoint-every steps): rerun the same command to start again")
+        from .checkpoint import describe
+        return f"the last checkpoint written is {describe(last)}: rerun the same command with --resume {last} to " \
+               "continue from it"
     if args.command == "import-fkd":
         return "no store was left behind: rerun the same command"
     return ""
