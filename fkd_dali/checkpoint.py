@@ -8,6 +8,7 @@ configuration and the label store's identity.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -52,17 +53,70 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save(state: dict[str, Any], folder: str, is_best: bool = False, last: bool = True) -> str:
     """Write ``folder/checkpoint.pth.tar`` (unless not ``last``) and the best copy (if ``is_best``) atomically:
-    a kill never leaves half a file."""
+    a kill never leaves half a file, a failed write (a full disk) leaves the previous file as it was."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LAST)
     if last:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_atomically(state, path)
     if is_best:
-        best = os.path.join(folder, BEST)
-        torch.save({k: v for k, v in state.items() if k not in ("optimizer", "d_optimizer", "rng")}, best + ".tmp")
-        os.replace(best + ".tmp", best)
+        write_atomically({k: v for k, v in state.items() if k not in ("optimizer", "d_optimizer", "rng")},
+                         os.path.join(folder, BEST))
     return path
+
+
+class _Writes:
+    """A file for torch.save that keeps the OS error of a failed write: torch reports it only as its own
+    ``enforce fail at inline_container.cc ... unexpected pos``."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_atomically(obj: Any, path: str) -> None:
+    """torch.save ``obj`` to ``path`` through a temporary file beside it (flushed to the disk, then renamed over
+    ``path``). A failed write removes the temporary file and raises a CheckpointError naming the OS's reason
+    (``No space left on device``) and the fix; ``path`` keeps its previous content."""
+    tmp = path + ".tmp"
+    out = None
+    try:
+        with open(tmp, "wb") as f:
+            out = _Writes(f)
+            torch.save(obj, out)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not isinstance(e, Exception):  # a second Ctrl-C: stop at once, without the half-written file
+            raise
+        raise CheckpointError(_write_failed(tmp, path, (out.error if out is not None else None) or e)) from e
+    os.replace(tmp, path)
+
+
+def _write_failed(tmp: str, path: str, cause: Exception) -> str:
+    if isinstance(cause, OSError) and cause.strerror:
+        why = cause.strerror  # e.g. No space left on device
+    else:
+        why = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
+    if os.path.exists(path):
+        kept = f"the previous checkpoint, {describe(path)}, is left as it was"
+        again = f" with --resume {path}" if os.path.basename(path) == LAST else ""
+    else:
+        kept, again = f"no {os.path.basename(path)} was written before", ""
+    return (f"{tmp}: writing the checkpoint failed: {why}. The partial file was removed; {kept}. Free space on "
+            f"that disk (or check its quota and permissions) or give another --output, then rerun the same "
+            f"command{again}")
 
 
 def refused(path: str, e: Exception, holds: str, fix: str) -> str | None:
@@ -127,11 +181,25 @@ def claim_folder(folder: str, *, resume: str | None, overwrite: bool) -> Lock:
 def _describe(last: str) -> str:
     if not os.path.exists(last):
         return "a training log"
-    try:
-        ck = load(last)
-        return f"a checkpoint of {ck.get('arch', 'an unknown model')} at step {ck.get('global_step', '?')}"
-    except CheckpointError:
+    ck = _peek(last)
+    if ck is None:
         return "a checkpoint (unreadable)"
+    return f"a checkpoint of {ck.get('arch', 'an unknown model')} at step {ck.get('global_step', '?')}"
+
+
+def _peek(path: str) -> dict | None:
+    """A checkpoint's entries without reading its tensors (memory-mapped), or None when it cannot be read."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is described as such
+        return None
+    return ck if isinstance(ck, dict) else None
+
+
+def describe(path: str) -> str:
+    """``path`` and the step it was written at, e.g. ``runs/x/checkpoint.pth.tar (step 120)``, for messages."""
+    ck = _peek(path)
+    return f"{path} (" + (f"step {ck.get('global_step', '?')})" if ck else "unreadable)")
 
 
 def strip_ddp_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import sys
 import labelstore
 
 from .interrupt import exit_code, terminate_like_ctrl_c
-from .options import Parser, add_generate_args, add_train_args, prepare_train
+from .options import NON_NEGATIVE, POSITIVE, Parser, add_generate_args, add_train_args, int_range, prepare_train
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -232,17 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--flavour", choices=("objects", "photo"), default="objects",
                    help="objects: a class object on clutter with distractors, where per-crop soft labels matter "
                         "(the demo's); photo: ImageNet-like size and JPEG quality, for throughput work")
-    s.add_argument("--classes", type=int, default=10, help="number of classes")
-    s.add_argument("--per-class", type=int, default=50, help="training images per class")
-    s.add_argument("--val-per-class", type=int, default=10, help="validation images per class")
+    s.add_argument("--classes", type=POSITIVE, default=10, help="number of classes")
+    s.add_argument("--per-class", type=NON_NEGATIVE, default=50, help="training images per class")
+    s.add_argument("--val-per-class", type=NON_NEGATIVE, default=10, help="validation images per class")
     s.add_argument("--size", type=int, default=0,
-                   help="side in px (objects: default 128; photo: default an ImageNet-like 250..500 mix)")
-    s.add_argument("--quality", type=int, default=90, help="JPEG quality (1-95)")
+                   help="side in px, at most 8192 (objects: default 128; photo: default an ImageNet-like 250..500 "
+                        "mix)")
+    s.add_argument("--quality", type=int_range(1, 95), default=90, help="JPEG quality (1-95)")
     s.add_argument("--distractors", type=int,
                    help="objects: at most this many smaller objects of other classes per image (default 5, the "
                         "demo's)")
     s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
-    s.add_argument("-j", "--workers", type=int, default=0, help="processes writing images (0: this one)")
+    s.add_argument("-j", "--workers", type=NON_NEGATIVE, default=0, help="processes writing images (0: this one)")
     s.set_defaults(func=_cmd_synth)
 
     sh = sub.add_parser("show", help="an image's stored crops as the loader replays them, with their labels")
@@ -280,8 +281,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
         return "finished shards are kept: rerun the same command to resume (nothing is labelled twice)"
     if args.command == "train" and not args.evaluate:
         last = os.path.join(args.output or os.path.join("runs", f"{args.arch}-{args.labels}"), "checkpoint.pth.tar")
-        return (f"rerun the same command with --resume {last} to continue from the last checkpoint (at the end of "
-                "the last segment, or of --checkpoint-every steps)")
+        if not os.path.exists(last):
+            return (f"no checkpoint was written yet ({last} is written at the end of a segment, and every "
+                    "--checkpoint-every steps): rerun the same command to start again")
+        from .checkpoint import describe
+        return f"the last checkpoint written is {describe(last)}: rerun the same command with --resume {last} to " \
+               "continue from it"
     if args.command == "import-fkd":
         return "no store was left behind: rerun the same command"
     return ""

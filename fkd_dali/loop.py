@@ -27,6 +27,7 @@ from .mixing import mix_images
 from .objectives.base import Mix
 from .progress import format_eta, progress
 from .schedule import Segment, pass_index
+from .train_config import TrainError
 
 
 def train_step(run, batch: dict[str, torch.Tensor], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +69,8 @@ def running_sums(run, carried: dict | None) -> dict[str, Any]:
     carried = carried or {}
     sums = {name: torch.tensor(carried.get(name, 0.0), device=run.torch_device)
             for name in ("loss", "top1", *run.objective.metrics)}
-    return {"sums": sums, "steps": carried.get("steps", 0)}
+    return {"sums": sums, "steps": carried.get("steps", 0),
+            "first_bad": torch.tensor(FINITE, device=run.torch_device)}
 
 
 def partial_sums(running: dict | None) -> dict | None:
@@ -104,6 +106,7 @@ def train_segment(run, seg: Segment, log, tb) -> bool:
     for i, batch in enumerate(loader, start=start):
         lr = run.lr_at(seg.start_epoch + seg.crops * i / steps)
         loss, top1 = run.step(batch, lr)
+        watch_loss(run.running, loss, run.global_step)
         sums["loss"] += loss
         sums["top1"] += top1
         for name in run.objective.metrics:
@@ -112,7 +115,9 @@ def train_segment(run, seg: Segment, log, tb) -> bool:
         n = run.running["steps"]  # steps of this segment so far on this rank (before a resume too)
         crops += batch["images"].shape[0]
         run.position = (seg.index, i + 1)
-        if run.main and (n % 10 == 0 or i + 1 == steps):
+        if n % CHECK_EVERY == 0 or i + 1 == steps:
+            check_finite(run, lr)
+        if run.main and (n % CHECK_EVERY == 0 or i + 1 == steps):
             rate = crops * run.dist.world_size / max(1e-9, time.perf_counter() - t0)
             bar.set_postfix(bar_postfix(run, label, sums["loss"].item() / n, 100 * sums["top1"].item() / n, rate,
                                         lr, total), refresh=False)
@@ -121,11 +126,13 @@ def train_segment(run, seg: Segment, log, tb) -> bool:
             stopped = True
             break
         if cfg.checkpoint_every and run.global_step % cfg.checkpoint_every == 0 and i + 1 < steps:
+            check_finite(run, lr, saving=True)
             run.save()
     if bar is not run.run_bar:
         bar.close()
     seconds = time.perf_counter() - t0
     if stopped:
+        check_finite(run, lr, saving=True)
         run.save()
         return True
     n = run.running["steps"]
@@ -142,6 +149,7 @@ def train_segment(run, seg: Segment, log, tb) -> bool:
     record.update({f"train_{name}": sums[name].item() / steps_all for name in run.objective.metrics})
     if start:  # loss and top-1 cover the whole segment (carried in the checkpoint); the timing does not
         record["resumed_at_step"] = start
+    check_finite(run, lr, saving=True, running=False)  # the segment's losses were checked at its last step
     is_best = False
     if validates_after(run, seg):
         record.update(validate(run))
@@ -159,6 +167,51 @@ def train_segment(run, seg: Segment, log, tb) -> bool:
             run.save()
         return True
     return False
+
+
+# ---------------------------------------------------------------------------------------------- a ruined run
+# A non-finite loss (a --temp near 0, a --lr too high, an overflow) turns every weight into nan within a step or two,
+# and every later step and checkpoint would carry them. Looking at each step's loss from the host would stall the
+# device's queue once per step, so each step only records on the device the first step whose loss was not finite
+# (a few element-wise kernels), and the host looks at it where it waits for the device anyway: every CHECK_EVERY
+# steps (the progress figures), and before every checkpoint together with the weights themselves. A ruined run
+# stops there, at most CHECK_EVERY - 1 steps later, naming the step; no checkpoint of its weights is written, so the
+# last one written stays the last good one.
+CHECK_EVERY = 10
+FINITE = 1 << 62  # ``first_bad`` while every loss was finite
+
+
+def watch_loss(running: dict, loss: torch.Tensor, step: int) -> None:
+    """Record ``step`` on the device if its loss is not finite and no earlier step's was (no host sync)."""
+    running["first_bad"] = torch.where(torch.isfinite(loss), running["first_bad"],
+                                       running["first_bad"].clamp(max=step))
+
+
+def check_finite(run, lr: float, saving: bool = False, running: bool = True) -> None:
+    """Stop the run (TrainError) once a step's loss was not finite or, before a checkpoint (``saving``), when a
+    weight is not; every rank calls it at the same points (one all-reduce under DDP)."""
+    own = run.running["first_bad"] if running else torch.tensor(FINITE, device=run.torch_device)
+    ruined = torch.tensor(False, device=run.torch_device)
+    if saving:
+        states = [t for t in (*run.model.parameters(), *run.model.buffers()) if t.is_floating_point()]
+        ruined = ~torch.stack([torch.isfinite(t).all() for t in states]).all()
+    bad = torch.where(ruined, own.clamp(max=run.global_step), own)
+    if run.dist.group:
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+    step = int(bad.item())
+    if step == FINITE:
+        return
+    what = ("the training loss" if int(own.item()) == step else "the weights" if bool(ruined.item()) else
+            "the training loss of another rank")
+    last = os.path.join(run.cfg.output, checkpoint.LAST)
+    kept = (f"the last checkpoint written, {checkpoint.describe(last)}, is left as it was" if os.path.exists(last)
+            else "no checkpoint was written yet")
+    raise TrainError(
+        f"{what} became nan or inf at step {step} (--lr {run.cfg.lr:g}, {lr:.3g} at step {run.global_step}; --temp "
+        f"{run.cfg.temperature:g}): training stopped without saving those weights; {kept}. Likely causes: a "
+        "learning rate too high for this model and batch (try a tenth of it, or --clip-grad), a temperature near 0 "
+        "(--temp), a label store or images that changed. Start the run again with other options (--overwrite, or "
+        "another --output)")
 
 
 def validate(run) -> dict[str, float]:

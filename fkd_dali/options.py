@@ -6,6 +6,9 @@ torch before the dataset scan has started (:func:`prepare_train`)."""
 from __future__ import annotations
 
 import argparse
+import math
+
+from labelstore.bounds import MAX_CROPS
 
 from . import objectives
 
@@ -16,6 +19,48 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- option types
+# argparse ``type=`` functions: a value that cannot be right is refused while the command line is parsed, before
+# any work, naming the option (argparse adds it), the value and the valid range.
+def int_range(low: int, high: int | None = None):
+    """An integer in ``low..high`` (no upper bound when ``high`` is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give an integer "
+                                             + (f"from {low:,} to {high:,}" if high is not None else f">= {low:,}"))
+        return value
+    return parse
+
+
+def real(low: float, high: float | None = None, *, above: bool = False):
+    """A finite number >= ``low`` (> ``low`` when ``above``) and <= ``high``: nan and inf are refused."""
+    want = f"a finite number {'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: give {want}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number: give {want}")
+        if value < low or (above and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give {want}")
+        return value
+    return parse
+
+
+POSITIVE = int_range(1)
+NON_NEGATIVE = int_range(0)
+TEMPERATURE = real(0.0, above=True)  # softmax(logits / T): T = 0 divides by zero, inf makes every label uniform
+RATE = real(0.0)  # learning rates and weight decay: nan or inf ruin every weight at the first step
+CROPS = int_range(1, MAX_CROPS)  # crops per image: what a label store may hold
+SCALE = real(0.0, 1.0, above=True)  # a crop's share of its image's area
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -211,7 +256,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
                    help="how the student learns: " + "; ".join(f"{k}: {v}" for k, v in choices.items()))
     t.add_argument("--soft-label-type", "--soft_label_type", dest="soft_label_type", default="marginal_smoothing_k5",
                    help="hard, smoothing, marginal_smoothing_kK, marginal_renorm(_kK), full (FKD's names accepted)")
-    t.add_argument("--temp", type=float, default=1.0, help="temperature on the student's logits")
+    t.add_argument("--temp", type=TEMPERATURE, default=1.0, help="temperature on the student's logits")
     t.add_argument("--recipe", choices=("fkd", "meal-v2"),
                    help="defaults of every option not given: fkd (FKD's) or meal-v2 (MEAL V2's FKD_train.py: "
                         "8 crops, -b 512, 200 epochs, lr 0.01 x0.1 at 100 and 180, no weight decay, the "
@@ -234,32 +279,34 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
                    help="MEAL V2's discriminator on the student's softmax vs the stored soft labels (meal-v2: on)")
     t.add_argument("--no-discriminator-loss", dest="use_discriminator_loss", action="store_false",
                    help="turn the discriminator of --recipe meal-v2 off")
-    t.add_argument("--d-lr", "--d_lr", dest="d_lr", type=float, help="the discriminator's learning rate (1e-4)")
+    t.add_argument("--d-lr", "--d_lr", dest="d_lr", type=RATE, help="the discriminator's learning rate (1e-4)")
     t.add_argument("--w-cutmix", dest="w_cutmix", action="store_true",
                    help="MEAL V2's CutMix (one box per batch; its loss weighs both images' labels by area)")
     t.add_argument("--beta", type=float, default=1.0, help="--w-cutmix: lam ~ Beta(beta, beta)")
     t.add_argument("--cutmix-prob", dest="cutmix_prob", type=float, default=1.0, help="--w-cutmix: probability")
-    t.add_argument("--num-crops", "--num_crops", dest="num_crops", type=int,
+    t.add_argument("--num-crops", "--num_crops", dest="num_crops", type=CROPS,
                    help="crops per image per step (one pass = this many epochs; fkd 4, meal-v2 8)")
-    t.add_argument("-b", "--batch-size", dest="batch_size", type=int,
+    t.add_argument("-b", "--batch-size", dest="batch_size", type=POSITIVE,
                    help="crops per optimizer step over all ranks (images per step = ceil(b / num_crops); fkd 1024, "
                         "meal-v2 512)")
-    t.add_argument("--epochs", type=int, help="fkd 300, meal-v2 200")
-    t.add_argument("--input-size", "--image-size", dest="input_size", type=int, default=224)
+    t.add_argument("--epochs", type=POSITIVE, help="fkd 300, meal-v2 200")
+    t.add_argument("--input-size", "--image-size", dest="input_size", type=POSITIVE, default=224)
     t.add_argument("--opt", choices=("sgd", "adamw"), help="default: adamw for ViT/DeiT/SReT, sgd otherwise")
-    t.add_argument("--lr", "--learning-rate", dest="lr", type=float, help="default: 0.1 (sgd) / 0.002 (adamw)")
-    t.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
-    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, help="default: 1e-4 (sgd) / 0.05 (adamw); meal-v2 0")
+    t.add_argument("--lr", "--learning-rate", dest="lr", type=RATE, help="default: 0.1 (sgd) / 0.002 (adamw)")
+    t.add_argument("--momentum", type=RATE, help="SGD momentum (0.9)")
+    t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=RATE,
+                   help="default: 1e-4 (sgd) / 0.05 (adamw); meal-v2 0")
     t.add_argument("--cos", action="store_true", help="cosine schedule (FKD's flag; the ViT recipe's default)")
     t.add_argument("--sched", choices=("cosine", "step"), help="cosine, or step at --schedule milestones")
     t.add_argument("--schedule", type=int, nargs="*",
                    help="step milestones (x0.1) without --cos (fkd 120 240, meal-v2 100 180)")
-    t.add_argument("--warmup-epochs", dest="warmup_epochs", type=int, help="default: 5 for ViTs (single-crop), 0 else")
-    t.add_argument("--warmup-lr", dest="warmup_lr", type=float, default=1e-5)
-    t.add_argument("--min-lr", dest="min_lr", type=float)
+    t.add_argument("--warmup-epochs", dest="warmup_epochs", type=NON_NEGATIVE,
+                   help="default: 5 for ViTs (single-crop), 0 else")
+    t.add_argument("--warmup-lr", dest="warmup_lr", type=RATE, default=1e-5)
+    t.add_argument("--min-lr", dest="min_lr", type=RATE)
     t.add_argument("--opt-eps", dest="opt_eps", type=float, default=1e-8)
     t.add_argument("--drop-path", dest="drop_path", type=float, help="stochastic depth (SReT's own default otherwise)")
-    t.add_argument("--clip-grad", dest="clip_grad", type=float)
+    t.add_argument("--clip-grad", dest="clip_grad", type=real(0.0, above=True))
     t.add_argument("--mixup-cutmix", "--mixup_cutmix", dest="mixup_cutmix", action="store_true",
                    help="Mixup/CutMix on images and soft labels")
     t.add_argument("--mixup", type=float, default=0.8)
@@ -271,7 +318,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--teacher-arch", dest="teacher_arch", help="--labels online: the teacher")
     t.add_argument("--teacher-path", dest="teacher_path")
     t.add_argument("--teacher-weights", dest="teacher_weights")
-    t.add_argument("--teacher-input-size", dest="teacher_input_size", type=int)
+    t.add_argument("--teacher-input-size", dest="teacher_input_size", type=POSITIVE)
     t.add_argument("--model-ema", dest="model_ema", action="store_true", help="keep an EMA of the weights")
     t.add_argument("--model-ema-decay", dest="model_ema_decay", type=float, default=0.9998)
     bool_flag(t, "amp", "bf16 autocast (default: on with a GPU)")
@@ -285,17 +332,17 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", default="", help="continue from this checkpoint (or evaluate it with -e)")
     t.add_argument("-e", "--evaluate", action="store_true", help="evaluate --resume on DATA/val and exit")
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("-j", "--workers", type=int, help="DALI threads per rank")
-    t.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int)
+    t.add_argument("-j", "--workers", type=POSITIVE, help="DALI threads per rank")
+    t.add_argument("--num-classes", "--num_classes", dest="num_classes", type=POSITIVE)
     t.add_argument("--allow-incomplete", action="store_true", help="train on the done rows of an incomplete store")
-    t.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
+    t.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=0, help="also checkpoint every N steps")
     t.add_argument("--checkpoint-epochs", type=int, default=1,
                    help="write the checkpoint at a segment end only once N epochs passed since the last one "
                         "(default 1: every segment; the last segment, a stop signal and a new best model always "
                         "save). For short epochs, where writing it costs a noticeable share of the time")
     t.add_argument("--max-steps", type=int, help="stop after this many steps (with a checkpoint); at least 1")
-    t.add_argument("--val-batch-size", type=int, default=64)
-    t.add_argument("--dist-timeout", type=float, default=600.0,
+    t.add_argument("--val-batch-size", type=POSITIVE, default=64)
+    t.add_argument("--dist-timeout", type=real(0.0, above=True), default=600.0,
                    help="seconds a DDP collective waits for a lost rank before the job fails (default 600)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_placement_args(t)
@@ -327,18 +374,20 @@ def add_generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--interpolation", default="bicubic", help="crop resampling per teacher: bicubic (FKD), bilinear")
     g.add_argument("--mean", help="per-teacher normalisation mean, e.g. 0.5/0.5/0.5 (default ImageNet's)")
     g.add_argument("--std", help="per-teacher normalisation std, e.g. 0.5/0.5/0.5 (default ImageNet's)")
-    g.add_argument("--num-crops", "--num_crops", dest="num_crops", type=int, default=500, help="crops per image (C)")
-    g.add_argument("--num-seg", "--num_seg", dest="num_seg", type=int, default=50,
+    g.add_argument("--num-crops", "--num_crops", dest="num_crops", type=CROPS, default=500,
+                   help=f"crops per image (C, 1..{MAX_CROPS:,})")
+    g.add_argument("--num-seg", "--num_seg", dest="num_seg", type=POSITIVE, default=50,
                    help="crops cut from one decode (a group); the teacher batch is -b x --num-seg crops")
-    g.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=4, help="groups per pipeline batch")
-    g.add_argument("--top-k", dest="top_k", type=int, help="probabilities kept per crop (default 5; num_classes = full)")
+    g.add_argument("-b", "--batch-size", dest="batch_size", type=POSITIVE, default=4, help="groups per pipeline batch")
+    g.add_argument("--top-k", dest="top_k", type=POSITIVE,
+                   help="probabilities kept per crop (default 5; num_classes = full)")
     g.add_argument("--label-type", "--label_type", dest="label_type",
                    help="FKD's label type; sets --top-k (marginal_smoothing_k5: 5, k10: 10, hard/smoothing: 1) and "
                         "is recorded as the intended training label type")
-    g.add_argument("--temp", "--temperature", dest="temperature", type=float, default=1.0,
+    g.add_argument("--temp", "--temperature", dest="temperature", type=TEMPERATURE, default=1.0,
                    help="softmax temperature of the stored probabilities")
-    g.add_argument("--min-scale-crops", "--min_scale_crops", dest="min_scale_crops", type=float, default=0.08)
-    g.add_argument("--max-scale-crops", "--max_scale_crops", dest="max_scale_crops", type=float, default=0.936)
+    g.add_argument("--min-scale-crops", "--min_scale_crops", dest="min_scale_crops", type=SCALE, default=0.08)
+    g.add_argument("--max-scale-crops", "--max_scale_crops", dest="max_scale_crops", type=SCALE, default=0.936)
     g.add_argument("--ratio", default="3/4,4/3", help="aspect-ratio range of the crops")
     g.add_argument("--seed", type=int, default=0, help="crops of row r depend only on (seed, r)")
     g.add_argument("--use-fp16", "--use_fp16", dest="use_fp16", action="store_true",
@@ -346,15 +395,16 @@ def add_generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--reference", "--reference-path", "--reference_path", dest="reference",
                    help="reuse the boxes and flips of this store (a new store is written; see docs)")
     g.add_argument("--device", choices=("cpu", "gpu"), help="default: the GPU when there is one")
-    g.add_argument("--num-classes", dest="num_classes", type=int,
+    g.add_argument("--num-classes", dest="num_classes", type=POSITIVE,
                    help="store the teacher's class count when it differs from the dataset's (deliberately)")
     g.add_argument("--skip-corrupt", action="store_true",
                    help="leave unreadable images out (recorded in the store, never trained on) instead of stopping")
-    g.add_argument("--rows-per-shard", type=int, help="images per shard file (default: about 2^20 crops per shard)")
-    g.add_argument("--crops-per-chunk", type=int, help="crops per inner chunk (default 4)")
-    g.add_argument("-j", "--workers", type=int, help="DALI CPU threads (default: the cores of this rank)")
-    g.add_argument("--rank", type=int, help="this process's rank, for launches without torchrun")
-    g.add_argument("--world-size", type=int, help="number of processes, for launches without torchrun")
+    g.add_argument("--rows-per-shard", type=POSITIVE,
+                   help="images per shard file (default: about 2^20 crops per shard)")
+    g.add_argument("--crops-per-chunk", type=POSITIVE, help="crops per inner chunk (default 4)")
+    g.add_argument("-j", "--workers", type=POSITIVE, help="DALI CPU threads (default: the cores of this rank)")
+    g.add_argument("--rank", type=NON_NEGATIVE, help="this process's rank, for launches without torchrun")
+    g.add_argument("--world-size", type=POSITIVE, help="number of processes, for launches without torchrun")
     g.add_argument("-e", "--evaluate", action="store_true", help="only evaluate the teacher(s) on DATA/val")
     g.add_argument("--crop-dtype", choices=("float32", "float16"), default="float32",
                    help="dtype of the teacher's input crops out of DALI (float16 halves the bandwidth)")

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 ASPECTS = ((4, 3), (3, 4), (1, 1), (3, 2), (2, 3))
+MAX_SIDE = 8192  # px: a photo-like image of this side takes several GiB while it is drawn (float64 planes)
 
 
 def imagenet_like_size(rng: np.random.Generator, size: int = 0) -> tuple[int, int]:
@@ -163,6 +164,12 @@ def write_dataset(out: str, *, flavour: str = "photo", classes: int = 10, per_cl
     if distractors < 0 or not 0 < distractor_scale[0] <= distractor_scale[1] <= OBJECT_SCALE[0]:
         raise ValueError(f"distractors {distractors}, scale {distractor_scale}: give 0 or more distractors, no larger "
                          f"than the class object (0 < low <= high <= {OBJECT_SCALE[0]})")
+    if not 0 <= size <= MAX_SIDE:
+        raise ValueError(f"--size {size}: give a side from 1 to {MAX_SIDE} px, or 0 for the flavour's default "
+                         f"(larger images take several GiB of memory each while they are drawn)")
+    if classes < 1 or per_class < 0 or val_per_class < 0 or classes * (per_class + val_per_class) < 1:
+        raise ValueError(f"--classes {classes}, --per-class {per_class}, --val-per-class {val_per_class}: nothing "
+                         "to write; give at least 1 class and 1 image per class")
     names = class_names(flavour, classes)
     jobs = []
     for split, count in (("train", per_class), ("val", val_per_class)):

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from fkd_dali import checkpoint
 from fkd_dali.cli import build_parser, main
 from fkd_dali.interrupt import Interrupted
 from fkd_dali.train import TrainError, Trainer, train
@@ -169,12 +170,21 @@ def test_a_finished_store_and_an_empty_one_say_so(setup, tmp_path, capsys):  # n
     assert "to finish  10 rows have no labels" in out
 
 
-def test_a_command_stopped_at_once_says_how_to_resume(monkeypatch, capsys):
-    """What the CLI prints when a second signal (train) or the first (generate) stops a command at once."""
+def test_a_command_stopped_at_once_says_how_to_resume(monkeypatch, capsys, tmp_path):
+    """What the CLI prints when a second signal (train) stops a command at once: --resume the checkpoint that
+    exists, naming its step, and only when one exists (a second Ctrl-C during the first validation comes before
+    any checkpoint was written)."""
     def stopped(cfg, scan=None):
         raise Interrupted(signal.SIGINT)
 
     monkeypatch.setattr("fkd_dali.train.train", stopped)
-    assert main(["train", "DATA", "-a", "resnet18", "--softlabel-path", "S", "--output", "out"]) == 130
-    assert ("fkd-dali train: stopped by SIGINT; rerun the same command with --resume out/checkpoint.pth.tar"
-            in capsys.readouterr().err)
+    out = str(tmp_path / "out")
+    args = ["train", "DATA", "-a", "resnet18", "--softlabel-path", "S", "--output", out]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "fkd-dali train: stopped by SIGINT; no checkpoint was written yet" in err and "--resume" not in err, err
+    checkpoint.save({"arch": "resnet18", "global_step": 7}, out)
+    assert main(args) == 130
+    last = os.path.join(out, checkpoint.LAST)
+    assert (f"fkd-dali train: stopped by SIGINT; the last checkpoint written is {last} (step 7): rerun the same "
+            f"command with --resume {last}" in capsys.readouterr().err)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from ..options import POSITIVE, int_range
 from . import LOADERS
 from .machine import describe, one_line
 
@@ -14,12 +15,12 @@ def add_parser(sub, func) -> None:
     b = sub.add_parser("bench", help="measure the label store, the loader and the generator")
     bs = b.add_subparsers(dest="bench", required=True, metavar="WHAT")
     s = bs.add_parser("store", help="store size vs FKD's files; read_round and append throughput")
-    s.add_argument("--size-images", type=int, default=1000)
-    s.add_argument("--size-crops", type=int, default=500)
-    s.add_argument("--images", type=int, default=100_000)
-    s.add_argument("--crops", type=int, default=64)
-    s.add_argument("--top-k", type=int, default=5)
-    s.add_argument("--round-crops", type=int, default=4)
+    s.add_argument("--size-images", type=POSITIVE, default=1000)
+    s.add_argument("--size-crops", type=POSITIVE, default=500)
+    s.add_argument("--images", type=POSITIVE, default=100_000)
+    s.add_argument("--crops", type=POSITIVE, default=64)
+    s.add_argument("--top-k", type=int_range(1, 999), default=5, help="of the simulated teacher's 1000 classes")
+    s.add_argument("--round-crops", type=POSITIVE, default=4, help="crops per image read per round (<= --crops)")
     s.add_argument("--workdir", default=None, help="where temporary stores go (default: system temp)")
     s.add_argument("--out", default="bench-results/store.json")
     s.set_defaults(func=func)
@@ -121,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"Machine: {one_line(machine)}\n")
     if args.bench == "store":
         from .store import format_store, size_vs_fkd, throughput
+        if args.round_crops > args.crops:
+            raise ValueError(f"--round-crops {args.round_crops} is more than --crops {args.crops}: a round reads that "
+                             "many of each image's crops")
         size = size_vs_fkd(args.size_images, args.size_crops, args.top_k, args.workdir)
         speed = throughput(args.images, args.crops, args.top_k, args.round_crops, workdir=args.workdir)
         result = {"machine": machine, "size": size, "speed": speed}

@@ -18,6 +18,7 @@ import tempfile
 import time
 import traceback
 
+from ..options import POSITIVE, real
 from .faults import FAULTS
 
 ORDER = ("decode", "replay", "zero-copy", "buffers", "train", "generate", "ddp", "memory",
@@ -29,13 +30,13 @@ def add_parser(sub, func) -> None:
                        description=__doc__.split("\n\n")[0])
     d.add_argument("--device", choices=("cpu", "gpu"), default=None, help="default: the GPU when there is one")
     d.add_argument("--out", default="doctor-out", help="folder for doctor.json and doctor.md (default doctor-out)")
-    d.add_argument("--deadline", type=float, default=None,
+    d.add_argument("--deadline", type=real(0.0, above=True), default=None,
                    help="seconds: checks that would not finish by then are skipped (default 360 on a GPU, 180 on "
                         "the CPU)")
     d.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(ORDER)}")
     d.add_argument("--plant", choices=sorted(FAULTS), action="append", default=[],
                    help="introduce a known fault to see the checks catch it (repeatable)")
-    d.add_argument("-j", "--threads", type=int, default=None, help="DALI threads (default: all cores)")
+    d.add_argument("-j", "--threads", type=POSITIVE, default=None, help="DALI threads (default: all cores)")
     d.add_argument("--workdir", default=None, help="where its test images and stores go (default: a temp folder, "
                    "removed afterwards)")
     d.set_defaults(func=func)
@@ -88,7 +89,7 @@ def run(device: str | None = None, out: str = "doctor-out", deadline: float | No
     from .context import Context, Result
     device = device or ("gpu" if torch.cuda.is_available() else "cpu")
     if device == "gpu" and not torch.cuda.is_available():
-        raise RuntimeError("--device gpu but torch sees no CUDA device; run `fkd-dali doctor --device cpu`")
+        raise ValueError("--device gpu but torch sees no CUDA device; run `fkd-dali doctor --device cpu`")
     deadline = deadline if deadline is not None else (360.0 if device == "gpu" else 180.0)
     names = list(ORDER) if not only else [n.strip() for n in only]
     unknown = set(names) - set(ORDER)
@@ -151,13 +152,32 @@ def format_markdown(report: dict) -> str:
     for r in report["results"]:
         cells = (r["name"], r["status"], r["figure"], r["meaning"] or "")
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    bad = report["failed"]
-    lines += ["", ("All checks passed." if not bad else f"FAILED: {', '.join(bad)}.")]
+    lines += ["", verdict(report)]
     return "\n".join(lines) + "\n"
+
+
+def _skipped(report: dict) -> list[str]:
+    return [r["name"] for r in report["results"] if r["status"] == "skip"]
+
+
+def verdict(report: dict) -> str:
+    """The report's last line: what passed is said only of the checks that ran."""
+    bad, skipped = report["failed"], _skipped(report)
+    ran = len(report["results"]) - len(skipped)
+    if bad:
+        return f"FAILED: {', '.join(bad)}."
+    if not ran:
+        return (f"No check ran: none of the {len(skipped)} asked for fits in the {report['deadline_s']:.0f} s deadline "
+                "(all skipped). Give a longer --deadline")
+    if skipped:
+        return (f"The {ran} check(s) that ran passed; {len(skipped)} skipped (deadline): {', '.join(skipped)}. Give a "
+                "longer --deadline to run them")
+    return "All checks passed."
 
 
 def main(args: argparse.Namespace) -> int:
     only = args.only.split(",") if args.only else None
     report = run(args.device, args.out, args.deadline, only, args.plant, args.threads, args.workdir)
     print(f"wrote {os.path.join(args.out, 'doctor.json')} and doctor.md")
-    return 1 if report["failed"] and not args.plant else 0
+    ran = len(report["results"]) > len(_skipped(report))
+    return 1 if (report["failed"] and not args.plant) or not ran else 0
