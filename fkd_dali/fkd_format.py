@@ -371,6 +371,7 @@ def export_fkd(store_path: str, out: str, *, fp16: bool = False, label_type: str
     validates them, every destination stays inside OUT, and two images with one FKD name are refused.
     """
     store = labelstore.open_store(store_path)
+    store.require_kind("topk")  # FKD's files hold soft labels
     layout = export_layout(store, label_type)
     if arrays not in ("torch", "numpy"):
         raise FKDFormatError(f"arrays={arrays!r}: choose torch or numpy")

@@ -1,6 +1,6 @@
 """The Zarr label store of fkd-dali (schema v1). numpy + zarr only: no torch, no DALI."""
 
-from .errors import (StoreCorruptError, StoreError, StoreFormatError, StoreIncompleteError,
+from .errors import (StoreCorruptError, StoreError, StoreFormatError, StoreIncompleteError, StoreKindError,
                      StoreMismatchError, StoreNotFoundError, StoreWriteError)
 from .fingerprint import file_sizes, fingerprint_dir, fingerprint_of
 from .pathtable import PathTable
@@ -24,7 +24,7 @@ def __getattr__(name: str):
 __all__ = [
     "ATTR_KEY", "CROP_ARRAYS", "EXIF_POLICY", "SCHEMA_VERSION", "LabelStore", "Layout", "Location", "PathTable",
     "Round",
-    "StoreCorruptError", "StoreError", "StoreFormatError", "StoreIncompleteError", "StoreMeta",
+    "StoreCorruptError", "StoreError", "StoreFormatError", "StoreIncompleteError", "StoreKindError", "StoreMeta",
     "StoreMismatchError", "StoreNotFoundError", "StoreWriteError", "check_block", "create_store",
     "file_sizes", "fingerprint_dir", "fingerprint_of", "format_summary", "location", "open_store",
     "store_exists", "summarize",

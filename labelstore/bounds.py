@@ -47,7 +47,7 @@ def check_bounds(where: str, meta, layout, arrays: dict) -> None:
     if not len(meta.classes) <= classes <= MAX_CLASSES or classes < 1:
         _fail(where, f"num_classes is {classes:,} for {len(meta.classes):,} class names; fkd-dali reads stores of "
                      f"1..{MAX_CLASSES:,} classes, at least as many as the dataset's")
-    if not 1 <= k <= classes:
+    if meta.kind == "topk" and not 1 <= k <= classes:
         _fail(where, f"top_k is {k:,}; it must be between 1 and num_classes ({classes:,})")
     for name, value in (("rows_per_shard", layout.rows_per_shard), ("crops_per_chunk", layout.crops_per_chunk)):
         if value < 1:

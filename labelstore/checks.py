@@ -1,7 +1,8 @@
 """Checks of label values, vectorised over blocks of rows: a row is refused (naming its file) when a box
-leaves its image, a class id is out of range or a probability is not one. Used wherever labels are written or
-read (:mod:`labelstore.writing`, :mod:`labelstore.reading`, :mod:`labelstore.verify`), and of the rows' classes
-whenever a store's ``targets`` are read."""
+leaves its image or its labels fail its store kind's checks (:mod:`labelstore.kinds`: for top-k, a class id out
+of range or a probability that is not one). Used wherever labels are written or read (:mod:`labelstore.writing`,
+:mod:`labelstore.reading`, :mod:`labelstore.verify`), and of the rows' classes whenever a store's ``targets``
+are read."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .errors import StoreCorruptError
+from .kinds import TOPK, StoreKind
 
 
 def check_block(data: dict[str, np.ndarray], num_classes: int, *, first_row: int, where: str,
                 files: Sequence[str] | Callable[[int], str] | None = None, rows_mask: np.ndarray | None = None,
-                row_ids: np.ndarray | None = None) -> None:
-    """Reject impossible labels: boxes outside their image, class ids out of range, bad probabilities.
+                row_ids: np.ndarray | None = None, kind: StoreKind = TOPK, fields: dict | None = None) -> None:
+    """Reject impossible labels: boxes outside their image, and what the store's ``kind`` refuses (for top-k:
+    class ids out of range, bad probabilities; ``fields``: the kind's metadata fields, default top-k's).
 
     Vectorised over the whole block in the stored dtypes (int32 for box arithmetic, no int64 copies);
     ``rows_mask`` limits the check to rows that are done. Block row i is store row ``row_ids[i]`` (default
@@ -23,13 +26,13 @@ def check_block(data: dict[str, np.ndarray], num_classes: int, *, first_row: int
     """
     sizes = np.asarray(data["sizes"])
     boxes = np.asarray(data["boxes"])
-    idx = np.asarray(data["topk_idx"])
-    val = np.asarray(data["topk_val"])
+    labels = {name: np.asarray(data[name]) for name in kind.names}
     sel = np.arange(len(sizes)) if rows_mask is None else np.flatnonzero(rows_mask)
     if sel.size == 0:
         return
     if rows_mask is not None and sel.size < len(sizes):
-        sizes, boxes, idx, val = sizes[sel], boxes[sel], idx[sel], val[sel]
+        sizes, boxes = sizes[sel], boxes[sel]
+        labels = {name: v[sel] for name, v in labels.items()}
 
     def fail(mask: np.ndarray, what: str) -> None:
         r = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
@@ -49,9 +52,8 @@ def check_block(data: dict[str, np.ndarray], num_classes: int, *, first_row: int
     fail((h < 1) | (w < 1), "a crop box has zero height or width (a chunk may be missing on disk)")
     fail((t < 0) | (l < 0) | (t + h > sizes[:, None, 0]) | (l + w > sizes[:, None, 1]),
          "a crop box reaches outside its image")
-    fail((idx < 0) | (idx >= num_classes), f"a class id is outside 0..{num_classes - 1}")
-    vf = val if val.dtype in (np.float16, np.float32) else val.astype(np.float32)
-    fail(~np.isfinite(vf) | (vf < 0) | (vf > 1.001), "a probability is not a finite value in [0, 1]")
+    for mask, what in kind.checks(labels, fields or {"num_classes": num_classes}):
+        fail(mask, what)
 
 
 def check_targets(targets: np.ndarray, num_classes: int, *, where: str, files: Callable[[int], str]) -> None:

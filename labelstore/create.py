@@ -15,9 +15,9 @@ from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-from .errors import StoreWriteError
+from .errors import StoreFormatError, StoreWriteError
 from .location import exists, location
-from .schema import ATTR_KEY, FILES_CHUNK, FILL, WRITE_CONFIG, Layout, StoreMeta, box_dtype, class_dtype
+from .schema import ATTR_KEY, FILES_CHUNK, FILL, WRITE_CONFIG, Layout, StoreMeta, box_dtype
 from .store import LabelStore
 
 
@@ -33,13 +33,16 @@ def _empty_folder(loc) -> bool:
 
 
 def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], targets: Sequence[int],
-                 classes: Sequence[str], fingerprint: str, dataset_root: str, num_crops: int, top_k: int,
+                 classes: Sequence[str], fingerprint: str, dataset_root: str, num_crops: int, top_k: int = 0,
                  num_classes: int | None = None, temperature: float = 1.0,
                  teachers: Sequence[dict[str, Any]] = (), crop: dict[str, Any] | None = None,
                  seed: int | None = None, source: dict[str, Any] | None = None, max_side: int = 65535,
                  rows_per_shard: int | None = None, crops_per_chunk: int | None = None,
-                 overwrite: bool = False) -> "LabelStore":
-    """Create an empty store for ``len(files)`` images x ``num_crops`` crops x top-``top_k`` labels."""
+                 overwrite: bool = False, kind: str = "topk", kind_fields: dict[str, Any] | None = None
+                 ) -> "LabelStore":
+    """Create an empty store for ``len(files)`` images x ``num_crops`` crops x top-``top_k`` labels, or the labels
+    of another ``kind`` (:mod:`labelstore.kinds`; e.g. ``kind="embedding", kind_fields={"dim": 128, "views":
+    {...}}``)."""
     where = path
     loc = location(where, mode="w")
     path = loc.name
@@ -51,7 +54,7 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
         raise StoreWriteError(f"{path}: {len(files)} files but {len(targets)} targets")
     if num_crops < 1:
         raise StoreWriteError(f"{path}: num_crops must be >= 1, got {num_crops}")
-    if not 1 <= top_k <= num_classes:
+    if kind == "topk" and not 1 <= top_k <= num_classes:
         raise StoreWriteError(f"{path}: top_k={top_k} must be between 1 and the number of classes "
                               f"({num_classes}); use top_k={num_classes} to store full labels")
     tgt = np.asarray(targets, dtype=np.int64)
@@ -71,7 +74,11 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
     meta = StoreMeta(num_images=n, num_crops=num_crops, top_k=top_k, num_classes=num_classes,
                      classes=list(classes), dataset_root=dataset_root, fingerprint=fingerprint,
                      temperature=float(temperature), teachers=list(teachers), crop=dict(crop or {}),
-                     seed=seed, source=dict(source or {}))
+                     seed=seed, source=dict(source or {}), kind=kind, kind_fields=dict(kind_fields or {}))
+    try:
+        label_kind, fields = meta.label_kind(path)
+    except StoreFormatError as e:
+        raise StoreWriteError(str(e)) from None
     attrs = meta.to_attrs()
     attrs["layout"] = dataclasses.asdict(layout) | {"write_empty_chunks": True}
     group = zarr.open_group(loc.store, mode="w", attributes={ATTR_KEY: attrs})
@@ -86,11 +93,11 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
                        fill_value=FILL["sizes"])
     group.create_array("done", shape=(n,), dtype=bool, chunks=(R,), compressors=comp,
                        fill_value=FILL["done"])
-    kdt = class_dtype(num_classes)
-    for name, tail, dt in (("boxes", (4,), box_dtype(max_side)), ("flips", (), np.dtype(bool)),
-                           ("topk_idx", (top_k,), kdt), ("topk_val", (top_k,), np.dtype(np.float16))):
+    arrays = [("boxes", (4,), box_dtype(max_side), FILL["boxes"]), ("flips", (), np.dtype(bool), FILL["flips"])]
+    arrays += [(a.name, a.tail(fields), a.dtype_for(fields), a.fill) for a in label_kind.arrays]
+    for name, tail, dt, fill in arrays:
         group.create_array(name, shape=(n, num_crops) + tail, dtype=dt, chunks=(R, c) + tail,
-                           shards=(R, sc) + tail, compressors=comp, fill_value=FILL[name])
+                           shards=(R, sc) + tail, compressors=comp, fill_value=fill)
     fa = group["files"].with_config(WRITE_CONFIG)
     for a in range(0, n, FILES_CHUNK):
         fa[a:a + FILES_CHUNK] = np.asarray(list(files[a:a + FILES_CHUNK]), dtype=str)

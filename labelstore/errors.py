@@ -27,3 +27,7 @@ class StoreCorruptError(StoreError):
 
 class StoreWriteError(StoreError):
     """A write was refused: misaligned block, wrong shapes or dtypes, or the disk failed."""
+
+
+class StoreKindError(StoreError):
+    """The store holds another kind of labels than the code reading it needs (top-k vs embeddings)."""

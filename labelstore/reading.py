@@ -17,7 +17,6 @@ from zarr.core.sync import sync
 
 from .checks import check_block
 from .errors import StoreCorruptError, StoreIncompleteError
-from .schema import CROP_ARRAYS
 
 # A read that gives way to others (``read_round(pause=...)``) pauses at most every this many shards: on an
 # object store that is 32 x (4 x 2 + 1) requests, on local disk ~0.1 s of decoding at world 1 on ImageNet-1k.
@@ -30,15 +29,21 @@ READ_BATCH = {"codec_pipeline.batch_size": 128}
 
 @dataclasses.dataclass
 class Round:
-    """All images x crops ``[crop_start, crop_start + n)`` of the pool, in store row order."""
+    """All images x crops ``[crop_start, crop_start + n)`` of the pool, in store row order: boxes, flips and
+    the store kind's label arrays (``labels``, also read as attributes: ``rnd.topk_idx``, ``rnd.embedding``)."""
 
     index: int
     crop_start: int
     boxes: np.ndarray       # (N, n, 4)  top, left, height, width (N: the rows read, in ``rows`` order)
     flips: np.ndarray       # (N, n)     bool
-    topk_idx: np.ndarray    # (N, n, k)
-    topk_val: np.ndarray    # (N, n, k)  float16
+    labels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (N, n, ...) per label array
     rows: np.ndarray | None = None  # the store rows read (sorted), None: all rows
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        labels = self.__dict__.get("labels") or {}
+        if name in labels:
+            return labels[name]
+        raise AttributeError(f"this round holds no array '{name}' (it holds boxes, flips, {', '.join(labels)})")
 
     @property
     def num_crops(self) -> int:
@@ -46,12 +51,13 @@ class Round:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.boxes, self.flips, self.topk_idx, self.topk_val))
+        return sum(a.nbytes for a in (self.boxes, self.flips, *self.labels.values()))
 
 
 class StoreReading:
     """The reading methods of :class:`labelstore.LabelStore` (which holds ``group``, ``store``, ``layout``,
-    ``path``, ``num_images``, ``num_crops``, ``_lock``, ``_readers``, ``_seen_shards``)."""
+    ``path``, ``num_images``, ``num_crops``, ``kind``, ``fields``, ``crop_arrays``, ``_lock``, ``_readers``,
+    ``_seen_shards``)."""
 
     def _reader(self, name: str) -> zarr.Array:
         """The array with batched chunk decoding (zarr fixes its codec pipeline when the array is opened), opened
@@ -202,15 +208,15 @@ class StoreReading:
             if sel.size and (sel[0] < 0 or sel[-1] >= self.num_images or np.any(np.diff(sel) <= 0)):
                 raise ValueError(f"{self.path}: rows must be sorted, unique and in 0..{self.num_images - 1}")
             served = done[sel]
-        self._check_chunk_files(CROP_ARRAYS, self._shards_of(np.flatnonzero(done) if rows is None
-                                                              else sel[served]), listed)
+        self._check_chunk_files(self.crop_arrays, self._shards_of(np.flatnonzero(done) if rows is None
+                                                                   else sel[served]), listed)
         cs = slice(r * n, (r + 1) * n)
         count = self.num_images if rows is None else len(sel)
         blocks = [(0, count)] if pause is None else self._row_blocks(sel)
         got: dict[str, np.ndarray] = {}
         for a, b in blocks:
             part = slice(a, b) if rows is None else sel[a:b]
-            wanted = {name: (part, cs) for name in CROP_ARRAYS}
+            wanted = {name: (part, cs) for name in self.crop_arrays}
             if check:
                 wanted["sizes"] = (part, slice(None))
             if pause is not None:
@@ -224,15 +230,15 @@ class StoreReading:
                     got[name] = np.empty((count,) + v.shape[1:], v.dtype)
                 got[name][a:b] = v
         sizes = got.pop("sizes", None)
-        out = Round(index=r, crop_start=r * n, rows=None if rows is None else sel, **got)
+        out = Round(index=r, crop_start=r * n, rows=None if rows is None else sel, boxes=got.pop("boxes"),
+                    flips=got.pop("flips"), labels=got)
         if check:
             row_ids = np.arange(self.num_images) if rows is None else sel
             for a in range(0, len(row_ids), CHECK_ROWS):
                 b = a + CHECK_ROWS
-                check_block({"sizes": sizes[a:b], "boxes": out.boxes[a:b], "flips": out.flips[a:b],
-                             "topk_idx": out.topk_idx[a:b], "topk_val": out.topk_val[a:b]}, self.num_classes,
-                            first_row=0, row_ids=row_ids[a:b], files=self.file_name, where=self.path,
-                            rows_mask=served[a:b])
+                check_block({"sizes": sizes[a:b], "boxes": out.boxes[a:b]} | {k: v[a:b] for k, v in got.items()},
+                            self.num_classes, first_row=0, row_ids=row_ids[a:b], files=self.file_name,
+                            where=self.path, rows_mask=served[a:b], kind=self.kind, fields=self.fields)
         return out
 
     def _row_blocks(self, sel: np.ndarray | slice) -> list[tuple[int, int]]:
@@ -247,13 +253,13 @@ class StoreReading:
         return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(0, 0)]
 
     def read_rows(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """The full crop pool of the given rows (any order): sizes, boxes, flips, topk_idx, topk_val."""
+        """The full crop pool of the given rows (any order): sizes, boxes, flips and the kind's label arrays."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_images):
             raise IndexError(f"{self.path}: rows must be in 0..{self.num_images - 1}")
         uniq, inverse = np.unique(rows, return_inverse=True)
         done = self.done()
-        self._check_chunk_files(CROP_ARRAYS, self._shards_of(uniq[done[uniq]]))
-        out = {name: self._read_orthogonal(name, uniq)[inverse] for name in ("sizes",) + CROP_ARRAYS}
+        self._check_chunk_files(self.crop_arrays, self._shards_of(uniq[done[uniq]]))
+        out = {name: self._read_orthogonal(name, uniq)[inverse] for name in ("sizes",) + self.crop_arrays}
         out["done"] = done[rows]
         return out

@@ -10,10 +10,14 @@ targets    (N,)         int32                              ground-truth class in
 sizes      (N, 2)       int32                              (height, width) of the decoded image
 boxes      (N, C, 4)    uint16 (int32 if a side > 65535)   (top, left, height, width) in pixels, exact
 flips      (N, C)       bool                               horizontal flip after the crop
-topk_idx   (N, C, k)    int16 (int32 if classes > 32767)   class ids, most probable first
+topk_idx   (N, C, k)    int16 (int32 if classes > 32767)   class ids, most probable first (kind topk)
 topk_val   (N, C, k)    float16                            teacher probabilities (temperature softmax)
 done       (N,)         bool                               the row is fully written (resume marker)
 =========  ===========  =================================  ==========================================
+
+``topk_idx`` and ``topk_val`` are the label arrays of the ``topk`` kind, every store's kind before kinds
+existed; another kind (recorded as ``kind`` in the metadata) has its own (:mod:`labelstore.kinds`), laid out
+like these.
 
 Layout (why these chunks and codecs)
 ------------------------------------
@@ -56,16 +60,19 @@ from typing import Any
 
 import numpy as np
 
+from .kinds import kind_named
+
 SCHEMA_VERSION = 1
 ATTR_KEY = "fkd"
 
-CROP_ARRAYS = ("boxes", "flips", "topk_idx", "topk_val")
+VIEW_ARRAYS = ("boxes", "flips")  # every kind's per-crop arrays; its label arrays follow (labelstore.kinds)
+CROP_ARRAYS = VIEW_ARRAYS + ("topk_idx", "topk_val")  # a topk store's (``LabelStore.crop_arrays``: any store's)
 ROW_ARRAYS = ("files", "targets", "sizes", "done")
-ALL_ARRAYS = ROW_ARRAYS[:3] + CROP_ARRAYS + ("done",)
 
-# The dtypes each array may have (the table above); anything else is refused when a store is opened.
+# The dtypes each array may have (the table above; a kind's label arrays say theirs); anything else is refused
+# when a store is opened.
 DTYPES = {"files": ("string",), "targets": ("int32",), "sizes": ("int32",), "done": ("bool",),
-          "boxes": ("uint16", "int32"), "flips": ("bool",), "topk_idx": ("int16", "int32"), "topk_val": ("float16",)}
+          "boxes": ("uint16", "int32"), "flips": ("bool",)}
 
 TARGET_CROPS_PER_SHARD = 1 << 20
 MIN_ROWS_PER_SHARD = 64
@@ -74,7 +81,7 @@ DEFAULT_CROPS_PER_CHUNK = 4
 FILES_CHUNK = 1 << 16
 # Fill values are impossible values, so a chunk that is missing on disk reads as something the sanity
 # checks reject instead of as plausible labels (zarr returns the fill value for absent chunks).
-FILL = {"boxes": 0, "flips": False, "topk_idx": -1, "topk_val": float("nan"), "sizes": 0, "done": False}
+FILL = {"boxes": 0, "flips": False, "sizes": 0, "done": False}
 # Every chunk is written, also one equal to the fill value (an all-False ``flips`` shard is real data):
 # zarr skips such chunks by default, and a skipped chunk cannot be told from a lost file.
 WRITE_CONFIG = {"write_empty_chunks": True}
@@ -95,10 +102,6 @@ def dtype_name(dtype: Any) -> str:
 
 def box_dtype(max_side: int) -> np.dtype:
     return np.dtype(np.uint16) if max_side <= np.iinfo(np.uint16).max else np.dtype(np.int32)
-
-
-def class_dtype(num_classes: int) -> np.dtype:
-    return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +152,14 @@ class StoreMeta:
     schema_version: int = SCHEMA_VERSION
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     skipped: list[list] = dataclasses.field(default_factory=list)  # [[row, reason], ...] left out on purpose
+    kind: str = "topk"  # the store kind (labelstore.kinds); stores without one are topk
+    kind_fields: dict[str, Any] = dataclasses.field(default_factory=dict)  # the kind's own metadata
+
+    def label_kind(self, where: str):
+        """The store's :class:`~labelstore.kinds.StoreKind` and its fields (checked), or StoreFormatError."""
+        kind = kind_named(self.kind, where)
+        return kind, kind.read_fields({"top_k": self.top_k, "num_classes": self.num_classes,
+                                       "kind_fields": self.kind_fields}, where)
 
     def to_attrs(self) -> dict[str, Any]:
         return {
@@ -167,12 +178,13 @@ class StoreMeta:
             "complete": self.complete,
             "source": self.source,
             "skipped": self.skipped,
-        }
+        } | ({} if self.kind == "topk" else {"kind": self.kind, "kind_fields": self.kind_fields})
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str) -> "StoreMeta":
+        kind = attrs.get("kind", "topk")
         missing = [k for k in ("schema_version", "num_images", "num_crops", "top_k", "num_classes",
-                               "dataset") if k not in attrs]
+                               "dataset") if k not in attrs and not (k == "top_k" and kind != "topk")]
         if missing:
             from .errors import StoreFormatError
             raise StoreFormatError(f"{where}: the '{ATTR_KEY}' attributes lack {', '.join(missing)}; "
@@ -185,7 +197,7 @@ class StoreMeta:
             schema_version=f.get("schema_version", _int, "a whole number"),
             num_images=n,
             num_crops=f.get("num_crops", _int, "a whole number"),
-            top_k=f.get("top_k", _int, "a whole number"),
+            top_k=f.get("top_k", _int, "a whole number", 0),
             num_classes=f.get("num_classes", _int, "a whole number"),
             classes=d.get("classes", _strings, "a list of class names", []),
             dataset_root=d.get("root", _str, "a folder name", ""),
@@ -199,6 +211,8 @@ class StoreMeta:
             source=f.get("source", _dict, "an object", {}),
             skipped=f.get("skipped", lambda v: _skipped(v, n), f"a list of [row, reason] pairs, rows in 0..{n - 1}",
                           []),
+            kind=f.get("kind", _str, "a store kind's name", "topk"),
+            kind_fields=f.get("kind_fields", _dict, "an object", {}),
         )
 
 

@@ -22,7 +22,9 @@ from .location import location
 from .paths import check_name, check_names, check_no_links
 from .pathtable import PathTable
 from .reading import StoreReading
-from .schema import ALL_ARRAYS, ATTR_KEY, DTYPES, FILES_CHUNK, SCHEMA_VERSION, Layout, StoreMeta, dtype_name
+from .errors import StoreKindError
+from .schema import (ATTR_KEY, DTYPES, FILES_CHUNK, ROW_ARRAYS, SCHEMA_VERSION, VIEW_ARRAYS, Layout, StoreMeta,
+                     dtype_name)
 from .verify import StoreVerification
 from .writing import StoreWriting
 
@@ -71,11 +73,12 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
         if self.meta.schema_version != SCHEMA_VERSION:
             raise StoreFormatError(f"{path} has schema version {self.meta.schema_version}; this fkd-dali "
                                    f"reads version {SCHEMA_VERSION}. Upgrade fkd-dali or regenerate the store")
+        self.kind, self.fields = self.meta.label_kind(path)
         self._check_arrays()
         lay = attrs.get("layout") or {}
         self.layout = Layout(rows_per_shard=int(lay.get("rows_per_shard", self.group["done"].chunks[0])),
                              crops_per_chunk=int(lay.get("crops_per_chunk", self.group["boxes"].chunks[1])))
-        check_bounds(path, self.meta, self.layout, {name: self.group[name] for name in ALL_ARRAYS})
+        check_bounds(path, self.meta, self.layout, {name: self.group[name] for name in ROW_ARRAYS + self.crop_arrays})
         if self.meta.dataset_root:
             check_name(self.meta.dataset_root, path, "dataset.root (the split folder)")
         # Stores written before every chunk was written may lack an all-False ``flips`` shard on purpose.
@@ -102,6 +105,28 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
         return self.meta.num_classes
 
     @property
+    def crop_arrays(self) -> tuple[str, ...]:
+        """Every per-crop array: boxes, flips and the kind's label arrays."""
+        return VIEW_ARRAYS + self.kind.names
+
+    @property
+    def label_arrays(self) -> tuple[str, ...]:
+        return self.kind.names
+
+    def describe_kind(self) -> str:
+        """"kind embedding, D=128": the kind and its size, for messages."""
+        return self.kind.describe(self.fields)
+
+    def require_kind(self, name: str) -> None:
+        """Refuse, by name, a store of another kind than the code reading it needs (``name``: topk, embedding)."""
+        if self.kind.name == name:
+            return
+        from .kinds import kind_named  # noqa: PLC0415
+        wanted = kind_named(name, self.path)
+        raise StoreKindError(f"label store {self.path} holds {self.kind.what} ({self.describe_kind()}), not "
+                             f"{wanted.what}: train it with --labels {self.kind.objective}")
+
+    @property
     def classes(self) -> list[str]:
         return self.meta.classes
 
@@ -120,8 +145,11 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
         m = self.meta
         expect = {"files": (m.num_images,), "targets": (m.num_images,), "sizes": (m.num_images, 2),
                   "done": (m.num_images,), "boxes": (m.num_images, m.num_crops, 4),
-                  "flips": (m.num_images, m.num_crops), "topk_idx": (m.num_images, m.num_crops, m.top_k),
-                  "topk_val": (m.num_images, m.num_crops, m.top_k)}
+                  "flips": (m.num_images, m.num_crops)}
+        dtypes = dict(DTYPES)
+        for a in self.kind.arrays:
+            expect[a.name] = (m.num_images, m.num_crops) + a.tail(self.fields)
+            dtypes[a.name] = a.dtypes
         have = set(self.group.array_keys())
         for name, shape in expect.items():
             if name not in have:
@@ -132,9 +160,9 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
                 raise StoreFormatError(f"{self.path}: array '{name}' has shape {got}, the metadata says "
                                        f"{shape}; the store is damaged")
             dtype = dtype_name(self.group[name].dtype)
-            if dtype not in DTYPES[name]:
+            if dtype not in dtypes[name]:
                 raise StoreFormatError(f"{self.path}: array '{name}' holds {dtype} values; a label store's '{name}' "
-                                       f"is {' or '.join(DTYPES[name])} (schema v{SCHEMA_VERSION}). The store is "
+                                       f"is {' or '.join(dtypes[name])} (schema v{SCHEMA_VERSION}). The store is "
                                        "damaged or was not made by fkd-dali; regenerate or re-import it")
 
     # ------------------------------------------------------------------ per-row arrays

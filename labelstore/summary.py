@@ -8,7 +8,6 @@ import zipfile
 import zarr.storage
 from zarr.core.sync import sync
 
-from .schema import CROP_ARRAYS
 from .store import LabelStore
 
 
@@ -49,18 +48,20 @@ def summarize(store: LabelStore) -> dict:
     done = store.done()
     usage = disk_usage(store)
     arrays = {}
-    for name in ("files", "targets", "sizes", "done") + CROP_ARRAYS:
+    for name in ("files", "targets", "sizes", "done") + store.crop_arrays:
         a = store.array(name)
         dtype = "string" if name == "files" else str(a.dtype)
         arrays[name] = {"shape": list(a.shape), "dtype": dtype, "chunks": list(a.chunks),
                         "shards": list(a.shards) if a.shards else None, "bytes": usage.get(name, 0)}
-    crop_bytes = sum(usage.get(n, 0) for n in CROP_ARRAYS)
+    crop_bytes = sum(usage.get(n, 0) for n in store.crop_arrays)
     labelled = int(done.sum()) * m.num_crops  # per-crop sizes count labelled crops: an empty store has none
     return {
         "path": store.path,
         "schema_version": m.schema_version,
         "num_images": m.num_images, "num_crops": m.num_crops, "top_k": m.top_k,
         "num_classes": m.num_classes, "temperature": m.temperature,
+        "kind": m.kind, "kind_described": store.describe_kind(), "label_what": store.kind.what,
+        "dim": store.fields.get("dim"),
         "rows_done": int(done.sum()), "complete": bool(m.complete),
         "layout": {"rows_per_shard": store.layout.rows_per_shard,
                    "crops_per_chunk": store.layout.crops_per_chunk},
@@ -80,8 +81,10 @@ def format_summary(s: dict) -> str:
     mb = s["bytes_total"] / 2**20
     lines = [
         f"label store  {s['path']}  (schema v{s['schema_version']})",
-        f"  images     {s['num_images']:,}  x  {s['num_crops']} crops  x  top-{s['top_k']} of "
-        f"{s['num_classes']} classes",
+        f"  images     {s['num_images']:,}  x  {s['num_crops']} crops  x  "
+        + (f"top-{s['top_k']} of {s['num_classes']} classes" if s.get("kind", "topk") == "topk" else
+           f"{s['label_what']}"),
+        f"  kind       {s.get('kind_described', 'kind topk')}",
         f"  complete   {'yes' if s['complete'] else 'NO'}  ({s['rows_done']:,} / {s['num_images']:,} rows done)",
         f"  on disk    {mb:,.2f} MiB;  " + (f"{s['bytes_per_crop']:.2f} B per labelled crop (labels+boxes+flips: "
                                          f"{s['label_bytes_per_crop']:.2f} B/crop)" if s["bytes_per_crop"] is not None

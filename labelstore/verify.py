@@ -13,7 +13,6 @@ import numpy as np
 
 from .checks import check_block
 from .errors import StoreMismatchError
-from .schema import CROP_ARRAYS
 
 VERIFY_BATCH = 8  # shards per verify task (progress granularity)
 
@@ -34,7 +33,7 @@ class StoreVerification:
         self.targets_compact()  # every row's class
         ranges = self.shard_ranges()
         with_done = [i for i, (a, b) in enumerate(ranges) if done[a:b].any()]
-        self._check_chunk_files(CROP_ARRAYS, with_done)
+        self._check_chunk_files(self.crop_arrays, with_done)
         chosen = list(range(len(ranges)))
         if sample is not None and sample < len(chosen):
             picked = np.random.default_rng(seed).choice(len(chosen), size=max(0, sample), replace=False)
@@ -111,13 +110,13 @@ def _verify_shards(store, shards: Sequence[int]) -> None:
     for i in shards:
         a, b = ranges[i]
         block = {}
-        for name in ("sizes", "done") + CROP_ARRAYS:
+        for name in ("sizes", "done") + store.crop_arrays:
             try:
                 block[name] = store._reader(name)[a:b]
             except Exception as e:  # noqa: BLE001 - any decode failure names the chunk
                 raise store._corrupt_chunk(name, i, e) from e
         check_block(block, store.num_classes, first_row=a, files=store.file_name, where=store.path,
-                    rows_mask=block.pop("done"))
+                    rows_mask=block.pop("done"), kind=store.kind, fields=store.fields)
 
 
 _WORKER_STORE = None  # the store a verify worker process opened once

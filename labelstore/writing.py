@@ -16,7 +16,7 @@ import zarr
 
 from .checks import check_block
 from .errors import StoreWriteError
-from .schema import ATTR_KEY, CROP_ARRAYS, WRITE_CONFIG, StoreMeta
+from .schema import ATTR_KEY, WRITE_CONFIG, StoreMeta
 
 
 class StoreWriting:
@@ -68,9 +68,9 @@ class StoreWriting:
             raise StoreWriteError(f"{self.path} was opened read-only; open it with mode='r+' to write")
 
     def write_block(self, start: int, *, sizes: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
-                    topk_idx: np.ndarray, topk_val: np.ndarray, rows_done: np.ndarray | None = None,
-                    overwrite: bool = False) -> None:
-        """Write whole rows ``[start, start + len(sizes))``; the block must cover whole shards.
+                    rows_done: np.ndarray | None = None, overwrite: bool = False, **labels: np.ndarray) -> None:
+        """Write whole rows ``[start, start + len(sizes))``; the block must cover whole shards. ``labels``: the
+        store kind's label arrays by name (``topk_idx``, ``topk_val`` for a top-k store), each (rows, C, ...).
 
         Data arrays are written first and ``done`` last. ``rows_done`` (bool per row, default all) says
         which rows hold real labels; the others stay not done (e.g. skipped corrupt images). Rows
@@ -84,10 +84,13 @@ class StoreWriting:
         if start % R or (stop % R and stop != m.num_images) or count == 0 or stop > m.num_images:
             raise StoreWriteError(f"{self.path}: block [{start}, {stop}) is not made of whole shards of "
                                   f"{R} rows (N={m.num_images}); writers must own whole shards")
-        expect = {"sizes": (count, 2), "boxes": (count, m.num_crops, 4), "flips": (count, m.num_crops),
-                  "topk_idx": (count, m.num_crops, m.top_k), "topk_val": (count, m.num_crops, m.top_k)}
-        data = {"sizes": np.asarray(sizes), "boxes": np.asarray(boxes), "flips": np.asarray(flips),
-                "topk_idx": np.asarray(topk_idx), "topk_val": np.asarray(topk_val)}
+        if set(labels) != set(self.kind.names):
+            raise StoreWriteError(f"{self.path} holds {self.kind.what} ({self.describe_kind()}): a block gives its "
+                                  f"arrays {', '.join(self.kind.names)}, got {', '.join(sorted(labels)) or 'none'}")
+        expect = {"sizes": (count, 2), "boxes": (count, m.num_crops, 4), "flips": (count, m.num_crops)}
+        expect |= {a.name: (count, m.num_crops) + a.tail(self.fields) for a in self.kind.arrays}
+        data = {"sizes": np.asarray(sizes), "boxes": np.asarray(boxes), "flips": np.asarray(flips)}
+        data |= {name: np.asarray(v) for name, v in labels.items()}
         for name, shape in expect.items():
             if data[name].shape != shape:
                 raise StoreWriteError(f"{self.path}: '{name}' block has shape {data[name].shape}, "
@@ -100,8 +103,9 @@ class StoreWriting:
         mask = np.ones(count, bool) if rows_done is None else np.asarray(rows_done, dtype=bool)
         if mask.shape != (count,):
             raise StoreWriteError(f"{self.path}: rows_done has shape {mask.shape}, expected ({count},)")
-        check_block(data, m.num_classes, first_row=start, files=self.file_name, where=self.path, rows_mask=mask)
-        for name in ("sizes",) + CROP_ARRAYS:
+        check_block(data, m.num_classes, first_row=start, files=self.file_name, where=self.path, rows_mask=mask,
+                    kind=self.kind, fields=self.fields)
+        for name in ("sizes",) + self.crop_arrays:
             arr = self.group[name].with_config(WRITE_CONFIG)
             try:
                 arr[start:stop] = data[name].astype(arr.dtype, copy=False)

@@ -47,6 +47,7 @@ class StoredSoftLabels(DenseLabels):
         from pipelines import RoundReads  # noqa: PLC0415 - DALI: imported once the scan started
         cfg = self.cfg
         self.store = labelstore.open_store(cfg.softlabel_path)
+        self.store.require_kind("topk")  # an embedding store is trained by another objective, named in the error
         first = run.segments[0]
         if cfg.resume is None and 1 <= first.crops <= self.store.num_crops:  # a resume starts elsewhere
             self.early_reads = RoundReads(self.store, num_crops=first.crops, seed=cfg.seed, rank=run.dist.rank,
