@@ -31,6 +31,7 @@ import torch
 
 import labelstore
 from labelstore import LabelStore, create_store, open_store
+from labelstore.kinds import MAX_DIM, encode_embeddings
 from labelstore.locking import Lock, LockedError, create_atomically, store_writer_lock
 from pipelines import DecoderOptions, graphs, handoff
 from pipelines.errors import probe_image, read_headers
@@ -39,6 +40,7 @@ from pipelines.loader import EvalLoader, default_threads
 
 from . import distributed
 from .crops import sample_crops
+from .views import sample_views, view_recipe
 from .dataset import Dataset, scan_image_folder, split_dir
 from .progress import progress
 from .teachers import TeacherError, TeacherSpec, build_teacher, output_classes
@@ -83,6 +85,33 @@ class GenerateConfig:
     device_id: int | None = None  # CUDA device of this process (default: its local rank)
     cpu_affinity: str = "auto"  # auto: each rank of a node pinned to its share of the cores near its GPU
     decoder: DecoderOptions = dataclasses.field(default_factory=DecoderOptions)  # mixed-decoder settings
+    # A self-supervised teacher (instead of ``teachers``): an embedding store of its outputs on MoCo v2's views
+    embedding_teacher: "EmbeddingTeacher | None" = None
+    views: dict | None = None  # the view recipe's entries that differ from MoCo v2's aug-plus (fkd_dali.views)
+
+
+@dataclasses.dataclass
+class EmbeddingTeacher:
+    """A self-supervised teacher: any module mapping normalised images (N, 3, S, S) to embeddings (N, dim), e.g. a
+    MoCo v2 query encoder with its MLP head. ``name`` and ``sha256`` say which weights labelled the store (a resume
+    must give the same); how the module was loaded is the caller's business."""
+
+    module: torch.nn.Module
+    dim: int
+    name: str = "embedding-teacher"
+    sha256: str | None = None
+    input_size: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = graphs.IMAGENET_MEAN
+    std: tuple[float, float, float] = graphs.IMAGENET_STD
+
+    @property
+    def view(self) -> tuple:
+        return (self.input_size, self.interpolation, tuple(self.mean), tuple(self.std))
+
+    def record(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "dim": self.dim, "input_size": self.input_size,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
 
 
 @dataclasses.dataclass
@@ -103,7 +132,9 @@ class GenerateReport:
 
 
 class Teachers:
-    """The ensemble on its device; teachers with the same view share crops."""
+    """The ensemble on its device; teachers with the same view share crops. It labels a ``topk`` store."""
+
+    kind = "topk"
 
     def __init__(self, specs: Sequence[TeacherSpec], dataset_classes: int, num_classes: int | None, device: str,
                  amp: bool, channels_last: bool):
@@ -139,6 +170,17 @@ class Teachers:
                 self.views.append(spec.view)
             self.view_of.append(self.views.index(spec.view))
 
+    def label_arrays(self, k: int) -> dict[str, tuple[tuple, torch.dtype]]:
+        """The arrays :meth:`labels` fills per crop: name -> (trailing shape, dtype)."""
+        return {"topk_idx": ((k,), torch.int64), "topk_val": ((k,), torch.float32)}
+
+    def labels(self, crops_by_view: Sequence[torch.Tensor], cfg: "GenerateConfig") -> dict[str, torch.Tensor]:
+        pv, pi = self.probs(crops_by_view, cfg.temperature).topk(cfg.top_k, dim=1)
+        return {"topk_idx": pi, "topk_val": pv}
+
+    def to_store(self, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return labels
+
     @torch.no_grad()
     def probs(self, crops_by_view: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
         """Mean over teachers of softmax(logits / T), float32 (N, classes)."""
@@ -150,6 +192,45 @@ class Teachers:
             p = torch.softmax(logits.float() / temperature, dim=1)
             total = p if total is None else total + p
         return total / len(self.models)
+
+
+class EmbeddingTeachers:
+    """A self-supervised teacher on its device, labelling an ``embedding`` store: its output per view, stored as
+    int8 with a per-crop scale (:func:`labelstore.kinds.encode_embeddings`)."""
+
+    kind = "embedding"
+
+    def __init__(self, teacher: EmbeddingTeacher, dataset_classes: int, device: str, amp: bool, channels_last: bool):
+        if isinstance(teacher.dim, bool) or not isinstance(teacher.dim, int) or not 1 <= teacher.dim <= MAX_DIM:
+            raise TeacherError(f"embedding teacher {teacher.name}: dim {teacher.dim!r} must be a whole number in "
+                               f"1..{MAX_DIM}")
+        self.teacher = teacher
+        self.specs: list = []
+        self.torch_device = torch.device("cuda") if device == "gpu" else torch.device("cpu")
+        self.amp = amp and device == "gpu"
+        self.channels_last = channels_last
+        self.model = teacher.module.to(self.torch_device).eval()
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.num_classes = dataset_classes  # the store's ground-truth classes (never trained on by SSL)
+        self.views, self.view_of = [teacher.view], [0]
+
+    def label_arrays(self, k: int) -> dict[str, tuple[tuple, torch.dtype]]:
+        return {"embedding": ((self.teacher.dim,), torch.float32)}
+
+    @torch.no_grad()
+    def labels(self, crops_by_view: Sequence[torch.Tensor], cfg: "GenerateConfig") -> dict[str, torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(crops_by_view[0])
+        if out.ndim != 2 or out.shape[1] != self.teacher.dim:
+            raise TeacherError(f"embedding teacher {self.teacher.name} outputs shape {tuple(out.shape)} for "
+                               f"{crops_by_view[0].shape[0]} crops, not (N, {self.teacher.dim}) (its dim): give the "
+                               "dim of its output")
+        return {"embedding": out.float()}
+
+    def to_store(self, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        q, scale = encode_embeddings(labels["embedding"])
+        return {"embedding": q, "embedding_scale": scale}
 
 
 def read_sizes(ds: Dataset, rows: np.ndarray, workers: int = 8) -> tuple[np.ndarray, dict[int, str]]:
@@ -202,6 +283,9 @@ TEACHERS_KEY = "teachers (-a, --weights, --input-size, --interpolation, --mean, 
 
 def _settings(cfg: GenerateConfig, num_crops: int, teachers: Teachers) -> dict:
     """What a resumed run must agree on, by option name."""
+    if teachers.kind == "embedding":
+        return {"--num-crops": num_crops, "--seed": cfg.seed, "kind": "embedding",
+                "teacher": teachers.teacher.record(), "views": view_recipe(cfg.views)}
     return {"--num-crops": num_crops, "--top-k": cfg.top_k, "--num-classes": teachers.num_classes,
             "--temperature": float(cfg.temperature), "--seed": cfg.seed,
             "--min/max-scale-crops": [float(x) for x in cfg.scale], "--ratio": [float(x) for x in cfg.ratio],
@@ -226,7 +310,8 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
         if not labelstore.store_exists(path):
             if not url and os.path.exists(path) and os.listdir(path):
                 raise GenerateError(f"{path} exists and is not a label store; choose another --save-path")
-            create_atomically(path, lambda tmp: create_store(
+            create_atomically(path, lambda tmp: _create(cfg, tmp, ds, teachers, num_crops, settings) if
+                              teachers.kind != "topk" else create_store(
                 tmp, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
                 dataset_root=ds.name, num_crops=num_crops, top_k=cfg.top_k, num_classes=teachers.num_classes,
                 temperature=cfg.temperature, teachers=[t.record(teachers.num_classes) for t in teachers.specs],
@@ -246,6 +331,20 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
         if lock is not None:
             lock.release()
         raise
+
+
+def _create(cfg: GenerateConfig, path: str, ds: Dataset, teachers: "EmbeddingTeachers", num_crops: int,
+            settings: dict) -> LabelStore:
+    """A new embedding store: the teacher's embeddings on the views drawn from the seed."""
+    t = teachers.teacher
+    return create_store(path, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
+                        dataset_root=ds.name, num_crops=num_crops, num_classes=teachers.num_classes,
+                        teachers=[t.record()], kind="embedding",
+                        kind_fields={"dim": t.dim, "views": view_recipe(cfg.views)},
+                        crop={"input_size": [t.input_size], "interpolation": [t.interpolation],
+                              "group_size": cfg.group_size},
+                        seed=cfg.seed, source={"kind": "generate", "settings": settings},
+                        rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk)
 
 
 def _open_checked(cfg: GenerateConfig, ds: Dataset, settings: dict, d: distributed.DistInfo) -> LabelStore:
@@ -318,8 +417,14 @@ def _generate(cfg: GenerateConfig, device: str, d: distributed.DistInfo) -> Gene
     ds = scan_image_folder(split_dir(cfg.data, "train"))
     amp = cfg.amp if cfg.amp is not None else device == "gpu"
     channels_last = cfg.channels_last if cfg.channels_last is not None else device == "gpu"
-    teachers = Teachers(cfg.teachers, len(ds.classes), cfg.num_classes, device, amp, channels_last)
-    if not 1 <= cfg.top_k <= teachers.num_classes:
+    if cfg.embedding_teacher is not None:
+        if cfg.teachers or cfg.reference or cfg.evaluate:
+            raise GenerateError("an embedding teacher labels its own views: give it without classifier teachers "
+                                "(-a), --reference or --evaluate")
+        teachers = EmbeddingTeachers(cfg.embedding_teacher, len(ds.classes), device, amp, channels_last)
+    else:
+        teachers = Teachers(cfg.teachers, len(ds.classes), cfg.num_classes, device, amp, channels_last)
+    if teachers.kind == "topk" and not 1 <= cfg.top_k <= teachers.num_classes:
         raise GenerateError(f"--top-k {cfg.top_k} must be between 1 and the number of classes "
                             f"({teachers.num_classes}); --top-k {teachers.num_classes} stores full labels")
     if cfg.evaluate:
@@ -395,7 +500,8 @@ class _ShardGenerator:
         self.cfg, self.ds, self.teachers, self.store, self.ref = cfg, ds, teachers, store, ref
         self.device, self.num_crops = device, num_crops
         self.group = max(1, min(cfg.group_size, num_crops))
-        self.reader = GenerationReader(ds.root, ds.files, self.group, cfg.batch_size)
+        self.view_params = graphs.VIEW_PARAMS if teachers.kind == "embedding" else ()
+        self.reader = GenerationReader(ds.root, ds.files, self.group, cfg.batch_size, view_params=self.view_params)
         self.threads = cfg.threads or default_threads()
         self.device_id = torch.cuda.current_device() if device == "gpu" else None
         self.pipe = None
@@ -406,11 +512,15 @@ class _ShardGenerator:
             return self.ref.read_rows(rows)["sizes"].astype(np.int64), {}
         return read_sizes(self.ds, rows)
 
-    def _boxes(self, rows: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _boxes(self, rows: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
+        """Boxes and flips of the rows' crops (and a self-supervised store's view parameters)."""
+        if self.view_params:
+            return sample_views(self.cfg.seed, rows, sizes, self.num_crops, self.cfg.views)
         if self.ref is not None:
             got = self.ref.read_rows(rows)
-            return got["boxes"].astype(np.int64), got["flips"]
-        return sample_crops(self.cfg.seed, rows, sizes, self.num_crops, self.cfg.scale, self.cfg.ratio)
+            return {"boxes": got["boxes"].astype(np.int64), "flips": got["flips"]}
+        boxes, flips = sample_crops(self.cfg.seed, rows, sizes, self.num_crops, self.cfg.scale, self.cfg.ratio)
+        return {"boxes": boxes, "flips": flips}
 
     def _pipeline(self):
         if self.pipe is None:
@@ -436,37 +546,35 @@ class _ShardGenerator:
                 raise GenerateError(f"{self.ds.path(r)}: {why}. Replace or remove the file, or pass --skip-corrupt "
                                     f"to leave such images out (they are recorded in the store and never trained on)"
                                     + (f"; {len(bad)} such files in rows {a}..{b - 1}" if len(bad) > 1 else ""))
-            boxes_ok, flips_ok = self._boxes(ok_rows, ok_sizes)
+            views_ok = self._boxes(ok_rows, ok_sizes)
             try:
-                idx, val = self._label(ok_rows, ok_sizes, boxes_ok, flips_ok)
+                labels = self._label(ok_rows, ok_sizes, views_ok)
                 break
             except _BadImage as e:
                 bad[e.row] = e.reason
                 self.pipe = None  # DALI's pipeline is unusable after an error: rebuild
-        R, C, k = b - a, self.num_crops, self.k
-        arrays = {"sizes": np.ones((R, 2), np.int64), "boxes": np.tile(np.array([0, 0, 1, 1]), (R, C, 1)),
-                  "flips": np.zeros((R, C), bool), "topk_idx": np.zeros((R, C, k), np.int64),
-                  "topk_val": np.zeros((R, C, k), np.float32)}
+        R, C = b - a, self.num_crops
         local = ok_rows - a
+        arrays = {"sizes": np.ones((R, 2), np.int64), "boxes": np.tile(np.array([0, 0, 1, 1]), (R, C, 1))}
         arrays["sizes"][local] = ok_sizes
-        arrays["boxes"][local] = boxes_ok
-        arrays["flips"][local] = flips_ok
-        arrays["topk_idx"][local] = idx
-        arrays["topk_val"][local] = val
+        arrays["boxes"][local] = views_ok.pop("boxes")
+        for name, v in (views_ok | self.teachers.to_store(labels)).items():  # rows left out stay zero (not done)
+            arrays[name] = np.zeros((R,) + v.shape[1:], v.dtype)
+            arrays[name][local] = v
         mask = np.zeros(R, bool)
         mask[local] = True
         return arrays, mask, {r: why for r, why in bad.items()}
 
-    def _label(self, rows: np.ndarray, sizes: np.ndarray, boxes: np.ndarray,
-               flips: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ids and probabilities (m, C, k) of every crop of ``rows``."""
-        m, C, k = len(rows), self.num_crops, self.k
+    def _label(self, rows: np.ndarray, sizes: np.ndarray, views: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The teachers' labels (top-k ids and probabilities, or embeddings) of every crop of ``rows``: name ->
+        (m, C, ...)."""
+        m, C = len(rows), self.num_crops
         dev = self.teachers.torch_device
-        idx = torch.zeros((m, C, k), dtype=torch.int64, device=dev)
-        val = torch.zeros((m, C, k), dtype=torch.float32, device=dev)
+        out = {name: torch.zeros((m, C) + tail, dtype=dt, device=dev)
+               for name, (tail, dt) in self.teachers.label_arrays(self.k).items()}
         if m == 0:
-            return idx.cpu().numpy(), val.cpu().numpy()
-        nb = self.reader.start_job(rows, boxes, flips)
+            return {name: t.cpu().numpy() for name, t in out.items()}
+        nb = self.reader.start_job(rows, views["boxes"], views["flips"], views)
         pipe = self._pipeline()
         pipe.schedule_run()
         V = len(self.teachers.views)
@@ -493,13 +601,12 @@ class _ShardGenerator:
                     x.append(c.view(B * G, 3, size, size))
             if not self.teachers.amp:  # float16 crops feed a float32 teacher
                 x = [t.float() for t in x]
-            probs = self.teachers.probs(x, self.cfg.temperature)
-            pv, pi = probs.topk(k, dim=1)
+            got = self.teachers.labels(x, self.cfg)
             valid = torch.from_numpy(crop_ids.reshape(-1) >= 0)
             r_pos = torch.from_numpy(np.repeat(pos, crop_ids.shape[1]))[valid].to(dev)
             c_pos = torch.from_numpy(crop_ids.reshape(-1))[valid].to(dev)
-            idx[r_pos, c_pos] = pi[valid.to(dev)]
-            val[r_pos, c_pos] = pv[valid.to(dev)]
+            for name, t in got.items():
+                out[name][r_pos, c_pos] = t[valid.to(dev)].to(out[name].dtype)
             pipe.release_outputs()
             pipe.schedule_run()
         try:
@@ -508,7 +615,7 @@ class _ShardGenerator:
             pass
         except RuntimeError:
             self.pipe = None
-        return idx.cpu().numpy(), val.cpu().numpy()
+        return {name: t.cpu().numpy() for name, t in out.items()}
 
     def _explain(self, err: RuntimeError, i: int, nb: int) -> Exception:
         for j in range(i, min(nb, i + 3)):

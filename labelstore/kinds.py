@@ -67,6 +67,8 @@ class StoreKind:
     read_fields: Callable[[dict, str], dict]  # its metadata fields, checked (``where`` names the store)
     describe: Callable[[dict], str]  # "kind embedding, D=128"
     checks: Callable[[dict, dict], list]  # (data, fields) -> [(bad mask (rows, ...), what), ...]
+    serve: Callable[[dict], dict]  # a batch's label arrays -> what a loader serves (e.g. embeddings as float32)
+    view_params: tuple[str, ...] = ()  # the arrays a replay of the view needs beside box and flip
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -93,7 +95,8 @@ TOPK = StoreKind(
     name="topk", what="top-k soft labels", objective="fkd",
     arrays=(LabelArray("topk_idx", ("int16", "int32"), -1, lambda f: (f["top_k"],), _class_dtype),
             LabelArray("topk_val", ("float16",), float("nan"), lambda f: (f["top_k"],))),
-    read_fields=_topk_fields, describe=lambda f: f"kind topk, k={f['top_k']}", checks=_topk_checks)
+    read_fields=_topk_fields, describe=lambda f: f"kind topk, k={f['top_k']}", checks=_topk_checks,
+    serve=lambda a: {"topk_idx": a["topk_idx"], "topk_val": np.asarray(a["topk_val"], np.float16)})
 
 
 # ---------------------------------------------------------------------------------------------- embedding
@@ -179,7 +182,9 @@ EMBEDDING = StoreKind(
             LabelArray("jitter_order", ("int8",), -1, lambda f: (4,)),
             LabelArray("grayscale", ("bool",), False),
             LabelArray("blur_sigma", ("float32",), float("nan"))),
-    read_fields=_embedding_fields, describe=lambda f: f"kind embedding, D={f['dim']}", checks=_embedding_checks)
+    read_fields=_embedding_fields, describe=lambda f: f"kind embedding, D={f['dim']}", checks=_embedding_checks,
+    serve=lambda a: {"embedding": decode_embeddings(a["embedding"], a["embedding_scale"])},
+    view_params=("jitter_factors", "jitter_order", "grayscale", "blur_sigma"))
 
 KINDS = {k.name: k for k in (TOPK, EMBEDDING)}
 

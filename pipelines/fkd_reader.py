@@ -45,7 +45,8 @@ def roi_from_boxes(boxes: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, np
 
 class FKDReader(ImageReader):
     """The FKD reader: per image its encoded path, the ``num_crops`` ROI boxes (flip encoded) of the
-    pass's round, its ``num_crops`` top-k rows, its target, its store row and the crop ids.
+    pass's round, its ``num_crops`` labels as the store kind serves them (top-k rows; or an embedding store's
+    float32 embeddings, after the views' photometric parameters), its target, its store row and the crop ids.
 
     The reader's epoch ``p`` is a *pass* over the images (FKD counts it as ``num_crops`` epochs): pass ``p``
     serves round ``round_for_pass(seed, p, C // num_crops)`` of the pool, crops ``[r*n, (r+1)*n)``, each
@@ -64,9 +65,6 @@ class FKDReader(ImageReader):
     ``reads``: a :class:`RoundReads` of the same store and settings, started earlier (training starts the
     first pass's read before it scans the dataset); by default the reader starts its own.
     """
-
-    names = ("paths", "roi_start", "roi_end", "topk_idx", "topk_val", "target", "index", "crop_ids")
-    ndims = (1, 2, 2, 2, 2, 0, 0, 1)
 
     def __init__(self, data: str, store: str | LabelStore, *, num_crops: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = False,
@@ -99,9 +97,16 @@ class FKDReader(ImageReader):
         self.num_crops = num_crops
         self.num_rounds = s.num_rounds(num_crops)
         self.num_shards = len(s.shard_ranges())
-        idx_dtype = _dali_int(s.array("topk_idx").dtype)
-        self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, idx_dtype, types.FLOAT16, types.INT64,
-                       types.INT64, types.INT64)
+        # what the store kind serves per crop: its view parameters (an embedding store's photometric ops) and labels
+        self.view_params = s.kind.view_params
+        probe = {a.name: np.zeros((0, num_crops) + a.tail(s.fields), s.array(a.name).dtype) for a in s.kind.arrays}
+        served = s.kind.serve(probe)
+        self.label_names = tuple(served)
+        outputs = [(k, probe[k]) for k in self.view_params] + list(served.items())
+        self.names = ("paths", "roi_start", "roi_end", *(k for k, _ in outputs), "target", "index", "crop_ids")
+        self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, *(_dali_type(v.dtype) for _, v in outputs),
+                       types.INT64, types.INT64, types.INT64)
+        self.ndims = (1, 2, 2, *(v.ndim - 1 for _, v in outputs), 0, 0, 1)
         super().__init__(root, files, targets, batch_size=batch_size,
                          rows=None if done.all() else np.flatnonzero(done), seed=seed, rank=rank,
                          world_size=world_size, shuffle=shuffle, drop_last=drop_last)
@@ -194,8 +199,10 @@ class FKDReader(ImageReader):
         pos = rows if rnd.rows is None else np.searchsorted(rnd.rows, rows)
         start, end = roi_from_boxes(rnd.boxes[pos], rnd.flips[pos])
         crop_ids = rnd.crop_start + np.arange(self.num_crops, dtype=np.int64)
-        return (self.paths.encoded(rows), start, end, np.ascontiguousarray(rnd.topk_idx[pos]),
-                np.ascontiguousarray(rnd.topk_val[pos], dtype=np.float16), self.targets[rows].astype(np.int64),
+        views = [np.ascontiguousarray(rnd.labels[k][pos]) for k in self.view_params]
+        labels = [np.ascontiguousarray(v) for v in self.store.kind.serve({k: v[pos] for k, v in rnd.labels.items()
+                                                                          if k not in self.view_params}).values()]
+        return (self.paths.encoded(rows), start, end, *views, *labels, self.targets[rows].astype(np.int64),
                 rows.astype(np.int64), np.tile(crop_ids, (len(rows), 1)))
 
     def close(self) -> None:
@@ -203,8 +210,9 @@ class FKDReader(ImageReader):
         self.reads.close()
 
 
-def _dali_int(dtype) -> types.DALIDataType:
-    return {"int16": types.INT16, "int32": types.INT32, "int64": types.INT64}[np.dtype(dtype).name]
+def _dali_type(dtype) -> types.DALIDataType:
+    return {"int8": types.INT8, "int16": types.INT16, "int32": types.INT32, "int64": types.INT64, "bool": types.BOOL,
+            "float16": types.FLOAT16, "float32": types.FLOAT}[np.dtype(dtype).name]
 
 
 def resolve_root(data: str, store: LabelStore) -> str:

@@ -28,9 +28,19 @@ class GenerationReader:
     dtypes = (types.UINT8, types.FLOAT, types.FLOAT, types.INT64, types.INT64)
     ndims = (1, 2, 2, 0, 1)
 
-    def __init__(self, root: str, files: Sequence[str] | PathTable, group_size: int, batch_size: int):
+    def __init__(self, root: str, files: Sequence[str] | PathTable, group_size: int, batch_size: int,
+                 view_params: Sequence[str] = ()):
         if group_size < 1 or batch_size < 1:
             raise ValueError("group_size and batch_size must be >= 1")
+        # per crop view parameters served beside the boxes (an embedding store's photometric ops: graphs.VIEW_PARAMS)
+        self.view_params = tuple(view_params)
+        if self.view_params:
+            kinds = {"jitter_factors": (types.FLOAT, 2), "jitter_order": (types.INT8, 2), "grayscale": (types.BOOL, 1),
+                     "blur_sigma": (types.FLOAT, 1)}
+            self.names = GenerationReader.names + self.view_params
+            self.dtypes = GenerationReader.dtypes + tuple(kinds[k][0] for k in self.view_params)
+            self.ndims = GenerationReader.ndims + tuple(kinds[k][1] for k in self.view_params)
+        self._views: list[np.ndarray] = []
         self.root = root
         self.paths = ImagePaths(root, files)
         self.group_size, self.batch_size = group_size, batch_size
@@ -38,8 +48,10 @@ class GenerationReader:
         self._rows = self._start = self._end = self._ids = None
         self.num_batches = 0
 
-    def start_job(self, rows: np.ndarray, boxes: np.ndarray, flips: np.ndarray) -> int:
-        """Serve rows (m,) with their boxes (m, C, 4) and flips (m, C); returns the number of batches."""
+    def start_job(self, rows: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
+                  views: dict[str, np.ndarray] | None = None) -> int:
+        """Serve rows (m,) with their boxes (m, C, 4) and flips (m, C) (and ``views``: the reader's view
+        parameters, (m, C, ...) each); returns the number of batches."""
         rows = np.asarray(rows, dtype=np.int64)
         m, C = boxes.shape[:2]
         G = self.group_size
@@ -52,6 +64,13 @@ class GenerationReader:
             start = np.concatenate([start, start[:, first]], axis=1)
             end = np.concatenate([end, end[:, first]], axis=1)
             ids[C:] = -1
+        else:
+            first = np.zeros(0, np.int64)
+        self._views = []
+        for k in self.view_params:
+            v = np.asarray(views[k])
+            v = np.concatenate([v, v[:, first]], axis=1)
+            self._views.append(np.ascontiguousarray(v.reshape((m * groups, G) + v.shape[2:])))
         self._start = np.ascontiguousarray(start.reshape(m * groups, G, 2))
         self._end = np.ascontiguousarray(end.reshape(m * groups, G, 2))
         self._rows = np.repeat(rows, groups)
@@ -72,7 +91,8 @@ class GenerationReader:
 
     def batch(self, items: slice) -> tuple:
         rows = self._rows[items]
-        return (self.paths.encoded(rows), self._start[items], self._end[items], rows, self._ids[items])
+        return (self.paths.encoded(rows), self._start[items], self._end[items], rows, self._ids[items],
+                *(v[items] for v in self._views))
 
     def __call__(self, info: BatchInfo):
         out = self.batch(self.batch_items(info.iteration))

@@ -26,6 +26,8 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.data_node import DataNode
 
+from .photometric import photometric
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -116,13 +118,49 @@ def replay_crops(images: DataNode, roi_start: DataNode, roi_end: DataNode, num_c
     already encoded (see :func:`pipelines.fkd_reader.roi_from_boxes`). The image is decoded once; each crop is
     one ROI resize of it.
     """
+    return _frames(_crops(images, roi_start, roi_end, num_crops, size, device, interp))
+
+
+def _crops(images: DataNode, roi_start: DataNode, roi_end: DataNode, num_crops: int, size: int, device: str,
+           interp: str) -> list[DataNode]:
     _, dev = devices(device)
-    crops = [fn.resize(images, device=dev, roi_start=roi_start[k], roi_end=roi_end[k], roi_relative=False,
-                       size=(size, size), interp_type=interpolation(interp), antialias=True)
-             for k in range(num_crops)]
-    if num_crops == 1:
+    return [fn.resize(images, device=dev, roi_start=roi_start[k], roi_end=roi_end[k], roi_relative=False,
+                      size=(size, size), interp_type=interpolation(interp), antialias=True)
+            for k in range(num_crops)]
+
+
+def _frames(crops: list[DataNode]) -> DataNode:
+    if len(crops) == 1:
         return fn.expand_dims(crops[0], axes=0, new_axis_names="F")
     return fn.stack(*crops, axis_name="F")
+
+
+VIEW_PARAMS = ("jitter_factors", "jitter_order", "grayscale", "blur_sigma")  # a reader's per-crop view outputs
+
+
+def ssl_crops(images: DataNode, roi_start: DataNode, roi_end: DataNode, views: dict[str, DataNode], num_crops: int,
+              size: int, device: str, interp: str = "bilinear") -> DataNode:
+    """Self-supervised views, the one graph generation (the teacher's views) and training (the student's) apply:
+    per crop the stored box and flip (:func:`replay_crops`), then colour jitter in the stored order with the
+    stored factors, grayscale and Gaussian blur (:func:`pipelines.photometric.photometric`). ``views``: per
+    sample ``jitter_factors`` (n, 4), ``jitter_order`` (n, 4), ``grayscale`` (n,), ``blur_sigma`` (n,), CPU
+    DataNodes. MoCo flips last; here the flip is part of the crop: the jitter and grayscale act per pixel and
+    the blur's kernel and borders (reflect-101) are symmetric, so flipping first gives the same pixels.
+    Returns ``(num_crops, size, size, 3)`` uint8, layout FHWC."""
+    crops = _crops(images, roi_start, roi_end, num_crops, size, device, interp)
+    _, dev = devices(device)
+    f, o, g, s = (views[k] for k in VIEW_PARAMS)
+    return _frames([photometric(c, f[k], o[k], g[k], s[k], dev) for k, c in enumerate(crops)])
+
+
+def view_frames(source, nodes: dict, images: DataNode, num_crops: int, size: int, device: str,
+                interp: str) -> DataNode:
+    """The crops of a reader's nodes: self-supervised views when the reader serves view parameters
+    (``source.view_params``), else the stored crops alone."""
+    if getattr(source, "view_params", ()):
+        return ssl_crops(images, nodes["roi_start"], nodes["roi_end"], {k: nodes[k] for k in VIEW_PARAMS},
+                         num_crops, size, device, interp)
+    return replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
 
 
 def roi_of(boxes: DataNode, flips: DataNode) -> tuple[DataNode, DataNode]:
@@ -209,14 +247,15 @@ def fkd_pipeline(source, *, num_crops: int, size: int, device: str, normalize: b
                  dtype: str = "float32", channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear", labels_on_device: bool = True,
                  decoder: DecoderOptions = DEFAULT_DECODER):
-    """FKD replay: outputs images (B, n, 3, S, S) [or (B, n, S, S, 3)], topk_idx, topk_val, target, index,
-    crop_ids, all aligned per sample. ``source`` is a :class:`pipelines.fkd_reader.FKDReader`."""
+    """FKD replay: outputs images (B, n, 3, S, S) [or (B, n, S, S, 3)], the store kind's labels (top-k: topk_idx,
+    topk_val; embedding: embedding), target, index, crop_ids, all aligned per sample. ``source`` is a
+    :class:`pipelines.fkd_reader.FKDReader`; an embedding store's views are replayed with their photometric ops."""
     nodes = source.nodes()
     images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
-    frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
+    frames = view_frames(source, nodes, images, num_crops, size, device, interp)
     out = to_model_input(frames, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          mean=mean, std=std)
-    labels = [nodes[k] for k in ("topk_idx", "topk_val", "target", "index", "crop_ids")]
+    labels = [nodes[k] for k in (*source.label_names, "target", "index", "crop_ids")]
     if device == "gpu" and labels_on_device:
         labels = [x.gpu() for x in labels]
     return (out, *labels)
@@ -264,12 +303,13 @@ def generation_pipeline(source, *, num_crops: int, views: Sequence[tuple], devic
                         decoder: DecoderOptions = DEFAULT_DECODER):
     """Teacher inputs. Per sample: one decode, one group of ``num_crops`` stored crops for each view
     ``(size, interpolation, mean, std)`` (one per distinct teacher view); outputs the crops of every view,
-    then index, crop ids and the decoded image's shape. ``normalize=False`` gives uint8 RGB crops."""
-    nodes = source.nodes(("paths", "roi_start", "roi_end", "index", "crop_ids"))
+    then index, crop ids and the decoded image's shape. ``normalize=False`` gives uint8 RGB crops. A reader
+    serving view parameters gets self-supervised views (:func:`ssl_crops`, the graph training replays)."""
+    nodes = source.nodes(("paths", "roi_start", "roi_end", "index", "crop_ids", *source.view_params))
     images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
     outs = []
     for size, interp, mean, std in views:
-        frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
+        frames = view_frames(source, nodes, images, num_crops, size, device, interp)
         outs.append(to_model_input(frames, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
                                    mean=mean, std=std))
     return (*outs, nodes["index"], nodes["crop_ids"], images.shape())

@@ -289,6 +289,10 @@ class FKDLoader(_DaliLoader):
     >>> for batch in loader: ...          # images (B*n, 3, S, S), topk_idx, topk_val (B*n, k),
     ...                                   # targets, indices (store row), crop_ids (pool column), (B*n,)
 
+    The store's kind decides the labels: a top-k store gives ``topk_idx`` (int64) and ``topk_val`` (float32); an
+    embedding store gives ``embedding`` (B*n, D) float32 instead, and its images are the stored self-supervised
+    views (crop, flip, colour jitter, grayscale, blur: ``graphs.ssl_crops``, the graph generation ran).
+
     One loader epoch is one *pass* over the images (FKD counts it as ``num_crops`` epochs): ``set_epoch``
     takes the pass index 0, 1, 2, ..., which picks the round of stored crops (each once before any repeats).
     ``files`` and ``targets``: the dataset scan's paths and classes, already checked against the store (saves
@@ -300,8 +304,6 @@ class FKDLoader(_DaliLoader):
     ``dtype``: float32 / float16 / bfloat16 (DALI 2.4 has no bfloat16: cast from float32 on the device) /
     uint8 (no normalisation, RGB). ``channels_last`` gives NCHW tensors with channels-last strides.
     """
-
-    output_names = ("images", "topk_idx", "topk_val", "targets", "indices", "crop_ids")
 
     def __init__(self, data: str, store: str | LabelStore, batch_size: int, num_crops: int = 4,
                  crop_size: int = 224, device: str = "gpu", rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -322,6 +324,7 @@ class FKDLoader(_DaliLoader):
         super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
                          prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.store = reader.store
+        self.output_names = ("images", *reader.label_names, "targets", "indices", "crop_ids")
         self.num_crops, self.crop_size = num_crops, crop_size
         self.normalize = normalize and dtype != "uint8"
         self.dtype, self.channels_last = dtype, channels_last
@@ -355,10 +358,10 @@ class FKDLoader(_DaliLoader):
             images = images.view(B * n, 3, S, S)
         if self.dtype == "bfloat16":
             images = images.to(torch.bfloat16)
+        labels = {k: t[k].reshape(B * n, -1) for k in self.reader.label_names}
         return {
             "images": images,
-            "topk_idx": t["topk_idx"].reshape(B * n, -1).long(),
-            "topk_val": t["topk_val"].reshape(B * n, -1).float(),
+            **{k: v.long() if not v.is_floating_point() else v.float() for k, v in labels.items()},
             "targets": t["targets"].repeat_interleave(n),
             "indices": t["indices"].repeat_interleave(n),
             "crop_ids": t["crop_ids"].reshape(B * n),
