@@ -3,7 +3,9 @@
 Writes ``crop_<k>.png`` for every crop k of the pool (store column k; uint8 RGB, before normalisation) and
 ``sheet.png``, a contact sheet with each crop captioned by its flip and its stored top-k classes and
 probabilities. The crops come out of the same DALI graph the loader uses (``replay_crops``: the stored box,
-the flip in the ROI, bilinear with antialiasing), so what you see is what the student sees.
+the flip in the ROI, bilinear with antialiasing), so what you see is what the student sees. An embedding store's
+crops are its self-supervised views (``ssl_crops``: colour jitter, grayscale, blur as stored), captioned with
+those parameters.
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def replayed_crops(store: labelstore.LabelStore, data: str, row: int, crop_size:
     got = store.read_rows([row])
     C = store.num_crops
     group = min(C, 16)
-    reader = GenerationReader(root, list(store.files), group_size=group, batch_size=4)
-    nb = reader.start_job(np.array([row]), got["boxes"].astype(np.int64), got["flips"])
+    reader = GenerationReader(root, list(store.files), group_size=group, batch_size=4,
+                              view_params=store.kind.view_params)
+    nb = reader.start_job(np.array([row]), got["boxes"].astype(np.int64), got["flips"], got)
     pipe = graphs.generation_pipeline(reader, num_crops=group, views=[(crop_size, "bilinear", graphs.IMAGENET_MEAN,
                                                                         graphs.IMAGENET_STD)],
                                       device=device, normalize=False, batch_size=4, num_threads=2,
@@ -75,7 +78,8 @@ def show(store_path: str, data: str, image: str, out_dir: str, crop_size: int = 
         raise ShowError(f"row {row} ({store.files[row]}) has no labels yet (generation has not reached it, or it was "
                         "skipped as unreadable)")
     # What train checks before replaying a crop: the labels are possible, the images are those labelled.
-    labelstore.check_block(got, store.num_classes, first_row=row, where=store_path, files=store.files)
+    labelstore.check_block(got, store.num_classes, first_row=row, where=store_path, files=store.files,
+                           kind=store.kind, fields=store.fields)
     check_files(resolve_root(data, store), store)
     crops = replayed_crops(store, data, row, crop_size, device)
     os.makedirs(out_dir, exist_ok=True)
@@ -88,7 +92,7 @@ def show(store_path: str, data: str, image: str, out_dir: str, crop_size: int = 
     shown = min(len(crops), max_crops)
     cols = min(columns, shown)
     rows = math.ceil(shown / cols)
-    k_lines = store.top_k
+    k_lines = store.top_k if "topk_idx" in got else 3
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, (2.1 + 0.17 * (k_lines + 1)) * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -97,13 +101,31 @@ def show(store_path: str, data: str, image: str, out_dir: str, crop_size: int = 
         ax.imshow(crops[k])
         t, l, h, w = (int(v) for v in got["boxes"][0, k])
         lines = [f"#{k} ({t},{l}) {h}x{w}" + (" flipped" if got["flips"][0, k] else "")]
-        lines += [f"{name(int(c))[:16]} {float(p):.2f}" for c, p in zip(got["topk_idx"][0, k], got["topk_val"][0, k])]
+        if "topk_idx" in got:
+            lines += [f"{name(int(c))[:16]} {float(p):.2f}" for c, p in zip(got["topk_idx"][0, k], got["topk_val"][0, k])]
+        else:
+            lines += view_lines(got, k)
         ax.set_title("\n".join(lines), fontsize=7, loc="left")
     fig.suptitle(f"{store.files[row]} (row {row}, class {name(int(store.targets[row]))}, "
                  f"{got['sizes'][0][1]}x{got['sizes'][0][0]} px): {shown} of {len(crops)} stored crops as the loader "
-                 f"replays them at {crop_size} px, with their stored top-{store.top_k}", fontsize=9)
+                 f"replays them at {crop_size} px, with their stored "
+                 + (f"top-{store.top_k}" if "topk_idx" in got else "view parameters"), fontsize=9)
     fig.tight_layout()
     sheet = os.path.join(out_dir, "sheet.png")
     fig.savefig(sheet, dpi=100)
     plt.close(fig)
     return {"row": row, "file": str(store.files[row]), "sheet": sheet, "crops": len(crops)}
+
+
+def view_lines(got: dict, k: int) -> list[str]:
+    """A self-supervised view's parameters (crop ``k`` of row 0 of ``got``), for its caption."""
+    lines = []
+    if got["jitter"][0, k]:
+        f = got["jitter_factors"][0, k]
+        lines.append(f"jitter {''.join('BCSH'[int(j)] for j in got['jitter_order'][0, k])} b{f[0]:.2f} c{f[1]:.2f}")
+        lines.append(f"       s{f[2]:.2f} h{f[3]:+.3f}")
+    else:
+        lines.append("no jitter")
+    sigma = float(got["blur_sigma"][0, k])
+    lines.append(("grey " if got["grayscale"][0, k] else "") + (f"blur {sigma:.2f}" if sigma > 0 else "no blur"))
+    return lines
