@@ -242,7 +242,7 @@ def random_resized_crop(encoded: DataNode, size: int, device: str, *, scale: Seq
 
 
 # ---------------------------------------------------------------------------------------------- pipelines
-@pipeline_def(enable_conditionals=False)
+@pipeline_def(enable_conditionals=True)  # an embedding store's views branch per sample (pipelines.photometric)
 def fkd_pipeline(source, *, num_crops: int, size: int, device: str, normalize: bool = True,
                  dtype: str = "float32", channels_last: bool = False, mean: Sequence[float] = IMAGENET_MEAN,
                  std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear", labels_on_device: bool = True,
@@ -297,7 +297,7 @@ def standard_pipeline(source, *, size: int, device: str, normalize: bool = True,
     return (out, *labels)
 
 
-@pipeline_def(enable_conditionals=False)
+@pipeline_def(enable_conditionals=True)  # as fkd_pipeline: the same views
 def generation_pipeline(source, *, num_crops: int, views: Sequence[tuple], device: str, dtype: str = "float32",
                         channels_last: bool = False, normalize: bool = True,
                         decoder: DecoderOptions = DEFAULT_DECODER):

@@ -14,11 +14,12 @@ Every op takes and gives HWC images holding whole numbers 0..255 as float32 and 
   MoCo's PIL ``GaussianBlur(radius=sigma)`` approximates a Gaussian with three box blurs, so blur differs from
   MoCo's pixels by a few grey levels (``docs/ssl.md`` has the measured differences per op).
 
-The jitter order varies per crop. Each of the four slots applies one op chosen by the stored order; rather than
-branching (DALI conditionals split and merge the batch at every slot of every crop), a slot computes the blend
-ops as one formula whose degenerate image and factor are selected arithmetically and applies hue only through
-an exact 0/1 mask; the identity parameters (1, 1, 1, 0) give back the input bit for bit. (A hue factor of exactly
-0 skips Pillow's lossy HSV round trip, which torchvision would still make; a drawn factor is 0 with probability 0.)
+The jitter order varies per crop: each of the four slots runs the op the stored order names, chosen per sample
+with DALI conditionals (``if`` on a per-sample DataNode: the batch is split, each part runs its own op, and merged),
+so each crop runs each op once. (Selecting arithmetically instead, every slot computing every op and masking,
+was 4x the work: DALI's CPU arithmetic is one operator per operation, ~1 ms per 224-px crop each; docs/ssl.md.)
+The identity parameters (1, 1, 1, 0) give back the input bit for bit; a hue factor of exactly 0 skips Pillow's
+lossy HSV round trip, which torchvision would still make (a drawn factor is 0 with probability 0).
 """
 
 from __future__ import annotations
@@ -106,31 +107,39 @@ def hue_byte(shift: DataNode) -> DataNode:
     return k - 256.0 * dmath.floor(k / 256.0)
 
 
-def jitter_slot(x: DataNode, op: DataNode, factors: DataNode) -> DataNode:
-    """One slot of ColorJitter: op ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue; a per-sample scalar)
-    with its factor from ``factors`` (4,)."""
-    is_b, is_c, is_s, is_h = (_f(op == j) for j in range(4))
-    apply_h = is_h * _f(factors[HUE] != 0.0)  # hue 0 is no hue op: the identity (1, 1, 1, 0) gives the input back
-    g = grey(x)
-    mean = dmath.floor(fn.reductions.mean(g) + 0.5)  # ImageStat mean of the grey, rounded (Pillow's Contrast)
-    d = is_c * mean + is_s * g  # brightness blends with black
-    f = _select([(is_b, factors[BRIGHTNESS]), (is_c, factors[CONTRAST]), (is_s, factors[SATURATION])]) + is_h
-    blended = _blend(d, x, f)  # a hue slot blends with factor 1: the input, exactly
-    return apply_h * hue(x, factors[HUE]) + (1.0 - apply_h) * blended
+def brightness(x: DataNode, f: DataNode) -> DataNode:
+    return _clip8(dmath.floor(_clip8(x * f)))
+
+
+def contrast(x: DataNode, f: DataNode) -> DataNode:
+    mean = dmath.floor(fn.reductions.mean(grey(x)) + 0.5)  # Pillow's ImageStat mean of the grey, rounded
+    return _blend(mean, x, f)
+
+
+def saturation(x: DataNode, f: DataNode) -> DataNode:
+    return _blend(grey(x), x, f)
 
 
 def photometric(frame: DataNode, factors: DataNode, order: DataNode, grayscale: DataNode, sigma: DataNode,
                 device: str) -> DataNode:
     """A view's photometric ops on one HWC uint8 crop: jitter slots in ``order`` (4,) with ``factors`` (4,),
-    grayscale (0/1), Gaussian blur ``sigma`` (0: none); per-sample CPU DataNodes. Returns HWC uint8."""
-    sigma_arg = dmath.max(sigma, 0.1)  # the operator's argument stays on the CPU; 0 is masked below
-    if device == "gpu":
-        factors, order, grayscale, sigma = (a.gpu() for a in (factors, order, grayscale, sigma))
+    grayscale (0/1), Gaussian blur ``sigma`` (0: none); per-sample CPU DataNodes. Returns HWC uint8. Needs a
+    pipeline with ``enable_conditionals=True``: each sample runs only its own ops."""
     x = _f(frame)
+    f = factors.gpu() if device == "gpu" else factors
     for slot in range(4):
-        x = jitter_slot(x, order[slot], factors)
-    gsel = _f(grayscale)
-    x = fn.cast(gsel * grey(x) + (1.0 - gsel) * x, dtype=types.UINT8)
-    blurred = fn.gaussian_blur(x, device=device, sigma=sigma_arg)
-    on = _f(sigma > 0.0)
-    return fn.cast(on * _f(blurred) + (1.0 - on) * _f(x), dtype=types.UINT8)
+        op = order[slot]
+        if op == BRIGHTNESS:
+            x = brightness(x, f[BRIGHTNESS])
+        elif op == CONTRAST:
+            x = contrast(x, f[CONTRAST])
+        elif op == SATURATION:
+            x = saturation(x, f[SATURATION])
+        elif factors[HUE] != 0.0:  # hue 0 is no hue op: the identity (1, 1, 1, 0) gives the input back
+            x = hue(x, f[HUE])
+    if grayscale:
+        x = fn.cat(*([grey(x)] * 3), axis=2)
+    x = fn.cast(x, dtype=types.UINT8)
+    if sigma > 0.0:
+        x = fn.gaussian_blur(x, device=device, sigma=sigma)
+    return x

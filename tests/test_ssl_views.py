@@ -41,7 +41,8 @@ def params(f=(1, 1, 1, 0), o=(0, 1, 2, 3), g=False, s=0.0):
 
 
 def run_photometric(imgs, ps, device="cpu"):
-    @pipeline_def(batch_size=len(imgs), num_threads=1, device_id=0 if device == "gpu" else None, exec_dynamic=True)
+    @pipeline_def(batch_size=len(imgs), num_threads=1, device_id=0 if device == "gpu" else None, exec_dynamic=True,
+                  enable_conditionals=True)
     def pipe():
         x = fn.external_source(lambda: imgs, dtype=types.UINT8, layout="HWC")
         if device == "gpu":
