@@ -84,7 +84,7 @@ def format_summary(s: dict) -> str:
         f"  images     {s['num_images']:,}  x  {s['num_crops']} crops  x  "
         + (f"top-{s['top_k']} of {s['num_classes']} classes" if s.get("kind", "topk") == "topk" else
            f"{s['label_what']}"),
-        f"  kind       {s.get('kind_described', 'kind topk')}",
+        f"  labels     {s.get('kind_described', 'kind topk')}",
         f"  complete   {'yes' if s['complete'] else 'NO'}  ({s['rows_done']:,} / {s['num_images']:,} rows done)",
         f"  on disk    {mb:,.2f} MiB;  " + (f"{s['bytes_per_crop']:.2f} B per labelled crop (labels+boxes+flips: "
                                          f"{s['label_bytes_per_crop']:.2f} B/crop)" if s["bytes_per_crop"] is not None
