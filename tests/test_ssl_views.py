@@ -228,3 +228,29 @@ def test_show_draws_the_views_the_loader_delivers_with_their_parameters(world, t
     rows = labelstore.open_store(world["cfg"].save_path).read_rows([2])
     text = [" ".join(view_lines(rows, k)) for k in range(8)]
     assert any("jitter" in t and "no jitter" not in t for t in text) and any("blur" in t for t in text)
+
+
+def test_a_resumed_generation_relabels_cleared_rows_identically(world, tmp_path):
+    import dataclasses
+    import shutil
+    copy = str(tmp_path / "store")
+    shutil.copytree(world["cfg"].save_path, copy)
+    before = labelstore.open_store(copy).read_rows(range(6))
+    labelstore.open_store(copy, mode="r+").clear_done(0, 4)
+    report = generate(dataclasses.replace(world["cfg"], save_path=copy))
+    assert report.complete and report.shards == 1 and report.images == 4
+    after = labelstore.open_store(copy).read_rows(range(6))
+    for name, v in before.items():
+        np.testing.assert_array_equal(after[name], v, err_msg=name)
+
+
+def test_an_embedding_teacher_of_another_dim_is_refused_naming_it(world, tmp_path):
+    import dataclasses
+
+    from fkd_dali.teachers import TeacherError
+    wrong = EmbeddingTeacher(Teacher(), dim=8, name="tiny", input_size=32)
+    cfg = dataclasses.replace(world["cfg"], save_path=str(tmp_path / "s"), embedding_teacher=wrong)
+    with pytest.raises(TeacherError, match=r"tiny outputs shape \(\d+, 16\).*not \(N, 8\)"):
+        generate(cfg)
+    with pytest.raises(TeacherError, match="dim 0 must be a whole number in 1..16384"):
+        generate(dataclasses.replace(cfg, embedding_teacher=EmbeddingTeacher(Teacher(), dim=0)))
