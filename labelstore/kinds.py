@@ -140,8 +140,8 @@ def check_views(views: Any) -> dict:
     for key in ("jitter_p", "grayscale_p", "blur_p", "flip_p"):
         if out[key] > 1:
             raise ValueError(f"{key} is {out[key]}; a probability is at most 1")
-    if out["jitter"][3] > 0.5 or max(out["jitter"][:3]) >= 1:
-        raise ValueError(f"jitter is {out['jitter']}; brightness, contrast, saturation must be < 1, hue <= 0.5")
+    if out["jitter"][3] > 0.5:
+        raise ValueError(f"jitter is {out['jitter']}; its hue strength must be <= 0.5 (torchvision's bound)")
     lo, hi = out["blur_sigma"]
     if not 0 < lo <= hi or not 0 < out["scale"][0] <= out["scale"][1] <= 1 or not 0 < out["ratio"][0] <= out["ratio"][1]:
         raise ValueError("blur_sigma, scale and ratio must be 0 < min <= max (scale <= 1)")
