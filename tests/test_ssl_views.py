@@ -134,7 +134,7 @@ def world(tmp_path_factory):
     teacher = EmbeddingTeacher(Teacher(), dim=D, name="tiny", input_size=32)
     cfg = GenerateConfig(data=os.path.join(root, "data"), save_path=os.path.join(root, "store"), teachers=[],
                          embedding_teacher=teacher, num_crops=8, group_size=3, batch_size=2, rows_per_shard=4,
-                         device=DEVICE, show_progress=False, seed=5)
+                         device=DEVICE, show_progress=False, seed=5, amp=False)  # the fp32 teacher's output
     report = generate(cfg)
     return {"root": root, "cfg": cfg, "teacher": teacher, "report": report}
 
