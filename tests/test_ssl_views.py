@@ -254,3 +254,14 @@ def test_an_embedding_teacher_of_another_dim_is_refused_naming_it(world, tmp_pat
         generate(cfg)
     with pytest.raises(TeacherError, match="dim 0 must be a whole number in 1..16384"):
         generate(dataclasses.replace(cfg, embedding_teacher=EmbeddingTeacher(Teacher(), dim=0)))
+
+
+def test_training_fkd_from_an_embedding_store_is_refused_by_name(world, capsys):
+    from fkd_dali.cli import main
+    code = main(["train", os.path.join(world["root"], "data"), "--softlabel-path", world["cfg"].save_path, "-a",
+                 "tiny_cnn", "--num-crops", "2", "--epochs", "2", "-b", "4", "--input-size", "32", "--device", DEVICE,
+                 "--output", os.path.join(world["root"], "run")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "holds teacher embeddings (kind embedding, D=16), not top-k soft labels: train it with --labels ssl" in err
+    assert "Traceback" not in err
