@@ -466,7 +466,7 @@ class _ShardGenerator:
         val = torch.zeros((m, C, k), dtype=torch.float32, device=dev)
         if m == 0:
             return idx.cpu().numpy(), val.cpu().numpy()
-        nb = self.reader.start_job(rows, boxes, flips)
+        nb = self.reader.start_job(rows, boxes, flips, sizes)
         pipe = self._pipeline()
         pipe.schedule_run()
         V = len(self.teachers.views)
@@ -482,7 +482,9 @@ class _ShardGenerator:
             pos = np.searchsorted(rows, index)
             if not np.array_equal(shapes[:, :2], sizes[pos]):
                 j = int(np.flatnonzero((shapes[:, :2] != sizes[pos]).any(axis=1))[0])
-                raise _BadImage(int(index[j]), f"decodes to {shapes[j][1]}x{shapes[j][0]} px but its header says "
+                said = f"--reference {self.cfg.reference} labelled it at" if self.ref is not None else \
+                    "its header says"
+                raise _BadImage(int(index[j]), f"decodes to {shapes[j][1]}x{shapes[j][0]} px but {said} "
                                                f"{sizes[pos[j]][1]}x{sizes[pos[j]][0]}")
             x = []
             for c, (size, *_rest) in zip(crops, self.teachers.views):
