@@ -223,9 +223,7 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
         if not url and os.path.exists(path) and not os.path.isdir(path):
             raise GenerateError(f"--save-path {path} is a file; it must name the label store's folder (to create "
                                 "or resume): choose another path")
-        if not labelstore.store_exists(path):
-            if not url and os.path.exists(path) and os.listdir(path):
-                raise GenerateError(f"{path} exists and is not a label store; choose another --save-path")
+        if not labelstore.store_exists(path, writing=True):  # refuses a place holding other files
             create_atomically(path, lambda tmp: create_store(
                 tmp, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
                 dataset_root=ds.name, num_crops=num_crops, top_k=cfg.top_k, num_classes=teachers.num_classes,
