@@ -39,6 +39,7 @@ class Round:
     topk_idx: np.ndarray    # (N, n, k)
     topk_val: np.ndarray    # (N, n, k)  float16
     rows: np.ndarray | None = None  # the store rows read (sorted), None: all rows
+    sizes: np.ndarray | None = None  # (N, 2)  the stored (height, width) of each image, what its boxes lie in
 
     @property
     def num_crops(self) -> int:
@@ -46,7 +47,8 @@ class Round:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.boxes, self.flips, self.topk_idx, self.topk_val))
+        return sum(a.nbytes for a in (self.boxes, self.flips, self.topk_idx, self.topk_val, self.sizes)
+                   if a is not None)
 
 
 class StoreReading:
@@ -211,8 +213,7 @@ class StoreReading:
         for a, b in blocks:
             part = slice(a, b) if rows is None else sel[a:b]
             wanted = {name: (part, cs) for name in CROP_ARRAYS}
-            if check:
-                wanted["sizes"] = (part, slice(None))
+            wanted["sizes"] = (part, slice(None))
             if pause is not None:
                 pause()
             block = self._read_many(wanted, rows_are_slice=rows is None)
@@ -223,7 +224,7 @@ class StoreReading:
                 if name not in got:
                     got[name] = np.empty((count,) + v.shape[1:], v.dtype)
                 got[name][a:b] = v
-        sizes = got.pop("sizes", None)
+        sizes = got["sizes"]
         out = Round(index=r, crop_start=r * n, rows=None if rows is None else sel, **got)
         if check:
             row_ids = np.arange(self.num_images) if rows is None else sel

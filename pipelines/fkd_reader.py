@@ -45,7 +45,8 @@ def roi_from_boxes(boxes: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, np
 
 class FKDReader(ImageReader):
     """The FKD reader: per image its encoded path, the ``num_crops`` ROI boxes (flip encoded) of the
-    pass's round, its ``num_crops`` top-k rows, its target, its store row and the crop ids.
+    pass's round, its ``num_crops`` top-k rows, its target, its store row, the crop ids and its stored size
+    (what the graph checks the image's header against before a box is used: :func:`graphs.fit_rois`).
 
     The reader's epoch ``p`` is a *pass* over the images (FKD counts it as ``num_crops`` epochs): pass ``p``
     serves round ``round_for_pass(seed, p, C // num_crops)`` of the pool, crops ``[r*n, (r+1)*n)``, each
@@ -65,8 +66,8 @@ class FKDReader(ImageReader):
     first pass's read before it scans the dataset); by default the reader starts its own.
     """
 
-    names = ("paths", "roi_start", "roi_end", "topk_idx", "topk_val", "target", "index", "crop_ids")
-    ndims = (1, 2, 2, 2, 2, 0, 0, 1)
+    names = ("paths", "roi_start", "roi_end", "topk_idx", "topk_val", "target", "index", "crop_ids", "sizes")
+    ndims = (1, 2, 2, 2, 2, 0, 0, 1, 1)
 
     def __init__(self, data: str, store: str | LabelStore, *, num_crops: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = False,
@@ -101,7 +102,7 @@ class FKDReader(ImageReader):
         self.num_shards = len(s.shard_ranges())
         idx_dtype = _dali_int(s.array("topk_idx").dtype)
         self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, idx_dtype, types.FLOAT16, types.INT64,
-                       types.INT64, types.INT64)
+                       types.INT64, types.INT64, types.INT32)
         super().__init__(root, files, targets, batch_size=batch_size,
                          rows=None if done.all() else np.flatnonzero(done), seed=seed, rank=rank,
                          world_size=world_size, shuffle=shuffle, drop_last=drop_last)
@@ -196,7 +197,8 @@ class FKDReader(ImageReader):
         crop_ids = rnd.crop_start + np.arange(self.num_crops, dtype=np.int64)
         return (self.paths.encoded(rows), start, end, np.ascontiguousarray(rnd.topk_idx[pos]),
                 np.ascontiguousarray(rnd.topk_val[pos], dtype=np.float16), self.targets[rows].astype(np.int64),
-                rows.astype(np.int64), np.tile(crop_ids, (len(rows), 1)))
+                rows.astype(np.int64), np.tile(crop_ids, (len(rows), 1)),
+                np.ascontiguousarray(rnd.sizes[pos], dtype=np.int32))
 
     def close(self) -> None:
         super().close()
@@ -225,15 +227,35 @@ def check_files(root: str, store: LabelStore, files: Sequence[str] | PathTable |
     fp = labelstore.fingerprint_of(files, labelstore.file_sizes(root, files))  # names the first missing file
     if fp == store.meta.fingerprint:
         return
-    files = list(files)
-    stored = store.sizes()
-    got, bad = read_headers([os.path.join(root, f) for f in files], workers=16)
-    changed = [f"{files[i]} ({bad[i]})" if i in bad else
-               f"{files[i]} (now {got[i][1]}x{got[i][0]} px, labelled at {stored[i][1]}x{stored[i][0]})"
-               for i in range(len(files)) if i in bad or (stored[i].any() and tuple(stored[i]) != got[i])]
-    which = (f"{len(changed)} file(s) changed: {'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}"
-             if changed else "same names and pixel sizes, different byte sizes: some file was re-encoded or "
-             "replaced by another image of the same size")
-    raise labelstore.StoreMismatchError(
+    changed = changed_images(root, files, np.arange(len(files)), store.sizes())
+    raise _images_changed(root, store, changed or "same names and pixel sizes, different byte sizes: some file was "
+                          "re-encoded or replaced by another image of the same size")
+
+
+def refuse_resized(root: str, store: LabelStore, files: Sequence[str] | PathTable, rows: Sequence[int],
+                   stored: np.ndarray) -> None:
+    """Raise StoreMismatchError naming the images of ``rows`` whose header the graph found to differ from their
+    stored (height, width) ``stored`` (:func:`graphs.fit_rois`): replaced after the labels were made by an image
+    of other pixel sizes (a file of the same byte size passes the fingerprint), or a crafted store."""
+    changed = changed_images(root, files, rows, stored) or [
+        f"{files[int(r)]} (its header does not give the {w}x{h} px it was labelled at)"
+        for r, (h, w) in zip(rows, np.asarray(stored).tolist())]
+    raise _images_changed(root, store, changed)
+
+
+def changed_images(root: str, files: Sequence[str] | PathTable, rows: Sequence[int], stored: np.ndarray) -> list[str]:
+    """``NAME (now WxH px, labelled at WxH)`` (or why it cannot be used) for each of ``rows`` whose header (read
+    now) no longer gives its stored (height, width) ``stored[i]``."""
+    names = [files[int(r)] for r in rows]
+    got, bad = read_headers([os.path.join(root, f) for f in names], workers=16)
+    return [f"{names[i]} ({bad[i]})" if i in bad else
+            f"{names[i]} (now {got[i][1]}x{got[i][0]} px, labelled at {stored[i][1]}x{stored[i][0]})"
+            for i in range(len(names)) if i in bad or (stored[i].any() and tuple(stored[i]) != got[i])]
+
+
+def _images_changed(root: str, store: LabelStore, changed: list[str] | str) -> labelstore.StoreMismatchError:
+    which = changed if isinstance(changed, str) else \
+        f"{len(changed)} file(s) changed: {'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}"
+    return labelstore.StoreMismatchError(
         f"{store.path}: the images under {root} differ from those the labels were made from ({which}). "
         "Restore the original files, or regenerate the store (fkd-dali generate) for the dataset as it is now")

@@ -125,6 +125,22 @@ def replay_crops(images: DataNode, roi_start: DataNode, roi_end: DataNode, num_c
     return fn.stack(*crops, axis_name="F")
 
 
+def fit_rois(encoded: DataNode, sizes: DataNode, roi_start: DataNode,
+             roi_end: DataNode) -> tuple[DataNode, DataNode, DataNode]:
+    """Stored crops only on the image they were stored for: per sample, the (height, width) in the header of
+    ``encoded`` (the bytes the decoder reads; a header parse, not a decode, on every device) is compared with
+    the stored size ``sizes`` (int32 ``(2,)``) that the boxes were checked against. Where they agree the ROIs
+    pass unchanged; where not (an image replaced after the labels were made, a crafted store), each crop
+    becomes the whole image, so that no box outside its image reaches ``fn.resize`` (DALI would read out of
+    bounds and crash the process), and ``fits`` (bool, per sample, on the CPU) says so: the caller refuses
+    the batch naming the file. Returns ``(roi_start, roi_end, fits)``."""
+    hw = fn.peek_image_shape(encoded, adjust_orientation=False, dtype=types.INT32)[0:2]
+    fits = (hw[0] == sizes[0]) & (hw[1] == sizes[1])
+    keep = fn.cast(fits, dtype=types.FLOAT)
+    whole = fn.cast(hw, dtype=types.FLOAT)
+    return roi_start * keep, roi_end * keep + whole * (1 - keep), fits
+
+
 def roi_of(boxes: DataNode, flips: DataNode) -> tuple[DataNode, DataNode]:
     """In-graph ROI of per-sample boxes ``(n, 4)`` (top, left, height, width; pixels, float) and flips
     ``(n,)`` (0/1, float): the flip swaps the x ends. CPU DataNodes in, CPU DataNodes ``(n, 2)`` out."""
@@ -210,16 +226,20 @@ def fkd_pipeline(source, *, num_crops: int, size: int, device: str, normalize: b
                  std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear", labels_on_device: bool = True,
                  decoder: DecoderOptions = DEFAULT_DECODER):
     """FKD replay: outputs images (B, n, 3, S, S) [or (B, n, S, S, 3)], topk_idx, topk_val, target, index,
-    crop_ids, all aligned per sample. ``source`` is a :class:`pipelines.fkd_reader.FKDReader`."""
+    crop_ids, all aligned per sample, and last ``fits`` (B,) on the CPU: False for an image whose header is not
+    its stored size (:func:`fit_rois`; the loader refuses such a batch). ``source`` is a
+    :class:`pipelines.fkd_reader.FKDReader`."""
     nodes = source.nodes()
-    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
-    frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
+    encoded = fn.io.file.read(nodes["paths"])
+    roi_start, roi_end, fits = fit_rois(encoded, nodes["sizes"], nodes["roi_start"], nodes["roi_end"])
+    images = decode(encoded, device, decoder)
+    frames = replay_crops(images, roi_start, roi_end, num_crops, size, device, interp)
     out = to_model_input(frames, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          mean=mean, std=std)
     labels = [nodes[k] for k in ("topk_idx", "topk_val", "target", "index", "crop_ids")]
     if device == "gpu" and labels_on_device:
         labels = [x.gpu() for x in labels]
-    return (out, *labels)
+    return (out, *labels, fits)
 
 
 @pipeline_def(enable_conditionals=False)
@@ -264,12 +284,16 @@ def generation_pipeline(source, *, num_crops: int, views: Sequence[tuple], devic
                         decoder: DecoderOptions = DEFAULT_DECODER):
     """Teacher inputs. Per sample: one decode, one group of ``num_crops`` stored crops for each view
     ``(size, interpolation, mean, std)`` (one per distinct teacher view); outputs the crops of every view,
-    then index, crop ids and the decoded image's shape. ``normalize=False`` gives uint8 RGB crops."""
-    nodes = source.nodes(("paths", "roi_start", "roi_end", "index", "crop_ids"))
-    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
+    then index, crop ids and the decoded image's shape. ``normalize=False`` gives uint8 RGB crops. A sample whose
+    image is not the size its boxes were made for is cut as a whole (:func:`fit_rois`): the caller compares
+    the shape with the size and refuses it."""
+    nodes = source.nodes(("paths", "roi_start", "roi_end", "sizes", "index", "crop_ids"))
+    encoded = fn.io.file.read(nodes["paths"])
+    roi_start, roi_end, _fits = fit_rois(encoded, nodes["sizes"], nodes["roi_start"], nodes["roi_end"])
+    images = decode(encoded, device, decoder)
     outs = []
     for size, interp, mean, std in views:
-        frames = replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
+        frames = replay_crops(images, roi_start, roi_end, num_crops, size, device, interp)
         outs.append(to_model_input(frames, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
                                    mean=mean, std=std))
     return (*outs, nodes["index"], nodes["crop_ids"], images.shape())
