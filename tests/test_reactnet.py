@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from fkd_dali.cli import main
 from fkd_dali.models import available, create_model
-from fkd_dali.models.reactnet import ApproxSign, BinaryConv2d, BinaryWeight, ReActNet, RPReLU, RSign
+from fkd_dali.models.reactnet import ApproxSign, BinaryConv2d, BinaryWeight, Block, ReActNet, RPReLU, RSign
 from fkd_dali.train import train
 from tests.conftest import current_device
 from tests.test_train import cfg, setup  # noqa: F401 - module fixture: a tiny dataset and its FKD store
@@ -59,6 +59,38 @@ def test_output_shape_any_size_and_the_backbone_convention():
     small.fc = torch.nn.Sequential(torch.nn.Linear(small.num_features, 64), torch.nn.ReLU(),
                                    torch.nn.Linear(64, 16))  # an SSL head in place of the classifier
     assert small(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+
+
+def test_a_doubling_block_of_stride_2_is_the_papers_block():
+    """RSign -> binary 3x3 / 2 -> BN, + the 2x2-average-pooled input -> RPReLU -> RSign -> two binary 1x1 -> BN,
+    each + that sum, concatenated -> RPReLU, written out with functional ops on random parameters."""
+    torch.manual_seed(0)
+    block = Block(4, 8, stride=2).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        for bn in (block.bn1, *block.bn2):
+            bn.running_mean.copy_(torch.randn(4))
+            bn.running_var.copy_(torch.rand(4) + 0.5)
+
+    def sign(x, threshold):
+        return torch.where(x > threshold.view(1, -1, 1, 1), 1.0, -1.0)
+
+    def act(x, a):
+        return F.prelu(x - a.gamma.view(1, -1, 1, 1), a.prelu.weight) + a.zeta.view(1, -1, 1, 1)
+
+    def binary(w):
+        return w.abs().mean(dim=(1, 2, 3), keepdim=True) * torch.where(w > 0, 1.0, -1.0)
+
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        y = block.bn1(F.conv2d(sign(x, block.sign1.threshold), binary(block.conv3x3.weight), stride=2, padding=1))
+        y = act(y + F.avg_pool2d(x, 2), block.act1)
+        b = sign(y, block.sign2.threshold)
+        halves = [bn(F.conv2d(b, binary(conv.weight))) + y for conv, bn in zip(block.conv1x1, block.bn2)]
+        expected = act(torch.cat(halves, dim=1), block.act2)
+        torch.testing.assert_close(block(x), expected)
+    assert block(x).shape == (2, 8, 3, 3)
 
 
 def test_binary_convolutions_compute_with_two_weight_values_and_pm1_activations():
