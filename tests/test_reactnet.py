@@ -194,7 +194,7 @@ def test_state_dict_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_reactnet_a_one_step_and_evaluate_its_checkpoint(setup, tmp_path, capsys):  # noqa: F811
+def test_train_reactnet_a_one_step_and_evaluate_its_checkpoint(setup, tmp_path):  # noqa: F811
     """`fkd-dali train -a reactnet_a` on the tiny FKD store: one step with a checkpoint, whose weights then
     evaluate through `-e --resume` as any student's."""
     out = str(tmp_path / "r")
@@ -202,10 +202,12 @@ def test_train_reactnet_a_one_step_and_evaluate_its_checkpoint(setup, tmp_path, 
                  "-b", "8", "--epochs", "2", "--input-size", "32", "--opt", "adamw", "--lr", "5e-4", "--wd", "0",
                  "--device", DEVICE, "--max-steps", "1", "--output", out, "-q"]) == 0
     ckpt = torch.load(os.path.join(out, "checkpoint.pth.tar"), map_location="cpu", weights_only=True)
-    assert ckpt["arch"] == "reactnet_a"
+    assert ckpt["arch"] == "reactnet_a" and ckpt["global_step"] == 1
+    m = ReActNet(10)
+    steps = [float(st["step"]) for st in ckpt["optimizer"]["state"].values()]
+    assert steps == [1.0] * len(list(m.parameters()))  # every parameter had a gradient and took its step
     state = {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
     assert state["blocks.0.sign1.threshold"].shape == (32,) and "fc.weight" in state
-    m = ReActNet(10)
     m.load_state_dict(state)
     res = train(cfg(setup, tmp_path, arch="reactnet_a", evaluate=True, resume=out))
     assert res["images"] == 10 and 0 <= res["top1"] <= 100
