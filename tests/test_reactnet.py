@@ -45,12 +45,18 @@ def test_parameter_count_and_operations_equal_the_authors_reactnet_a():
     assert round((bops / 64 + flops) / 1e8, 2) == 0.87
 
 
+@pytest.mark.slow
+def test_output_shape_at_the_papers_224_px():
+    m = create_model("reactnet_a", 10).eval()
+    with torch.no_grad():
+        feats = m.forward_features(torch.randn(1, 3, 224, 224))
+    assert feats.shape == (1, 1024) and m.fc(feats).shape == (1, 10)
+
+
 def test_output_shape_any_size_and_the_backbone_convention():
     m = create_model("reactnet_a", 10).eval()
     assert "reactnet_a" in available() and m.num_features == 1024 and m.fc.in_features == m.num_features
     with torch.no_grad():
-        feats = m.forward_features(torch.randn(1, 3, 224, 224))
-        assert feats.shape == (1, 1024) and m.fc(feats).shape == (1, 10)
         x = torch.randn(2, 3, 40, 40)  # not a multiple of 32
         logits = m(x)
         assert logits.shape == (2, 10)
