@@ -435,7 +435,7 @@ def _head(layout: _Layout, spec: EmbeddingTeacherSpec, prefix: str | None, featu
     if not re.fullmatch(layout.pattern, kinds):
         found = ", ".join(("" if single else f"{prefix}.{i} ") + _say(m) for i, m in enumerate(modules))
         raise TeacherError(f"{spec.path}: the head {prefix} is {found}; a {layout.format} head is {layout.expected}"
-                           ": a key is missing or the file is of another layout")
+                           f": {_missing(kinds, layout.pattern, prefix, state)}")
     head = modules[0] if single else nn.Sequential(*modules)
     linears = [m for m in modules if isinstance(m, nn.Linear)]
     widths = [linears[0].in_features] + [m.out_features for m in linears]
@@ -488,6 +488,26 @@ def _sequential(state: dict[str, torch.Tensor], prefix: str, activation: type[nn
         else:
             modules.append(_linear(state, prefix, f"{i}.", path))
     return modules
+
+
+_KEYS = {"L": ("weight", "bias"), "l": ("weight",), "B": ("weight", "bias", "running_mean", "running_var"),
+         "b": ("running_mean", "running_var")}
+
+
+def _missing(kinds: str, pattern: str, prefix: str, state: dict[str, torch.Tensor]) -> str:
+    """The keys whose absence turned the expected head into the one found: one module changed, or one more
+    (after an activation) at the end."""
+    seq = kinds.startswith("S")
+    for kind, names in _KEYS.items():
+        tries = [(kinds[:j] + kind + kinds[j + 1:], j) for j in range(int(seq), len(kinds)) if kinds[j] != kind]
+        tries += [(kinds + "A" + kind, len(kinds) + 1)] if seq else []
+        for candidate, j in tries:
+            if re.fullmatch(pattern, candidate):
+                at = f"{j - 1}." if seq else ""
+                missing = [f"{prefix}.{at}{n}" for n in names if at + n not in state]
+                if missing:
+                    return f"{', '.join(missing)} missing; the file is damaged or of another layout"
+    return "a key is missing or the file is of another layout"
 
 
 def _kind(m: nn.Module) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -114,7 +115,8 @@ def test_moco_missing_keys_are_named(moco_v2, tmp_path):
     # the whole last layer gone: not a shorter MoCo v2 head (fc.0 alone would give 512-d embeddings)
     broken = {k: v for k, v in state.items() if not k.startswith("module.encoder_q.fc.2.")}
     torch.save({"state_dict": broken}, p)
-    with pytest.raises(TeacherError, match=r"encoder_q\.fc is encoder_q\.fc\.0 Linear\(512, 512\).*fc\.2 Linear"):
+    with pytest.raises(TeacherError, match=r"encoder_q\.fc is encoder_q\.fc\.0 Linear\(512, 512\).*fc\.2 Linear.*: "
+                                           r"encoder_q\.fc\.2\.weight, encoder_q\.fc\.2\.bias missing"):
         load_embedding_teacher(p)
 
 
@@ -151,16 +153,22 @@ def _mlp(num_layers: int, dim_in: int, hidden: int, dim_out: int, last_bn: bool 
     return nn.Sequential(*layers)
 
 
-def test_moco_v3_resnet_checkpoint_gives_the_base_encoders_projector_output(tmp_path):
+def _moco_v3(folder) -> tuple[str, dict, torch.Tensor]:
+    """facebookresearch/moco-v3's main_moco.py checkpoint of MoCo_ResNet (projector in base_encoder.fc)."""
     base = _resnet("resnet18", _mlp(2, 512, 64, 32))
     state = _prefixed("module.base_encoder.", base.state_dict())
     state |= _prefixed("module.momentum_encoder.", _other(base.state_dict()))
     state |= _prefixed("module.predictor.", _random_bn(_mlp(2, 32, 64, 32, last_bn=False)).state_dict())
-    path = str(tmp_path / "r-50-1000ep.pth.tar")
+    path = str(folder / "r-50-1000ep.pth.tar")
     torch.save({"epoch": 1000, "arch": "resnet18", "state_dict": state, "optimizer": {}, "scaler": {"scale": 1.0}},
                path)
+    return path, state, _ref(base)
+
+
+def test_moco_v3_resnet_checkpoint_gives_the_base_encoders_projector_output(tmp_path):
+    path, _, reference = _moco_v3(tmp_path)
     teacher = load_embedding_teacher(path)
-    _check(teacher, _ref(base), 32, "moco_v3", "resnet18")
+    _check(teacher, reference, 32, "moco_v3", "resnet18")
     dropped = " ".join(teacher.describe()["dropped"])
     assert "momentum_encoder.*" in dropped and "predictor.*" in dropped
 
@@ -171,7 +179,7 @@ def test_moco_v3_resnet_checkpoint_gives_the_base_encoders_projector_output(tmp_
         load_embedding_teacher(path)
 
 
-def _swav(tmp_path, hidden: bool = True) -> tuple[str, torch.Tensor]:
+def _swav(tmp_path, hidden: bool = True) -> tuple[str, dict, torch.Tensor]:
     """facebookresearch/swav's released file: a bare state_dict under DDP's module. (src/resnet50.py's keys)."""
     backbone = _resnet("resnet18", nn.Identity())
     head = _random_bn(nn.Sequential(nn.Linear(512, 64), nn.BatchNorm1d(64), nn.ReLU(inplace=True), nn.Linear(64, 32))
@@ -179,13 +187,14 @@ def _swav(tmp_path, hidden: bool = True) -> tuple[str, torch.Tensor]:
     state = backbone.state_dict() | _prefixed("projection_head.", head.state_dict())
     state |= {"prototypes.weight": torch.randn(100, 32)}
     path = str(tmp_path / f"swav_800ep_pretrain{hidden}.pth.tar")
-    torch.save(_prefixed("module.", state), path)
-    return path, _ref(nn.Sequential(backbone, head))
+    state = _prefixed("module.", state)
+    torch.save(state, path)
+    return path, state, _ref(nn.Sequential(backbone, head))
 
 
 @pytest.mark.parametrize("hidden", [True, False], ids=["mlp head", "linear head"])
 def test_swav_checkpoint_gives_the_normalised_projection(tmp_path, hidden):
-    path, reference = _swav(tmp_path, hidden)
+    path, _, reference = _swav(tmp_path, hidden)
     teacher = load_embedding_teacher(path)
     _check(teacher, reference, 32, "swav", "resnet18")
     assert "prototypes.* (1)" in teacher.describe()["dropped"]
@@ -206,21 +215,49 @@ class _DINOHead(nn.Module):
         return self.mlp(x)
 
 
-@pytest.mark.parametrize("use_bn", [False, True], ids=["head without BN", "use_bn_in_head"])
-def test_dino_full_checkpoint_gives_the_teacher_heads_normalised_bottleneck(tmp_path, use_bn):
+def _dino(folder, use_bn: bool = False) -> tuple[str, dict, torch.Tensor]:
+    """facebookresearch/dino's main_dino.py full checkpoint of a ResNet (teacher under DDP: module.)."""
     backbone = _resnet("resnet18", nn.Identity())
     head = _random_bn(_DINOHead(512, 64, 32, 100, use_bn))
-    teacher_state = _prefixed("module.backbone.", backbone.state_dict()) | _prefixed("module.head.",
-                                                                                     head.state_dict())
-    assert "module.head.last_layer.weight_g" in teacher_state
-    path = str(tmp_path / "dino_resnet50_pretrain_full_checkpoint.pth")
-    torch.save({"student": _other(teacher_state), "teacher": teacher_state, "optimizer": {}, "epoch": 100,
-                "args": argparse.Namespace(arch="resnet18", out_dim=100, use_bn_in_head=use_bn),
-                "dino_loss": {"center": torch.zeros(1, 100)}}, path)
+    state = _prefixed("module.backbone.", backbone.state_dict()) | _prefixed("module.head.", head.state_dict())
+    assert "module.head.last_layer.weight_g" in state
+    path = str(folder / "dino_resnet50_pretrain_full_checkpoint.pth")
+    torch.save(_dino_file(state), path)
+    return path, state, _ref(nn.Sequential(backbone, head))
+
+
+def _dino_file(teacher: dict) -> dict:
+    return {"student": _other(teacher), "teacher": teacher, "optimizer": {}, "epoch": 100,
+            "args": argparse.Namespace(arch="resnet18", out_dim=100, global_crops_scale=(0.14, 1.0)),
+            "dino_loss": {"center": torch.zeros(1, 100)}}
+
+
+@pytest.mark.parametrize("use_bn", [False, True], ids=["head without BN", "use_bn_in_head"])
+def test_dino_full_checkpoint_gives_the_teacher_heads_normalised_bottleneck(tmp_path, use_bn):
+    path, _, reference = _dino(tmp_path, use_bn)
     teacher = load_embedding_teacher(path)
-    _check(teacher, _ref(nn.Sequential(backbone, head)), 32, "dino", "resnet18")
+    _check(teacher, reference, 32, "dino", "resnet18")
     dropped = " ".join(teacher.describe()["dropped"])
     assert "head.*" in dropped and "student (top level)" in dropped
+
+
+MISSING = {  # per format: a backbone key and a head key, each refused by name when absent
+    "moco_v3": (_moco_v3, lambda state: {"state_dict": state}, "base_encoder.layer4.1.conv2.weight",
+                ("base_encoder.fc.4.running_var", "base_encoder.fc.3.weight")),
+    "swav": (_swav, lambda state: state, "bn1.running_var", ("projection_head.1.weight", "projection_head.3.bias")),
+    "dino": (_dino, _dino_file, "backbone.layer2.0.downsample.0.weight", ("head.mlp.0.bias", "head.mlp.4.weight")),
+}
+
+
+@pytest.mark.parametrize("fmt", MISSING)
+def test_a_missing_key_is_refused_naming_it(tmp_path, fmt):
+    build, wrap, backbone_key, head_keys = MISSING[fmt]
+    _, state, _ = build(tmp_path)
+    path = str(tmp_path / "broken.pth")
+    for key in (backbone_key, *head_keys):
+        torch.save(wrap({k: v for k, v in state.items() if k != "module." + key}), path)
+        with pytest.raises(TeacherError, match=re.escape(key)):
+            load_embedding_teacher(path)
 
 
 def test_a_backbone_alone_gives_its_pooled_features(tmp_path):
@@ -310,7 +347,7 @@ def test_a_code_bearing_pickle_is_refused_and_never_run(tmp_path):
 
 
 def test_an_ensemble_averages_normalised_embeddings_and_refuses_two_sizes(tmp_path, moco_v1):
-    swav, swav_ref = _swav(tmp_path)
+    swav, _, swav_ref = _swav(tmp_path)
     moco_path, moco_ref, moco_features = moco_v1
     # one 32-d MoCo v1 (its fc 512 -> 32) beside SwAV's 32-d projection
     q = _resnet("resnet18", nn.Linear(512, 32))
