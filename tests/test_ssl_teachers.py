@@ -172,11 +172,18 @@ def test_moco_v3_resnet_checkpoint_gives_the_base_encoders_projector_output(tmp_
     dropped = " ".join(teacher.describe()["dropped"])
     assert "momentum_encoder.*" in dropped and "predictor.*" in dropped
 
-    vit = {"module.base_encoder.cls_token": torch.zeros(1, 1, 8), "module.base_encoder.pos_embed": torch.zeros(1, 5, 8),
-           "module.base_encoder.head.0.weight": torch.zeros(8, 8)}
-    torch.save({"state_dict": vit}, path)
-    with pytest.raises(TeacherError, match="MoCo v3 ViT checkpoint.*only MoCo v3's ResNets"):
-        load_embedding_teacher(path)
+
+def test_vision_transformer_checkpoints_are_refused_by_name(tmp_path):
+    vit = {"cls_token": torch.zeros(1, 1, 8), "pos_embed": torch.zeros(1, 5, 8),
+           "patch_embed.proj.weight": torch.zeros(8, 3, 16, 16), "blocks.0.norm1.weight": torch.zeros(8)}
+    path = str(tmp_path / "vit.pth")
+    for name, content in [("MoCo v3 vit-b-300ep.pth.tar", {"state_dict": _prefixed("module.base_encoder.", vit)}),
+                          ("DINO's full checkpoint", _dino_file(_prefixed("backbone.", vit))),
+                          ("dino_deitsmall16_pretrain.pth", vit)]:
+        torch.save(content, path)
+        with pytest.raises(TeacherError, match=r"holds a Vision Transformer \((module\.)?(base_encoder\.|backbone\.)?"
+                                               r"cls_token, \.\.\.\): only ResNet teachers"):
+            load_embedding_teacher(path)
 
 
 def _swav(tmp_path, hidden: bool = True) -> tuple[str, dict, torch.Tensor]:
@@ -369,3 +376,13 @@ def test_an_unknown_architecture_prefix_is_refused(tmp_path):
     with pytest.raises(TeacherError, match="'resnet5000' in 'resnet5000:x.pth' is not a torchvision architecture"):
         parse_embedding_teacher("resnet5000:x.pth")
     assert parse_embedding_teacher("/data/a:b.pth").path == "/data/a:b.pth"
+
+
+@pytest.mark.gpu
+def test_a_teacher_on_the_gpu_gives_the_cpus_embeddings(moco_v2):
+    path, _, reference = moco_v2
+    teacher = load_embedding_teacher(path, device="cuda")
+    assert all(p.is_cuda for p in teacher.parameters())
+    with torch.no_grad():
+        out = teacher(X.cuda())
+    assert out.dtype == torch.float32 and (out.cpu() * reference).sum(1).min() > 0.9999
