@@ -42,8 +42,8 @@ format         keys (what the repository saves)                        embedding
 =============  ======================================================  ==========================================
 
 The official checkpoints are ResNet-50s; the ResNet is read from the keys (blocks per stage, widths), so MoCo /
-SwAV / DINO runs of torchvision's other ResNets load too. SwAV's widened ResNets (RN50-w2/w4/w5) and ViTs are not
-torchvision architectures and are refused by name.
+SwAV / DINO runs of torchvision's other ResNets load too. SwAV's widened ResNets (RN50-w2/w4/w5) and the ViTs of MoCo v3
+and DINO are refused by name.
 
 A user's head (``head=``): ``none`` (the pooled features) or ``mlp:W0-W1-...-D[@PREFIX]``: Linear layers of
 those widths with ReLU between them (a BatchNorm1d after a hidden Linear where the keys hold one, as SimCLR's
@@ -88,7 +88,7 @@ RESNETS = {(False, (2, 2, 2, 2), 64, 1): "resnet18", (False, (3, 4, 6, 3), 64, 1
            (True, (3, 8, 36, 3), 64, 1): "resnet152", (True, (3, 4, 6, 3), 128, 1): "wide_resnet50_2",
            (True, (3, 4, 23, 3), 128, 1): "wide_resnet101_2", (True, (3, 4, 6, 3), 128, 32): "resnext50_32x4d",
            (True, (3, 4, 23, 3), 256, 32): "resnext101_32x8d", (True, (3, 4, 23, 3), 256, 64): "resnext101_64x4d"}
-_VIT_KEYS = ("pos_embed", "cls_token", "patch_embed.", "blocks.")
+_VIT = re.compile(r"(^|\.)(pos_embed|cls_token)$|(^|\.)patch_embed\.")  # MoCo v3's vits.py, DINO's (timm's keys)
 
 
 @dataclasses.dataclass
@@ -243,6 +243,7 @@ def _layout(ckpt: Any, spec: EmbeddingTeacherSpec) -> _Layout:
     relu, gelu = nn.ReLU, nn.GELU
     if isinstance(ckpt, dict) and _is_state(ckpt.get("teacher")):  # DINO's full checkpoint
         state = strip_ddp_prefix(ckpt["teacher"])
+        _refuse_vit(state, path)
         others = [k for k in ckpt if k != "teacher"]
         dropped = [_groups(k for k in state if k.startswith("head.last_layer"))] + [f"{k} (top level)"
                                                                                    for k in others]
@@ -266,6 +267,8 @@ def _layout(ckpt: Any, spec: EmbeddingTeacherSpec) -> _Layout:
         raise TeacherError(f"{path} holds no state_dict of tensors (top level: {top}); known layouts: {KNOWN}")
     state = strip_ddp_prefix(state)
     keys = list(state)
+    if not spec.arch:
+        _refuse_vit(state, path)
 
     def outside(prefix: str) -> list[str]:
         rest = [k for k in keys if not k.startswith(prefix)]
@@ -278,10 +281,6 @@ def _layout(ckpt: Any, spec: EmbeddingTeacherSpec) -> _Layout:
                        "MoCo query encoder's output (encoder_q, fc included), L2-normalised",
                        outside("encoder_q."))
     if any(k.startswith("base_encoder.") for k in keys):
-        vit = [k for k in keys if k.startswith(tuple("base_encoder." + v for v in _VIT_KEYS))]
-        if vit:
-            raise TeacherError(f"{path} is a MoCo v3 ViT checkpoint ({vit[0]}, ...): only MoCo v3's ResNets are "
-                               "supported as teachers; use a ResNet-50 MoCo v3 checkpoint (r-50-*.pth.tar)")
         return _Layout("moco_v3", state, "base_encoder.", "base_encoder.fc", relu, "SlBAlb",
                        "fc.0 Linear, fc.1 BatchNorm, ReLU, fc.3 Linear, fc.4 BatchNorm (the projector)",
                        "MoCo v3 base encoder's projector output (base_encoder.fc), L2-normalised",
@@ -306,6 +305,15 @@ def _layout(ckpt: Any, spec: EmbeddingTeacherSpec) -> _Layout:
             "to label classes use `fkd-dali generate`.") if "fc.weight" in state else ""
     raise TeacherError(f"{path}: unknown checkpoint layout: its {len(keys)} keys are {_groups(keys)}.{hint} "
                        f"Known layouts: {KNOWN}")
+
+
+def _refuse_vit(state: dict[str, torch.Tensor], path: str) -> None:
+    """MoCo v3's and DINO's ViTs (timm-style keys: cls_token, pos_embed, patch_embed.*) are not supported."""
+    vit = [k for k in state if _VIT.search(k)]
+    if vit:
+        raise TeacherError(f"{path} holds a Vision Transformer ({vit[0]}, ...): only ResNet teachers are supported "
+                           "(MoCo v1/v2, MoCo v3's r-50-*.pth.tar, SwAV's ResNet-50, DINO's dino_resnet50_*); use "
+                           "the ResNet checkpoint of the method")
 
 
 def _resnet_arch(state: dict[str, torch.Tensor], path: str) -> str:
