@@ -307,9 +307,7 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
         if not url and os.path.exists(path) and not os.path.isdir(path):
             raise GenerateError(f"--save-path {path} is a file; it must name the label store's folder (to create "
                                 "or resume): choose another path")
-        if not labelstore.store_exists(path):
-            if not url and os.path.exists(path) and os.listdir(path):
-                raise GenerateError(f"{path} exists and is not a label store; choose another --save-path")
+        if not labelstore.store_exists(path, writing=True):  # refuses a place holding other files
             create_atomically(path, lambda tmp: _create(cfg, tmp, ds, teachers, num_crops, settings) if
                               teachers.kind != "topk" else create_store(
                 tmp, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
@@ -574,7 +572,7 @@ class _ShardGenerator:
                for name, (tail, dt) in self.teachers.label_arrays(self.k).items()}
         if m == 0:
             return {name: t.cpu().numpy() for name, t in out.items()}
-        nb = self.reader.start_job(rows, views["boxes"], views["flips"], views)
+        nb = self.reader.start_job(rows, views["boxes"], views["flips"], sizes, views)
         pipe = self._pipeline()
         pipe.schedule_run()
         V = len(self.teachers.views)
@@ -590,7 +588,9 @@ class _ShardGenerator:
             pos = np.searchsorted(rows, index)
             if not np.array_equal(shapes[:, :2], sizes[pos]):
                 j = int(np.flatnonzero((shapes[:, :2] != sizes[pos]).any(axis=1))[0])
-                raise _BadImage(int(index[j]), f"decodes to {shapes[j][1]}x{shapes[j][0]} px but its header says "
+                said = f"--reference {self.cfg.reference} labelled it at" if self.ref is not None else \
+                    "its header says"
+                raise _BadImage(int(index[j]), f"decodes to {shapes[j][1]}x{shapes[j][0]} px but {said} "
                                                f"{sizes[pos[j]][1]}x{sizes[pos[j]][0]}")
             x = []
             for c, (size, *_rest) in zip(crops, self.teachers.views):

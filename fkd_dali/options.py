@@ -249,7 +249,8 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("data", metavar="DATA", nargs="?", help="dataset root holding train/ and val/")
     t.add_argument("--imagenet", metavar="DATA", help="MEAL V2's spelling of DATA")
     t.add_argument("-a", "--arch", "--model", dest="arch", default="resnet50",
-                   help="student: a torchvision model, deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S")
+                   help="student: a torchvision model, deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S, "
+                        "reactnet_a")
     t.add_argument("--softlabel-path", "--softlabel_path", dest="softlabel_path", help="the label store")
     choices = objectives.label_choices()
     t.add_argument("--labels", choices=tuple(choices), default="fkd",

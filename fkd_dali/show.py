@@ -19,7 +19,7 @@ from PIL import Image
 
 import labelstore
 from pipelines import graphs
-from pipelines.fkd_reader import check_files, resolve_root
+from pipelines.fkd_reader import check_files, refuse_resized, resolve_root
 from pipelines.generation_reader import GenerationReader
 
 
@@ -50,14 +50,16 @@ def replayed_crops(store: labelstore.LabelStore, data: str, row: int, crop_size:
     group = min(C, 16)
     reader = GenerationReader(root, list(store.files), group_size=group, batch_size=4,
                               view_params=store.kind.view_params)
-    nb = reader.start_job(np.array([row]), got["boxes"].astype(np.int64), got["flips"], got)
+    nb = reader.start_job(np.array([row]), got["boxes"].astype(np.int64), got["flips"], got["sizes"], got)
     pipe = graphs.generation_pipeline(reader, num_crops=group, views=[(crop_size, "bilinear", graphs.IMAGENET_MEAN,
                                                                         graphs.IMAGENET_STD)],
                                       device=device, normalize=False, batch_size=4, num_threads=2,
                                       device_id=torch.cuda.current_device() if device == "gpu" else None)
     out = np.zeros((C, crop_size, crop_size, 3), np.uint8)
     for _ in range(nb):
-        crops, _index, ids, _shape = (np.array(x.as_cpu().as_tensor()) for x in pipe.run())
+        crops, _index, ids, shapes = (np.array(x.as_cpu().as_tensor()) for x in pipe.run())
+        if not np.array_equal(shapes[:, :2], np.broadcast_to(got["sizes"][0], (len(shapes), 2))):
+            refuse_resized(root, store, store.files, [row], got["sizes"])  # the graph cut no box of it
         for sample, sample_ids in zip(crops, ids):
             for frame, k in zip(sample, sample_ids):
                 if k >= 0:

@@ -38,6 +38,7 @@ class Round:
     flips: np.ndarray       # (N, n)     bool
     labels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # (N, n, ...) per label array
     rows: np.ndarray | None = None  # the store rows read (sorted), None: all rows
+    sizes: np.ndarray | None = None  # (N, 2)  the stored (height, width) of each image, what its boxes lie in
 
     def __getattr__(self, name: str) -> np.ndarray:
         labels = self.__dict__.get("labels") or {}
@@ -51,7 +52,7 @@ class Round:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.boxes, self.flips, *self.labels.values()))
+        return sum(a.nbytes for a in (self.boxes, self.flips, *self.labels.values(), self.sizes) if a is not None)
 
 
 class StoreReading:
@@ -217,8 +218,7 @@ class StoreReading:
         for a, b in blocks:
             part = slice(a, b) if rows is None else sel[a:b]
             wanted = {name: (part, cs) for name in self.crop_arrays}
-            if check:
-                wanted["sizes"] = (part, slice(None))
+            wanted["sizes"] = (part, slice(None))
             if pause is not None:
                 pause()
             block = self._read_many(wanted, rows_are_slice=rows is None)
@@ -229,9 +229,9 @@ class StoreReading:
                 if name not in got:
                     got[name] = np.empty((count,) + v.shape[1:], v.dtype)
                 got[name][a:b] = v
-        sizes = got.pop("sizes", None)
+        sizes = got.pop("sizes")
         out = Round(index=r, crop_start=r * n, rows=None if rows is None else sel, boxes=got.pop("boxes"),
-                    flips=got.pop("flips"), labels=got)
+                    flips=got.pop("flips"), labels=got, sizes=sizes)
         if check:
             row_ids = np.arange(self.num_images) if rows is None else sel
             for a in range(0, len(row_ids), CHECK_ROWS):

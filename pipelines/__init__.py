@@ -8,7 +8,7 @@ from .errors import LoaderError  # noqa: E402
 from .fkd_reader import FKDReader, roi_from_boxes  # noqa: E402
 from .generation_reader import GenerationReader  # noqa: E402
 from .graphs import (IMAGENET_MEAN, IMAGENET_STD, DecoderOptions, center_crop, decode,  # noqa: E402
-                     eval_pipeline, fkd_crops, fkd_pipeline, generation_pipeline, random_resized_crop,
+                     eval_pipeline, fit_rois, fkd_crops, fkd_pipeline, generation_pipeline, random_resized_crop,
                      replay_crops, roi_of, standard_pipeline, to_model_input)
 from .image_reader import ImagePaths, ImageReader  # noqa: E402
 from .loader import EvalLoader, FKDLoader, StandardLoader, check_loader_state  # noqa: E402
@@ -18,7 +18,7 @@ from .round_reads import RoundReads  # noqa: E402
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DaliInstallError", "DecoderOptions", "EpochPlan", "EvalLoader", "FKDLoader",
     "FKDReader", "GenerationReader", "ImagePaths", "ImageReader", "LoaderError", "RoundReads", "StandardLoader",
-    "center_crop", "check_loader_state", "decode", "eval_pipeline", "fkd_crops", "fkd_pipeline", "generation_pipeline", "random_resized_crop",
+    "center_crop", "check_loader_state", "decode", "eval_pipeline", "fit_rois", "fkd_crops", "fkd_pipeline", "generation_pipeline", "random_resized_crop",
     "replay_crops", "roi_from_boxes", "roi_of", "round_for_pass", "shard_positions", "standard_pipeline",
     "to_model_input",
 ]

@@ -46,7 +46,9 @@ def roi_from_boxes(boxes: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, np
 class FKDReader(ImageReader):
     """The FKD reader: per image its encoded path, the ``num_crops`` ROI boxes (flip encoded) of the
     pass's round, its ``num_crops`` labels as the store kind serves them (top-k rows; or an embedding store's
-    float32 embeddings, after the views' photometric parameters), its target, its store row and the crop ids.
+    float32 embeddings, after the views' photometric parameters), its target, its store row, the crop ids and its
+    stored size (what the graph checks the image's header against before a box is used, for the stored crops and
+    the self-supervised views alike: :func:`graphs.fit_rois`).
 
     The reader's epoch ``p`` is a *pass* over the images (FKD counts it as ``num_crops`` epochs): pass ``p``
     serves round ``round_for_pass(seed, p, C // num_crops)`` of the pool, crops ``[r*n, (r+1)*n)``, each
@@ -103,10 +105,11 @@ class FKDReader(ImageReader):
         served = s.kind.serve(probe)
         self.label_names = tuple(served)
         outputs = [(k, probe[k]) for k in self.view_params] + list(served.items())
-        self.names = ("paths", "roi_start", "roi_end", *(k for k, _ in outputs), "target", "index", "crop_ids")
+        self.names = ("paths", "roi_start", "roi_end", *(k for k, _ in outputs), "target", "index", "crop_ids",
+                      "sizes")
         self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, *(_dali_type(v.dtype) for _, v in outputs),
-                       types.INT64, types.INT64, types.INT64)
-        self.ndims = (1, 2, 2, *(v.ndim - 1 for _, v in outputs), 0, 0, 1)
+                       types.INT64, types.INT64, types.INT64, types.INT32)
+        self.ndims = (1, 2, 2, *(v.ndim - 1 for _, v in outputs), 0, 0, 1, 1)
         super().__init__(root, files, targets, batch_size=batch_size,
                          rows=None if done.all() else np.flatnonzero(done), seed=seed, rank=rank,
                          world_size=world_size, shuffle=shuffle, drop_last=drop_last)
@@ -203,7 +206,8 @@ class FKDReader(ImageReader):
         labels = [np.ascontiguousarray(v) for v in self.store.kind.serve({k: v[pos] for k, v in rnd.labels.items()
                                                                           if k not in self.view_params}).values()]
         return (self.paths.encoded(rows), start, end, *views, *labels, self.targets[rows].astype(np.int64),
-                rows.astype(np.int64), np.tile(crop_ids, (len(rows), 1)))
+                rows.astype(np.int64), np.tile(crop_ids, (len(rows), 1)),
+                np.ascontiguousarray(rnd.sizes[pos], dtype=np.int32))
 
     def close(self) -> None:
         super().close()
@@ -233,15 +237,35 @@ def check_files(root: str, store: LabelStore, files: Sequence[str] | PathTable |
     fp = labelstore.fingerprint_of(files, labelstore.file_sizes(root, files))  # names the first missing file
     if fp == store.meta.fingerprint:
         return
-    files = list(files)
-    stored = store.sizes()
-    got, bad = read_headers([os.path.join(root, f) for f in files], workers=16)
-    changed = [f"{files[i]} ({bad[i]})" if i in bad else
-               f"{files[i]} (now {got[i][1]}x{got[i][0]} px, labelled at {stored[i][1]}x{stored[i][0]})"
-               for i in range(len(files)) if i in bad or (stored[i].any() and tuple(stored[i]) != got[i])]
-    which = (f"{len(changed)} file(s) changed: {'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}"
-             if changed else "same names and pixel sizes, different byte sizes: some file was re-encoded or "
-             "replaced by another image of the same size")
-    raise labelstore.StoreMismatchError(
+    changed = changed_images(root, files, np.arange(len(files)), store.sizes())
+    raise _images_changed(root, store, changed or "same names and pixel sizes, different byte sizes: some file was "
+                          "re-encoded or replaced by another image of the same size")
+
+
+def refuse_resized(root: str, store: LabelStore, files: Sequence[str] | PathTable, rows: Sequence[int],
+                   stored: np.ndarray) -> None:
+    """Raise StoreMismatchError naming the images of ``rows`` whose header the graph found to differ from their
+    stored (height, width) ``stored`` (:func:`graphs.fit_rois`): replaced after the labels were made by an image
+    of other pixel sizes (a file of the same byte size passes the fingerprint), or a crafted store."""
+    changed = changed_images(root, files, rows, stored) or [
+        f"{files[int(r)]} (its header does not give the {w}x{h} px it was labelled at)"
+        for r, (h, w) in zip(rows, np.asarray(stored).tolist())]
+    raise _images_changed(root, store, changed)
+
+
+def changed_images(root: str, files: Sequence[str] | PathTable, rows: Sequence[int], stored: np.ndarray) -> list[str]:
+    """``NAME (now WxH px, labelled at WxH)`` (or why it cannot be used) for each of ``rows`` whose header (read
+    now) no longer gives its stored (height, width) ``stored[i]``."""
+    names = [files[int(r)] for r in rows]
+    got, bad = read_headers([os.path.join(root, f) for f in names], workers=16)
+    return [f"{names[i]} ({bad[i]})" if i in bad else
+            f"{names[i]} (now {got[i][1]}x{got[i][0]} px, labelled at {stored[i][1]}x{stored[i][0]})"
+            for i in range(len(names)) if i in bad or (stored[i].any() and tuple(stored[i]) != got[i])]
+
+
+def _images_changed(root: str, store: LabelStore, changed: list[str] | str) -> labelstore.StoreMismatchError:
+    which = changed if isinstance(changed, str) else \
+        f"{len(changed)} file(s) changed: {'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}"
+    return labelstore.StoreMismatchError(
         f"{store.path}: the images under {root} differ from those the labels were made from ({which}). "
         "Restore the original files, or regenerate the store (fkd-dali generate) for the dataset as it is now")

@@ -24,9 +24,9 @@ class GenerationReader:
     run, after a resume, or by another rank.
     """
 
-    names = ("paths", "roi_start", "roi_end", "index", "crop_ids")
-    dtypes = (types.UINT8, types.FLOAT, types.FLOAT, types.INT64, types.INT64)
-    ndims = (1, 2, 2, 0, 1)
+    names = ("paths", "roi_start", "roi_end", "index", "crop_ids", "sizes")
+    dtypes = (types.UINT8, types.FLOAT, types.FLOAT, types.INT64, types.INT64, types.INT32)
+    ndims = (1, 2, 2, 0, 1, 1)
 
     def __init__(self, root: str, files: Sequence[str] | PathTable, group_size: int, batch_size: int,
                  view_params: Sequence[str] = ()):
@@ -45,13 +45,15 @@ class GenerationReader:
         self.paths = ImagePaths(root, files)
         self.group_size, self.batch_size = group_size, batch_size
         self._selected: tuple[int, ...] | None = None
-        self._rows = self._start = self._end = self._ids = None
+        self._rows = self._start = self._end = self._ids = self._sizes = None
         self.num_batches = 0
 
-    def start_job(self, rows: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
+    def start_job(self, rows: np.ndarray, boxes: np.ndarray, flips: np.ndarray, sizes: np.ndarray,
                   views: dict[str, np.ndarray] | None = None) -> int:
-        """Serve rows (m,) with their boxes (m, C, 4) and flips (m, C) (and ``views``: the reader's view
-        parameters, (m, C, ...) each); returns the number of batches."""
+        """Serve rows (m,) with their boxes (m, C, 4) and flips (m, C), made for images of ``sizes`` (m, 2)
+        (height, width; the graph checks each image's header against it before a box is used, for the stored
+        crops and the self-supervised views alike: :func:`graphs.fit_rois`), and ``views``: the reader's view
+        parameters, (m, C, ...) each; returns the number of batches."""
         rows = np.asarray(rows, dtype=np.int64)
         m, C = boxes.shape[:2]
         G = self.group_size
@@ -74,6 +76,7 @@ class GenerationReader:
         self._start = np.ascontiguousarray(start.reshape(m * groups, G, 2))
         self._end = np.ascontiguousarray(end.reshape(m * groups, G, 2))
         self._rows = np.repeat(rows, groups)
+        self._sizes = np.repeat(np.asarray(sizes, dtype=np.int32).reshape(m, 2), groups, axis=0)
         self._ids = np.tile(ids.reshape(groups, G), (m, 1))
         self.num_batches = -(-len(self._rows) // self.batch_size)
         return self.num_batches
@@ -92,7 +95,7 @@ class GenerationReader:
     def batch(self, items: slice) -> tuple:
         rows = self._rows[items]
         return (self.paths.encoded(rows), self._start[items], self._end[items], rows, self._ids[items],
-                *(v[items] for v in self._views))
+                self._sizes[items], *(v[items] for v in self._views))
 
     def __call__(self, info: BatchInfo):
         out = self.batch(self.batch_items(info.iteration))

@@ -153,14 +153,31 @@ def ssl_crops(images: DataNode, roi_start: DataNode, roi_end: DataNode, views: d
     return _frames([photometric(c, f[k], o[k], g[k], s[k], dev) for k, c in enumerate(crops)])
 
 
-def view_frames(source, nodes: dict, images: DataNode, num_crops: int, size: int, device: str,
-                interp: str) -> DataNode:
-    """The crops of a reader's nodes: self-supervised views when the reader serves view parameters
-    (``source.view_params``), else the stored crops alone."""
+def view_frames(source, nodes: dict, images: DataNode, roi_start: DataNode, roi_end: DataNode, num_crops: int,
+                size: int, device: str, interp: str) -> DataNode:
+    """The crops of a reader's nodes at the ROIs ``roi_start``/``roi_end`` (those :func:`fit_rois` let through:
+    both kinds of crops go through the one header check): self-supervised views when the reader serves view
+    parameters (``source.view_params``), else the stored crops alone."""
     if getattr(source, "view_params", ()):
-        return ssl_crops(images, nodes["roi_start"], nodes["roi_end"], {k: nodes[k] for k in VIEW_PARAMS},
-                         num_crops, size, device, interp)
-    return replay_crops(images, nodes["roi_start"], nodes["roi_end"], num_crops, size, device, interp)
+        return ssl_crops(images, roi_start, roi_end, {k: nodes[k] for k in VIEW_PARAMS}, num_crops, size, device,
+                         interp)
+    return replay_crops(images, roi_start, roi_end, num_crops, size, device, interp)
+
+
+def fit_rois(encoded: DataNode, sizes: DataNode, roi_start: DataNode,
+             roi_end: DataNode) -> tuple[DataNode, DataNode, DataNode]:
+    """Stored crops only on the image they were stored for: per sample, the (height, width) in the header of
+    ``encoded`` (the bytes the decoder reads; a header parse, not a decode, on every device) is compared with
+    the stored size ``sizes`` (int32 ``(2,)``) that the boxes were checked against. Where they agree the ROIs
+    pass unchanged; where not (an image replaced after the labels were made, a crafted store), each crop
+    becomes the whole image, so that no box outside its image reaches ``fn.resize`` (DALI would read out of
+    bounds and crash the process), and ``fits`` (bool, per sample, on the CPU) says so: the caller refuses
+    the batch naming the file. Returns ``(roi_start, roi_end, fits)``."""
+    hw = fn.peek_image_shape(encoded, adjust_orientation=False, dtype=types.INT32)[0:2]
+    fits = (hw[0] == sizes[0]) & (hw[1] == sizes[1])
+    keep = fn.cast(fits, dtype=types.FLOAT)
+    whole = fn.cast(hw, dtype=types.FLOAT)
+    return roi_start * keep, roi_end * keep + whole * (1 - keep), fits
 
 
 def roi_of(boxes: DataNode, flips: DataNode) -> tuple[DataNode, DataNode]:
@@ -248,17 +265,21 @@ def fkd_pipeline(source, *, num_crops: int, size: int, device: str, normalize: b
                  std: Sequence[float] = IMAGENET_STD, interp: str = "bilinear", labels_on_device: bool = True,
                  decoder: DecoderOptions = DEFAULT_DECODER):
     """FKD replay: outputs images (B, n, 3, S, S) [or (B, n, S, S, 3)], the store kind's labels (top-k: topk_idx,
-    topk_val; embedding: embedding), target, index, crop_ids, all aligned per sample. ``source`` is a
-    :class:`pipelines.fkd_reader.FKDReader`; an embedding store's views are replayed with their photometric ops."""
+    topk_val; embedding: embedding), target, index, crop_ids, all aligned per sample, and last ``fits`` (B,) on the
+    CPU: False for an image whose header is not its stored size (:func:`fit_rois`; the loader refuses such a
+    batch). ``source`` is a :class:`pipelines.fkd_reader.FKDReader`; an embedding store's views are replayed with
+    their photometric ops, at the ROIs :func:`fit_rois` let through as the stored crops are."""
     nodes = source.nodes()
-    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
-    frames = view_frames(source, nodes, images, num_crops, size, device, interp)
+    encoded = fn.io.file.read(nodes["paths"])
+    roi_start, roi_end, fits = fit_rois(encoded, nodes["sizes"], nodes["roi_start"], nodes["roi_end"])
+    images = decode(encoded, device, decoder)
+    frames = view_frames(source, nodes, images, roi_start, roi_end, num_crops, size, device, interp)
     out = to_model_input(frames, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          mean=mean, std=std)
     labels = [nodes[k] for k in (*source.label_names, "target", "index", "crop_ids")]
     if device == "gpu" and labels_on_device:
         labels = [x.gpu() for x in labels]
-    return (out, *labels)
+    return (out, *labels, fits)
 
 
 @pipeline_def(enable_conditionals=False)
@@ -304,12 +325,16 @@ def generation_pipeline(source, *, num_crops: int, views: Sequence[tuple], devic
     """Teacher inputs. Per sample: one decode, one group of ``num_crops`` stored crops for each view
     ``(size, interpolation, mean, std)`` (one per distinct teacher view); outputs the crops of every view,
     then index, crop ids and the decoded image's shape. ``normalize=False`` gives uint8 RGB crops. A reader
-    serving view parameters gets self-supervised views (:func:`ssl_crops`, the graph training replays)."""
-    nodes = source.nodes(("paths", "roi_start", "roi_end", "index", "crop_ids", *source.view_params))
-    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
+    serving view parameters gets self-supervised views (:func:`ssl_crops`, the graph training replays). A sample
+    whose image is not the size its boxes were made for is cut as a whole, stored crops and views alike
+    (:func:`fit_rois`): the caller compares the shape with the size and refuses it."""
+    nodes = source.nodes(("paths", "roi_start", "roi_end", "sizes", "index", "crop_ids", *source.view_params))
+    encoded = fn.io.file.read(nodes["paths"])
+    roi_start, roi_end, _fits = fit_rois(encoded, nodes["sizes"], nodes["roi_start"], nodes["roi_end"])
+    images = decode(encoded, device, decoder)
     outs = []
     for size, interp, mean, std in views:
-        frames = view_frames(source, nodes, images, num_crops, size, device, interp)
+        frames = view_frames(source, nodes, images, roi_start, roi_end, num_crops, size, device, interp)
         outs.append(to_model_input(frames, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
                                    mean=mean, std=std))
     return (*outs, nodes["index"], nodes["crop_ids"], images.shape())

@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from labelstore import LabelStore, PathTable
@@ -30,7 +31,7 @@ from labelstore import LabelStore, PathTable
 from . import graphs, handoff
 from .dali_install import check_gpu_build
 from .errors import LoaderError, probe_image
-from .fkd_reader import FKDReader
+from .fkd_reader import FKDReader, refuse_resized
 from .image_reader import ImageReader
 from .order import EpochPlan
 from .round_reads import RoundReads
@@ -190,8 +191,12 @@ class _DaliLoader:
         raise LoaderError(f"a pipeline restored at the end of epoch {kept['epoch']} went on past it; the saved "
                           "loader state does not belong to this loader (other data, batch size or rank?)")
 
+    def _check(self, outputs) -> None:
+        """Refuse a batch before it is handed out (raise naming the file); the FKD loader's images' sizes."""
+
     def _to_torch(self, outputs) -> dict[str, torch.Tensor]:
-        """Each output as a torch tensor over DALI's own memory (DLPack, zero copy)."""
+        """Each output named in ``output_names`` as a torch tensor over DALI's own memory (DLPack, zero copy);
+        outputs after those (the FKD graph's ``fits`` flags) are for :meth:`_check` only."""
         return {name: handoff.to_torch(tl, self.device, self.device_id)
                 for name, tl in zip(self.output_names, outputs)}
 
@@ -226,6 +231,11 @@ class _DaliLoader:
             except RuntimeError as e:
                 self._pipe = None
                 raise self._explain(e, plan, i) from e
+            try:
+                self._check(outputs)
+            except Exception:
+                self._pipe = None
+                raise
             tensors = self._to_torch(outputs)
             pipe.release_outputs()
             pipe.schedule_run()
@@ -347,6 +357,17 @@ class FKDLoader(_DaliLoader):
             normalize=self.normalize, dtype="float32" if self.dtype == "bfloat16" else self.dtype,
             channels_last=self.channels_last, mean=self.mean, std=self.std, interp=self.interp,
             decoder=self.decoder, **self._pipeline_args())
+
+    def _check(self, outputs) -> None:
+        """Every image of the batch has the size its boxes were stored for (the graph compared its header with the
+        stored size, :func:`graphs.fit_rois`); otherwise the batch is refused naming the files."""
+        fits = np.asarray(outputs[-1].as_tensor())
+        if fits.all():
+            return
+        index = np.asarray(outputs[self.output_names.index("indices")].as_cpu().as_tensor()).reshape(-1)
+        rows = index[~fits.reshape(-1)]
+        r = self.reader
+        refuse_resized(r.root, self.store, r.paths.files, rows, self.store.read_rows(rows)["sizes"])
 
     def _convert(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         n, S = self.num_crops, self.crop_size

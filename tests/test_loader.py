@@ -508,7 +508,7 @@ def test_generation_crops_at_the_teacher_size(coded):
     ds = coded["ds"]
     reader = GenerationReader(ds.root, ds.files, group_size=4, batch_size=5)
     rows = np.arange(5, 12)
-    nb = reader.start_job(rows, coded["boxes"][rows], coded["flips"][rows])  # 6 crops -> groups of 4 + 2(+2 pad)
+    nb = reader.start_job(rows, coded["boxes"][rows], coded["flips"][rows], coded["sizes"][rows])  # 6 crops -> groups of 4 + 2(+2 pad)
     assert nb == 3
     views = [(40, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), (24, "bilinear", (0.485, 0.456, 0.406),
                                                                    (0.229, 0.224, 0.225))]

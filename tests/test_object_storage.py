@@ -148,3 +148,63 @@ def test_training_reads_a_read_only_zip_store(s3, tmp_path):
                 "--epochs", "3", "--input-size", "24", "--device", "cpu", "--max-steps", "2", "--output",
                 str(tmp_path / "run"), "-q"], {})
     assert "2 steps" in out
+
+
+def _refused(args, env, clear=()):
+    """A real process (so that what Python prints at exit shows): exit 1, one line, no traceback."""
+    full = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, AWS_EC2_METADATA_DISABLED="true", **env)
+    for name in clear:
+        full.pop(name, None)
+    r = subprocess.run([sys.executable, "-m", "fkd_dali", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=full)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr[-3000:]
+    return r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["no such bucket", "no bucket named", "no credentials", "endpoint unreachable"])
+def test_an_unusable_object_store_is_one_line_naming_the_url_and_the_fix(s3, tmp_path, case):
+    """generate and inspect: botocore's traceback (and, from inspect, three "Exception ignored" tracebacks at
+    exit: zarr's other requests left pending when its first one failed) -> one line each."""
+    from tests.conftest import free_port
+    env, clear = dict(s3["env"]), ()
+    url, says = "s3://labels/nothing/store", ""
+    if case == "no such bucket":
+        url, says = "s3://no-such-bucket/store", "the bucket 'no-such-bucket' does not exist; create it first"
+    elif case == "no bucket named":
+        url, says = "s3://", "s3:// names no bucket: use s3://BUCKET/PREFIX/STORE"
+    elif case == "no credentials":
+        env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+        clear, says = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), "no credentials were found"
+    else:  # a closed port on this machine refuses at once; one attempt, no retries
+        env.update(FSSPEC_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1", AWS_RETRY_MODE="standard")
+        says = "the object store cannot be reached (FSSPEC_S3_ENDPOINT_URL=http://127.0.0.1:"
+    err = _refused(_generate(s3["world"], url), env, clear)
+    assert f"error: {url}" in err and says in err, err
+    if case != "no such bucket":  # reading a store in a missing bucket is "does not exist", as any missing store
+        err = _refused(["inspect", url], env, clear)
+        assert f"error: {url}" in err and says in err, err
+
+
+def test_places_no_store_can_be_written_are_refused_by_name(s3, tmp_path, capsys, monkeypatch):
+    """memory:// kept nothing ("store complete", exit 0); a new .zip path was called missing, not read-only; a
+    prefix holding other objects was emptied (zarr's mode "w" deletes the prefix it creates a group in)."""
+    from fkd_dali.cli import main
+    s3["fs"].pipe("labels/precious/keep.txt", b"not a label store")
+    for name, value in s3["env"].items():
+        monkeypatch.setenv(name, value)
+    import fsspec.config
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}),
+                                                   "endpoint_url": s3["env"]["FSSPEC_S3_ENDPOINT_URL"]})
+    for where, says in (("memory://labels/store", "memory:// keeps a store in this process's memory only"),
+                        (str(tmp_path / "new.zip"), "a .zip label store is read-only; generate or resume into a "
+                                                    "folder"),
+                        ("s3://labels/precious", "holds other files and is not a label store")):
+        assert main(_generate(s3["world"], where)) == 1
+        err = capsys.readouterr().err
+        assert f"error: {where}: {says}" in err or f"error: {where} {says}" in err, err
+        if "://" not in where or where.startswith("memory"):
+            assert main(["inspect", where]) == 1 and where in capsys.readouterr().err
+    assert not (tmp_path / "new.zip").exists()
+    assert s3["fs"].find("labels/precious") == ["labels/precious/keep.txt"]

@@ -15,6 +15,7 @@ import zarr
 from PIL import Image
 
 import labelstore
+from fkd_dali import imagefiles
 from fkd_dali.cli import main
 from fkd_dali.fkd_format import FKDFormatError, export_fkd
 from fkd_dali.generate import generate
@@ -331,3 +332,65 @@ def test_verify_refuses_a_class_id_outside_the_store(tmp_path, capsys, value):
                        "7 classes; 1 rows affected)" in err, err
     with pytest.raises(labelstore.StoreCorruptError, match="its class"):
         labelstore.open_store(s).targets
+
+
+# --- images that are not the size their boxes were stored for ------------------------------------------------
+
+VICTIM = os.path.join("class_3", "img_010.jpg")  # store row ROW
+
+
+def _replace_by_a_smaller_image_of_the_same_byte_size(data: str) -> None:
+    """What the fingerprint (paths + byte sizes) cannot see: an 8x8 JPEG padded to the old file's byte size."""
+    imagefiles.smaller_of_same_byte_size(os.path.join(data, "train", VICTIM), np.full((8, 8, 3), 120, np.uint8))
+
+
+def _every_batch(m) -> None:
+    ld = FKDLoader(m["data"], m["store"], batch_size=4, num_crops=2, crop_size=16, device=DEVICE, shuffle=False)
+    try:
+        for _ in ld:
+            pass
+    finally:
+        ld.close()
+
+
+def test_the_loader_refuses_an_image_replaced_by_a_smaller_one_of_the_same_byte_size(made):
+    """Its stored boxes lie outside the new image: DALI crashed the process (segmentation fault) on them. The
+    graph compares each image's header with its stored size before a box is used."""
+    _replace_by_a_smaller_image_of_the_same_byte_size(made["data"])
+    with pytest.raises(labelstore.StoreMismatchError,
+                       match=r"1 file\(s\) changed: class_3/img_010.jpg \(now 8x8 px, labelled at \d+x\d+\)"):
+        _every_batch(made)
+
+
+@pytest.mark.parametrize("stored", [(500, 400), (8, 8)], ids=["larger than the image", "smaller than the image"])
+def test_crafted_sizes_and_boxes_that_agree_but_not_with_the_image_are_refused(made, tmp_path, stored):
+    """A store whose sizes and boxes agree with each other (so its own checks pass) but not with the image:
+    boxes outside the image (a crash before) or crops of another picture (silently wrong before)."""
+    g = zarr.open_group(made["store"], mode="r+")
+    g["sizes"][ROW] = stored
+    g["boxes"][ROW] = np.tile([0, 0, stored[0], stored[1]], (g["boxes"].shape[1], 1))
+    h, w = labelstore.open_store(made["store"]).read_rows([ROW])["sizes"][0]
+    assert (h, w) == stored
+    says = rf"class_3/img_010.jpg \(now \d+x\d+ px, labelled at {w}x{h}\)"
+    with pytest.raises(labelstore.StoreMismatchError, match=says):
+        _every_batch(made)
+    with pytest.raises(labelstore.StoreMismatchError, match=says):
+        show(made["store"], made["data"], str(ROW), str(tmp_path / "shown"))
+    assert not (tmp_path / "shown").exists()
+
+
+@pytest.mark.slow
+def test_commands_name_an_image_replaced_by_a_smaller_one_of_the_same_byte_size(made, tmp_path):
+    """train, show and generate --reference as real processes: one line naming the file, not a segfault (139)."""
+    _replace_by_a_smaller_image_of_the_same_byte_size(made["data"])
+    commands = every_command(made, tmp_path)
+    gen = ["generate", made["data"], "--save-path", str(tmp_path / "s2"), "--reference", made["store"], "-a",
+           "torchscript", "--teacher-path", made["teachers"][0], "--input-size", "24", "--num-crops", "6", "--top-k",
+           "3", "--device", DEVICE, "-q"]
+    for args, says in ((commands["train"] + ["--soft-label-type", "marginal_smoothing_k3"], "now 8x8 px"),
+                       (commands["show"][:4] + [str(ROW)] + commands["show"][5:], "now 8x8 px"),
+                       (gen, f"--reference {made['store']} labelled it at")):
+        r = subprocess.run([sys.executable, "-m", "fkd_dali", *args], cwd=ROOT, env=dict(os.environ,
+                           PYTHONPATH=pythonpath()), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1, (args[0], r.returncode, r.stderr[-2000:])
+        assert "class_3/img_010.jpg" in r.stderr and says in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,5 +1,6 @@
 """Students by name (``create_model``), as timm does it: any torchvision classification model, the DeiT
-configurations of torchvision's VisionTransformer, SReT, and two tiny models for tests and smoke runs.
+configurations of torchvision's VisionTransformer, SReT, ReActNet-A (1-bit), and two tiny models for tests and
+smoke runs.
 
 torchvision is imported when a model needs it (it costs ~1.7 s of every process's start: its ops import
 torch._dynamo), so a run of the tiny CNN, and ``generate`` with a TorchScript teacher, start without it."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .reactnet import REACTNET
 from .sret import CONFIGS as SRET_CONFIGS
 from .sret import SReT, sret
 from .tiny import TINY
@@ -34,12 +36,14 @@ def is_transformer(name: str) -> bool:
 
 
 def available() -> list[str]:
-    return sorted(torchvision_models() | set(DEIT) | set(SRET_CONFIGS) | set(TINY))
+    return sorted(torchvision_models() | set(DEIT) | set(SRET_CONFIGS) | set(REACTNET) | set(TINY))
 
 
 def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: float | None = None) -> torch.nn.Module:
     if name in SRET_CONFIGS:
         return sret(name, num_classes=num_classes, image_size=image_size, drop_path=drop_path)
+    if name in REACTNET:
+        return REACTNET[name](num_classes, image_size)
     if name in TINY:
         return TINY[name](num_classes, image_size)
     if name in DEIT:
@@ -51,7 +55,7 @@ def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: 
         kw = {"image_size": image_size} if name.startswith("vit_") else {}
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
     raise ModelError(f"unknown architecture '{name}'; choose a torchvision classification model (e.g. resnet50), "
-                     f"deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S, or tiny_cnn / tiny_vit for tests")
+                     f"deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S, reactnet_a, or tiny_cnn / tiny_vit for tests")
 
 
 __all__ = ["DEIT", "ModelError", "SReT", "available", "create_model", "is_transformer", "torchvision_models"]
