@@ -60,6 +60,9 @@ def test_every_pipeline_is_a_valid_dali_graph_on_the_gpu(coded):
     graphs.standard_pipeline(single, size=32, device="gpu", decoder=dec, **common)
     graphs.generation_pipeline(gen, num_crops=2, views=[(32, "bicubic", graphs.IMAGENET_MEAN, graphs.IMAGENET_STD)],
                                device="gpu", decoder=dec, dtype="float16", **common)
+    ssl = GenerationReader(fkd.root, ["a.jpg"], group_size=2, batch_size=2, view_params=graphs.VIEW_PARAMS)
+    graphs.generation_pipeline(ssl, num_crops=2, views=[(32, "bilinear", graphs.IMAGENET_MEAN, graphs.IMAGENET_STD)],
+                               device="gpu", decoder=dec, **common)  # self-supervised views behind fit_rois
     graphs.decode_pipeline(single, device="gpu", decoder=dec, images_out=True, **common)
 
     class Wrong(DecoderOptions):

@@ -265,3 +265,40 @@ def test_training_fkd_from_an_embedding_store_is_refused_by_name(world, capsys):
     assert code == 1
     assert "holds teacher embeddings (kind embedding, D=16), not top-k soft labels: train it with --labels ssl" in err
     assert "Traceback" not in err
+
+
+def test_an_image_replaced_by_a_smaller_one_of_the_same_byte_size_is_refused_naming_it(world, tmp_path):
+    """The embedding store's twin of test_untrusted_stores.py::
+    test_the_loader_refuses_an_image_replaced_by_a_smaller_one_of_the_same_byte_size: the views' stored boxes lie
+    outside the new 8x8 image (the fingerprint, paths + byte sizes, cannot see it). The self-supervised replay
+    graph compares each image's header with its stored size before a box is used (graphs.fit_rois, as the top-k
+    graph does): the loader and show refuse naming the file instead of DALI reading outside the image."""
+    import shutil
+
+    from fkd_dali import imagefiles
+    from fkd_dali.show import show
+    data = str(tmp_path / "data")
+    shutil.copytree(os.path.join(world["root"], "data"), data)
+    victim = "class_1/img_001.jpg"
+    imagefiles.smaller_of_same_byte_size(os.path.join(data, "train", victim), np.full((8, 8, 3), 120, np.uint8))
+    says = r"1 file\(s\) changed: class_1/img_001.jpg \(now 8x8 px, labelled at \d+x\d+\)"
+    t = world["teacher"]
+    ld = FKDLoader(data, world["cfg"].save_path, batch_size=3, num_crops=4, crop_size=t.input_size, device=DEVICE,
+                   shuffle=False, mean=t.mean, std=t.std)
+    with pytest.raises(labelstore.StoreMismatchError, match=says):
+        try:
+            for _ in ld:
+                pass
+        finally:
+            ld.close()
+    row = list(labelstore.open_store(world["cfg"].save_path).files).index(victim)
+    with pytest.raises(labelstore.StoreMismatchError, match=says):
+        show(world["cfg"].save_path, data, str(row), str(tmp_path / "shown"), crop_size=32, device=DEVICE)
+    assert not (tmp_path / "shown").exists()
+
+
+def test_inspect_verify_reads_a_generated_embedding_store(world, capsys):
+    from fkd_dali.cli import main
+    assert main(["inspect", world["cfg"].save_path, "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "kind embedding, D=16" in out
