@@ -4,6 +4,7 @@ by name where the other is needed; MoCo v2's view parameters drawn from (seed, r
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -192,3 +193,40 @@ def test_views_are_moco_v2_aug_plus_drawn_per_row():
     area = v["boxes"][..., 2] * v["boxes"][..., 3] / (100 * 120)
     assert area.min() >= 0.19 and n == v["boxes"].shape[0] * v["boxes"].shape[1]
     assert (v["jitter_factors"][~v["jitter"]] == [1, 1, 1, 0]).all()
+
+
+@pytest.mark.parametrize("change, what", [
+    ({"kind": 5}, "the metadata attribute 'kind' is 5 (int); expected a store kind's name"),
+    ({"kind": ["embedding"]}, "the metadata attribute 'kind' is [\"embedding\"] (list); expected a store kind's name"),
+    ({"kind_fields": [16]}, "the metadata attribute 'kind_fields' is [16] (list); expected an object"),
+], ids=["kind-a-number", "kind-a-list", "kind-fields-a-list"])
+def test_a_wrongly_typed_kind_is_named_as_other_metadata_is(tmp_path, change, what):
+    """StoreMeta.from_attrs type-checks the kind and its fields as every other attribute (issue 23, item 6)."""
+    filled(str(tmp_path / "s"))
+    path = os.path.join(tmp_path, "s", "zarr.json")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["attributes"]["fkd"].update(change)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(StoreFormatError, match=re.escape(what)):
+        open_store(str(tmp_path / "s"))
+
+
+@pytest.mark.parametrize("name, dtype, allowed", [("embedding", np.float32, "int8"),
+                                                  ("embedding_scale", np.float64, "float32"),
+                                                  ("jitter_order", np.int64, "int8"),
+                                                  ("grayscale", np.uint8, "bool")])
+def test_an_embedding_array_of_another_dtype_is_refused_on_open(tmp_path, name, dtype, allowed):
+    """The dtype check on open asks the store kind for its label arrays' dtypes (schema.DTYPES holds the arrays
+    every kind shares): an embedding store's arrays are checked as a top-k store's are."""
+    import zarr
+    filled(str(tmp_path / "s"))
+    g = zarr.open_group(str(tmp_path / "s"), mode="r+")
+    data, chunks = g[name][:], g[name].chunks
+    del g[name]
+    g.create_array(name, data=data.astype(dtype), chunks=chunks)
+    got = np.dtype(dtype).name
+    with pytest.raises(StoreFormatError, match=f"array '{name}' holds {got} values; a label store's '{name}' is "
+                                               f"{allowed}"):
+        open_store(str(tmp_path / "s"))
