@@ -231,6 +231,11 @@ def test_a_moco_v2_checkpoint_probes_its_query_encoder(world, tmp_path):
     assert after["fc.weight"].shape == (4, 512)
     with pytest.raises(BackboneError, match="holds the backbone of a resnet18, not of a resnet50"):
         read_backbone(path, "resnet50")
+    plain = str(tmp_path / "resnet18.pth")  # a torchvision state_dict, named ARCH:PATH
+    torch.save(q.state_dict(), plain)
+    found = read_backbone("resnet18:" + plain)
+    assert found.arch == "resnet18" and all(torch.equal(v, q.state_dict()[k]) for k, v in found.state.items())
+    assert sorted(found.state) == sorted(k for k in q.state_dict() if not k.startswith("fc."))
 
 
 @pytest.mark.slow
