@@ -159,10 +159,3 @@ def changed(model: nn.Module, backbone: Backbone) -> list[str]:
     check after a linear probe: nothing of the frozen network may change, BatchNorm statistics included)."""
     own = model.state_dict()
     return [k for k, v in backbone.state.items() if not torch.equal(own[k].detach().cpu(), v.cpu())]
-
-
-def without_classifier(model: nn.Module) -> nn.Module:
-    """``model`` with its classifier replaced by Identity: it gives the features the classifier would read."""
-    parent, _, leaf = classifier_name(model).rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
-    return model

@@ -34,7 +34,7 @@ from pipelines import EvalLoader
 from . import backbone
 from .backbone import Backbone, read_backbone
 from .dataset import Scan, split_dir
-from .models import create_model
+from .models import create_model, without_classifier
 from .train_config import TrainConfig, recipe_config
 from .trainer import Trainer
 
@@ -111,7 +111,7 @@ def knn_monitor(run: Trainer, found: Backbone, k: int, temperature: float) -> di
     cfg = run.cfg
     model = create_model(found.arch, run.num_classes, cfg.input_size)
     backbone.start_from(model, found)
-    model = backbone.without_classifier(model).to(run.torch_device).eval()
+    model = without_classifier(model).to(run.torch_device).eval()
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train = run.train_set

@@ -45,6 +45,13 @@ def classifier_name(model: torch.nn.Module) -> str:
     return names[-1]
 
 
+def without_classifier(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its classifier replaced by Identity: it gives the features the classifier would read."""
+    parent, _, leaf = classifier_name(model).rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, torch.nn.Identity())
+    return model
+
+
 def available() -> list[str]:
     return sorted(torchvision_models() | set(DEIT) | set(SRET_CONFIGS) | set(REACTNET) | set(TINY))
 
@@ -68,4 +75,5 @@ def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: 
                      f"deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S, reactnet_a, or tiny_cnn / tiny_vit for tests")
 
 
-__all__ = ["DEIT", "ModelError", "SReT", "available", "classifier_name", "create_model", "is_transformer", "torchvision_models"]
+__all__ = ["DEIT", "ModelError", "SReT", "available", "classifier_name", "create_model", "is_transformer",
+           "torchvision_models", "without_classifier"]
