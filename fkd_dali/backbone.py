@@ -135,8 +135,8 @@ def start_from(model: nn.Module, backbone: Backbone) -> str:
     own = model.state_dict()
     keys = [k for k in own if not _under(k, head)]
     if sorted(keys) != sorted(backbone.state) or any(own[k].shape != backbone.state[k].shape for k in keys):
-        raise BackboneError(f"the backbone ({backbone.source}) does not fit the student {backbone.arch}: build the "
-                            f"student at the input size it was trained at ({backbone.input_size} px)")
+        raise BackboneError(f"the backbone ({backbone.source}) does not fit a {backbone.arch} at this input size: "
+                            f"give --input-size {backbone.input_size}, the size it was trained at")
     model.load_state_dict({**own, **backbone.state})
     linear = model.get_submodule(head)
     nn.init.normal_(linear.weight, mean=0.0, std=0.01)

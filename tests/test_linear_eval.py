@@ -154,6 +154,17 @@ def _cli(capsys, *argv) -> tuple[int, str]:
     return code, out.out + out.err
 
 
+def test_the_command_reports_the_knn_and_the_probe(world, tmp_path, capsys):
+    code, out = _cli(capsys, world["trained"], world["data"], "--knn", "3", "--epochs", "1", "--lr", "0.5", "-b", "32",
+                     "--input-size", str(SIZE), "--device", DEVICE, "--output", str(tmp_path / "run"), "-q")
+    assert code == 0, out
+    assert "kNN (k=3, T=0.07) of " in out and "(32 images) against " in out and "(96 images, 64-d features" in out
+    last = json.loads(open(tmp_path / "run" / "log.jsonl").readlines()[-1])
+    assert (f"linear probe of {world['trained']} (a tiny_cnn trained by `fkd-dali train --labels hard`): top-1 "
+            f"{last['val_top1']:.2f}%  top-5 {last['val_top5']:.2f}%") in out
+    assert "the frozen backbone is bit for bit the checkpoint's" in out and "Traceback" not in out
+
+
 def test_a_checkpoint_without_a_backbone_or_of_an_unknown_layout_or_arch_is_refused(world, tmp_path, capsys):
     head_only = str(tmp_path / "head_only.pth.tar")
     full = _state(world["trained"])
@@ -174,6 +185,12 @@ def test_a_checkpoint_without_a_backbone_or_of_an_unknown_layout_or_arch_is_refu
 
     code, out = _cli(capsys, str(tmp_path / "nothing.pth.tar"), world["data"])
     assert code == 1 and "nothing.pth.tar does not exist" in out
+
+    vit = str(tmp_path / "tiny_vit.pth.tar")  # position embeddings for 32-px images, probed at 64 px
+    torch.save({"arch": "tiny_vit", "state_dict": create_model("tiny_vit", 4, 32).state_dict(),
+                "config": {"labels": "hard", "input_size": 32}}, vit)
+    with pytest.raises(BackboneError, match="does not fit a tiny_vit at this input size: give --input-size 32"):
+        probe(world, tmp_path / "o5", checkpoint=vit, input_size=64)
 
     with pytest.raises(LinearEvalError, match="--epochs 0 without --knn K does nothing"):
         probe(world, tmp_path / "o4", epochs=0)
