@@ -82,6 +82,7 @@ def test_the_probe_changes_only_the_classifier_and_keeps_batchnorm_statistics(wo
     assert len(ck["optimizer"]["state"]) == 2  # the optimizer holds the classifier's weight and bias only
 
 
+@pytest.mark.slow  # two probes of 8 epochs
 def test_a_trained_backbone_probes_far_better_than_a_random_one(world, tmp_path):
     trained = probe(world, tmp_path / "t", epochs=8)["probe"]["last"]["val_top1"]
     random = probe(world, tmp_path / "r", checkpoint=world["random"], epochs=8)["probe"]["last"]["val_top1"]
@@ -233,19 +234,14 @@ def _moco_v2(path: str) -> nn.Module:
     return q
 
 
-def test_a_moco_v2_checkpoint_probes_its_query_encoder(world, tmp_path):
+def test_a_moco_v2_checkpoints_backbone_is_its_query_encoder_up_to_fc(tmp_path):
     path = str(tmp_path / "moco_v2_800ep_pretrain.pth.tar")
     q = _moco_v2(path)
     found = read_backbone(path)
     assert found.arch == "resnet18" and "moco_v2" in found.source
     assert "encoder_k.*" in " ".join(found.dropped) and "queue" in " ".join(found.dropped)
-    rep = probe(world, tmp_path / "run", checkpoint=path, epochs=1, knn=5, lr=1.0)
-    assert rep["backbone_unchanged"] and rep["arch"] == "resnet18" and rep["knn"]["feature_dim"] == 512
-    after = _state(tmp_path / "run" / "checkpoint.pth.tar")
-    for k, v in q.state_dict().items():
-        if not k.startswith("fc."):
-            assert torch.equal(after[k], v), k
-    assert after["fc.weight"].shape == (4, 512)
+    assert sorted(found.state) == sorted(k for k in q.state_dict() if not k.startswith("fc."))
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in found.state.items())
     with pytest.raises(BackboneError, match="holds the backbone of a resnet18, not of a resnet50"):
         read_backbone(path, "resnet50")
     plain = str(tmp_path / "resnet18.pth")  # a torchvision state_dict, named ARCH:PATH
@@ -272,3 +268,16 @@ def test_ddp_two_gloo_ranks_probe_and_gather_the_knn(world, tmp_path):
     assert "the frozen backbone is bit for bit the checkpoint's" in r.stdout
     before, after = _state(world["trained"]), _state(tmp_path / "two" / "checkpoint.pth.tar")
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(HEAD + "."))
+
+
+@pytest.mark.slow  # a ResNet-18 probed for an epoch
+def test_a_moco_v2_checkpoint_probes_its_query_encoder(world, tmp_path):
+    path = str(tmp_path / "moco_v2_800ep_pretrain.pth.tar")
+    q = _moco_v2(path)
+    rep = probe(world, tmp_path / "run", checkpoint=path, epochs=1, knn=5, lr=1.0)
+    assert rep["backbone_unchanged"] and rep["arch"] == "resnet18" and rep["knn"]["feature_dim"] == 512
+    after = _state(tmp_path / "run" / "checkpoint.pth.tar")
+    for k, v in q.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(after[k], v), k
+    assert after["fc.weight"].shape == (4, 512)
