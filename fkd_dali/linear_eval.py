@@ -93,8 +93,14 @@ def linear_eval(cfg: LinearEvalConfig, scan: Scan | None = None) -> dict[str, An
     if trainer.cfg.epochs == 0:
         trainer.close()
         trainer.dist.close()
+    else:  # (train_run claims the output folder: a folder of another run is refused before anything is written)
+        report["probe"] = trainer.run()
+    if cfg.knn and trainer.main:
+        os.makedirs(trainer.cfg.output, exist_ok=True)
+        with open(os.path.join(trainer.cfg.output, KNN_FILE), "w") as f:
+            json.dump({"checkpoint": cfg.checkpoint, **report["knn"]}, f, indent=2)
+    if "probe" not in report:
         return report
-    report["probe"] = trainer.run()
     moved = backbone.changed(trainer.model, found)
     if moved:
         raise LinearEvalError(f"the frozen backbone changed during the probe ({len(moved)} tensors, e.g. "
@@ -107,7 +113,7 @@ def linear_eval(cfg: LinearEvalConfig, scan: Scan | None = None) -> dict[str, An
 # ---------------------------------------------------------------------------------------------- kNN
 def knn_monitor(run: Trainer, found: Backbone, k: int, temperature: float) -> dict[str, Any]:
     """Weighted kNN top-1/top-5 of DATA/val against DATA/train on ``found``'s frozen features (every rank takes
-    part; every rank returns the same figures; rank 0 prints them and writes OUTPUT/knn.json)."""
+    part; every rank returns the same figures; rank 0 prints them)."""
     cfg = run.cfg
     model = create_model(found.arch, run.num_classes, cfg.input_size)
     backbone.start_from(model, found)
@@ -137,9 +143,6 @@ def knn_monitor(run: Trainer, found: Backbone, k: int, temperature: float) -> di
               f"against {train.root} ({n} images, {out['feature_dim']}-d features, "
               f"{out['bank_bytes_per_rank'] / 2**20:.1f} MiB on each of {run.dist.world_size} rank(s)): top-1 "
               f"{out['top1']:.2f}%  top-5 {out['top5']:.2f}%", flush=True)
-        os.makedirs(cfg.output, exist_ok=True)
-        with open(os.path.join(cfg.output, KNN_FILE), "w") as f:
-            json.dump({"checkpoint": cfg.init_backbone_from, **out}, f, indent=2)
     return out
 
 

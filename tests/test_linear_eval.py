@@ -166,6 +166,14 @@ def test_the_command_reports_the_knn_and_the_probe(world, tmp_path, capsys):
     assert "the frozen backbone is bit for bit the checkpoint's" in out and "Traceback" not in out
 
 
+def test_an_output_folder_of_another_run_is_refused_before_the_knn_is_written(world, tmp_path):
+    probe(world, tmp_path / "run", epochs=1, knn=3)
+    kept = {f: open(tmp_path / "run" / f, "rb").read() for f in ("knn.json", "checkpoint.pth.tar", "log.jsonl")}
+    with pytest.raises(TrainError, match="holds a checkpoint of tiny_cnn .* from another run"):
+        probe(world, tmp_path / "run", checkpoint=world["random"], epochs=1, knn=3)
+    assert kept == {f: open(tmp_path / "run" / f, "rb").read() for f in kept}
+
+
 def test_a_checkpoint_without_a_backbone_or_of_an_unknown_layout_or_arch_is_refused(world, tmp_path, capsys):
     head_only = str(tmp_path / "head_only.pth.tar")
     full = _state(world["trained"])
