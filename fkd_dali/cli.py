@@ -11,7 +11,8 @@ import sys
 import labelstore
 
 from .interrupt import exit_code, terminate_like_ctrl_c
-from .options import NON_NEGATIVE, POSITIVE, Parser, add_generate_args, add_train_args, int_range, prepare_train
+from .options import (NON_NEGATIVE, POSITIVE, Parser, add_generate_args, add_linear_eval_args, add_train_args,
+                      int_range, prepare_train)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -169,6 +170,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_linear_eval(args: argparse.Namespace) -> int:
+    from .options import prepare_linear_eval
+    cfg, scan = prepare_linear_eval(args)
+    from .linear_eval import linear_eval
+    rep = linear_eval(cfg, scan)
+    probe = rep.get("probe")
+    if probe is None:
+        return 0
+    if probe.get("interrupted"):
+        return exit_code(signal.Signals[probe["interrupted"]])
+    last = probe["last"]
+    if last is None or "val_top1" not in last:
+        val = "not validated yet (validation runs at the end of each epoch)"
+    else:
+        val = (f"top-1 {last['val_top1']:.2f}%  top-5 {last['val_top5']:.2f}% on {os.path.join(cfg.data, 'val')} "
+               f"(best top-1 {probe['best_top1']:.2f}%)")
+    print(f"linear probe of {cfg.checkpoint} ({rep['source']}): {val} after {probe['global_step']} steps in "
+          f"{probe['seconds']:.0f} s; the frozen backbone is bit for bit the checkpoint's; checkpoints in "
+          f"{probe['output']}" + (" (stopped by --max-steps: not the final accuracy)" if probe["stopped_early"]
+                                  else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="fkd-dali", description=(
         "Fast Knowledge Distillation on NVIDIA DALI: label every image's random crops with a teacher once "
@@ -187,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "torchrun, exact resume. FKD's train_FKD.py / train_ViT_FKD.py flags are accepted.")
     add_train_args(t)
     t.set_defaults(func=_cmd_train)
+
+    le = sub.add_parser("linear-eval", help="a network's frozen features by linear probe (MoCo's protocol) and kNN",
+                        description="Linear evaluation as MoCo's and S2-BNN's main_lincls.py: CHECKPOINT's backbone "
+                        "frozen (in eval mode), a new linear classifier trained with cross-entropy on DATA/train "
+                        "(SGD, lr 30, 100 epochs, x0.1 at 60 and 80, batch 256), top-1/top-5 on DATA/val; DDP via "
+                        "torchrun and exact --resume as train. --knn K adds a weighted kNN on the frozen features.")
+    add_linear_eval_args(le)
+    le.set_defaults(func=_cmd_linear_eval)
 
     i = sub.add_parser("inspect", help="summarise a label store (shape, chunking, bytes per crop, teachers)")
     i.add_argument("store", metavar="STORE", help="the label store folder")

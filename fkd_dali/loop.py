@@ -93,7 +93,7 @@ def train_segment(run, seg: Segment, log, tb) -> bool:
     total = run_steps(run, loader.reader.num_rows)
     loader.set_epoch(pass_index(run.segments, seg), start_batch=start)
     run.position = (seg.index, start)
-    run.ddp.train()
+    run.train_mode()
     label = f"epoch {seg.start_epoch}" + (f"-{seg.end_epoch - 1}" if seg.crops > 1 else "")
     bar = segment_bar(run, label, steps, start, total)
     run.running = running_sums(run, run.partial if start > 0 else None)

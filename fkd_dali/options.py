@@ -415,3 +415,71 @@ def add_generate_args(g: argparse.ArgumentParser) -> None:
     add_placement_args(g)
 
 
+
+
+def add_linear_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="the network to evaluate: a checkpoint of `fkd-dali train` (any objective; its classifier or "
+                        "projection head is dropped), or a self-supervised checkpoint (MoCo v1/v2/v3, SwAV, DINO; "
+                        "ARCH:PATH for a torchvision architecture's state_dict)")
+    p.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
+    p.add_argument("-a", "--arch", help="the architecture CHECKPOINT must hold (default: the one it holds)")
+    p.add_argument("--knn", type=NON_NEGATIVE, default=0, metavar="K",
+                   help="also a weighted kNN (K neighbours, e.g. 20 or 200) of DATA/val against DATA/train on the "
+                        "frozen features; with --epochs 0 it is all that runs")
+    p.add_argument("--knn-temp", dest="knn_temperature", type=TEMPERATURE, default=0.07,
+                   help="the kNN's weights are exp(cosine / T) (default 0.07, InstDisc's and DINO's)")
+    p.add_argument("--epochs", type=NON_NEGATIVE, help="epochs of the linear probe (default 100; 0: no probe)")
+    p.add_argument("-b", "--batch-size", dest="batch_size", type=POSITIVE, help="images per step over all ranks (256)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", type=RATE,
+                   help="default 30 (MoCo's main_lincls.py, for a ResNet-50); S2-BNN's README evaluates its binary "
+                        "ReActNet with 0.1")
+    p.add_argument("--momentum", type=RATE, help="SGD momentum (0.9)")
+    p.add_argument("--wd", "--weight-decay", dest="weight_decay", type=RATE, help="weight decay (0)")
+    p.add_argument("--schedule", type=int, nargs="*", help="lr x0.1 at these epochs (60 80)")
+    p.add_argument("--input-size", dest="input_size", type=POSITIVE, default=224,
+                   help="training crop side; validation resizes to round(S * 256 / 224) and centre-crops S")
+    p.add_argument("--output", help="checkpoints, log.jsonl and knn.json (default runs/ARCH-linear-eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace another run's checkpoints in --output")
+    p.add_argument("--resume", default="", help="continue the probe from this checkpoint (the same command)")
+    p.add_argument("--seed", type=int, default=0, help="draws the classifier's start and the training crops")
+    p.add_argument("--device", choices=("cpu", "gpu"), help="default: the GPU when there is one")
+    p.add_argument("-j", "--workers", type=POSITIVE, help="DALI threads per rank")
+    p.add_argument("--val-batch-size", type=POSITIVE, default=64, help="images per batch of validation and the kNN")
+    p.add_argument("--checkpoint-every", type=NON_NEGATIVE, default=0, help="also checkpoint every N steps")
+    p.add_argument("--max-steps", type=POSITIVE, help="stop after this many steps (with a checkpoint)")
+    bool_flag(p, "amp", "bf16 autocast (default: on with a GPU)")
+    bool_flag(p, "channels-last", "channels-last memory format (default: on with a GPU)")
+    p.add_argument("--dist-timeout", type=real(0.0, above=True), default=600.0,
+                   help="seconds a DDP collective waits for a lost rank before the job fails (default 600)")
+    p.add_argument("--dist-backend", choices=("nccl", "gloo"), help="DDP backend (as train's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_placement_args(p)
+
+
+def prepare_linear_eval(args: argparse.Namespace):
+    """The LinearEvalConfig and the dataset scan of a parsed ``linear-eval`` command line, the scan started
+    first (as :func:`prepare_train`)."""
+    from .dataset import DatasetError, start_train_scan
+    try:
+        scan = start_train_scan(args.data)
+    except DatasetError:
+        scan = None  # the Trainer names the problem
+    try:
+        from .linear_eval import LinearEvalConfig
+        given = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                     weight_decay=args.weight_decay, schedule=tuple(args.schedule) if args.schedule is not None
+                     else None, amp=args.amp, channels_last=args.channels_last, device=args.device,
+                     output=args.output, workers=args.workers)
+        options = {k: v for k, v in given.items() if v is not None}
+        options.update(input_size=args.input_size, overwrite=args.overwrite, resume=args.resume or None,
+                       seed=args.seed, val_batch_size=args.val_batch_size, checkpoint_every=args.checkpoint_every,
+                       max_steps=args.max_steps, dist_timeout=args.dist_timeout, dist_backend=args.dist_backend,
+                       show_progress=not args.quiet, **placement(args))
+        cfg = LinearEvalConfig(checkpoint=args.checkpoint, data=args.data, arch=args.arch, knn=args.knn,
+                               knn_temperature=args.knn_temperature, options=options)
+    except BaseException:
+        if scan is not None:
+            scan.cancel()
+        raise
+    return cfg, scan

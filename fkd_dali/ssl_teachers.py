@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from .checkpoint import TRUSTED_FIX, refused, strip_ddp_prefix
-from .models import torchvision_models
+from .models import ModelError, classifier_name, torchvision_models, without_classifier
 from .teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherError, file_digest
 
 MAX_WIDTH = 1 << 16  # features of one head layer (DINO's widest hidden layer: 2048; its prototypes, dropped: 65536)
@@ -397,13 +397,13 @@ def _model(layout: _Layout, spec: EmbeddingTeacherSpec) -> tuple[nn.Module, str,
     if arch not in torchvision_models():
         raise TeacherError(f"'{arch}' is not a torchvision classification model")
     model = torchvision.models.get_model(arch, weights=None)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise TeacherError(f"{arch} has no Linear classifier to take features from; choose another architecture")
-    name, linear = linears[-1]
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
-    return model, arch, name, linear.in_features
+    try:
+        name = classifier_name(model)
+    except ModelError:
+        raise TeacherError(f"{arch} has no Linear classifier to take features from; choose another "
+                           "architecture") from None
+    features = model.get_submodule(name).in_features
+    return without_classifier(model), arch, name, features
 
 
 def _load_backbone(model: nn.Module, layout: _Layout, spec: EmbeddingTeacherSpec, arch: str, classifier: str,

@@ -83,6 +83,8 @@ class TrainConfig:
     recipe: str = "fkd"  # fkd | meal-v2 (the defaults of recipe_config; recorded, and checked on --resume)
     init_from: str | None = None  # the student's starting weights: a checkpoint file ...
     pretrained_weights: str | None = None  # ... or torchvision's published weights, from the local hub cache
+    init_backbone_from: str | None = None  # ... or the backbone of a checkpoint (fkd_dali.backbone), a new classifier
+    freeze_backbone: bool = False  # train the classifier alone; the rest frozen and in eval mode (a linear probe)
     use_discriminator_loss: bool = False  # MEAL V2's discriminator on the student's softmax vs the soft labels
     d_lr: float = 1e-4  # the discriminator's own (constant) learning rate
     recipe_from: tuple[str, ...] = ()  # the options of MEAL V2's own that chose the recipe (--recipe not given)
@@ -107,11 +109,18 @@ class TrainConfig:
 # Options that define the run's plan: a resume must agree on them (and on its objective's own plan_keys).
 PLAN_KEYS = ("arch", "labels", "num_crops", "batch_size", "epochs", "input_size", "opt", "lr", "weight_decay",
              "cos", "warmup_epochs", "soft_label_type", "temperature", "mixup_cutmix", "seed", "label_smoothing",
-             "scale", "recipe", "use_discriminator_loss", "d_lr")
+             "scale", "recipe", "use_discriminator_loss", "d_lr", "init_backbone_from", "freeze_backbone")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # of keys older checkpoints lack
 
+# MoCo's linear evaluation (facebookresearch/moco main_lincls.py, kept by S2-BNN's Distillation_only/step2): a new
+# Linear classifier on the frozen backbone, kept in eval mode; cross-entropy on RandomResizedCrop + flip, SGD
+# momentum 0.9, no weight decay, 100 epochs, lr x0.1 at 60 and 80, batch 256. lr 30 is main_lincls.py's default
+# and MoCo's README command (ResNet-50); S2-BNN's README evaluates its binary ReActNet with --lr 0.1.
+LINEAR_EVAL = {"labels": "hard", "opt": "sgd", "lr": 30.0, "momentum": 0.9, "weight_decay": 0.0, "epochs": 100,
+               "cos": False, "schedule": (60, 80), "batch_size": 256, "num_crops": 1, "freeze_backbone": True}
+
 # Defaults by --recipe; options given explicitly win (recipe_config). fkd: TrainConfig's own (FKD's).
-RECIPES: dict[str, dict[str, Any]] = {"fkd": {}, "meal-v2": meal.RECIPE}
+RECIPES: dict[str, dict[str, Any]] = {"fkd": {}, "meal-v2": meal.RECIPE, "linear-eval": LINEAR_EVAL}
 
 
 def choose_recipe(recipe: str | None, meal_options: Sequence[str]) -> str:
@@ -142,6 +151,9 @@ def check(cfg: TrainConfig) -> None:
         raise TrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
     if cfg.init_from and cfg.pretrained_weights:
         raise TrainError("give either --init-from FILE or --pretrained-weights NAME, not both")
+    if cfg.init_backbone_from and (cfg.init_from or cfg.pretrained_weights):
+        raise TrainError(f"the student starts from the backbone of {cfg.init_backbone_from}: give no --init-from or "
+                         "--pretrained-weights besides it")
     if cfg.recipe == "meal-v2" and cfg.labels != "fkd":
         raise TrainError(MEAL_NEEDS_STORE)
     if cfg.recipe == "meal-v2" and not (cfg.init_from or cfg.pretrained_weights or cfg.resume or cfg.evaluate):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import labelstore
 from pipelines import EvalLoader, check_loader_state
 
-from . import checkpoint, distributed, loop, objectives, student_init
+from . import backbone, checkpoint, distributed, loop, objectives, student_init
 from .dataset import Scan, scan_image_folder, split_dir, start_train_scan
 from .interrupt import GracefulStop
 from .mixing import MixConfig
@@ -82,6 +82,8 @@ class Trainer:
         self.model = create_model(cfg.arch, self.num_classes, cfg.input_size, cfg.drop_path)
         if not cfg.evaluate and not cfg.resume:  # a resume restores the weights it trained
             self._init_student()
+        if cfg.freeze_backbone and not cfg.evaluate:  # before the optimizer and DDP, which take the trained ones
+            backbone.freeze_all_but_classifier(self.model)
         self.model = self.model.to(self.torch_device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -121,6 +123,15 @@ class Trainer:
     def _init_student(self) -> None:
         cfg = self.cfg
         classes_from = self.objective.classes_source()
+        if cfg.init_backbone_from:
+            found = backbone.read_backbone(cfg.init_backbone_from, cfg.arch)
+            head = backbone.start_from(self.model, found)
+            if self.main:
+                print(f"student {cfg.arch}: the backbone of {cfg.init_backbone_from} ({found.source}"
+                      + (f"; dropped {'; '.join(found.dropped)}" if found.dropped else "") + f"), a new classifier "
+                      f"'{head}' ~ N(0, 0.01)" + ("; the backbone frozen, in eval mode" if cfg.freeze_backbone else ""),
+                      flush=True)
+            return
         if cfg.init_from:
             student_init.init_from_checkpoint(self.model, cfg.init_from, cfg.arch, self.num_classes, classes_from)
         elif cfg.pretrained_weights:
@@ -208,6 +219,13 @@ class Trainer:
         self.objective.close()
 
     # ------------------------------------------------------------------ the loop (fkd_dali.loop)
+    def train_mode(self) -> None:
+        """The student's mode while it trains: train mode, or eval mode throughout when its backbone is frozen
+        (``freeze_backbone``: BatchNorm's running statistics and dropout stay as trained; MoCo's linear
+        evaluation keeps the whole model in eval mode, since a BatchNorm in train mode updates its statistics
+        without any gradient)."""
+        self.ddp.train(not self.cfg.freeze_backbone)
+
     def step(self, batch: dict[str, torch.Tensor], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         return loop.train_step(self, batch, lr)
 

@@ -99,7 +99,7 @@ def test_abbreviated_options_are_refused_not_guessed(abbreviated, capsys):
 
 def test_every_option_says_what_it_does():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    for name in ("synth", "inspect", "show", "export-fkd", "import-fkd"):
+    for name in ("synth", "inspect", "show", "export-fkd", "import-fkd", "linear-eval"):
         bare = [a.dest for a in sub.choices[name]._actions if a.help is None]
         assert not bare, (name, bare)
 

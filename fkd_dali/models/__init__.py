@@ -35,6 +35,23 @@ def is_transformer(name: str) -> bool:
     return name in DEIT or name in SRET_CONFIGS or name == "tiny_vit" or name.startswith(TORCHVISION_TRANSFORMERS)
 
 
+def classifier_name(model: torch.nn.Module) -> str:
+    """The name of ``model``'s classifier: its last Linear module (``fc`` of a ResNet or ReActNet, ``heads.head`` of
+    a ViT, ``11`` of ``tiny_cnn``); what a checkpoint stores there (a Linear, or a self-supervised student's MLP
+    projection head) is not part of the backbone."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not names:
+        raise ModelError(f"{type(model).__name__} has no Linear classifier")
+    return names[-1]
+
+
+def without_classifier(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its classifier replaced by Identity: it gives the features the classifier would read."""
+    parent, _, leaf = classifier_name(model).rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, torch.nn.Identity())
+    return model
+
+
 def available() -> list[str]:
     return sorted(torchvision_models() | set(DEIT) | set(SRET_CONFIGS) | set(REACTNET) | set(TINY))
 
@@ -58,4 +75,5 @@ def create_model(name: str, num_classes: int, image_size: int = 224, drop_path: 
                      f"deit_tiny, deit_small, SReT_T, SReT_LT, SReT_S, reactnet_a, or tiny_cnn / tiny_vit for tests")
 
 
-__all__ = ["DEIT", "ModelError", "SReT", "available", "create_model", "is_transformer", "torchvision_models"]
+__all__ = ["DEIT", "ModelError", "SReT", "available", "classifier_name", "create_model", "is_transformer",
+           "torchvision_models", "without_classifier"]
