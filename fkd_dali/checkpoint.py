@@ -135,14 +135,22 @@ def load(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist (give the file, or the --output folder holding "
                               f"{LAST})")
-    try:  # weights_only: a checkpoint file cannot run code; ours and FKD's hold only tensors and plain data
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return read_untrusted(path, CheckpointError, "it may be truncated")
+
+
+def read_untrusted(path: str, error: type[Exception], unreadable_fix: str, allow: tuple = ()) -> Any:
+    """``torch.load`` of a file that may come from anyone (a checkpoint, a teacher's weights): tensors and plain
+    data only (``weights_only``; ``allow``: classes it may hold besides), on the CPU. A file holding code-bearing
+    objects, or one that cannot be read, raises ``error`` naming the file; ``unreadable_fix`` ends the latter."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         why = refused(path, e, "tensors and plain data", TRUSTED_FIX)
         if why:
-            raise CheckpointError(why) from e
-        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); it may be truncated") from e
+            raise error(why) from e
+        raise error(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); {unreadable_fix}") from e
 
 
 def _checkpoint_file(path: str) -> str:

@@ -68,7 +68,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import TRUSTED_FIX, refused, strip_ddp_prefix
+from .checkpoint import read_untrusted, strip_ddp_prefix
 from .models import ModelError, classifier_name, torchvision_models, without_classifier
 from .teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherError, file_digest
 
@@ -211,15 +211,8 @@ def _name(t: EmbeddingTeacher) -> str:
 def _read(path: str) -> Any:
     if not os.path.isfile(path):
         raise TeacherError(f"teacher checkpoint {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO's 'args'
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = refused(path, e, "tensors and plain data", TRUSTED_FIX)
-        if why:
-            raise TeacherError(why) from e
-        raise TeacherError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}); it may be truncated: download it again") from e
+    return read_untrusted(path, TeacherError, "it may be truncated: download it again",
+                          allow=(argparse.Namespace,))  # DINO's checkpoints hold their 'args'
 
 
 def _is_state(d: Any) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import TRUSTED_FIX, refused, state_mismatch, strip_ddp_prefix
+from .checkpoint import read_untrusted, state_mismatch, strip_ddp_prefix
 from .models import torchvision_models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -121,17 +121,10 @@ def cached_weights(arch: str, weights: str, file_flag: str = "--teacher-path"):
 
 
 def _state_dict_from(path: str) -> dict[str, torch.Tensor]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TeacherError(f"teacher checkpoint {path} does not exist") from None
-    except Exception as e:
-        why = refused(path, e, "tensors and plain data", TRUSTED_FIX)
-        if why:
-            raise TeacherError(why) from e
-        raise TeacherError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}); give a state_dict or a dict with 'state_dict' "
-                           "or 'model' saved by torch.save") from e
+    if not os.path.exists(path):
+        raise TeacherError(f"teacher checkpoint {path} does not exist")
+    ckpt = read_untrusted(path, TeacherError, "give a state_dict or a dict with 'state_dict' or 'model' saved by "
+                          "torch.save")
     if isinstance(ckpt, dict):
         for key in ("state_dict", "model", "model_state", "module"):
             if key in ckpt and isinstance(ckpt[key], dict):
