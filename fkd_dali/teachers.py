@@ -63,20 +63,25 @@ class TeacherSpec:
 
     def digest(self) -> str | None:
         """sha256 of the --teacher-path file: which weights labelled a store, wherever the file lies now."""
-        if not self.path or not os.path.isfile(self.path):
-            return None
-        stat = os.stat(self.path)
-        key = (os.path.abspath(self.path), stat.st_size, stat.st_mtime_ns)
-        if key not in _DIGESTS:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            _DIGESTS[key] = "sha256:" + h.hexdigest()
-        return _DIGESTS[key]
+        return file_digest(self.path)
 
 
 _DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | None) -> str | None:
+    """``sha256:...`` of a teacher's file (computed once per path, size and mtime), or None without a file."""
+    if not path or not os.path.isfile(path):
+        return None
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = "sha256:" + h.hexdigest()
+    return _DIGESTS[key]
 
 
 def _torchvision():
