@@ -91,8 +91,9 @@ def _records(out):
 
 
 def _agreement(world, out, store=None) -> float:
-    """Mean cosine of the trained student (its checkpoint) to the stored embeddings of ``store`` (default: the
-    true one), over every stored view."""
+    """How much more the trained student (its checkpoint) agrees with each stored view's own embedding (of
+    ``store``, default the true one) than with the embeddings of other images' views: mean cosine to its own minus
+    mean cosine to the others (a student that only learnt the embeddings' common direction scores ~0)."""
     ckpt = checkpoint.load(os.path.join(out, "checkpoint.pth.tar"))
     model = create_model("tiny_cnn", D, 32, None)
     attach_head(model, D)
@@ -100,12 +101,17 @@ def _agreement(world, out, store=None) -> float:
     model.eval()
     ld = FKDLoader(world["data"] + "/train", store or world["store"], batch_size=4, num_crops=6, crop_size=32,
                    device=DEVICE, shuffle=False)
-    cos = []
+    s, t, rows = [], [], []
     with torch.no_grad():
         for b in ld:
-            cos.append(nn.functional.cosine_similarity(model(b["images"].float().cpu()), b["embedding"].cpu(), dim=1))
+            s.append(nn.functional.normalize(model(b["images"].float().cpu()), dim=1))
+            t.append(nn.functional.normalize(b["embedding"].cpu(), dim=1))
+            rows.append(b["indices"].cpu())
     ld.close()
-    return float(torch.cat(cos).mean())
+    s, t, rows = torch.cat(s), torch.cat(t), torch.cat(rows)
+    cos = s @ t.T
+    other = rows[:, None] != rows[None, :]
+    return float(cos.diagonal().mean() - cos[other].mean())
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -199,15 +205,16 @@ def test_ssl_training_learns_the_teachers_embeddings_and_a_shuffled_store_does_n
     shutil.copytree(world["store"], shuffled)
     s = labelstore.open_store(shuffled, mode="r+")
     rows = s.read_rows(range(s.num_images))
-    perm = np.roll(np.arange(s.num_images), 3)
+    perm = np.roll(np.arange(s.num_images), 4)  # rows 0-3 are class_0, 4-7 class_1: each gets the other class's
     rows["embedding"], rows["embedding_scale"] = rows["embedding"][perm], rows["embedding_scale"][perm]
-    s.write_block(0, sizes=s.sizes[:], overwrite=True, **{k: v for k, v in rows.items() if k != "sizes"})
+    s.write_block(0, overwrite=True, **{k: v for k, v in rows.items() if k != "done"})
     control = str(tmp_path / "control")
     assert main(_train_argv(world, control, *LEARN, store=shuffled)) == 0
     capsys.readouterr()
     fooled = _agreement(world, control)
-    print(f"agreement with the teacher's embeddings: trained on them {learnt:.3f}, on shuffled ones {fooled:.3f}")
-    assert learnt > fooled + 0.2
+    print(f"specific agreement with the teacher's embeddings: trained on them {learnt:.3f}, on shuffled ones "
+          f"{fooled:.3f}")
+    assert learnt > 0.1 and fooled < 0.02  # measured 0.143 and -0.049 (CPU, seeded)
 
 
 def test_exact_resume(world, tmp_path):
