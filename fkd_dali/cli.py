@@ -162,7 +162,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if result.get("interrupted"):
             return exit_code(signal.Signals[result["interrupted"]])
         last = result["last"]
-        val = (f"best val top-1 {result['best_top1']:.2f}%, last {last['val_top1']:.2f}%" if last else
+        val = (f"best val top-1 {result['best_top1']:.2f}%, last {last['val_top1']:.2f}%" if last and "val_top1" in last
+               else f"last train loss {last['train_loss']:.4f}" if last else
                "not validated yet (validation runs at the end of each segment)")
         print(f"done: {result['arch']} ({result['labels']} labels), {val}, {result['global_step']} steps in "
               f"{result['seconds']:.0f} s; checkpoints in {result['output']}"
@@ -312,7 +313,8 @@ def _resume_hint(args: argparse.Namespace) -> str:
     if args.command == "generate":
         return "finished shards are kept: rerun the same command to resume (nothing is labelled twice)"
     if args.command == "train" and not args.evaluate:
-        last = os.path.join(args.output or os.path.join("runs", f"{args.arch}-{args.labels}"), "checkpoint.pth.tar")
+        labels = args.labels or ("ssl" if args.recipe == "s2-bnn" else "fkd")
+        last = os.path.join(args.output or os.path.join("runs", f"{args.arch}-{labels}"), "checkpoint.pth.tar")
         if not os.path.exists(last):
             return (f"no checkpoint was written yet ({last} is written at the end of a segment, and every "
                     "--checkpoint-every steps): rerun the same command to start again")

@@ -104,14 +104,32 @@ class EmbeddingTeacher:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = graphs.IMAGENET_MEAN
     std: tuple[float, float, float] = graphs.IMAGENET_STD
+    info: dict | None = None  # what the loader says of the weights (ssl_teachers' describe()), kept in the store
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> "EmbeddingTeacher":
+        """The teacher of a module from :func:`fkd_dali.ssl_teachers.load_embedding_teacher` (its ``dim``,
+        ``describe()`` and view ``spec``): named by format and architecture, its sha256 the file's (an ensemble's:
+        its members', in order)."""
+        info = module.describe()
+        members = info.get("members", [info])
+        spec = module.spec
+        return cls(module=module, dim=module.dim, name="+".join(f"{m['format']}:{m['arch']}" for m in members),
+                   sha256=",".join(m["sha256"] for m in members), input_size=spec.input_size,
+                   interpolation=spec.interpolation, mean=tuple(spec.mean), std=tuple(spec.std), info=info)
 
     @property
     def view(self) -> tuple:
         return (self.input_size, self.interpolation, tuple(self.mean), tuple(self.std))
 
-    def record(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "dim": self.dim, "input_size": self.input_size,
-                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+    def record(self, full: bool = True) -> dict:
+        """The store's record of the teacher (``full``: with the loader's description, which names the file's
+        path; a resume compares the rest, so the same weights elsewhere resume the store)."""
+        out = {"name": self.name, "sha256": self.sha256, "dim": self.dim, "input_size": self.input_size,
+               "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+        if full and self.info is not None:
+            out["describe"] = self.info
+        return out
 
 
 @dataclasses.dataclass
@@ -285,7 +303,7 @@ def _settings(cfg: GenerateConfig, num_crops: int, teachers: Teachers) -> dict:
     """What a resumed run must agree on, by option name."""
     if teachers.kind == "embedding":
         return {"--num-crops": num_crops, "--seed": cfg.seed, "kind": "embedding",
-                "teacher": teachers.teacher.record(), "views": view_recipe(cfg.views)}
+                "teacher": teachers.teacher.record(full=False), "views": view_recipe(cfg.views)}
     return {"--num-crops": num_crops, "--top-k": cfg.top_k, "--num-classes": teachers.num_classes,
             "--temperature": float(cfg.temperature), "--seed": cfg.seed,
             "--min/max-scale-crops": [float(x) for x in cfg.scale], "--ratio": [float(x) for x in cfg.ratio],

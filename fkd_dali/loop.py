@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint
-from .evaluate import evaluate
 from .interrupt import GracefulStop
 from .mixing import mix_images
 from .objectives.base import Mix
@@ -34,7 +33,8 @@ def train_step(run, batch: dict[str, torch.Tensor], lr: float) -> tuple[torch.Te
     """One optimizer step on ``batch`` at learning rate ``lr``: the objective's targets (no gradient), the
     seeded Mixup/CutMix of the images, the student's forward pass, the objective's loss, backward, the student's
     and the objective's optimizers, EMA. Returns the loss the log reports and the training top-1 (tensors, not
-    synchronised); the objective's other values of the step are in ``run.step_metrics``."""
+    synchronised; the top-1 None when the objective reports none); the objective's other values of the step are
+    in ``run.step_metrics``."""
     cfg, objective = run.cfg, run.objective
     x = batch["images"]
     for g in run.optimizer.param_groups:
@@ -59,16 +59,18 @@ def train_step(run, batch: dict[str, torch.Tensor], lr: float) -> tuple[torch.Te
         run.ema.update_parameters(run.model)
     run.global_step += 1
     run.step_metrics = loss.metrics
-    return loss.value.detach(), objective.top1(out, batch["targets"].to(run.torch_device))
+    top1 = objective.top1(out, batch["targets"].to(run.torch_device)) if objective.reports_top1 else None
+    return loss.value.detach(), top1
 
 
 # ---------------------------------------------------------------------------------------------- a segment
 def running_sums(run, carried: dict | None) -> dict[str, Any]:
-    """The segment's running sums on this rank (tensors on the device): loss, top-1, the objective's metrics,
-    steps; ``carried`` are the sums a checkpoint held for the segment it stopped in."""
+    """The segment's running sums on this rank (tensors on the device): loss, top-1 (when the objective reports
+    one), the objective's metrics, steps; ``carried`` are the sums a checkpoint held for the segment it stopped in."""
     carried = carried or {}
+    top1 = ("top1",) if run.objective.reports_top1 else ()
     sums = {name: torch.tensor(carried.get(name, 0.0), device=run.torch_device)
-            for name in ("loss", "top1", *run.objective.metrics)}
+            for name in ("loss", *top1, *run.objective.metrics)}
     return {"sums": sums, "steps": carried.get("steps", 0),
             "first_bad": torch.tensor(FINITE, device=run.torch_device)}
 
@@ -108,7 +110,8 @@ def train_segment(run, seg: Segment, log, tb) -> bool:
         loss, top1 = run.step(batch, lr)
         watch_loss(run.running, loss, run.global_step)
         sums["loss"] += loss
-        sums["top1"] += top1
+        if top1 is not None:
+            sums["top1"] += top1
         for name in run.objective.metrics:
             sums[name] += run.step_metrics[name]
         run.running["steps"] += 1
@@ -119,8 +122,9 @@ def train_segment(run, seg: Segment, log, tb) -> bool:
             check_finite(run, lr)
         if run.main and (n % CHECK_EVERY == 0 or i + 1 == steps):
             rate = crops * run.dist.world_size / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(bar_postfix(run, label, sums["loss"].item() / n, 100 * sums["top1"].item() / n, rate,
-                                        lr, total), refresh=False)
+            top1_now = 100 * sums["top1"].item() / n if "top1" in sums else None
+            bar.set_postfix(bar_postfix(run, label, sums["loss"].item() / n, top1_now, rate, lr, total),
+                            refresh=False)
         bar.update(1)
         if run.stop.requested() or (cfg.max_steps is not None and run.global_step >= cfg.max_steps):
             stopped = True
@@ -144,17 +148,20 @@ def train_segment(run, seg: Segment, log, tb) -> bool:
     world = run.dist.world_size
     steps_all = max(1, n * world)
     record = {"segment": seg.index, "epochs": [seg.start_epoch, seg.end_epoch], "crops_per_image": seg.crops,
-              "train_loss": sums["loss"].item() / steps_all, "train_top1": 100 * sums["top1"].item() / steps_all,
-              "lr": lr, "steps": n, "seconds": seconds, "crops_per_s": crops * world / max(1e-9, seconds)}
+              "train_loss": sums["loss"].item() / steps_all,
+              **({"train_top1": 100 * sums["top1"].item() / steps_all} if "top1" in sums else {}), "lr": lr,
+              "steps": n, "seconds": seconds, "crops_per_s": crops * world / max(1e-9, seconds)}
     record.update({f"train_{name}": sums[name].item() / steps_all for name in run.objective.metrics})
     if start:  # loss and top-1 cover the whole segment (carried in the checkpoint); the timing does not
         record["resumed_at_step"] = start
     check_finite(run, lr, saving=True, running=False)  # the segment's losses were checked at its last step
     is_best = False
     if validates_after(run, seg):
-        record.update(validate(run))
-        is_best = record["val_top1"] > run.best_top1
-        run.best_top1 = max(run.best_top1, record["val_top1"])
+        record.update(run.objective.validate(run) or {})
+        key = run.objective.best_key
+        if key in record:
+            is_best = record[key] > run.best_top1
+            run.best_top1 = max(run.best_top1, record[key])
     run.history.append(record)
     if run.save_due(seg):
         run.save(is_best)
@@ -214,25 +221,14 @@ def check_finite(run, lr: float, saving: bool = False, running: bool = True) -> 
         "another --output)")
 
 
-def validate(run) -> dict[str, float]:
-    """Top-1/top-5 of the student (and its EMA) on DATA/val, as log fields."""
-    out = {f"val_{k}": v for k, v in evaluate(run.ddp, run.eval_loader(), amp=run.amp,
-                                               group=run.dist.group).items()}
-    if run.ema is not None:
-        out.update({f"val_ema_{k}": v for k, v in evaluate(run.ema.module, run.eval_loader(), amp=run.amp,
-                                                           group=run.dist.group).items()})
-    run.loaders["val"].release()  # used once per segment: its pipeline is not kept during training
-    return out
-
-
 def report(run, record: dict, label: str, total: int, log, tb, seg: Segment) -> None:
     """A finished segment's printed line (or the whole-run bar's validation figure), log record and TensorBoard
     scalars (rank 0)."""
     if run.cfg.progress_style == "epoch":
         val = f"val top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  " if "val_top1" in record else ""
-        print(f"{label}: loss {record['train_loss']:.4f}{run.objective.describe(record)}  train top-1 "
-              f"{record['train_top1']:.2f}%  {val}({record['crops_per_s']:,.0f} crops/s; run ETA "
-              f"{run_eta(run, total)})", flush=True)
+        top1 = f"train top-1 {record['train_top1']:.2f}%  " if "train_top1" in record else ""
+        print(f"{label}: loss {record['train_loss']:.4f}{run.objective.describe(record)}  {top1}{val}"
+              f"({record['crops_per_s']:,.0f} crops/s; run ETA {run_eta(run, total)})", flush=True)
     elif "val_top1" in record:
         run.last_val = record["val_top1"]
     if log:
@@ -332,10 +328,10 @@ def segment_bar(run, label: str, steps: int, start: int, total: int):
     return run.run_bar
 
 
-def bar_postfix(run, label: str, loss: float, top1: float, rate: float, lr: float, total: int) -> dict:
+def bar_postfix(run, label: str, loss: float, top1: float | None, rate: float, lr: float, total: int) -> dict:
     if run.cfg.progress_style == "epoch":
-        return {"loss": f"{loss:.3f}", "top1": f"{top1:.1f}", "crops_s": f"{rate:,.0f}", "lr": f"{lr:.2e}",
-                "run_eta": run_eta(run, total)}
+        return {"loss": f"{loss:.3f}", **({"top1": f"{top1:.1f}"} if top1 is not None else {}),
+                "crops_s": f"{rate:,.0f}", "lr": f"{lr:.2e}", "run_eta": run_eta(run, total)}
     post = {"epoch": label.split()[-1], "loss": f"{loss:.3f}", "crops_s": f"{rate:,.0f}"}
     if run.last_val is not None:
         post["val_top1"] = f"{run.last_val:.1f}"

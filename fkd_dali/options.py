@@ -87,18 +87,36 @@ def fraction(x: str) -> float:
     return float(a) / float(b) if b else float(a)
 
 
+# --views: the view recipes of self-supervised stores, as entries replacing MoCo v2's (fkd_dali.views.view_recipe)
+VIEW_PRESETS = {"moco-v2": {}, "s2-bnn": {"jitter_p": 0.6, "blur_p": 0.2}}
+
+# generate's options that only classifier teachers' top-k soft labels use (refused with --ssl-teacher)
+TOPK_ONLY = (("--top-k", "top_k"), ("--label-type", "label_type"), ("--temp", "temperature"),
+             ("--weights", "weights"), ("--teacher-path", "teacher_path"), ("--num-classes", "num_classes"),
+             ("--reference", "reference"), ("--evaluate", "evaluate"))
+
+
 def generate_config(args: argparse.Namespace):
     """The GenerateConfig of a parsed ``generate`` command line (imports torch)."""
     from .generate import GenerateConfig
     from .teachers import parse_teachers
+    if args.ssl_teacher:
+        return ssl_generate_config(args)
+    if not args.arch:
+        raise ValueError("give the teacher: -a ARCH (classifier teachers: top-k soft labels) or --ssl-teacher CKPT "
+                         "(a self-supervised teacher: embeddings)")
+    for flag, dest in (("--ssl-head", "ssl_head"), ("--views", "views")):
+        if getattr(args, dest) is not None:
+            raise ValueError(f"{flag} applies to --ssl-teacher; classifier teachers (-a) crop without photometric "
+                             f"views: drop {flag}")
     top_k = args.top_k
     if top_k is None:
         top_k = FKD_LABEL_TYPE_TOP_K.get(args.label_type, 5) if args.label_type else 5
     cfg = GenerateConfig(
         data=args.data, save_path=args.save_path,
-        teachers=parse_teachers(args.arch, args.teacher_path, args.weights, args.input_size, args.interpolation,
-                                args.mean, args.std),
-        num_crops=args.num_crops, top_k=top_k, temperature=args.temperature,
+        teachers=parse_teachers(args.arch, args.teacher_path, args.weights, args.input_size,
+                                args.interpolation or "bicubic", args.mean, args.std),
+        num_crops=args.num_crops, top_k=top_k, temperature=1.0 if args.temperature is None else args.temperature,
         scale=(args.min_scale_crops, args.max_scale_crops), ratio=pair(args.ratio, "--ratio"), seed=args.seed,
         group_size=args.num_seg, batch_size=args.batch_size, device=args.device, num_classes=args.num_classes,
         skip_corrupt=args.skip_corrupt, reference=args.reference, rows_per_shard=args.rows_per_shard,
@@ -107,6 +125,42 @@ def generate_config(args: argparse.Namespace):
         world_size=args.world_size, show_progress=not args.quiet, evaluate=args.evaluate,
         crop_dtype=args.crop_dtype, **placement(args))
     return cfg
+
+
+def ssl_generate_config(args: argparse.Namespace):
+    """The GenerateConfig of ``generate --ssl-teacher``: the teacher loaded (on the CPU) by
+    :mod:`fkd_dali.ssl_teachers`, an embedding store of its outputs on the views of ``--views``."""
+    from .generate import EmbeddingTeacher, GenerateConfig
+    from .ssl_teachers import load_embedding_teacher, parse_embedding_teachers
+    from .teachers import TeacherError
+    given = [flag for flag, dest in TOPK_ONLY if getattr(args, dest) not in (None, False)]
+    if args.arch:
+        given.insert(0, "-a")
+    if given:
+        raise ValueError(f"{', '.join(given)}: not used with --ssl-teacher (an embedding store holds the teacher's "
+                         "embedding of each view, not top-k probabilities of classifier teachers); drop "
+                         f"{'it' if len(given) == 1 else 'them'}")
+    sizes = [int(x) for x in args.input_size.split(",")]
+    if len(set(sizes)) > 1:
+        raise TeacherError(f"--input-size {args.input_size}: the teachers of an ensemble see one view; give one size")
+
+    def triple(text, name):
+        if text is None:
+            return None
+        vals = [float(x) for x in text.split("/")]
+        if len(vals) != 3:
+            raise TeacherError(f"{name} {text}: give three values, e.g. 0.485/0.456/0.406")
+        return vals
+    specs = parse_embedding_teachers(args.ssl_teacher, args.ssl_head, sizes[0], args.interpolation,
+                                     triple(args.mean, "--mean"), triple(args.std, "--std"))
+    teacher = EmbeddingTeacher.of(load_embedding_teacher(specs if len(specs) > 1 else specs[0]))
+    return GenerateConfig(
+        data=args.data, save_path=args.save_path, teachers=[], embedding_teacher=teacher,
+        views=VIEW_PRESETS[args.views or "moco-v2"] or None, num_crops=args.num_crops, seed=args.seed,
+        group_size=args.num_seg, batch_size=args.batch_size, device=args.device, skip_corrupt=args.skip_corrupt,
+        rows_per_shard=args.rows_per_shard, crops_per_chunk=args.crops_per_chunk, threads=args.workers,
+        amp=False if args.no_amp else None, channels_last=False if args.no_channels_last else None, rank=args.rank,
+        world_size=args.world_size, show_progress=not args.quiet, crop_dtype=args.crop_dtype, **placement(args))
 
 
 def train_config(args: argparse.Namespace):
@@ -125,8 +179,9 @@ def train_config(args: argparse.Namespace):
     if args.recipe is None and recipe == "meal-v2" and discriminator is None:
         discriminator = False  # the recipe inferred from MEAL V2's command: its FKD_train.py's default, off
     mix_fields = mixing(args)
-    cos = True if args.cos or args.sched == "cosine" else False if args.sched == "step" else \
+    cos = True if args.cos or args.sched == "cosine" else False if args.sched in ("step", "linear") else \
         (None if recipe != "fkd" else is_transformer(args.arch))  # FKD: cosine for ViTs, steps for CNNs
+    linear = True if args.sched == "linear" else False if cos is not None else None
     return recipe_config(
         recipe, recipe_from=tuple(meal_options) if args.recipe is None else (), unused=unused_meal_options(args),
         init_from=args.init_from, pretrained_weights=args.pretrained_weights,
@@ -134,7 +189,8 @@ def train_config(args: argparse.Namespace):
         data=args.data, arch=args.arch, labels=args.labels, softlabel_path=args.softlabel_path,
         soft_label_type=args.soft_label_type, temperature=args.temp, num_crops=args.num_crops,
         batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size, opt=args.opt, lr=args.lr,
-        momentum=args.momentum, weight_decay=args.weight_decay, cos=cos,
+        momentum=args.momentum, weight_decay=args.weight_decay, cos=cos, linear=linear,
+        ssl_teacher=args.ssl_teacher, ssl_head=args.ssl_head, ssl_loss=args.ssl_loss,
         schedule=tuple(args.schedule) if args.schedule is not None else None, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, opt_eps=args.opt_eps, drop_path=args.drop_path,
         clip_grad=args.clip_grad, **mix_fields, label_smoothing=args.label_smoothing,
@@ -253,17 +309,26 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
                         "reactnet_a")
     t.add_argument("--softlabel-path", "--softlabel_path", dest="softlabel_path", help="the label store")
     choices = objectives.label_choices()
-    t.add_argument("--labels", choices=tuple(choices), default="fkd",
+    t.add_argument("--labels", choices=tuple(choices),
                    help="how the student learns: " + "; ".join(f"{k}: {v}" for k, v in choices.items()))
     t.add_argument("--soft-label-type", "--soft_label_type", dest="soft_label_type", default="marginal_smoothing_k5",
                    help="hard, smoothing, marginal_smoothing_kK, marginal_renorm(_kK), full (FKD's names accepted)")
-    t.add_argument("--temp", type=TEMPERATURE, default=1.0, help="temperature on the student's logits")
-    t.add_argument("--recipe", choices=("fkd", "meal-v2"),
+    t.add_argument("--temp", type=TEMPERATURE,
+                   help="temperature on the student's logits (1; --labels ssl: on both embeddings, s2-bnn 0.2)")
+    t.add_argument("--ssl-loss", dest="ssl_loss", choices=("kl", "cosine", "mse"),
+                   help="--labels ssl / ssl-online: kl (S2-BNN's: -sum softmax(t/T) log_softmax(s/T), default), "
+                        "cosine (1 - cos(s, t)) or mse (|s - t|^2 of the normalised embeddings)")
+    t.add_argument("--ssl-teacher", dest="ssl_teacher", metavar="CKPT[,CKPT]",
+                   help="--labels ssl-online: the self-supervised teacher(s), as `generate --ssl-teacher`")
+    t.add_argument("--ssl-head", dest="ssl_head", metavar="HEAD", help="--ssl-teacher's head, as in generate")
+    t.add_argument("--recipe", choices=("fkd", "meal-v2", "s2-bnn"),
                    help="defaults of every option not given: fkd (FKD's) or meal-v2 (MEAL V2's FKD_train.py: "
                         "8 crops, -b 512, 200 epochs, lr 0.01 x0.1 at 100 and 180, no weight decay, the "
                         "discriminator on; needs --init-from or --pretrained-weights). Default: meal-v2 when the "
                         "command uses MEAL V2's own options (--imagenet, --student-state-file, --teacher-model, or "
-                        "--use-discriminator-loss on a trained start), fkd otherwise; the run says which")
+                        "--use-discriminator-loss on a trained start), fkd otherwise; the run says which. s2-bnn: "
+                        "S2-BNN's distillation-only defaults (--labels ssl, Adam lr 3e-4, no weight decay, -b 256, "
+                        "200 epochs, linear decay, --temp 0.2)")
     t.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
                    help="start the student from these weights (ours, FKD's, MEAL V2's or a torchvision state_dict; "
                         "same architecture and classes)")
@@ -292,13 +357,15 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
                         "meal-v2 512)")
     t.add_argument("--epochs", type=POSITIVE, help="fkd 300, meal-v2 200")
     t.add_argument("--input-size", "--image-size", dest="input_size", type=POSITIVE, default=224)
-    t.add_argument("--opt", choices=("sgd", "adamw"), help="default: adamw for ViT/DeiT/SReT, sgd otherwise")
+    t.add_argument("--opt", choices=("sgd", "adamw", "adam"),
+                   help="default: adamw for ViT/DeiT/SReT, sgd otherwise (s2-bnn: adam)")
     t.add_argument("--lr", "--learning-rate", dest="lr", type=RATE, help="default: 0.1 (sgd) / 0.002 (adamw)")
     t.add_argument("--momentum", type=RATE, help="SGD momentum (0.9)")
     t.add_argument("--wd", "--weight-decay", dest="weight_decay", type=RATE,
                    help="default: 1e-4 (sgd) / 0.05 (adamw); meal-v2 0")
     t.add_argument("--cos", action="store_true", help="cosine schedule (FKD's flag; the ViT recipe's default)")
-    t.add_argument("--sched", choices=("cosine", "step"), help="cosine, or step at --schedule milestones")
+    t.add_argument("--sched", choices=("cosine", "step", "linear"),
+                   help="cosine, step at --schedule milestones, or linear (lr * (1 - epoch / epochs), s2-bnn's)")
     t.add_argument("--schedule", type=int, nargs="*",
                    help="step milestones (x0.1) without --cos (fkd 120 240, meal-v2 100 180)")
     t.add_argument("--warmup-epochs", dest="warmup_epochs", type=NON_NEGATIVE,
@@ -364,15 +431,28 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
 def add_generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/")
     g.add_argument("--save-path", "--save_path", dest="save_path", help="the label store to write (or resume)")
-    g.add_argument("-a", "--arch", required=True,
+    g.add_argument("-a", "--arch",
                    help="teacher(s), comma-separated: a torchvision model name, 'torchscript' or 'export' with "
-                        "--teacher-path, or a timm name when timm is installed")
+                        "--teacher-path, or a timm name when timm is installed (or --ssl-teacher)")
+    g.add_argument("--ssl-teacher", dest="ssl_teacher", metavar="CKPT[,CKPT]",
+                   help="a self-supervised teacher instead of -a: its L2-normalised embedding of every crop's view "
+                        "(MoCo v2's aug-plus) goes into an embedding store for --labels ssl. CKPT: a MoCo v1/v2, "
+                        "MoCo v3 (ResNet), SwAV or DINO checkpoint (the layout is read from its keys, e.g. "
+                        "moco_v2_800ep_pretrain.pth.tar), or ARCH:PATH (a torchvision model's weights, with "
+                        "--ssl-head); several, comma-separated: their embeddings averaged")
+    g.add_argument("--ssl-head", dest="ssl_head", metavar="HEAD",
+                   help="--ssl-teacher's head: none (the pooled features) or mlp:W0-W1-...-D[@PREFIX] (Linear "
+                        "layers, ReLU between; at PREFIX, default where the classifier was); one, or one per teacher")
+    g.add_argument("--views", choices=tuple(VIEW_PRESETS),
+                   help="--ssl-teacher's view recipe: moco-v2 (default; MoCo v2's --aug-plus: jitter p 0.8, blur p "
+                        "0.5) or s2-bnn (S2-BNN's Distillation_only: jitter p 0.6, blur p 0.2)")
     g.add_argument("--weights", help="torchvision weights name (e.g. IMAGENET1K_V2, DEFAULT), from the local hub cache")
     g.add_argument("--teacher-path", "--teacher_path", dest="teacher_path",
                    help="checkpoint or serialized model per teacher (comma-separated)")
     g.add_argument("--input-size", "--input_size", dest="input_size", default="224",
                    help="teacher input size (one, or one per teacher)")
-    g.add_argument("--interpolation", default="bicubic", help="crop resampling per teacher: bicubic (FKD), bilinear")
+    g.add_argument("--interpolation", help="crop resampling per teacher: bicubic (FKD's default), bilinear "
+                   "(--ssl-teacher's default, MoCo's)")
     g.add_argument("--mean", help="per-teacher normalisation mean, e.g. 0.5/0.5/0.5 (default ImageNet's)")
     g.add_argument("--std", help="per-teacher normalisation std, e.g. 0.5/0.5/0.5 (default ImageNet's)")
     g.add_argument("--num-crops", "--num_crops", dest="num_crops", type=CROPS, default=500,
@@ -385,8 +465,8 @@ def add_generate_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--label-type", "--label_type", dest="label_type",
                    help="FKD's label type; sets --top-k (marginal_smoothing_k5: 5, k10: 10, hard/smoothing: 1) and "
                         "is recorded as the intended training label type")
-    g.add_argument("--temp", "--temperature", dest="temperature", type=TEMPERATURE, default=1.0,
-                   help="softmax temperature of the stored probabilities")
+    g.add_argument("--temp", "--temperature", dest="temperature", type=TEMPERATURE,
+                   help="softmax temperature of the stored probabilities (1)")
     g.add_argument("--min-scale-crops", "--min_scale_crops", dest="min_scale_crops", type=SCALE, default=0.08)
     g.add_argument("--max-scale-crops", "--max_scale_crops", dest="max_scale_crops", type=SCALE, default=0.936)
     g.add_argument("--ratio", default="3/4,4/3", help="aspect-ratio range of the crops")

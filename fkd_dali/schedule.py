@@ -10,7 +10,8 @@ epochs (ViT recipe) and the last ``n`` epochs run single-crop, one epoch per seg
 
 The learning rate is set every step from the fractional epoch ``t`` (FKD set it once per pass): linear
 warm-up from ``warmup_lr`` over ``warmup_epochs``, then cosine to ``min_lr`` over ``t / epochs`` (timm's
-convention, FKD's ViT recipe) or, without ``--cos``, ``x0.1`` at each milestone (FKD's ``--schedule``).
+convention, FKD's ViT recipe), linear decay ``lr * (1 - t / epochs)`` (``--sched linear``, S2-BNN's) or, without
+``--cos``, ``x0.1`` at each milestone (FKD's ``--schedule``).
 """
 
 from __future__ import annotations
@@ -67,11 +68,14 @@ class LRSchedule:
     min_lr: float = 0.0
     cosine: bool = True
     milestones: Sequence[int] = (120, 240)
+    linear: bool = False  # lr * (1 - t / epochs): S2-BNN's (and MoCo's) adjust_learning_rate, here per step
 
     def __call__(self, t: float) -> float:
         """Learning rate at fractional epoch ``t``."""
         if t < self.warmup_epochs:
             return self.warmup_lr + (self.lr - self.warmup_lr) * t / self.warmup_epochs
+        if self.linear:
+            return self.lr * max(0.0, 1 - t / self.epochs)
         if self.cosine:
             return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(1.0, t / self.epochs)))
         return self.lr * 0.1 ** sum(1 for m in self.milestones if t >= m)

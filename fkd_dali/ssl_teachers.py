@@ -120,6 +120,30 @@ def parse_embedding_teacher(text: str, head: str | None = None) -> EmbeddingTeac
     return EmbeddingTeacherSpec(path=text, head=head)
 
 
+def parse_embedding_teachers(text: str, head: str | None = None, input_size: int | None = None,
+                             interpolation: str | None = None, mean: Sequence[float] | None = None,
+                             std: Sequence[float] | None = None) -> list[EmbeddingTeacherSpec]:
+    """The specs of ``--ssl-teacher A[,B...]`` (an ensemble when several; each ``PATH`` or ``ARCH:PATH``) with
+    ``--ssl-head`` (one for all, or one per teacher, comma-separated) and the view options given (None: the
+    spec's defaults, MoCo's bilinear 224-px ImageNet-normalised view)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise TeacherError("--ssl-teacher needs a checkpoint: PATH (MoCo, MoCo v3, SwAV, DINO) or ARCH:PATH")
+    heads = [h.strip() for h in head.split(",")] if head else [None]
+    if len(heads) not in (1, len(items)):
+        raise TeacherError(f"--ssl-head has {len(heads)} values for {len(items)} teachers; give one, or one per "
+                           "teacher (comma-separated)")
+    specs = []
+    for item, h in zip(items, heads * len(items) if len(heads) == 1 else heads):
+        spec = parse_embedding_teacher(item, h or None)
+        spec.input_size = input_size or spec.input_size
+        spec.interpolation = interpolation or spec.interpolation
+        spec.mean = tuple(mean) if mean is not None else spec.mean
+        spec.std = tuple(std) if std is not None else spec.std
+        specs.append(spec)
+    return specs
+
+
 @dataclasses.dataclass
 class _Layout:
     """Where a checkpoint keeps its backbone and head."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipelines import DecoderOptions
 
-from . import meal
+from . import meal, ssl_distill
 
 
 class TrainError(Exception):
@@ -22,7 +22,7 @@ class TrainError(Exception):
 class TrainConfig:
     data: str
     arch: str = "resnet50"
-    labels: str = "fkd"  # how the student learns: an objective's name (fkd_dali.objectives: fkd | hard | online)
+    labels: str = "fkd"  # how the student learns: an objective's name (fkd_dali.objectives: fkd | hard | online | ssl)
     softlabel_path: str | None = None
     soft_label_type: str = "marginal_smoothing_k5"
     temperature: float = 1.0
@@ -30,11 +30,12 @@ class TrainConfig:
     batch_size: int = 1024  # crops per optimizer step, all ranks together (FKD's -b)
     epochs: int = 300
     input_size: int = 224
-    opt: str | None = None  # sgd | adamw; default by architecture family
+    opt: str | None = None  # sgd | adamw | adam; default by architecture family
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float | None = None
     cos: bool = True
+    linear: bool = False  # lr * (1 - t / epochs) (S2-BNN's schedule); wins over cos and the steps
     schedule: tuple[int, ...] = (120, 240)
     warmup_epochs: int | None = None
     warmup_lr: float = 1e-5
@@ -53,6 +54,9 @@ class TrainConfig:
     teacher_path: str | None = None
     teacher_weights: str | None = None
     teacher_input_size: int | None = None
+    ssl_teacher: str | None = None  # --labels ssl-online: the self-supervised teacher(s) (fkd_dali.ssl_teachers)
+    ssl_head: str | None = None
+    ssl_loss: str = "kl"  # --labels ssl / ssl-online: kl (S2-BNN's), cosine, mse
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     amp: bool | None = None
@@ -109,7 +113,8 @@ class TrainConfig:
 # Options that define the run's plan: a resume must agree on them (and on its objective's own plan_keys).
 PLAN_KEYS = ("arch", "labels", "num_crops", "batch_size", "epochs", "input_size", "opt", "lr", "weight_decay",
              "cos", "warmup_epochs", "soft_label_type", "temperature", "mixup_cutmix", "seed", "label_smoothing",
-             "scale", "recipe", "use_discriminator_loss", "d_lr", "init_backbone_from", "freeze_backbone")
+             "scale", "recipe", "use_discriminator_loss", "d_lr", "init_backbone_from", "freeze_backbone",
+             "linear")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # of keys older checkpoints lack
 
 # MoCo's linear evaluation (facebookresearch/moco main_lincls.py, kept by S2-BNN's Distillation_only/step2): a new
@@ -120,7 +125,9 @@ LINEAR_EVAL = {"labels": "hard", "opt": "sgd", "lr": 30.0, "momentum": 0.9, "wei
                "cos": False, "schedule": (60, 80), "batch_size": 256, "num_crops": 1, "freeze_backbone": True}
 
 # Defaults by --recipe; options given explicitly win (recipe_config). fkd: TrainConfig's own (FKD's).
-RECIPES: dict[str, dict[str, Any]] = {"fkd": {}, "meal-v2": meal.RECIPE, "linear-eval": LINEAR_EVAL}
+RECIPES: dict[str, dict[str, Any]] = {"fkd": {}, "meal-v2": meal.RECIPE, "linear-eval": LINEAR_EVAL,
+                                     "s2-bnn": ssl_distill.RECIPE}
+SSL_LABELS = ("ssl", "ssl-online")  # the objectives that learn embeddings (--recipe s2-bnn's)
 
 
 def choose_recipe(recipe: str | None, meal_options: Sequence[str]) -> str:
@@ -156,6 +163,10 @@ def check(cfg: TrainConfig) -> None:
                          "--pretrained-weights besides it")
     if cfg.recipe == "meal-v2" and cfg.labels != "fkd":
         raise TrainError(MEAL_NEEDS_STORE)
+    if cfg.recipe == "s2-bnn" and cfg.labels not in SSL_LABELS:
+        raise TrainError(f"--recipe s2-bnn distils a self-supervised teacher's embeddings: use it with --labels ssl "
+                         f"(an embedding store from `fkd-dali generate --ssl-teacher`) or ssl-online, not --labels "
+                         f"{cfg.labels}")
     if cfg.recipe == "meal-v2" and not (cfg.init_from or cfg.pretrained_weights or cfg.resume or cfg.evaluate):
         chosen = f" (chosen by MEAL V2's {', '.join(cfg.recipe_from)})" if cfg.recipe_from else ""
         raise TrainError(f"--recipe meal-v2{chosen} distils into a student that is already trained: pass "

@@ -80,6 +80,8 @@ class Trainer:
         self.num_classes = self._num_classes()
         from .models import create_model  # noqa: PLC0415 - torchvision's import ran beside the scan (resolved())
         self.model = create_model(cfg.arch, self.num_classes, cfg.input_size, cfg.drop_path)
+        if not cfg.evaluate:
+            self.model = objective.student(self, self.model)
         if not cfg.evaluate and not cfg.resume:  # a resume restores the weights it trained
             self._init_student()
         if cfg.freeze_backbone and not cfg.evaluate:  # before the optimizer and DDP, which take the trained ones
@@ -95,7 +97,7 @@ class Trainer:
         if not cfg.evaluate:
             objective.setup(self)
         self.lr_at = LRSchedule(cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr, cfg.min_lr, cfg.cos,
-                                cfg.schedule)
+                                cfg.schedule, cfg.linear)
         self.loaders: dict[Any, Any] = {}
         self.mix_cfg = MixConfig(cfg.mixup, cfg.cutmix, cfg.mixup_cutmix_prob, cfg.mixup_switch_prob) \
             if cfg.mixup_cutmix else None
@@ -168,7 +170,9 @@ class Trainer:
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
         if cfg.opt == "adamw":
             return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.opt_eps)
-        raise TrainError(f"--opt must be sgd or adamw, got {cfg.opt!r}")
+        if cfg.opt == "adam":  # L2 weight decay in the gradient, as torch.optim.Adam (S2-BNN's)
+            return torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.opt_eps)
+        raise TrainError(f"--opt must be sgd, adamw or adam, got {cfg.opt!r}")
 
     # ------------------------------------------------------------------ loaders
     def images_per_rank(self, crops: int) -> int:

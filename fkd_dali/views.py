@@ -1,6 +1,7 @@
 """Self-supervised views: MoCo v2's "aug-plus" drawn per crop from ``(seed, row)``, like :mod:`fkd_dali.crops`.
 
-facebookresearch/moco ``main_moco.py --aug-plus`` (and S2-BNN's ``Distillation_only``) compose, per view::
+facebookresearch/moco ``main_moco.py --aug-plus`` compose, per view (S2-BNN's ``Distillation_only`` the same with the
+jitter at p 0.6 and the blur at p 0.2: ``generate --views s2-bnn``)::
 
     RandomResizedCrop(224, scale=(0.2, 1.))
     RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8)

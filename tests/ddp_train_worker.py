@@ -3,7 +3,8 @@ weights, so the test can check disjoint shards and identical replicas. With FKD_
 FKD_TEST_DIE_STEP set, that rank SIGKILLs itself after that step (a rank lost mid-training); with
 FKD_TEST_SIGNAL=TERM (or INT) it sends itself that signal instead (a stop asked of one rank only). With
 FKD_TEST_MEAL_INIT=CHECKPOINT it trains Fast MEAL V2 (discriminator on) from that checkpoint and also writes
-each rank's discriminator at the start and the end."""
+each rank's discriminator at the start and the end. With FKD_TEST_SSL=1 it trains --recipe s2-bnn (--labels ssl) from
+an embedding store."""
 
 import json
 import os
@@ -24,6 +25,7 @@ def main(data: str, store: str, out: str, *extra: str) -> None:
                   max_steps=3 if die_rank < 0 else None, show_progress=False, dist_timeout=timeout)
     meal_init = os.environ.get("FKD_TEST_MEAL_INIT")  # Fast MEAL V2 from this checkpoint, discriminator on
     cfg = recipe_config("meal-v2", init_from=meal_init, **common) if meal_init else \
+        recipe_config("s2-bnn", lr=0.01, **common) if os.environ.get("FKD_TEST_SSL") else \
         TrainConfig(lr=0.05, cos=True, **common)
     trainer = Trainer(cfg)
     disc = getattr(trainer.objective, "disc", None)  # Fast MEAL V2's discriminator

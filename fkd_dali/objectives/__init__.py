@@ -26,6 +26,9 @@ BUILTIN: dict[str, Entry] = {
     "fkd": Entry("fkd_dali.objectives.fkd:StoredSoftLabels", "stored crops and soft labels (default)"),
     "hard": Entry("fkd_dali.objectives.hard:HardLabels", "standard crops + ground truth"),
     "online": Entry("fkd_dali.objectives.online_kd:OnlineKD", "vanilla KD, a teacher on every crop"),
+    "ssl": Entry("fkd_dali.objectives.ssl:StoredEmbeddings", "self-supervised FKD: stored views and teacher embeddings"),
+    "ssl-online": Entry("fkd_dali.objectives.ssl:OnlineEmbeddings",
+                        "a self-supervised teacher (--ssl-teacher) on every stored view"),
     "meal-v2": Entry("fkd_dali.objectives.meal_v2:MealV2", "FKD's labels + MEAL V2's discriminator", labels=False),
 }
 _registry: dict[str, Entry] = dict(BUILTIN)

@@ -5,12 +5,16 @@ An objective says
 
 * **what it asks of the loader**: its epoch plan (:meth:`segments`), the loader of a segment (:meth:`loader`),
   and any reading it starts early, while the dataset is scanned (:meth:`start`);
-* **what the student is**: the classes its head has (:meth:`num_classes`), where they come from (for messages);
+* **what the student is**: the classes its head has (:meth:`num_classes`), where they come from (for messages),
+  and any change to the model built by name (:meth:`student`: a self-supervised student's projection head);
 * **how a batch becomes targets and a loss**: :meth:`targets` (no gradient: stored labels recovered, a teacher
   run, one-hot labels) and :meth:`loss` (given the student's output and the batch's mixing, if any);
 * **what it owns**: networks and optimisers besides the student's (:meth:`setup`, :meth:`zero_grad`,
   :meth:`step`), what they add to a checkpoint (:meth:`state_dict`, :meth:`load_state_dict`) and to the log
-  (:attr:`metrics`, :meth:`describe`).
+  (:attr:`metrics`, :meth:`describe`);
+* **what its numbers mean**: whether a training top-1 against the images' classes means anything
+  (:attr:`reports_top1`), and what validation measures (:meth:`validate`: by default top-1/top-5 on DATA/val;
+  :attr:`best_key` picks the best checkpoint).
 
 The loop owns the student, its optimiser, EMA, learning-rate schedule, Mixup/CutMix of the images, DDP, the
 segment bookkeeping, validation, checkpoints and the log.
@@ -80,6 +84,10 @@ class Objective:
     metrics: tuple[str, ...] = ()
     #: options of its own (TrainConfig fields) that a resume must agree on, besides train_config.PLAN_KEYS
     plan_keys: tuple[str, ...] = ()
+    #: whether the student's output is class scores, so that a training top-1 is logged (``train_top1``)
+    reports_top1: bool = True
+    #: the validation value (a key of :meth:`validate`'s result) whose maximum is the best checkpoint
+    best_key: str = "val_top1"
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -110,6 +118,11 @@ class Objective:
         """Where the student's classes come from, for messages."""
         return "the dataset's classes"
 
+    def student(self, run: Run, model: torch.nn.Module) -> torch.nn.Module:
+        """The student to train, given the model ``--arch`` built with :meth:`num_classes` outputs (before it
+        moves to its device, its optimizer is made or a checkpoint is loaded into it): that model itself."""
+        return model
+
     def setup(self, run: Run) -> None:
         """Build the objective's own networks, once the student is on its device (``run.num_classes`` known)."""
 
@@ -128,8 +141,21 @@ class Objective:
         """Step the objective's own optimisers (after the student's)."""
 
     def top1(self, logits: torch.Tensor, batch_targets: torch.Tensor) -> torch.Tensor:
-        """The step's training top-1 against the images' classes."""
+        """The step's training top-1 against the images' classes (asked only when :attr:`reports_top1`)."""
         return (logits.detach().argmax(1) == batch_targets).float().mean()
+
+    # ---------------------------------------------------------------- validation
+    def validate(self, run) -> dict[str, float] | None:
+        """Log fields measuring the student after a segment (None: nothing to measure): top-1/top-5 of the
+        student (and its EMA) on DATA/val, classified by its head."""
+        from ..evaluate import evaluate  # noqa: PLC0415 - DALI's loaders, imported once a run validates
+        out = {f"val_{k}": v for k, v in evaluate(run.ddp, run.eval_loader(), amp=run.amp,
+                                                   group=run.dist.group).items()}
+        if run.ema is not None:
+            out.update({f"val_ema_{k}": v for k, v in evaluate(run.ema.module, run.eval_loader(), amp=run.amp,
+                                                               group=run.dist.group).items()})
+        run.loaders["val"].release()  # used once per segment: its pipeline is not kept during training
+        return out
 
     # ---------------------------------------------------------------- checkpoints and log
     def state_dict(self) -> dict[str, Any]:

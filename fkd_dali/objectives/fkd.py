@@ -27,11 +27,15 @@ from .base import DenseLabels, Run
 
 
 class StoredSoftLabels(DenseLabels):
+    #: the store kind this objective trains from (another kind is refused by name)
+    kind = "topk"
+
     def __init__(self, cfg):
         super().__init__(cfg)
         if not cfg.softlabel_path:
-            raise TrainError("--labels fkd needs --softlabel-path STORE (a label store from `fkd-dali generate` "
-                             "or `fkd-dali import-fkd`); or train a baseline with --labels hard")
+            made = ("`fkd-dali generate --ssl-teacher`)" if self.kind == "embedding" else
+                    "`fkd-dali generate` or `fkd-dali import-fkd`); or train a baseline with --labels hard")
+            raise TrainError(f"--labels {cfg.labels} needs --softlabel-path STORE (a label store from {made}")
         self.temperature = cfg.temperature
         self.store = None
         self.early_reads = None  # the first pass's rows, read while the dataset is scanned
@@ -47,7 +51,7 @@ class StoredSoftLabels(DenseLabels):
         from pipelines import RoundReads  # noqa: PLC0415 - DALI: imported once the scan started
         cfg = self.cfg
         self.store = labelstore.open_store(cfg.softlabel_path)
-        self.store.require_kind("topk")  # an embedding store is trained by another objective, named in the error
+        self.store.require_kind(self.kind)  # a store of the other kind is trained by another objective, named
         first = run.segments[0]
         if cfg.resume is None and 1 <= first.crops <= self.store.num_crops:  # a resume starts elsewhere
             self.early_reads = RoundReads(self.store, num_crops=first.crops, seed=cfg.seed, rank=run.dist.rank,
