@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fkd_dali import checkpoint
@@ -25,12 +26,9 @@ def test_a_temperature_of_zero_stops_at_its_first_step_without_a_checkpoint(setu
     """--temp 0 (refused on the command line; here through the API): every loss is nan. The run stops at step 1
     instead of training 6 epochs of nan and saving them."""
     c = cfg(setup, tmp_path, temperature=0.0)
-    try:
+    with pytest.raises(TrainError) as stopped:  # a run of nan losses must not finish
         train(c)
-    except TrainError as e:
-        why = str(e)
-    else:
-        raise AssertionError("a run whose every loss is nan finished")
+    why = str(stopped.value)
     assert "the training loss became nan or inf at step 1 " in why and "--temp 0" in why and "--lr" in why, why
     assert "no checkpoint was written yet" in why, why
     assert not os.path.exists(os.path.join(c.output, checkpoint.LAST))
@@ -40,12 +38,9 @@ def test_a_diverging_run_stops_and_leaves_the_last_good_checkpoint(setup, tmp_pa
     """lr 1e30 after one step of warm-up at 0.01: the weights blow up within a step or two. With a checkpoint after
     every step, the one left is the step before the first non-finite one, and its weights are finite."""
     c = cfg(setup, tmp_path, lr=1e30, warmup_epochs=2, warmup_lr=0.01, checkpoint_every=1)
-    try:
+    with pytest.raises(TrainError) as stopped:  # a run of nan losses must not finish
         train(c)
-    except TrainError as e:
-        why = str(e)
-    else:
-        raise AssertionError("a diverging run finished")
+    why = str(stopped.value)
     m = re.search(r"became nan or inf at step (\d+) ", why)
     assert m and "--lr 1e+30" in why, why
     last = os.path.join(c.output, checkpoint.LAST)
