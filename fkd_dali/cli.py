@@ -32,7 +32,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         what = f"{v['shards']} of {v['shards_total']} shards (random sample)" if args.sample else f"{v['shards']} shards"
         print(f"verified {what}: every chunk decodes, {v['rows_checked']} done rows hold valid labels, all "
               f"{store.num_images:,} file names stay inside the dataset folder")
-        clashes = stem_collisions(store.files)
+        clashes = stem_collisions(store.files) if store.kind.exportable else []  # only export-fkd minds them
         if clashes:
             print(f"note: {len(clashes)} file name(s) share an FKD label-file name with another (FKD keys images by "
                   "class and name up to the first dot), so `export-fkd` refuses this store: "

@@ -69,6 +69,8 @@ class StoreKind:
     checks: Callable[[dict, dict], list]  # (data, fields) -> [(bad mask (rows, ...), what), ...]
     serve: Callable[[dict], dict]  # a batch's label arrays -> what a loader serves (e.g. embeddings as float32)
     view_params: tuple[str, ...] = ()  # the arrays a replay of the view needs beside box and flip
+    meta_lines: tuple[str, ...] = ()  # the store metadata that means something for this kind ("temperature")
+    exportable: bool = False  # ``export-fkd`` writes FKD's label files from it
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -96,7 +98,8 @@ TOPK = StoreKind(
     arrays=(LabelArray("topk_idx", ("int16", "int32"), -1, lambda f: (f["top_k"],), _class_dtype),
             LabelArray("topk_val", ("float16",), float("nan"), lambda f: (f["top_k"],))),
     read_fields=_topk_fields, describe=lambda f: f"kind topk, k={f['top_k']}", checks=_topk_checks,
-    serve=lambda a: {"topk_idx": a["topk_idx"], "topk_val": np.asarray(a["topk_val"], np.float16)})
+    serve=lambda a: {"topk_idx": a["topk_idx"], "topk_val": np.asarray(a["topk_val"], np.float16)},
+    meta_lines=("temperature",), exportable=True)
 
 
 # ---------------------------------------------------------------------------------------------- embedding

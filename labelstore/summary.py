@@ -61,6 +61,7 @@ def summarize(store: LabelStore) -> dict:
         "num_images": m.num_images, "num_crops": m.num_crops, "top_k": m.top_k,
         "num_classes": m.num_classes, "temperature": m.temperature,
         "kind": m.kind, "kind_described": store.describe_kind(), "label_what": store.kind.what,
+        "kind_meta": list(store.kind.meta_lines),
         "dim": store.fields.get("dim"),
         "rows_done": int(done.sum()), "complete": bool(m.complete),
         "layout": {"rows_per_shard": store.layout.rows_per_shard,
@@ -75,6 +76,30 @@ def summarize(store: LabelStore) -> dict:
         "skipped": len(m.skipped),
         "arrays": arrays,
     }
+
+
+def _teacher_lines(t: dict) -> list[str]:
+    """A teacher record: its plain fields on one line, each nested record (a loader's ``describe``, an ensemble's
+    members) below it, one field per line, so that no line carries a whole dict."""
+    plain = {k: v for k, v in t.items() if not isinstance(v, dict)}
+    lines = ["  teacher    " + ", ".join(f"{k}={v}" for k, v in plain.items())]
+
+    def nested(d: dict, indent: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                lines.append(f"{indent}{k}:")
+                nested(v, indent + "  ")
+            elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                for i, x in enumerate(v):
+                    lines.append(f"{indent}{k} {i + 1}:")
+                    nested(x, indent + "  ")
+            elif k not in plain or plain[k] != v:  # what the teacher line already says is not repeated
+                lines.append(f"{indent}{k:12s} {(', '.join(map(str, v)) or 'none') if isinstance(v, list) else v}")
+    for k, v in t.items():
+        if isinstance(v, dict):
+            lines.append(f"    {k}:")
+            nested(v, "      ")
+    return lines
 
 
 def format_summary(s: dict) -> str:
@@ -93,12 +118,13 @@ def format_summary(s: dict) -> str:
         f"{s['layout']['crops_per_chunk']} crops per inner chunk",
         f"  dataset    root '{s['dataset']['root']}', {s['dataset']['classes']} classes, "
         f"fingerprint {s['dataset']['fingerprint'][:23]}...",
-        f"  temperature {s['temperature']}   seed {s['seed']}   EXIF orientation: {s['exif']}",
+        "  " + "   ".join(([f"temperature {s['temperature']}"] if "temperature" in s.get("kind_meta", ["temperature"])
+                             else []) + [f"seed {s['seed']}", f"EXIF orientation: {s['exif']}"]),
     ]
     if s["crop"]:
         lines.append("  crops      " + ", ".join(f"{k}={v}" for k, v in s["crop"].items()))
     for t in s["teachers"] or []:
-        lines.append("  teacher    " + ", ".join(f"{k}={v}" for k, v in t.items()))
+        lines += _teacher_lines(t)
     if s["source"]:
         lines.append("  source     " + ", ".join(f"{k}={v}" for k, v in s["source"].items() if k != "settings"))
     if not s["complete"]:

@@ -164,6 +164,35 @@ def test_inspect_shows_the_kind_dim_and_bytes_per_crop(tmp_path):
     assert "jitter_order" in text
 
 
+TEACHER = {"name": "moco_v2:resnet50", "sha256": "ab" * 32, "dim": D, "input_size": 32,
+           "describe": {"format": "moco_v2", "arch": "resnet50", "dim": D, "source": "/ckpt/moco_v2_800ep.pth.tar",
+                        "dropped": ["encoder_k.* (320 keys)", "queue", "queue_ptr"]}}
+
+
+def test_inspect_of_an_embedding_store_shows_what_applies_to_its_kind(tmp_path, capsys):
+    """No temperature (the kind has none), the teacher's description one field per line, and no export-fkd note on
+    file names that would share an FKD label file (the store cannot be exported); a top-k store keeps both."""
+    from fkd_dali.cli import main
+    files = ["class_0/img.a.jpg", "class_0/img.b.jpg", "class_1/c.jpg"]  # the first two: one FKD label-file name
+    for kind, fields in (("embedding", {"dim": D, "views": MOCO_V2_VIEWS}), ("topk", None)):
+        path = str(tmp_path / kind)
+        store = create_store(path, files=files, targets=[0, 0, 1], classes=["class_0", "class_1"],
+                             fingerprint="sha256:abc", dataset_root="train", num_crops=2, top_k=1, seed=0,
+                             teachers=[TEACHER], kind=kind, kind_fields=fields)
+        store.finalize()
+        assert main(["inspect", path, "--verify"]) == 0
+        out = capsys.readouterr().out
+        lines = out.splitlines()
+        if kind == "embedding":
+            assert max(map(len, lines)) < 160, max(lines, key=len)
+            assert "temperature" not in out and "export-fkd" not in out
+            assert any(re.fullmatch(r" +format +moco_v2", x) for x in lines), out
+            assert any(re.fullmatch(r" +source +/ckpt/moco_v2_800ep.pth.tar", x) for x in lines), out
+            assert any(re.fullmatch(r" +dropped +encoder_k.* \(320 keys\), queue, queue_ptr", x) for x in lines), out
+        else:
+            assert "temperature 1.0" in out and "export-fkd" in out and "img.a.jpg and class_0/img.b.jpg" in out
+
+
 def test_int8_embeddings_keep_the_teachers_direction():
     x = unit((4096, 128), seed=3)
     q, scale = encode_embeddings(x)
