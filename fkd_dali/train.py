@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import checkpoint
+from . import checkpoint, objectives
 from .dataset import Scan, split_dir
 from .evaluate import evaluate
 from .schedule import pass_index
@@ -25,6 +25,12 @@ def evaluate_checkpoint(cfg: TrainConfig) -> dict:
         raise TrainError("-e needs --resume CKPT (the checkpoint to evaluate)")
     path = cfg.resume
     ckpt = checkpoint.load(path)
+    made = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if isinstance(made, dict) and not objectives.classifies(made):
+        raise TrainError(f"{path} is a student of `fkd-dali train --labels {made.get('labels')}`, whose head does not "
+                         "output class scores (a self-supervised student has no classifier), so -e has nothing to "
+                         f"evaluate on DATA/val. Evaluate its backbone with a linear probe: fkd-dali linear-eval {path} "
+                         f"{cfg.data}")
     num_classes = cfg.num_classes or ckpt.get("num_classes")
     if num_classes is None:  # FKD's checkpoints: the last 2-D weight is the classifier
         heads = [v for k, v in checkpoint.model_state(ckpt, path).items() if k.endswith("weight") and v.ndim == 2]

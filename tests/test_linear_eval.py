@@ -224,6 +224,26 @@ def test_an_ssl_student_checkpoint_probes_its_backbone_without_its_projection_he
     assert after[HEAD + ".weight"].shape == (4, 64)
 
 
+def test_evaluating_an_ssl_student_with_train_e_points_to_linear_eval(world, tmp_path, capsys):
+    """`train -e --resume CKPT` on a `--labels ssl` student (its head outputs embeddings): the objective recorded in
+    the checkpoint says there is no classifier, and the message gives the linear-eval command; a classifier's
+    checkpoint still evaluates."""
+    full = _state(world["trained"])
+    ssl = {k: v for k, v in full.items() if not k.startswith(HEAD + ".")}
+    ssl |= {f"{HEAD}.0.weight": torch.randn(64, 64), f"{HEAD}.0.bias": torch.zeros(64),
+            f"{HEAD}.2.weight": torch.randn(16, 64), f"{HEAD}.2.bias": torch.zeros(16)}
+    path = str(tmp_path / "ssl_student.pth.tar")
+    torch.save({"arch": "tiny_cnn", "num_classes": 16, "state_dict": ssl, "config": {"labels": "ssl"}}, path)
+    argv = ["train", world["data"], "-a", "tiny_cnn", "--input-size", str(SIZE), "--device", DEVICE, "-e"]
+    assert main(argv + ["--resume", path]) == 1
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert f"fkd-dali linear-eval {path} {world['data']}" in text and "--labels ssl" in text, text
+    assert "no classifier" in text and "does not fit" not in text and "Traceback" not in text
+    assert main(argv + ["--resume", world["trained"]]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+
 def _moco_v2(path: str) -> nn.Module:
     """facebookresearch/moco main_moco.py's checkpoint with --mlp (MoCo v2) of a ResNet-18: the query encoder's
     ResNet (fc = Linear, ReLU, Linear), a key encoder of other weights, the queue."""

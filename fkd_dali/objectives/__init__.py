@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 
@@ -57,6 +58,25 @@ def objective_name(cfg) -> str:
     return "meal-v2" if cfg.use_discriminator_loss else cfg.labels
 
 
+def _factory(name: str):
+    factory = _registry[name].factory
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    return factory
+
+
+def classifies(config: dict) -> bool:
+    """Whether the run a checkpoint's recorded ``config`` describes trained a student whose output is class scores
+    (its objective's ``reports_top1``): a self-supervised student's head outputs embeddings, no classes. An unknown
+    objective, or a plug-in registered as a function, counts as one that classifies."""
+    name = objective_name(SimpleNamespace(use_discriminator_loss=bool(config.get("use_discriminator_loss")),
+                                          labels=config.get("labels")))
+    if name not in _registry:
+        return True
+    return bool(getattr(_factory(name), "reports_top1", True))
+
+
 def create(cfg):
     """The objective of a run (``cfg`` a resolved TrainConfig); an unknown ``--labels`` names the choices."""
     from ..train_config import TrainError  # noqa: PLC0415 - torch-free import of this module (see above)
@@ -64,8 +84,4 @@ def create(cfg):
     if name not in _registry or (name == cfg.labels and not _registry[name].labels):
         choices = ", ".join(label_choices())
         raise TrainError(f"--labels must be one of {choices}, got {cfg.labels!r}")
-    factory = _registry[name].factory
-    if isinstance(factory, str):
-        module, _, attr = factory.partition(":")
-        factory = getattr(importlib.import_module(module), attr)
-    return factory(cfg)
+    return _factory(name)(cfg)
