@@ -76,6 +76,8 @@ def linear_eval(cfg: LinearEvalConfig, scan: Scan | None = None) -> dict[str, An
             raise LinearEvalError(f"--knn-temp {cfg.knn_temperature}: give a temperature > 0 (DINO's: 0.07)")
         found = read_backbone(cfg.checkpoint, cfg.arch)
         run_cfg = probe_config(cfg, found)
+        if cfg.knn:
+            _claim_knn_file(run_cfg)
     except BaseException:
         if scan is not None:
             scan.cancel()
@@ -111,6 +113,22 @@ def linear_eval(cfg: LinearEvalConfig, scan: Scan | None = None) -> dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------- kNN
+def _claim_knn_file(run_cfg: TrainConfig) -> None:
+    """Refuse, before anything is computed, to replace the kNN result another linear-eval left in the output
+    folder, unless ``--overwrite`` says so or the run continues the probe there (``--resume``)."""
+    path = os.path.join(run_cfg.output, KNN_FILE)
+    if not os.path.exists(path) or run_cfg.overwrite or run_cfg.resume:
+        return
+    try:
+        with open(path) as f:
+            knn = json.load(f)
+        made = f" (k={knn['k']}, top-1 {knn['top1']:.2f}%, of {knn['checkpoint']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        made = ""
+    raise LinearEvalError(f"{path} already holds the kNN result of another linear-eval{made}; pass --overwrite to "
+                          "replace it, or choose another --output")
+
+
 def knn_monitor(run: Trainer, found: Backbone, k: int, temperature: float) -> dict[str, Any]:
     """Weighted kNN top-1/top-5 of DATA/val against DATA/train on ``found``'s frozen features (every rank takes
     part; every rank returns the same figures; rank 0 prints them)."""

@@ -167,11 +167,32 @@ def test_the_command_reports_the_knn_and_the_probe(world, tmp_path, capsys):
 
 
 def test_an_output_folder_of_another_run_is_refused_before_the_knn_is_written(world, tmp_path):
-    probe(world, tmp_path / "run", epochs=1, knn=3)
-    kept = {f: open(tmp_path / "run" / f, "rb").read() for f in ("knn.json", "checkpoint.pth.tar", "log.jsonl")}
+    probe(world, tmp_path / "run", epochs=1)
+    kept = {f: open(tmp_path / "run" / f, "rb").read() for f in ("checkpoint.pth.tar", "log.jsonl")}
     with pytest.raises(TrainError, match="holds a checkpoint of tiny_cnn .* from another run"):
         probe(world, tmp_path / "run", checkpoint=world["random"], epochs=1, knn=3)
     assert kept == {f: open(tmp_path / "run" / f, "rb").read() for f in kept}
+    assert not os.path.exists(tmp_path / "run" / "knn.json")
+    probe(world, tmp_path / "other", epochs=1, knn=3)  # a folder with a kNN result too: refused before the kNN runs
+    kept = {f: open(tmp_path / "other" / f, "rb").read() for f in ("knn.json", "checkpoint.pth.tar", "log.jsonl")}
+    with pytest.raises(LinearEvalError, match="knn.json already holds the kNN result of another linear-eval"):
+        probe(world, tmp_path / "other", checkpoint=world["random"], epochs=1, knn=3)
+    assert kept == {f: open(tmp_path / "other" / f, "rb").read() for f in kept}
+
+
+def test_a_knn_result_in_the_output_folder_is_replaced_only_with_overwrite(world, tmp_path):
+    """`--knn K --epochs 0` (no checkpoint, no log: the training run's folder claim sees nothing) into a folder that
+    holds a knn.json: refused before anything is computed, naming the file and --overwrite; replaced with it."""
+    probe(world, tmp_path / "run", epochs=0, knn=3)
+    knn = tmp_path / "run" / "knn.json"
+    kept = knn.read_bytes()
+    for epochs in (0, 1):
+        with pytest.raises(LinearEvalError, match=f"{knn} already holds the kNN result of another linear-eval "
+                                                  r"\(k=3, .*\); pass --overwrite to replace it"):
+            probe(world, tmp_path / "run", checkpoint=world["random"], epochs=epochs, knn=5)
+        assert knn.read_bytes() == kept and sorted(os.listdir(tmp_path / "run")) == ["knn.json"]
+    rep = probe(world, tmp_path / "run", checkpoint=world["random"], epochs=0, knn=5, overwrite=True)
+    assert json.loads(knn.read_text()) == {"checkpoint": world["random"], **rep["knn"]} and rep["knn"]["k"] == 5
 
 
 def test_a_checkpoint_without_a_backbone_or_of_an_unknown_layout_or_arch_is_refused(world, tmp_path, capsys):
