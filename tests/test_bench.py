@@ -1,6 +1,6 @@
 """The benchmarks that had no test: ``bench scale``'s build and probes (run here in this process on a small
 hard-linked dataset, where the benchmark runs each in a fresh one) and its table; ``bench meal`` end to end at
-its smoke-test size."""
+its smoke-test size; ``bench store``'s embedding-store figures against the store on disk."""
 
 from __future__ import annotations
 
@@ -86,3 +86,32 @@ def test_bench_meal_table_gives_each_seed_and_the_spread():
     assert rows["| MEAL V2 recipe, no discriminator"].endswith("| - | - | - | - | - |")  # not run
     assert rows["| plain FKD (the demo's FKD recipe) from the same start"].endswith("| 75.0 | - | 75.0 | 75.0 | 75.0 |")
     assert format_table(result).endswith("teachers' val top-1: resnet18 80.0 %, ensemble 82.5 %")
+
+
+def test_bench_store_reports_an_embedding_stores_bytes_per_crop_as_on_disk(tmp_path, capsys):
+    """The embedding store's B/crop is its files' bytes / its crops (what `inspect` reports too), each array's its
+    folder's; the command prints them grouped (embedding, scale, view parameters, boxes, flips) with the round time."""
+    from fkd_dali.bench.store import EMBEDDING_GROUPS, embedding_store
+    path = str(tmp_path / "store")
+    r = embedding_store(path, images=6, crops=4, dim=16, n=2)
+    crops = 6 * 4
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    assert r["bytes_per_crop"]["apparent"] * crops == pytest.approx(on_disk)
+    summary = labelstore.summarize(labelstore.open_store(path))
+    assert summary["kind"] == "embedding" and summary["dim"] == 16
+    assert r["bytes_per_crop"]["apparent"] == pytest.approx(summary["bytes_per_crop"])
+    by = r["bytes_per_crop_by_array"]
+    assert set(by) == {a for arrays in EMBEDDING_GROUPS.values() for a in arrays}
+    for name, value in by.items():
+        assert value * crops == pytest.approx(summary["arrays"][name]["bytes"]), name
+    assert len(r["read_round_s"]) == 2 and r["read_round_crops_per_s"] > 0  # 4 crops: 2 rounds of 2
+
+    code = main(["bench", "store", "--size-images", "4", "--size-crops", "2", "--images", "64", "--crops", "4",
+                 "--round-crops", "2", "--dim", "16", "--ssl-images", "6", "--ssl-crops", "4",
+                 "--workdir", str(tmp_path), "--out", str(tmp_path / "store.json")])
+    out = capsys.readouterr().out
+    e = json.load(open(tmp_path / "store.json"))["embedding"]
+    assert code == 0 and (e["images"], e["crops"], e["dim"]) == (6, 4, 16)
+    assert "6 images x 4 crops x D=16" in out and "| embedding | scale | view parameters | boxes | flips |" in out
+    assert f"| {e['bytes_per_crop']['apparent']:.2f} | " in out
+    assert sorted(os.listdir(tmp_path)) == ["store", "store.json"]  # the bench's own stores are gone

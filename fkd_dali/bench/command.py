@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from labelstore.kinds import MAX_DIM
+
 from ..options import POSITIVE, int_range
 from . import LOADERS
 from .machine import describe, one_line
@@ -21,6 +23,10 @@ def add_parser(sub, func) -> None:
     s.add_argument("--crops", type=POSITIVE, default=64)
     s.add_argument("--top-k", type=int_range(1, 999), default=5, help="of the simulated teacher's 1000 classes")
     s.add_argument("--round-crops", type=POSITIVE, default=4, help="crops per image read per round (<= --crops)")
+    s.add_argument("--dim", type=int_range(0, MAX_DIM), default=128,
+                   help="also measure an embedding store (self-supervised FKD) of this D (0: skip it)")
+    s.add_argument("--ssl-images", type=POSITIVE, default=1000, help="images of the embedding store")
+    s.add_argument("--ssl-crops", type=POSITIVE, default=64, help="crops per image of the embedding store")
     s.add_argument("--workdir", default=None, help="where temporary stores go (default: system temp)")
     s.add_argument("--out", default="bench-results/store.json")
     s.set_defaults(func=func)
@@ -128,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
         size = size_vs_fkd(args.size_images, args.size_crops, args.top_k, args.workdir)
         speed = throughput(args.images, args.crops, args.top_k, args.round_crops, workdir=args.workdir)
         result = {"machine": machine, "size": size, "speed": speed}
+        if args.dim:
+            from .store import embedding_bench
+            result["embedding"] = embedding_bench(args.ssl_images, args.ssl_crops, args.dim, args.round_crops,
+                                                  args.workdir)
         print(format_store(result))
         _write(result, args.out)
     elif args.bench == "loader":

@@ -42,3 +42,18 @@ def imagenet_like_crops(num_images: int, num_crops: int, seed: int = 0,
     sizes = np.array([imagenet_like_size(rng) for _ in range(num_images)], dtype=np.int64)
     boxes, flips = sample_crops(seed, range(num_images), sizes, num_crops, scale=scale)
     return sizes, boxes, flips
+
+
+def teacher_embeddings(num_images: int, num_crops: int, dim: int = 128, seed: int = 0,
+                       crop_noise: float = 1.0) -> np.ndarray:
+    """(N, C, D) float32 unit vectors like a self-supervised teacher's: each image has its own direction, drawn from
+    an anisotropic Gaussian (variance ~ 1 / (i + 1) along the axes of a fixed random rotation: a few directions carry
+    most of the spread, as in a trained projection head); each crop adds isotropic noise of ``crop_noise`` times the
+    image direction's length, so crops of one image agree (cosine ~0.7 at 1.0) and differ in detail."""
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    spread = 1.0 / np.sqrt(np.arange(1, dim + 1))
+    base = (rng.standard_normal((num_images, dim)) * spread) @ rotation.T
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    x = base[:, None] + rng.standard_normal((num_images, num_crops, dim)) * (crop_noise / np.sqrt(dim))
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)

@@ -7,6 +7,11 @@ size (sum of file lengths) and the allocated size on this filesystem (``st_block
 
 Speed: a store of N images x C crops x top-k; ``append`` = ``write_block`` over all shards (content made
 beforehand, one shard's worth reused), ``read_round`` = rounds of n crops read into RAM (best of 3).
+
+Embedding stores (self-supervised FKD, ``--dim D``): N images x C crops of simulated teacher embeddings
+(:func:`~fkd_dali.bench.simulated.teacher_embeddings`, int8 + scale as the store keeps them) with MoCo v2's view
+parameters drawn by :func:`fkd_dali.views.sample_views` on ImageNet-like image sizes: bytes per crop on disk, by
+array, and the ``read_round`` time.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ import torch
 
 import labelstore
 from labelstore import create_store, open_store
+from labelstore.kinds import encode_embeddings
 
 from ..crops import normalized
-from .simulated import imagenet_like_crops, teacher_topk
+from ..synthetic import imagenet_like_size
+from ..views import sample_views, view_recipe
+from .simulated import imagenet_like_crops, teacher_embeddings, teacher_topk
 
 
 def _sizes_on_disk(path: str) -> tuple[int, int]:
@@ -117,6 +125,67 @@ def throughput(images: int = 100_000, crops: int = 64, k: int = 5, n: int = 4, r
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: how ``format_store`` groups an embedding store's arrays (the view's photometric parameters in one group)
+EMBEDDING_GROUPS = {"embedding": ("embedding",), "scale": ("embedding_scale",),
+                    "view parameters": ("jitter", "jitter_factors", "jitter_order", "grayscale", "blur_sigma"),
+                    "boxes": ("boxes",), "flips": ("flips",)}
+
+
+def embedding_store(path: str, images: int = 1000, crops: int = 64, dim: int = 128, n: int = 4,
+                    rounds: int = 3) -> dict:
+    """Build an embedding store of ``images`` x ``crops`` at ``path`` (replaced) and measure it: bytes per crop on
+    disk (apparent and allocated, the whole store; apparent by array) and ``read_round`` of n crops (best of
+    ``rounds``)."""
+    rng = np.random.default_rng(0)
+    sizes = np.array([imagenet_like_size(rng) for _ in range(images)], dtype=np.int64)
+    views = sample_views(0, range(images), sizes, crops)
+    q, scale = encode_embeddings(teacher_embeddings(images, crops, dim))
+    store = create_store(path, files=[f"c{i % 1000:04d}/img_{i:08d}.JPEG" for i in range(images)],
+                         targets=[i % 1000 for i in range(images)], classes=[f"c{i:04d}" for i in range(1000)],
+                         fingerprint="sha256:bench", dataset_root="train", num_crops=crops, overwrite=True,
+                         kind="embedding", kind_fields={"dim": dim, "views": view_recipe()})
+    for a, b in store.shard_ranges():
+        store.write_block(a, sizes=sizes[a:b], embedding=q[a:b], embedding_scale=scale[a:b],
+                          **{k: v[a:b] for k, v in views.items()})
+    store.finalize()
+    reader = open_store(path)
+    times = []
+    for r in range(min(rounds, reader.num_rounds(n))):
+        t0 = time.perf_counter()
+        reader.read_round(r, n)
+        times.append(time.perf_counter() - t0)
+    total = images * crops
+    apparent, allocated = _sizes_on_disk(path)
+    return {"images": images, "crops": crops, "dim": dim, "round_crops": n,
+            "content": "simulated teacher embeddings (unit vectors), MoCo v2 aug-plus views",
+            "bytes_per_crop": {"apparent": apparent / total, "allocated": allocated / total},
+            "bytes_per_crop_by_array": {name: _sizes_on_disk(os.path.join(path, name))[0] / total
+                                        for name in ("boxes", "flips") + reader.kind.names},
+            "read_round_s": times, "read_round_crops_per_s": images * n / min(times)}
+
+
+def embedding_bench(images: int, crops: int, dim: int, n: int, workdir: str | None = None) -> dict:
+    """:func:`embedding_store` in a temporary folder, deleted afterwards."""
+    tmp = tempfile.mkdtemp(prefix="fkd-bench-embedding-", dir=workdir)
+    try:
+        return embedding_store(os.path.join(tmp, "store"), images, crops, dim, min(n, crops))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_embedding(e: dict) -> str:
+    by = e["bytes_per_crop_by_array"]
+    groups = {g: sum(by[a] for a in arrays) for g, arrays in EMBEDDING_GROUPS.items()}
+    b = e["bytes_per_crop"]
+    return "\n".join([
+        f"Embedding store (self-supervised FKD), {e['images']:,} images x {e['crops']} crops x D={e['dim']}, "
+        f"{e['content']}:", "",
+        "| B/crop apparent | B/crop allocated | " + " | ".join(groups) + " | read_round (n="
+        f"{e['round_crops']}) |", "|---" * (len(groups) + 3) + "|",
+        f"| {b['apparent']:.2f} | {b['allocated']:.2f} | " + " | ".join(f"{v:.2f}" for v in groups.values())
+        + f" | {min(e['read_round_s']) * 1e3:.1f} ms ({e['read_round_crops_per_s'] / 1e6:.2f} M crops/s) |"])
+
+
 def format_store(r: dict) -> str:
     s, p = r["size"], r["speed"]
     lines = [f"Store size, {s['images']} images x {s['crops']} crops x top-{s['top_k']}, {s['content']}:", "",
@@ -137,4 +206,6 @@ def format_store(r: dict) -> str:
               f"| read_round (n={p['round_crops']}, into RAM) | {p['read_round_crops_per_s'] / 1e6:.2f} M |",
               "", f"A round of n={p['round_crops']} holds {p['round_mib_in_ram']:.1f} MiB in RAM; read_rows of "
               f"{p['read_rows_random']} random rows took {p['read_rows_random_s']:.2f} s."]
+    if r.get("embedding"):
+        lines += ["", format_embedding(r["embedding"])]
     return "\n".join(lines)
