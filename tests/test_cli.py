@@ -41,7 +41,7 @@ def test_inspect_of_a_missing_store_is_one_clear_line(tmp_path):
 def test_bench_store_writes_its_figures(tmp_path, capsys):
     out = str(tmp_path / "store.json")
     assert main(["bench", "store", "--size-images", "20", "--size-crops", "50", "--images", "3000",
-                 "--crops", "16", "--out", out, "--workdir", str(tmp_path)]) == 0
+                 "--crops", "16", "--dim", "0", "--out", out, "--workdir", str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert "| FKD files, float16 |" in text and "read_round (n=4" in text
     r = json.load(open(out))

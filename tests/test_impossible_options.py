@@ -86,8 +86,8 @@ def test_doctor_on_a_gpu_that_is_not_there_is_one_line(tmp_path, capsys):
 def test_bench_store_of_few_images_reads_what_there_is(tmp_path, capsys):
     """Before: `Cannot take a larger sample than population when replace is False` (numpy) for < 1000 images."""
     out = str(tmp_path / "store.json")
-    assert main(["bench", "store", "--size-images", "3", "--size-crops", "4", "--images", "20", "--out", out,
-                 "--workdir", str(tmp_path)]) == 0
+    assert main(["bench", "store", "--size-images", "3", "--size-crops", "4", "--images", "20", "--dim", "0",
+                 "--out", out, "--workdir", str(tmp_path)]) == 0
     assert "read_rows of 20 random rows took" in capsys.readouterr().out
     assert json.load(open(out))["speed"]["read_rows_random"] == 20
     assert main(["bench", "store", "--images", "20", "--crops", "2", "--out", out, "--workdir", str(tmp_path)]) == 1
