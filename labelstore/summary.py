@@ -91,7 +91,7 @@ def _teacher_lines(t: dict) -> list[str]:
                 nested(v, indent + "  ")
             elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
                 for i, x in enumerate(v):
-                    lines.append(f"{indent}{k} {i + 1}:")
+                    lines.append(f"{indent}{k} ({i + 1} of {len(v)}):")
                     nested(x, indent + "  ")
             elif k not in plain or plain[k] != v:  # what the teacher line already says is not repeated
                 lines.append(f"{indent}{k:12s} {(', '.join(map(str, v)) or 'none') if isinstance(v, list) else v}")
