@@ -227,15 +227,22 @@ def test_a_checkpoint_without_a_backbone_or_of_an_unknown_layout_or_arch_is_refu
     assert not os.path.exists(tmp_path / "o1") and not os.path.exists(tmp_path / "o2")  # nothing written
 
 
-def test_an_ssl_student_checkpoint_probes_its_backbone_without_its_projection_head(world, tmp_path):
-    """A student whose classifier was replaced by an MLP projection head (the self-supervised objective's):
-    the head is dropped, the rest is the backbone."""
+def _ssl_student(world, tmp_path) -> tuple[str, dict]:
+    """A checkpoint laid out as a `--labels ssl` student's: the trained backbone, its classifier replaced by an MLP
+    projection head to 16 dimensions (keys HEAD.0, HEAD.2), the objective recorded in its config."""
     full = _state(world["trained"])
     ssl = {k: v for k, v in full.items() if not k.startswith(HEAD + ".")}
     ssl |= {f"{HEAD}.0.weight": torch.randn(64, 64), f"{HEAD}.0.bias": torch.zeros(64),
             f"{HEAD}.2.weight": torch.randn(16, 64), f"{HEAD}.2.bias": torch.zeros(16)}
     path = str(tmp_path / "ssl_student.pth.tar")
     torch.save({"arch": "tiny_cnn", "num_classes": 16, "state_dict": ssl, "config": {"labels": "ssl"}}, path)
+    return path, ssl
+
+
+def test_an_ssl_student_checkpoint_probes_its_backbone_without_its_projection_head(world, tmp_path):
+    """A student whose classifier was replaced by an MLP projection head (the self-supervised objective's):
+    the head is dropped, the rest is the backbone."""
+    path, ssl = _ssl_student(world, tmp_path)
     found = read_backbone(path)
     assert found.source == "a tiny_cnn trained by `fkd-dali train --labels ssl`" and "11.* (4)" in found.dropped[0]
     rep = probe(world, tmp_path / "run", checkpoint=path, epochs=1)
@@ -249,12 +256,7 @@ def test_evaluating_an_ssl_student_with_train_e_points_to_linear_eval(world, tmp
     """`train -e --resume CKPT` on a `--labels ssl` student (its head outputs embeddings): the objective recorded in
     the checkpoint says there is no classifier, and the message gives the linear-eval command; a classifier's
     checkpoint still evaluates."""
-    full = _state(world["trained"])
-    ssl = {k: v for k, v in full.items() if not k.startswith(HEAD + ".")}
-    ssl |= {f"{HEAD}.0.weight": torch.randn(64, 64), f"{HEAD}.0.bias": torch.zeros(64),
-            f"{HEAD}.2.weight": torch.randn(16, 64), f"{HEAD}.2.bias": torch.zeros(16)}
-    path = str(tmp_path / "ssl_student.pth.tar")
-    torch.save({"arch": "tiny_cnn", "num_classes": 16, "state_dict": ssl, "config": {"labels": "ssl"}}, path)
+    path, _ = _ssl_student(world, tmp_path)
     argv = ["train", world["data"], "-a", "tiny_cnn", "--input-size", str(SIZE), "--device", DEVICE, "-e"]
     assert main(argv + ["--resume", path]) == 1
     out = capsys.readouterr()
