@@ -152,8 +152,6 @@ class GenerateReport:
 class Teachers:
     """The ensemble on its device; teachers with the same view share crops. It labels a ``topk`` store."""
 
-    kind = "topk"
-
     def __init__(self, specs: Sequence[TeacherSpec], dataset_classes: int, num_classes: int | None, device: str,
                  amp: bool, channels_last: bool):
         self.specs = list(specs)
@@ -199,6 +197,38 @@ class Teachers:
     def to_store(self, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return labels
 
+    def check_options(self, cfg: "GenerateConfig") -> None:
+        if not 1 <= cfg.top_k <= self.num_classes:
+            raise GenerateError(f"--top-k {cfg.top_k} must be between 1 and the number of classes "
+                                f"({self.num_classes}); --top-k {self.num_classes} stores full labels")
+
+    def sample(self, cfg: "GenerateConfig", rows: np.ndarray, sizes: np.ndarray, num_crops: int) -> dict:
+        """The rows' crops: FKD's RandomResizedCrop boxes and flips, drawn from the seed."""
+        boxes, flips = sample_crops(cfg.seed, rows, sizes, num_crops, cfg.scale, cfg.ratio)
+        return {"boxes": boxes, "flips": flips}
+
+    def settings(self, cfg: "GenerateConfig", num_crops: int) -> dict:
+        """What a resumed run must agree on, by option name."""
+        return {"--num-crops": num_crops, "--top-k": cfg.top_k, "--num-classes": self.num_classes,
+                "--temperature": float(cfg.temperature), "--seed": cfg.seed,
+                "--min/max-scale-crops": [float(x) for x in cfg.scale], "--ratio": [float(x) for x in cfg.ratio],
+                TEACHERS_KEY: [{k: t.record(self.num_classes)[k] for k in ("name", "weights", "sha256", "input_size",
+                                                                           "interpolation", "mean", "std")}
+                               for t in self.specs],
+                "--reference": os.path.abspath(cfg.reference) if cfg.reference else None}
+
+    def create(self, path: str, cfg: "GenerateConfig", ds: Dataset, num_crops: int, settings: dict) -> LabelStore:
+        """A new top-k store for these teachers."""
+        return create_store(
+            path, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
+            dataset_root=ds.name, num_crops=num_crops, top_k=cfg.top_k, num_classes=self.num_classes,
+            temperature=cfg.temperature, teachers=[t.record(self.num_classes) for t in self.specs],
+            crop={"scale": list(cfg.scale), "ratio": list(cfg.ratio), "interpolation":
+                  [t.interpolation for t in self.specs], "input_size": [t.input_size for t in self.specs],
+                  "group_size": cfg.group_size},
+            seed=cfg.seed, source={"kind": "generate", "settings": settings, "label_type": cfg.label_type},
+            rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk)
+
     @torch.no_grad()
     def probs(self, crops_by_view: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
         """Mean over teachers of softmax(logits / T), float32 (N, classes)."""
@@ -215,8 +245,6 @@ class Teachers:
 class EmbeddingTeachers:
     """A self-supervised teacher on its device, labelling an ``embedding`` store: its output per view, stored as
     int8 with a per-crop scale (:func:`labelstore.kinds.encode_embeddings`)."""
-
-    kind = "embedding"
 
     def __init__(self, teacher: EmbeddingTeacher, dataset_classes: int, device: str, amp: bool, channels_last: bool):
         if isinstance(teacher.dim, bool) or not isinstance(teacher.dim, int) or not 1 <= teacher.dim <= MAX_DIM:
@@ -249,6 +277,30 @@ class EmbeddingTeachers:
     def to_store(self, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         q, scale = encode_embeddings(labels["embedding"])
         return {"embedding": q, "embedding_scale": scale}
+
+    def check_options(self, cfg: "GenerateConfig") -> None:
+        pass
+
+    def sample(self, cfg: "GenerateConfig", rows: np.ndarray, sizes: np.ndarray, num_crops: int) -> dict:
+        """The rows' views: boxes, flips and photometric parameters drawn from the seed (``--views``)."""
+        return sample_views(cfg.seed, rows, sizes, num_crops, cfg.views)
+
+    def settings(self, cfg: "GenerateConfig", num_crops: int) -> dict:
+        """What a resumed run must agree on, by option name."""
+        return {"--num-crops": num_crops, "--seed": cfg.seed, "kind": "embedding",
+                "teacher": self.teacher.record(full=False), "views": view_recipe(cfg.views)}
+
+    def create(self, path: str, cfg: "GenerateConfig", ds: Dataset, num_crops: int, settings: dict) -> LabelStore:
+        """A new embedding store: the teacher's embeddings on the views drawn from the seed."""
+        t = self.teacher
+        return create_store(path, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
+                            dataset_root=ds.name, num_crops=num_crops, num_classes=self.num_classes,
+                            teachers=[t.record()], kind="embedding",
+                            kind_fields={"dim": t.dim, "views": view_recipe(cfg.views)},
+                            crop={"input_size": [t.input_size], "interpolation": [t.interpolation],
+                                  "group_size": cfg.group_size},
+                            seed=cfg.seed, source={"kind": "generate", "settings": settings},
+                            rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk)
 
 
 def read_sizes(ds: Dataset, rows: np.ndarray, workers: int = 8) -> tuple[np.ndarray, dict[int, str]]:
@@ -299,25 +351,11 @@ class _ShardWriter:
 TEACHERS_KEY = "teachers (-a, --weights, --input-size, --interpolation, --mean, --std)"  # + the weights' sha256
 
 
-def _settings(cfg: GenerateConfig, num_crops: int, teachers: Teachers) -> dict:
-    """What a resumed run must agree on, by option name."""
-    if teachers.kind == "embedding":
-        return {"--num-crops": num_crops, "--seed": cfg.seed, "kind": "embedding",
-                "teacher": teachers.teacher.record(full=False), "views": view_recipe(cfg.views)}
-    return {"--num-crops": num_crops, "--top-k": cfg.top_k, "--num-classes": teachers.num_classes,
-            "--temperature": float(cfg.temperature), "--seed": cfg.seed,
-            "--min/max-scale-crops": [float(x) for x in cfg.scale], "--ratio": [float(x) for x in cfg.ratio],
-            TEACHERS_KEY: [{k: t.record(teachers.num_classes)[k] for k in ("name", "weights", "sha256", "input_size",
-                                                                           "interpolation", "mean", "std")}
-                           for t in teachers.specs],
-            "--reference": os.path.abspath(cfg.reference) if cfg.reference else None}
-
-
 def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_crops: int,
                       d: distributed.DistInfo) -> tuple[LabelStore, Lock | None]:
     """Open (rank 0: first create, atomically) the store and check it was made with these settings. Rank 0
     holds the store's writer lock for the run (returned): a second run on the same store is refused."""
-    settings = _settings(cfg, num_crops, teachers)
+    settings = teachers.settings(cfg, num_crops)
     path = cfg.save_path
     lock = None
     if d.is_main:
@@ -326,16 +364,7 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
             raise GenerateError(f"--save-path {path} is a file; it must name the label store's folder (to create "
                                 "or resume): choose another path")
         if not labelstore.store_exists(path, writing=True):  # refuses a place holding other files
-            create_atomically(path, lambda tmp: _create(cfg, tmp, ds, teachers, num_crops, settings) if
-                              teachers.kind != "topk" else create_store(
-                tmp, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
-                dataset_root=ds.name, num_crops=num_crops, top_k=cfg.top_k, num_classes=teachers.num_classes,
-                temperature=cfg.temperature, teachers=[t.record(teachers.num_classes) for t in teachers.specs],
-                crop={"scale": list(cfg.scale), "ratio": list(cfg.ratio), "interpolation":
-                      [t.interpolation for t in teachers.specs], "input_size": [t.input_size for t in teachers.specs],
-                      "group_size": cfg.group_size},
-                seed=cfg.seed, source={"kind": "generate", "settings": settings, "label_type": cfg.label_type},
-                rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk))
+            create_atomically(path, lambda tmp: teachers.create(tmp, cfg, ds, num_crops, settings))
         try:
             lock = store_writer_lock(path)
         except LockedError as e:
@@ -347,20 +376,6 @@ def _create_or_resume(cfg: GenerateConfig, ds: Dataset, teachers: Teachers, num_
         if lock is not None:
             lock.release()
         raise
-
-
-def _create(cfg: GenerateConfig, path: str, ds: Dataset, teachers: "EmbeddingTeachers", num_crops: int,
-            settings: dict) -> LabelStore:
-    """A new embedding store: the teacher's embeddings on the views drawn from the seed."""
-    t = teachers.teacher
-    return create_store(path, files=ds.files, targets=ds.targets, classes=ds.classes, fingerprint=ds.fingerprint,
-                        dataset_root=ds.name, num_crops=num_crops, num_classes=teachers.num_classes,
-                        teachers=[t.record()], kind="embedding",
-                        kind_fields={"dim": t.dim, "views": view_recipe(cfg.views)},
-                        crop={"input_size": [t.input_size], "interpolation": [t.interpolation],
-                              "group_size": cfg.group_size},
-                        seed=cfg.seed, source={"kind": "generate", "settings": settings},
-                        rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk)
 
 
 def _open_checked(cfg: GenerateConfig, ds: Dataset, settings: dict, d: distributed.DistInfo) -> LabelStore:
@@ -440,9 +455,7 @@ def _generate(cfg: GenerateConfig, device: str, d: distributed.DistInfo) -> Gene
         teachers = EmbeddingTeachers(cfg.embedding_teacher, len(ds.classes), device, amp, channels_last)
     else:
         teachers = Teachers(cfg.teachers, len(ds.classes), cfg.num_classes, device, amp, channels_last)
-    if teachers.kind == "topk" and not 1 <= cfg.top_k <= teachers.num_classes:
-        raise GenerateError(f"--top-k {cfg.top_k} must be between 1 and the number of classes "
-                            f"({teachers.num_classes}); --top-k {teachers.num_classes} stores full labels")
+    teachers.check_options(cfg)
     if cfg.evaluate:
         evaluate_teachers(cfg, teachers, device, d)
         return GenerateReport(store="", rank=d.rank, world_size=d.world_size, shards=0, images=0, crops=0,
@@ -516,7 +529,7 @@ class _ShardGenerator:
         self.cfg, self.ds, self.teachers, self.store, self.ref = cfg, ds, teachers, store, ref
         self.device, self.num_crops = device, num_crops
         self.group = max(1, min(cfg.group_size, num_crops))
-        self.view_params = graphs.VIEW_PARAMS if teachers.kind == "embedding" else ()
+        self.view_params = store.kind.view_params
         self.reader = GenerationReader(ds.root, ds.files, self.group, cfg.batch_size, view_params=self.view_params)
         self.threads = cfg.threads or default_threads()
         self.device_id = torch.cuda.current_device() if device == "gpu" else None
@@ -530,13 +543,10 @@ class _ShardGenerator:
 
     def _boxes(self, rows: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
         """Boxes and flips of the rows' crops (and a self-supervised store's view parameters)."""
-        if self.view_params:
-            return sample_views(self.cfg.seed, rows, sizes, self.num_crops, self.cfg.views)
         if self.ref is not None:
             got = self.ref.read_rows(rows)
             return {"boxes": got["boxes"].astype(np.int64), "flips": got["flips"]}
-        boxes, flips = sample_crops(self.cfg.seed, rows, sizes, self.num_crops, self.cfg.scale, self.cfg.ratio)
-        return {"boxes": boxes, "flips": flips}
+        return self.teachers.sample(self.cfg, rows, sizes, self.num_crops)
 
     def _pipeline(self):
         if self.pipe is None:
