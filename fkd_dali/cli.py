@@ -12,7 +12,7 @@ import labelstore
 
 from .interrupt import exit_code, terminate_like_ctrl_c
 from .options import (NON_NEGATIVE, POSITIVE, Parser, add_generate_args, add_linear_eval_args, add_train_args,
-                      int_range, prepare_train)
+                      int_range, prepare_train, train_config)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -313,8 +313,12 @@ def _resume_hint(args: argparse.Namespace) -> str:
     if args.command == "generate":
         return "finished shards are kept: rerun the same command to resume (nothing is labelled twice)"
     if args.command == "train" and not args.evaluate:
-        labels = args.labels or ("ssl" if args.recipe == "s2-bnn" else "fkd")
-        last = os.path.join(args.output or os.path.join("runs", f"{args.arch}-{labels}"), "checkpoint.pth.tar")
+        from .train_config import TrainError
+        try:  # the run's output folder, as the run itself resolved it (its recipe decides the default labels)
+            output = train_config(args).resolved().output
+        except (ValueError, TrainError):  # stopped before its options were taken: nothing was written
+            return "rerun the same command to start again"
+        last = os.path.join(output, "checkpoint.pth.tar")
         if not os.path.exists(last):
             return (f"no checkpoint was written yet ({last} is written at the end of a segment, and every "
                     "--checkpoint-every steps): rerun the same command to start again")
