@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -238,20 +239,20 @@ class _Fields:
                                    "(zarr.json) is damaged or was crafted; regenerate or re-import the store") from None
 
 
+def _instance(kind: type) -> Callable[[Any], Any]:
+    """A converter that returns a value of ``kind`` as it is and raises TypeError for anything else."""
+    def check(v: Any) -> Any:
+        if not isinstance(v, kind):
+            raise TypeError(v)
+        return v
+    return check
+
+
+_bool, _list, _str, _dict = _instance(bool), _instance(list), _instance(str), _instance(dict)
+
+
 def _int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(v)
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(v)
-    return v
-
-
-def _list(v: Any) -> list:
-    if not isinstance(v, list):
         raise TypeError(v)
     return v
 
@@ -277,18 +278,6 @@ def _skipped(v: Any, num_images: int) -> list[list]:
             raise ValueError(v)
         out.append([_int(x[0]), x[1]])
     return out
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise TypeError(v)
-    return v
-
-
-def _dict(v: Any) -> dict:
-    if not isinstance(v, dict):
-        raise TypeError(v)
-    return v
 
 
 def _number(v: Any) -> float:
