@@ -191,7 +191,7 @@ def train_config(args: argparse.Namespace):
         batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size, opt=args.opt, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, cos=cos, linear=linear,
         ssl_teacher=args.ssl_teacher, ssl_head=args.ssl_head, ssl_loss=args.ssl_loss,
-        schedule=tuple(args.schedule) if args.schedule is not None else None, warmup_epochs=args.warmup_epochs,
+        ce_weight=args.ce_weight, schedule=tuple(args.schedule) if args.schedule is not None else None, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, opt_eps=args.opt_eps, drop_path=args.drop_path,
         clip_grad=args.clip_grad, **mix_fields, label_smoothing=args.label_smoothing,
         scale=pair(args.scale, "--scale"), teacher_arch=args.teacher_arch, teacher_path=args.teacher_path,
@@ -318,6 +318,9 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--ssl-loss", dest="ssl_loss", choices=("kl", "cosine", "mse"),
                    help="--labels ssl / ssl-online: kl (S2-BNN's: -sum softmax(t/T) log_softmax(s/T), default), "
                         "cosine (1 - cos(s, t)) or mse (|s - t|^2 of the normalised embeddings)")
+    t.add_argument("--ce-weight", dest="ce_weight", type=float,
+                   help="--labels relabel-mse: weight of the cross-entropy with the image's class (G-VBSM's 0.1; "
+                        "EDC's scripts 0.025)")
     t.add_argument("--ssl-teacher", dest="ssl_teacher", metavar="CKPT[,CKPT]",
                    help="--labels ssl-online: the self-supervised teacher(s), as `generate --ssl-teacher`")
     t.add_argument("--ssl-head", dest="ssl_head", metavar="HEAD", help="--ssl-teacher's head, as in generate")

@@ -57,6 +57,7 @@ class TrainConfig:
     ssl_teacher: str | None = None  # --labels ssl-online: the self-supervised teacher(s) (fkd_dali.ssl_teachers)
     ssl_head: str | None = None
     ssl_loss: str = "kl"  # --labels ssl / ssl-online: kl (S2-BNN's), cosine, mse
+    ce_weight: float = 0.1  # --labels relabel-mse: G-VBSM/EDC's cross-entropy weight (G-VBSM 0.1, EDC's scripts 0.025)
     model_ema: bool = False
     model_ema_decay: float = 0.9998
     amp: bool | None = None

@@ -310,3 +310,42 @@ class RelabelLoader(_DaliLoader):
         box = t["mixbox"].reshape(n, 4)[0].tolist()
         mixed = mix_step(images[own.to(dev)], images[partner[own].to(dev)], self.mix, lam, box)
         return {"images": mixed, **out, **common}
+
+
+class StoreSteps:
+    """A relabel store (``labelstore.relabel.RelabelStore``) as the loader's ``steps_of`` / ``labels_of``: stored
+    epoch ``e``'s kept steps, read as one contiguous block of rows when the epoch is planned (boxes, flips, plan and
+    labels; an epoch's labels are held while it trains: steps x batch x label width), labels served by position.
+    ``labels=False``: only the plan (generation, before the labels exist)."""
+
+    def __init__(self, store, labels: bool = True):
+        self.store = store
+        self.with_labels = labels
+        self.label_specs = {}
+        if labels:
+            arr = store.store
+            self.label_specs = {n: (arr.array(n).dtype, tuple(arr.array(n).shape[2:])) for n in store.label_arrays}
+        self._held: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def rows(self, epoch: int) -> tuple[int, int]:
+        a, b = self.store.rows_of_epoch(epoch)
+        if a == b:
+            raise LoaderError(f"{self.store.path}: epoch {epoch} has no kept step (pruned away); train fewer epochs "
+                              f"or on a store that keeps steps of every epoch")
+        return a, b
+
+    def steps_of(self, epoch: int) -> EpochSteps:
+        a, b = self.rows(epoch)
+        blk = self.store.read_steps(a, b)
+        sizes = np.asarray(blk.step_size, dtype=np.int64)
+        used = np.arange(self.store.batch_size)[None, :] < sizes[:, None]
+        self._held = (epoch, {n: blk.arrays[n] for n in self.label_specs})
+        return EpochSteps(rows=blk.images[used].astype(np.int64), starts=np.concatenate([[0], np.cumsum(sizes)]),
+                          coords=blk.boxes[used], flips=blk.flips[used], partner=blk.mix_partner[used].astype(np.int64),
+                          lam=np.asarray(blk.mix_lam), box=np.asarray(blk.mix_box))
+
+    def labels_of(self, epoch: int, step: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        key, held = self._held
+        if key != epoch:  # pragma: no cover - the reader plans an epoch before serving it
+            raise LoaderError(f"labels of epoch {epoch} asked while epoch {key} is held")
+        return {n: v[step][positions] for n, v in held.items()}

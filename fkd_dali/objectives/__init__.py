@@ -30,6 +30,10 @@ BUILTIN: dict[str, Entry] = {
     "ssl": Entry("fkd_dali.objectives.ssl:StoredEmbeddings", "self-supervised FKD: stored views and teacher embeddings"),
     "ssl-online": Entry("fkd_dali.objectives.ssl:OnlineEmbeddings",
                         "a self-supervised teacher (--ssl-teacher) on every stored view"),
+    "relabel": Entry("fkd_dali.objectives.relabel:RelabelKL",
+                     "dataset distillation: a relabel store's mixed crops, SRe2L's KL (--temp)"),
+    "relabel-mse": Entry("fkd_dali.objectives.relabel:RelabelMSE",
+                         "dataset distillation: a relabel store, G-VBSM/EDC's mse_gt (--ce-weight)"),
     "meal-v2": Entry("fkd_dali.objectives.meal_v2:MealV2", "FKD's labels + MEAL V2's discriminator", labels=False),
 }
 _registry: dict[str, Entry] = dict(BUILTIN)
