@@ -24,14 +24,15 @@ def check_block(data: dict[str, np.ndarray], num_classes: int, *, first_row: int
     ``rows_mask`` limits the check to rows that are done. Block row i is store row ``row_ids[i]`` (default
     ``first_row + i``); ``files`` (a sequence or a function of the row) names it in the error.
     """
-    sizes = np.asarray(data["sizes"])
     boxes = np.asarray(data["boxes"])
     labels = {name: np.asarray(data[name]) for name in kind.names}
-    sel = np.arange(len(sizes)) if rows_mask is None else np.flatnonzero(rows_mask)
+    if kind.views:  # a step kind's boxes and flips are the kind's to check (normalised, not pixels)
+        labels |= {a.name: np.asarray(data[a.name]) for a in kind.views}
+    sel = np.arange(len(boxes)) if rows_mask is None else np.flatnonzero(rows_mask)
     if sel.size == 0:
         return
-    if rows_mask is not None and sel.size < len(sizes):
-        sizes, boxes = sizes[sel], boxes[sel]
+    if rows_mask is not None and sel.size < len(boxes):
+        boxes = boxes[sel]
         labels = {name: v[sel] for name, v in labels.items()}
 
     def fail(mask: np.ndarray, what: str) -> None:
@@ -45,6 +46,12 @@ def check_block(data: dict[str, np.ndarray], num_classes: int, *, first_row: int
             raise StoreCorruptError(f"{where}: row {row}{name}: {what} ({int(r.size)} rows affected). The "
                                     "labels are invalid; regenerate or re-import them")
 
+    if kind.rows == "step":
+        for mask, what in kind.checks(labels, fields):
+            fail(mask, what)
+        return
+    sizes = np.asarray(data["sizes"])
+    sizes = sizes[sel] if rows_mask is not None and sel.size < len(sizes) else sizes
     wide = np.int64 if boxes.dtype.itemsize > 2 or sizes.dtype.itemsize > 4 else np.int32
     sizes = sizes.astype(wide, copy=False)
     fail((sizes < 1).any(axis=1), "image size is missing or < 1 px (a chunk may be missing on disk)")

@@ -16,6 +16,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
 from .errors import StoreFormatError, StoreWriteError
+from .kind_types import LabelArray
 from .location import exists, location
 from .schema import ATTR_KEY, FILES_CHUNK, FILL, WRITE_CONFIG, Layout, StoreMeta, box_dtype
 from .store import LabelStore
@@ -38,11 +39,12 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
                  teachers: Sequence[dict[str, Any]] = (), crop: dict[str, Any] | None = None,
                  seed: int | None = None, source: dict[str, Any] | None = None, max_side: int = 65535,
                  rows_per_shard: int | None = None, crops_per_chunk: int | None = None,
-                 overwrite: bool = False, kind: str = "topk", kind_fields: dict[str, Any] | None = None
-                 ) -> "LabelStore":
+                 overwrite: bool = False, kind: str = "topk", kind_fields: dict[str, Any] | None = None,
+                 sizes: np.ndarray | None = None, row_data: dict[str, np.ndarray] | None = None) -> "LabelStore":
     """Create an empty store for ``len(files)`` images x ``num_crops`` crops x top-``top_k`` labels, or the labels
     of another ``kind`` (:mod:`labelstore.kinds`; e.g. ``kind="embedding", kind_fields={"dim": 128, "views":
-    {...}}``)."""
+    {...}}``). A kind whose rows are training steps (``relabel``: use :func:`labelstore.relabel.create_relabel_store`)
+    is given the images' ``sizes`` (N, 2) and its arrays written at creation (``row_data``) here."""
     where = path
     loc = location(where, mode="w")
     path = loc.name
@@ -70,7 +72,6 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
         else:
             sync(loc.store.delete_dir(""))
 
-    layout = Layout.choose(n, num_crops, rows_per_shard, crops_per_chunk)
     meta = StoreMeta(num_images=n, num_crops=num_crops, top_k=top_k, num_classes=num_classes,
                      classes=list(classes), dataset_root=dataset_root, fingerprint=fingerprint,
                      temperature=float(temperature), teachers=list(teachers), crop=dict(crop or {}),
@@ -79,6 +80,17 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
         label_kind, fields = meta.label_kind(path)
     except StoreFormatError as e:
         raise StoreWriteError(str(e)) from None
+    steps = label_kind.rows == "step"
+    num_rows = fields["num_steps"] if steps else n
+    row_data = dict(row_data or {})
+    made_here = {a.name for a in label_kind.arrays if a.at_creation}
+    if set(row_data) != made_here or (sizes is None) == steps:
+        raise StoreWriteError(f"{path}: a {kind} store is created with "
+                              + (f"the images' sizes and the arrays {', '.join(sorted(made_here))}" if steps
+                                 else "no sizes (generation writes them)")
+                              + f"; got {'sizes' if sizes is not None else 'no sizes'} and "
+                              f"{', '.join(sorted(row_data)) or 'no arrays'}")
+    layout = Layout.choose(num_rows, num_crops, rows_per_shard, crops_per_chunk)
     attrs = meta.to_attrs()
     attrs["layout"] = dataclasses.asdict(layout) | {"write_empty_chunks": True}
     group = zarr.open_group(loc.store, mode="w", attributes={ATTR_KEY: attrs})
@@ -89,17 +101,38 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
     group.create_array("files", shape=(n,), dtype=str, chunks=(min(n, FILES_CHUNK),))
     group.create_array("targets", shape=(n,), dtype=np.int32, chunks=(min(n, FILES_CHUNK),),
                        compressors=comp)
-    group.create_array("sizes", shape=(n, 2), dtype=np.int32, chunks=(R, 2), compressors=comp,
-                       fill_value=FILL["sizes"])
-    group.create_array("done", shape=(n,), dtype=bool, chunks=(R,), compressors=comp,
+    # sizes: per image, written by generation with the rows (an image kind) or here (a step kind)
+    group.create_array("sizes", shape=(n, 2), dtype=np.int32, chunks=(min(n, FILES_CHUNK), 2) if steps else (R, 2),
+                       compressors=comp, fill_value=FILL["sizes"])
+    group.create_array("done", shape=(num_rows,), dtype=bool, chunks=(R,), compressors=comp,
                        fill_value=FILL["done"])
-    arrays = [("boxes", (4,), box_dtype(max_side), FILL["boxes"]), ("flips", (), np.dtype(bool), FILL["flips"])]
-    arrays += [(a.name, a.tail(fields), a.dtype_for(fields), a.fill) for a in label_kind.arrays]
-    for name, tail, dt, fill in arrays:
-        group.create_array(name, shape=(n, num_crops) + tail, dtype=dt, chunks=(R, c) + tail,
-                           shards=(R, sc) + tail, compressors=comp, fill_value=fill)
+    views = label_kind.views or (LabelArray("boxes", (), FILL["boxes"], lambda f: (4,), lambda f: box_dtype(max_side)),
+                                 LabelArray("flips", ("bool",), FILL["flips"]))
+    # a step kind's inner chunk is one step (what a training step reads); an image kind's: R rows x c crops
+    for a in views + label_kind.arrays:
+        tail = a.tail(fields)
+        if a.per_row:
+            group.create_array(a.name, shape=(num_rows,) + tail, dtype=a.dtype_for(fields), chunks=(R,) + tail,
+                               compressors=comp, fill_value=a.fill)
+        else:
+            group.create_array(a.name, shape=(num_rows, num_crops) + tail, dtype=a.dtype_for(fields),
+                               chunks=(1 if steps else R, c) + tail, shards=(R, sc) + tail, compressors=comp,
+                               fill_value=a.fill)
     fa = group["files"].with_config(WRITE_CONFIG)
     for a in range(0, n, FILES_CHUNK):
         fa[a:a + FILES_CHUNK] = np.asarray(list(files[a:a + FILES_CHUNK]), dtype=str)
     group["targets"].with_config(WRITE_CONFIG)[:] = tgt.astype(np.int32)
+    if steps:
+        sz = np.asarray(sizes)
+        if sz.shape != (n, 2) or sz.size and (sz.min() < 1 or sz.max() > max_side):
+            raise StoreWriteError(f"{path}: sizes must be (height, width) of each of the {n} images, in 1..{max_side} "
+                                  f"px; got an array of shape {sz.shape}")
+        group["sizes"].with_config(WRITE_CONFIG)[:] = sz.astype(np.int32)
+        for a in label_kind.arrays:
+            if a.at_creation:
+                want = (num_rows,) + a.tail(fields)
+                got = np.asarray(row_data[a.name])
+                if got.shape != want:
+                    raise StoreWriteError(f"{path}: '{a.name}' has shape {got.shape}, expected {want}")
+                group[a.name].with_config(WRITE_CONFIG)[:] = got.astype(a.dtype_for(fields))
     return LabelStore(where, mode="r+")

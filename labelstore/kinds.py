@@ -26,59 +26,18 @@ A crop whose jitter is not applied stores the identity factors (1, 1, 1, 0) and 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .errors import StoreFormatError
+from .kind_types import LabelArray, StoreKind, class_dtype
+from .relabel_kind import RELABEL
 
 #: Embedding dimensions a store may hold (a row's crop pool is read whole by ``show`` and generation).
 MAX_DIM = 1 << 14
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelArray:
-    """One per-crop label array of a kind: ``(N, C) + tail(fields)``, stored as ``dtype(fields)`` (one of
-    ``dtypes``); ``fill`` is an impossible value, so a chunk missing on disk reads as something refused."""
-
-    name: str
-    dtypes: tuple[str, ...]
-    fill: Any
-    tail: Callable[[dict], tuple] = lambda f: ()
-    dtype: Callable[[dict], np.dtype] | None = None
-
-    def dtype_for(self, fields: dict) -> np.dtype:
-        return self.dtype(fields) if self.dtype else np.dtype(self.dtypes[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreKind:
-    """A store kind: its label arrays, what its labels are (for people), the ``--labels`` objective that
-    trains from it, its metadata fields and its value checks."""
-
-    name: str
-    what: str  # "top-k soft labels"
-    objective: str  # the --labels value that trains from it
-    arrays: tuple[LabelArray, ...]
-    read_fields: Callable[[dict, str], dict]  # its metadata fields, checked (``where`` names the store)
-    describe: Callable[[dict], str]  # "kind embedding, D=128"
-    checks: Callable[[dict, dict], list]  # (data, fields) -> [(bad mask (rows, ...), what), ...]
-    serve: Callable[[dict], dict]  # a batch's label arrays -> what a loader serves (e.g. embeddings as float32)
-    view_params: tuple[str, ...] = ()  # the arrays a replay of the view needs beside box and flip
-    meta_lines: tuple[str, ...] = ()  # the store metadata that means something for this kind ("temperature")
-    exportable: bool = False  # ``export-fkd`` writes FKD's label files from it
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.arrays)
-
-
-def _class_dtype(fields: dict) -> np.dtype:
-    return np.dtype(np.int16) if fields["num_classes"] <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
 
 
 def _topk_fields(attrs: dict, where: str) -> dict:
@@ -95,7 +54,7 @@ def _topk_checks(data: dict, fields: dict) -> list:
 
 TOPK = StoreKind(
     name="topk", what="top-k soft labels", objective="fkd",
-    arrays=(LabelArray("topk_idx", ("int16", "int32"), -1, lambda f: (f["top_k"],), _class_dtype),
+    arrays=(LabelArray("topk_idx", ("int16", "int32"), -1, lambda f: (f["top_k"],), class_dtype),
             LabelArray("topk_val", ("float16",), float("nan"), lambda f: (f["top_k"],))),
     read_fields=_topk_fields, describe=lambda f: f"kind topk, k={f['top_k']}", checks=_topk_checks,
     serve=lambda a: {"topk_idx": a["topk_idx"], "topk_val": np.asarray(a["topk_val"], np.float16)},
@@ -189,7 +148,7 @@ EMBEDDING = StoreKind(
     serve=lambda a: {"embedding": decode_embeddings(a["embedding"], a["embedding_scale"])},
     view_params=("jitter_factors", "jitter_order", "grayscale", "blur_sigma"))
 
-KINDS = {k.name: k for k in (TOPK, EMBEDDING)}
+KINDS = {k.name: k for k in (TOPK, EMBEDDING, RELABEL)}
 
 
 def kind_named(name: Any, where: str) -> StoreKind:

@@ -161,7 +161,7 @@ class StoreReading:
             lost = [int(i) for i in shards if int(i) not in present]
             if lost:
                 i = lost[0]
-                a, b = i * R, min(self.num_images, (i + 1) * R)
+                a, b = i * R, min(self.num_rows, (i + 1) * R)
                 key = "/".join([name, "c", str(i)] + ["0"] * (self.group[name].ndim - 1))
                 raise StoreCorruptError(
                     f"{self.path}: array '{name}' has no chunk file {key} although rows {a}..{b - 1} are marked "
@@ -180,8 +180,8 @@ class StoreReading:
         if missing and not allow_incomplete:
             first = int(np.flatnonzero(missing_mask)[0])
             raise StoreIncompleteError(
-                f"{self.path}: {missing} of {self.num_images} rows have no labels yet (first: row {first}, "
-                f"{self.file_name(first)}). Finish generation by rerunning the same `fkd-dali generate` command, "
+                f"{self.path}: {missing} of {self.num_rows} rows have no labels yet (first: row {first}"
+                + (f", {self.file_name(first)}" if self.row_sizes else "") + "). Finish generation by rerunning the same `fkd-dali generate` command, "
                 "or pass --allow-incomplete to train on the done rows only")
         return done
 
@@ -198,6 +198,9 @@ class StoreReading:
             raise ValueError(f"{self.path}: round {r} of {n} crops needs crops [{r * n}, {(r + 1) * n}) but "
                              f"the pool has {self.num_crops} crops per image ({self.num_rounds(n)} rounds "
                              f"of {n})")
+        if not self.row_sizes:
+            raise ValueError(f"{self.path} holds {self.kind.what}, one row per training step: it is read by steps "
+                             "(labelstore.relabel), not in rounds of crops per image")
         done = self.done() if done is None else done
         if rows is not None and len(rows) == self.num_images:
             rows = None  # sorted, unique and in range: every row (a slice reads faster than an index array)
@@ -253,13 +256,15 @@ class StoreReading:
         return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a] or [(0, 0)]
 
     def read_rows(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """The full crop pool of the given rows (any order): sizes, boxes, flips and the kind's label arrays."""
+        """The full crop pool of the given rows (any order): sizes (of an image kind's rows), boxes, flips and the
+        kind's label arrays."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_images):
-            raise IndexError(f"{self.path}: rows must be in 0..{self.num_images - 1}")
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"{self.path}: rows must be in 0..{self.num_rows - 1}")
         uniq, inverse = np.unique(rows, return_inverse=True)
         done = self.done()
         self._check_chunk_files(self.crop_arrays, self._shards_of(uniq[done[uniq]]))
-        out = {name: self._read_orthogonal(name, uniq)[inverse] for name in ("sizes",) + self.crop_arrays}
+        names = (("sizes",) if self.row_sizes else ()) + self.crop_arrays
+        out = {name: self._read_orthogonal(name, uniq)[inverse] for name in names}
         out["done"] = done[rows]
         return out

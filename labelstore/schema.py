@@ -159,8 +159,9 @@ class StoreMeta:
     def label_kind(self, where: str):
         """The store's :class:`~labelstore.kinds.StoreKind` and its fields (checked), or StoreFormatError."""
         kind = kind_named(self.kind, where)
-        return kind, kind.read_fields({"top_k": self.top_k, "num_classes": self.num_classes,
-                                       "kind_fields": self.kind_fields}, where)
+        fields = kind.read_fields({"top_k": self.top_k, "num_classes": self.num_classes, "num_images": self.num_images,
+                                   "num_crops": self.num_crops, "kind_fields": self.kind_fields}, where)
+        return kind.bound(fields), fields
 
     def to_attrs(self) -> dict[str, Any]:
         return {

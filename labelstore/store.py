@@ -97,6 +97,16 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
         return self.meta.num_crops
 
     @property
+    def num_rows(self) -> int:
+        """Rows of the per-crop arrays and of ``done``: the images, or a step kind's stored steps."""
+        return self.fields["num_steps"] if self.kind.rows == "step" else self.meta.num_images
+
+    @property
+    def row_sizes(self) -> bool:
+        """Whether ``sizes`` is written with the rows (an image kind) rather than at creation (a step kind)."""
+        return self.kind.rows == "image"
+
+    @property
     def top_k(self) -> int:
         return self.meta.top_k
 
@@ -143,12 +153,12 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
 
     def _check_arrays(self) -> None:
         m = self.meta
+        rows = self.num_rows
         expect = {"files": (m.num_images,), "targets": (m.num_images,), "sizes": (m.num_images, 2),
-                  "done": (m.num_images,), "boxes": (m.num_images, m.num_crops, 4),
-                  "flips": (m.num_images, m.num_crops)}
+                  "done": (rows,), "boxes": (rows, m.num_crops, 4), "flips": (rows, m.num_crops)}
         dtypes = dict(DTYPES)
-        for a in self.kind.arrays:
-            expect[a.name] = (m.num_images, m.num_crops) + a.tail(self.fields)
+        for a in self.kind.views + self.kind.arrays:
+            expect[a.name] = ((rows,) if a.per_row else (rows, m.num_crops)) + a.tail(self.fields)
             dtypes[a.name] = a.dtypes
         have = set(self.group.array_keys())
         for name, shape in expect.items():
@@ -217,7 +227,7 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
         a missing one is a lost file, not rows "not done" (zarr would read it as all False). One listing.
         (A shard whose rows were all skipped may lack it in a store written before every chunk was.)"""
         present = self._present_shards("done")
-        skipped = self.settled(np.zeros(self.num_images, bool))
+        skipped = self.settled(np.zeros(self.num_rows, bool))
         lost = [i for i, (a, b) in enumerate(self.shard_ranges()) if i not in present and not skipped[a:b].all()]
         if lost:
             a, b = self.shard_ranges()[lost[0]]
@@ -228,7 +238,7 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
         self._done_files_checked = True
 
     def shard_ranges(self) -> list[tuple[int, int]]:
-        return self.layout.shard_ranges(self.num_images)
+        return self.layout.shard_ranges(self.num_rows)
 
     def skipped_rows(self) -> np.ndarray:
         """Rows left out on purpose (e.g. corrupt images under --skip-corrupt), never served."""
@@ -237,7 +247,8 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
     def settled(self, done: np.ndarray | None = None) -> np.ndarray:
         """Per row: done, or skipped on purpose (``done``: the done mask, if already read)."""
         mask = self.done() if done is None else done.copy()
-        mask[self.skipped_rows()] = True
+        if self.row_sizes:  # skipped images are rows of an image kind only
+            mask[self.skipped_rows()] = True
         return mask
 
     def missing_rows(self) -> np.ndarray:

@@ -61,7 +61,8 @@ def summarize(store: LabelStore) -> dict:
         "num_images": m.num_images, "num_crops": m.num_crops, "top_k": m.top_k,
         "num_classes": m.num_classes, "temperature": m.temperature,
         "kind": m.kind, "kind_described": store.describe_kind(), "label_what": store.kind.what,
-        "kind_meta": list(store.kind.meta_lines),
+        "kind_meta": list(store.kind.meta_lines), "kind_lines": store.kind.lines(store.fields),
+        "rows": store.num_rows, "row_kind": store.kind.rows,
         "dim": store.fields.get("dim"),
         "rows_done": int(done.sum()), "complete": bool(m.complete),
         "layout": {"rows_per_shard": store.layout.rows_per_shard,
@@ -106,11 +107,14 @@ def format_summary(s: dict) -> str:
     mb = s["bytes_total"] / 2**20
     lines = [
         f"label store  {s['path']}  (schema v{s['schema_version']})",
-        f"  images     {s['num_images']:,}  x  {s['num_crops']} crops  x  "
-        + (f"top-{s['top_k']} of {s['num_classes']} classes" if s.get("kind", "topk") == "topk" else
-           f"{s['label_what']}"),
+        (f"  images     {s['num_images']:,}  x  {s['num_crops']} crops  x  "
+         + (f"top-{s['top_k']} of {s['num_classes']} classes" if s.get("kind", "topk") == "topk" else
+            f"{s['label_what']}")) if s.get("row_kind", "image") == "image" else
+        f"  images     {s['num_images']:,}; rows: {s['rows']:,} steps x {s['num_crops']} positions, "
+        f"{s['label_what']} of {s['num_classes']} classes",
         f"  labels     {s.get('kind_described', 'kind topk')}",
-        f"  complete   {'yes' if s['complete'] else 'NO'}  ({s['rows_done']:,} / {s['num_images']:,} rows done)",
+        f"  complete   {'yes' if s['complete'] else 'NO'}  ({s['rows_done']:,} / {s.get('rows', s['num_images']):,} "
+        "rows done)",
         f"  on disk    {mb:,.2f} MiB;  " + (f"{s['bytes_per_crop']:.2f} B per labelled crop (labels+boxes+flips: "
                                          f"{s['label_bytes_per_crop']:.2f} B/crop)" if s["bytes_per_crop"] is not None
                                          else "no crop labelled yet"),
@@ -121,6 +125,7 @@ def format_summary(s: dict) -> str:
         "  " + "   ".join(([f"temperature {s['temperature']}"] if "temperature" in s.get("kind_meta", ["temperature"])
                              else []) + [f"seed {s['seed']}", f"EXIF orientation: {s['exif']}"]),
     ]
+    lines += s.get("kind_lines", [])
     if s["crop"]:
         lines.append("  crops      " + ", ".join(f"{k}={v}" for k, v in s["crop"].items()))
     for t in s["teachers"] or []:
@@ -133,7 +138,7 @@ def format_summary(s: dict) -> str:
                "where it stopped)" if kind == "generate" else
                "import the missing FKD label files again (`fkd-dali import-fkd ... --overwrite`)"
                if kind == "import-fkd" else "finish the tool that made it")
-        missing = s["num_images"] - s["rows_done"] - s["skipped"]
+        missing = s.get("rows", s["num_images"]) - s["rows_done"] - s["skipped"]
         lines.append(f"  to finish  {missing:,} rows have no labels: {how}")
     lines.append("  arrays")
     for name, a in s["arrays"].items():

@@ -110,12 +110,13 @@ def _verify_shards(store, shards: Sequence[int]) -> None:
     for i in shards:
         a, b = ranges[i]
         block = {}
-        for name in ("sizes", "done") + store.crop_arrays:
+        for name in (("sizes",) if store.row_sizes else ()) + ("done",) + store.crop_arrays:
             try:
                 block[name] = store._reader(name)[a:b]
             except Exception as e:  # noqa: BLE001 - any decode failure names the chunk
                 raise store._corrupt_chunk(name, i, e) from e
-        check_block(block, store.num_classes, first_row=a, files=store.file_name, where=store.path,
+        check_block(block, store.num_classes, first_row=a, files=store.file_name if store.row_sizes else None,
+                    where=store.path,
                     rows_mask=block.pop("done"), kind=store.kind, fields=store.fields)
 
 

@@ -67,10 +67,12 @@ class StoreWriting:
         if self.mode == "r":
             raise StoreWriteError(f"{self.path} was opened read-only; open it with mode='r+' to write")
 
-    def write_block(self, start: int, *, sizes: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
+    def write_block(self, start: int, *, boxes: np.ndarray, flips: np.ndarray, sizes: np.ndarray | None = None,
                     rows_done: np.ndarray | None = None, overwrite: bool = False, **labels: np.ndarray) -> None:
-        """Write whole rows ``[start, start + len(sizes))``; the block must cover whole shards. ``labels``: the
-        store kind's label arrays by name (``topk_idx``, ``topk_val`` for a top-k store), each (rows, C, ...).
+        """Write whole rows ``[start, start + len(boxes))``; the block must cover whole shards. ``labels``: the
+        store kind's label arrays by name (``topk_idx``, ``topk_val`` for a top-k store), each (rows, C, ...),
+        or (rows, ...) for an array with one value per row; ``sizes`` (rows, 2): the images' sizes, given by
+        an image kind's writer only (a step kind's are written at creation).
 
         Data arrays are written first and ``done`` last. ``rows_done`` (bool per row, default all) says
         which rows hold real labels; the others stay not done (e.g. skipped corrupt images). Rows
@@ -78,18 +80,26 @@ class StoreWriting:
         """
         self._require_writable()
         m = self.meta
-        count = len(sizes)
+        count = len(boxes) if sizes is None else len(sizes)
         stop = start + count
-        R = self.layout.rows_per_shard
-        if start % R or (stop % R and stop != m.num_images) or count == 0 or stop > m.num_images:
+        R, N = self.layout.rows_per_shard, self.num_rows
+        if start % R or (stop % R and stop != N) or count == 0 or stop > N:
             raise StoreWriteError(f"{self.path}: block [{start}, {stop}) is not made of whole shards of "
-                                  f"{R} rows (N={m.num_images}); writers must own whole shards")
-        if set(labels) != set(self.kind.names):
+                                  f"{R} rows ({N} rows); writers must own whole shards")
+        given = self.kind.written_arrays
+        if set(labels) != set(given):
             raise StoreWriteError(f"{self.path} holds {self.kind.what} ({self.describe_kind()}): a block gives its "
-                                  f"arrays {', '.join(self.kind.names)}, got {', '.join(sorted(labels)) or 'none'}")
-        expect = {"sizes": (count, 2), "boxes": (count, m.num_crops, 4), "flips": (count, m.num_crops)}
-        expect |= {a.name: (count, m.num_crops) + a.tail(self.fields) for a in self.kind.arrays}
-        data = {"sizes": np.asarray(sizes), "boxes": np.asarray(boxes), "flips": np.asarray(flips)}
+                                  f"arrays {', '.join(given)}, got {', '.join(sorted(labels)) or 'none'}")
+        if (sizes is None) == self.row_sizes:
+            raise StoreWriteError(f"{self.path}: a block of {self.kind.what} " + (
+                "gives the images' sizes" if self.row_sizes else "gives no sizes (they were written at creation)"))
+        expect = {"boxes": (count, m.num_crops, 4), "flips": (count, m.num_crops)}
+        expect |= {a.name: ((count,) if a.per_row else (count, m.num_crops)) + a.tail(self.fields)
+                   for a in self.kind.arrays if not a.at_creation}
+        data = {"boxes": np.asarray(boxes), "flips": np.asarray(flips)}
+        if self.row_sizes:
+            expect["sizes"] = (count, 2)
+            data["sizes"] = np.asarray(sizes)
         data |= {name: np.asarray(v) for name, v in labels.items()}
         for name, shape in expect.items():
             if data[name].shape != shape:
@@ -103,9 +113,12 @@ class StoreWriting:
         mask = np.ones(count, bool) if rows_done is None else np.asarray(rows_done, dtype=bool)
         if mask.shape != (count,):
             raise StoreWriteError(f"{self.path}: rows_done has shape {mask.shape}, expected ({count},)")
-        check_block(data, m.num_classes, first_row=start, files=self.file_name, where=self.path, rows_mask=mask,
-                    kind=self.kind, fields=self.fields)
-        for name in ("sizes",) + self.crop_arrays:
+        for a in self.kind.arrays:
+            if a.at_creation:  # the kind's checks see every array of the rows
+                data[a.name] = self._read(a.name, slice(start, stop))
+        check_block(data, m.num_classes, first_row=start, files=self.file_name if self.row_sizes else None,
+                    where=self.path, rows_mask=mask, kind=self.kind, fields=self.fields)
+        for name in (("sizes",) if self.row_sizes else ()) + tuple(n for n in self.crop_arrays if n in expect):
             arr = self.group[name].with_config(WRITE_CONFIG)
             try:
                 arr[start:stop] = data[name].astype(arr.dtype, copy=False)
@@ -123,10 +136,10 @@ class StoreWriting:
         """Mark rows ``[start, stop)`` as not done (their labels will be regenerated on resume); a range
         holding no row of the store is refused before anything changes."""
         self._require_writable()
-        if not 0 <= start < stop <= self.num_images:
+        if not 0 <= start < stop <= self.num_rows:
             raise StoreWriteError(f"{self.path}: rows {start}:{stop} are not a range of its rows: A:B clears rows "
-                                  f"A..B-1 and needs 0 <= A < B <= {self.num_images} (the store has "
-                                  f"{self.num_images:,} rows); nothing was changed")
+                                  f"A..B-1 and needs 0 <= A < B <= {self.num_rows} (the store has "
+                                  f"{self.num_rows:,} rows); nothing was changed")
         done = self._read("done", slice(None))  # not done(): a complete store's lost done file is cleared here
         done[start:stop] = False
         self.group["done"][:] = done
