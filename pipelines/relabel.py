@@ -9,7 +9,7 @@ step's mix plan: a partner position ``perm[p]`` for every position ``p`` of the 
 * **crop** (``RandomResizedCropWithCoords`` + torchvision's ``resized_crop`` on a PIL image): ``i = c0 * H``,
   ``j = c1 * W``, ``h = c2 * H``, ``w = c3 * W`` in double precision, then PIL's ``Image.crop((j, i, j + w, i + h))``,
   which rounds each end half-to-even (``map(int, map(round, box))``); the pixel box is those rounded ends
-  (:func:`sre2l_pixel_boxes`), resized bilinear (PIL, antialiased) to the crop size, then flipped;
+  (:func:`labelstore.relabel.pixel_boxes`), resized bilinear (PIL, antialiased) to the crop size, then flipped;
 * **mixing** (``mix_aug`` on the normalised batch): CutMix ``x[:, :, bbx1:bbx2, bby1:bby2] = x[perm, :, bbx1:bbx2,
   bby1:bby2]`` (the first pair indexes rows, the second columns), Mixup ``lam * x + (1 - lam) * x[perm]``
   (:func:`mix_step`). Normalisation is affine per channel, so mixing after it is mixing the pixels.
@@ -31,6 +31,7 @@ import torch
 from nvidia.dali.types import BatchInfo
 
 from labelstore import PathTable
+from labelstore.relabel import pixel_boxes
 
 from . import graphs
 from .errors import LoaderError
@@ -39,19 +40,6 @@ from .image_reader import ImagePaths, source_nodes
 from .loader import _DaliLoader
 
 MIX_MODES = ("cutmix", "mixup", "none")
-
-
-def sre2l_pixel_boxes(coords: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """SRe2L's normalised crop boxes ``coords`` (n, 4) ``(i, j, h, w)`` on images of ``sizes`` (n, 2) ``(H, W)`` as
-    the integer pixel boxes ``(top, left, height, width)`` PIL crops (float32 (n, 4)): the ends ``i``, ``j``,
-    ``i + h``, ``j + w`` computed in double precision and rounded half-to-even, as ``Image.crop`` does."""
-    c = np.asarray(coords, dtype=np.float32).astype(np.float64)
-    hw = np.asarray(sizes, dtype=np.float64)
-    H, W = hw[:, 0], hw[:, 1]
-    i, j, h, w = c[:, 0] * H, c[:, 1] * W, c[:, 2] * H, c[:, 3] * W
-    top, left = np.round(i), np.round(j)
-    bottom, right = np.round(i + h), np.round(j + w)
-    return np.stack([top, left, bottom - top, right - left], axis=1).astype(np.float32)
 
 
 def mix_step(images: torch.Tensor, partners: torch.Tensor, mode: str, lam: float, box: Sequence[int]) -> torch.Tensor:
@@ -215,7 +203,7 @@ class RelabelReader:
         at = st.starts[p.step] + p.served
         rows = st.rows[at]
         sizes = self.sizes[rows]
-        start, end = roi_from_boxes(sre2l_pixel_boxes(st.coords[at], sizes)[:, None], st.flips[at][:, None])
+        start, end = roi_from_boxes(pixel_boxes(st.coords[at], sizes).astype(np.float32)[:, None], st.flips[at][:, None])
         where = np.full(st.step_size(p.step), -1, dtype=np.int64)
         where[p.served] = np.arange(len(p.served))
         partner = np.full(len(p.served), -1, dtype=np.int64)

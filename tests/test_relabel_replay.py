@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
 from pipelines.graphs import IMAGENET_MEAN, IMAGENET_STD
-from pipelines.relabel import EpochSteps, RelabelLoader, batch_refusal, sre2l_pixel_boxes, step_pieces
+from pipelines.relabel import EpochSteps, RelabelLoader, batch_refusal, step_pieces
 from tests.conftest import current_device, textured, write_jpeg
 
 DEVICE = current_device()
@@ -120,18 +120,6 @@ def test_replayed_mixed_crops_are_sre2l_pixels(folder, mode):
     assert d.mean() < 0.5 * GREY
     if mode == "cutmix":
         assert plan.box[0].tolist() == [2, 0, 22, 16]
-
-
-def test_pixel_boxes_round_as_pil():
-    """PIL's crop rounds each end half to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2."""
-    coords = np.array([[0.5 / 10, 1.5 / 10, 2.0 / 10, 1.0 / 10], [0.25, 0.25, 0.5, 0.5]], dtype=np.float32)
-    got = sre2l_pixel_boxes(coords, np.array([[10, 10], [10, 10]]))
-    ref = []
-    for c in coords.astype(np.float64):
-        i, j, h, w = c[0] * 10, c[1] * 10, c[2] * 10, c[3] * 10
-        x0, y0, x1, y1 = map(int, map(round, (j, i, j + w, i + h)))
-        ref.append([y0, x0, y1 - y0, x1 - x0])
-    assert got.tolist() == ref
 
 
 def test_pieces_of_a_step_over_ranks_replay_the_same_mixed_crops(folder):
