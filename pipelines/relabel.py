@@ -158,8 +158,10 @@ class RelabelReader:
                  steps_of: Callable[[int], EpochSteps], stored_step: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0,
                  labels_of: Callable[[int, int, np.ndarray], dict[str, np.ndarray]] | None = None,
-                 label_specs: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None):
+                 label_specs: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None,
+                 sizes_of: Callable[[int], np.ndarray] | None = None):
         self.root = root
+        self.sizes_of = sizes_of or (lambda e: np.diff(steps_of(e).starts))
         self.paths = ImagePaths(root, files)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int32)
@@ -191,7 +193,15 @@ class RelabelReader:
         return plan
 
     def __len__(self) -> int:
-        return len(self.plan(0).pieces)
+        """Batches of an epoch (the first: a store whose pruning keeps other step counts in other epochs is
+        refused by the objective), counted from the step sizes alone (no labels read)."""
+        G = self.train_batch * self.world_size
+        return int(sum(-(-int(n) // G) for n in self.sizes_of(0)))
+
+    @property
+    def num_rows(self) -> int:
+        """Crops an epoch serves, all ranks together."""
+        return int(np.sum(self.sizes_of(0)))
 
     def path_of(self, row: int) -> str:
         return self.paths.path_of(row)
@@ -251,12 +261,13 @@ class RelabelLoader(_DaliLoader):
                  labels_of=None, label_specs=None, crop_size: int = 224, device: str = "gpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, normalize: bool = True, channels_last: bool = False,
                  num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
-                 decoder: graphs.DecoderOptions | None = None, refuse: Callable[[np.ndarray], None] | None = None):
+                 decoder: graphs.DecoderOptions | None = None, refuse: Callable[[np.ndarray], None] | None = None,
+                 sizes_of: Callable[[int], np.ndarray] | None = None):
         if mix not in MIX_MODES:
             raise ValueError(f"mix must be one of {', '.join(MIX_MODES)}, got {mix!r}")
         reader = RelabelReader(root, files, targets, sizes, steps_of=steps_of, stored_step=stored_step,
                                batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                               labels_of=labels_of, label_specs=label_specs)
+                               labels_of=labels_of, label_specs=label_specs, sizes_of=sizes_of)
         super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
                          prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.mix, self.crop_size, self.normalize, self.channels_last = mix, crop_size, normalize, channels_last
@@ -321,6 +332,10 @@ class StoreSteps:
             raise LoaderError(f"{self.store.path}: epoch {epoch} has no kept step (pruned away); train fewer epochs "
                               f"or on a store that keeps steps of every epoch")
         return a, b
+
+    def sizes_of(self, epoch: int) -> np.ndarray:
+        a, b = self.rows(epoch)
+        return np.asarray(self.store.step_sizes[a:b], dtype=np.int64)
 
     def steps_of(self, epoch: int) -> EpochSteps:
         a, b = self.rows(epoch)

@@ -87,7 +87,7 @@ class RelabelKL(Objective):
             raise TrainError(f"--input-size {self.cfg.input_size} but {rs.path} was labelled on {rs.input_size} px "
                              f"crops (its CutMix boxes are in their pixels); use --input-size {rs.input_size}")
         return RelabelLoader(ds.root, ds.files, ds.targets, store.sizes(), steps_of=self.steps.steps_of,
-                             labels_of=self.steps.labels_of, label_specs=self.steps.label_specs,
+                             labels_of=self.steps.labels_of, label_specs=self.steps.label_specs, sizes_of=self.steps.sizes_of,
                              stored_step=rs.batch_size, mix=rs.mix, batch_size=per_rank, crop_size=rs.input_size,
                              refuse=None, **opts)
 

@@ -1,0 +1,123 @@
+"""Training on a relabel store (--labels relabel / relabel-mse): real JPEGs, a relabel store made by
+generate_relabel with a real TorchScript teacher, a real tiny student, the real Trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fkd_dali.relabel_generate import RelabelConfig, generate_relabel
+from fkd_dali.relabel_losses import dense_logits, mse_gt, sre2l_kl
+from fkd_dali.teachers import TeacherSpec
+from fkd_dali.train import train
+from fkd_dali.train_config import TrainConfig, TrainError
+from fkd_dali.trainer import Trainer
+from tests.conftest import assert_same_weights, current_device, make_image_folder
+from tests.test_relabel_generate import S, tiny_teacher
+
+DEVICE = current_device()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("relabel_train"))
+    data = os.path.join(root, "data")
+    make_image_folder(data, classes=3, per_class=4, seed=0, split="train")
+    make_image_folder(data, classes=3, per_class=2, seed=1, split="val")
+    teacher = tiny_teacher(os.path.join(root, "t.pt"), 0)
+    store = os.path.join(root, "store")
+    generate_relabel(RelabelConfig(data=data, save_path=store, input_size=S, epochs=3, batch_size=4, device=DEVICE,
+                                   teachers=[TeacherSpec("torchscript", path=teacher, input_size=S)], threads=1,
+                                   show_progress=False, seed=1))
+    return {"root": root, "data": data, "store": store}
+
+
+def cfg(s, out, **kw):
+    args = dict(data=s["data"], arch="tiny_cnn", labels="relabel", softlabel_path=s["store"], batch_size=4,
+                epochs=3, input_size=S, device=DEVICE, output=str(out), show_progress=False, lr=0.05, cos=True,
+                temperature=3.0, warmup_epochs=0, val_batch_size=8)
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def steps_seen(c: TrainConfig) -> tuple[list, list]:
+    """Train with ``c``; per step the (store rows, positions) it trained on and the loss."""
+    trainer = Trainer(c)
+    seen, losses, step = [], [], trainer.step
+
+    def recording(batch, lr):
+        seen.append((batch["indices"].tolist(), batch["positions"].tolist()))
+        loss, top1 = step(batch, lr)
+        losses.append(float(loss))
+        return loss, top1
+
+    trainer.step = recording
+    trainer.run()
+    return seen, losses
+
+
+def test_the_student_trains_on_the_stored_steps_in_the_stored_order(setup, tmp_path):
+    """3 epochs of 3 steps of 4 crops: each step is the store's step, its positions in order; the loss is finite and
+    falls (a tiny problem: the student learns the teacher's labels)."""
+    from labelstore.relabel import open_relabel
+    seen, losses = steps_seen(cfg(setup, tmp_path / "a", epochs=3, lr=0.02))
+    blk = open_relabel(setup["store"]).read_steps(0, 9)
+    assert [rows for rows, _ in seen] == [blk.images[r][:blk.step_size[r]].tolist() for r in range(9)]
+    assert all(pos == list(range(len(pos))) for _, pos in seen)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    log = [json.loads(x) for x in open(tmp_path / "a" / "log.jsonl")]
+    assert len(log) == 3 and log[-1]["train_loss"] < log[0]["train_loss"], [x["train_loss"] for x in log]
+
+
+def test_half_steps_over_pieces_and_an_exact_resume(setup, tmp_path):
+    """-b 2 (half a stored step): 2 pieces per step; stopped after 5 steps and resumed, the same crops in the same
+    order and the same weights as without the stop."""
+    seen_a, _ = steps_seen(cfg(setup, tmp_path / "a", batch_size=2, output=str(tmp_path / "a")))
+    assert len(seen_a) == 18 and [p for _, p in seen_a[:2]] == [[0, 1], [2, 3]]
+    seen_b, _ = steps_seen(cfg(setup, tmp_path / "b", batch_size=2, output=str(tmp_path / "b"), max_steps=5))
+    rest, _ = steps_seen(cfg(setup, tmp_path / "b", batch_size=2, output=str(tmp_path / "b"),
+                             resume=str(tmp_path / "b" / "checkpoint.pth.tar")))
+    assert seen_b + rest == seen_a
+    w = [torch.load(tmp_path / k / "checkpoint.pth.tar", weights_only=False)["state_dict"] for k in ("a", "b")]
+    assert_same_weights(*w)
+
+
+def test_batch_sizes_the_plan_cannot_serve_are_refused_with_the_size_to_use(setup, tmp_path):
+    with pytest.raises(TrainError, match=r"-b 3 .*does not divide the stored step of 4 crops.*per rank: 1, 2, 4"):
+        train(cfg(setup, tmp_path, batch_size=3))
+    with pytest.raises(TrainError, match="--epochs 4 but .* holds labels of 3 epochs"):
+        train(cfg(setup, tmp_path, epochs=4))
+    with pytest.raises(TrainError, match="drop --mixup-cutmix"):
+        train(cfg(setup, tmp_path, mixup_cutmix=True))
+    with pytest.raises(TrainError, match=f"use --input-size {S}"):
+        train(cfg(setup, tmp_path, input_size=24))
+
+
+def test_a_relabel_store_given_to_the_fkd_objective_is_refused_by_name(setup, tmp_path):
+    with pytest.raises(Exception, match="relabel"):
+        train(cfg(setup, tmp_path, labels="fkd"))
+
+
+def test_mse_gt_with_ema_trains(setup, tmp_path):
+    train(cfg(setup, tmp_path / "m", labels="relabel-mse", ce_weight=0.025, model_ema=True, model_ema_decay=0.99,
+              lr=0.01))
+    log = [json.loads(x) for x in open(tmp_path / "m" / "log.jsonl")]
+    assert all(torch.isfinite(torch.tensor(x["train_loss"])) for x in log) and "val_ema_top1" in log[-1]
+
+
+def test_the_losses_are_the_papers_formulas():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 7), torch.randn(5, 7) * 3
+    y = torch.randint(0, 7, (5,))
+    T = 3.0
+    kl = (torch.softmax(t / T, 1) * (torch.log_softmax(t / T, 1) - torch.log_softmax(s / T, 1))).sum() / 5
+    torch.testing.assert_close(sre2l_kl(s, t, T), kl)
+    want = ((s - t) ** 2).mean() + 0.1 * torch.nn.functional.cross_entropy(s, y)
+    torch.testing.assert_close(mse_gt(s, t, y, 0.1), want)
+    val, idx = t.topk(2, 1)
+    dense = dense_logits({"label_idx": idx, "label_val": val}, "topk", "logits", 7)
+    p = torch.softmax(dense, 1)
+    assert torch.equal(p.argmax(1), t.argmax(1)) and ((p > 0).sum(1) == 2).all()
