@@ -11,7 +11,8 @@ import sys
 import labelstore
 
 from .interrupt import exit_code, terminate_like_ctrl_c
-from .options import (NON_NEGATIVE, POSITIVE, Parser, add_generate_args, add_linear_eval_args, add_train_args,
+from .options import (NON_NEGATIVE, POSITIVE, Parser, add_generate_args, add_linear_eval_args, add_relabel_args,
+                      add_train_args,
                       int_range, prepare_train, train_config)
 
 
@@ -115,6 +116,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_relabel(args: argparse.Namespace) -> int:
+    from .options import relabel_config
+    from .relabel_generate import generate_relabel
+    rep = generate_relabel(relabel_config(args))
+    print(f"labelled {rep['shards']} shard(s) of steps in {rep['seconds']:.1f} s -> {rep['store']}; store "
+          f"{'complete' if rep['complete'] else 'not complete yet (other ranks, or rerun to resume)'}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench.command import run
     return run(args)
@@ -206,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "--rank/--world-size) to shard the work. FKD's option spellings are accepted.")
     add_generate_args(g)
     g.set_defaults(func=_cmd_generate)
+
+    rl = sub.add_parser("relabel", help="SRe2L's relabel (dataset distillation): teacher logits on mixed crops, "
+                        "into a relabel store")
+    add_relabel_args(rl)
+    rl.set_defaults(func=_cmd_relabel)
 
     t = sub.add_parser("train", help="train a student from a label store (or a hard-label / online-KD baseline)",
                        description="FKD training: replay the stored crops with their soft labels (DALI), DDP via "

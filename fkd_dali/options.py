@@ -191,7 +191,8 @@ def train_config(args: argparse.Namespace):
         batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size, opt=args.opt, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, cos=cos, linear=linear,
         ssl_teacher=args.ssl_teacher, ssl_head=args.ssl_head, ssl_loss=args.ssl_loss,
-        ce_weight=args.ce_weight, schedule=tuple(args.schedule) if args.schedule is not None else None, warmup_epochs=args.warmup_epochs,
+        ce_weight=args.ce_weight,
+        schedule=tuple(args.schedule) if args.schedule is not None else None, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, opt_eps=args.opt_eps, drop_path=args.drop_path,
         clip_grad=args.clip_grad, **mix_fields, label_smoothing=args.label_smoothing,
         scale=pair(args.scale, "--scale"), teacher_arch=args.teacher_arch, teacher_path=args.teacher_path,
@@ -566,3 +567,55 @@ def prepare_linear_eval(args: argparse.Namespace):
             scan.cancel()
         raise
     return cfg, scan
+
+
+def add_relabel_args(r: argparse.ArgumentParser) -> None:
+    """``relabel``: SRe2L's relabel step (generate_soft_label.py's options, its spellings accepted) into a relabel
+    store."""
+    r.add_argument("data", metavar="DATA", help="dataset root holding train/ (the distilled images) or train/ itself")
+    r.add_argument("--save-path", "--fkd-path", "--fkd_path", dest="save_path", required=True,
+                   help="the relabel store to write (or resume)")
+    r.add_argument("-a", "--arch", default="resnet18",
+                   help="teacher(s), comma-separated (several: G-VBSM's norm-equalised ensemble); default resnet18")
+    r.add_argument("--weights", help="torchvision weights name per teacher (from the local hub cache)")
+    r.add_argument("--teacher-path", dest="teacher_path", help="teacher weights file(s), comma-separated")
+    r.add_argument("--epochs", type=POSITIVE, default=300, help="passes over the images (300)")
+    r.add_argument("-b", "--batch-size", dest="batch_size", type=POSITIVE, default=100,
+                   help="images per step: the step the mixing pairs crops within (training's -b must divide it)")
+    r.add_argument("--input-size", dest="input_size", type=POSITIVE, default=224)
+    r.add_argument("--min-scale-crops", dest="min_scale_crops", type=SCALE, default=0.08)
+    r.add_argument("--max-scale-crops", dest="max_scale_crops", type=SCALE, default=1.0)
+    r.add_argument("--mix-type", dest="mix_type", choices=("cutmix", "mixup", "none"), default="cutmix")
+    r.add_argument("--mixup", type=float, default=0.8, help="Mixup's Beta alpha (0.8)")
+    r.add_argument("--cutmix", type=float, default=1.0, help="CutMix's Beta alpha (1.0)")
+    r.add_argument("--label-format", dest="label_format", choices=("full", "topk"), default="full",
+                   help="full logits (SRe2L's) or the top-k logits (--top-k)")
+    r.add_argument("--top-k", dest="top_k", type=POSITIVE, default=10)
+    r.add_argument("--use-fp16", "--use_fp16", dest="use_fp16", action="store_true",
+                   help="accepted for SRe2L compatibility: labels are float16 unless --fp32")
+    r.add_argument("--fp32", action="store_true", help="store the labels as float32")
+    r.add_argument("--fkd-seed", "--fkd_seed", dest="fkd_seed", type=int, default=42,
+                   help="SRe2L's sampler seed: which images each step holds (42)")
+    r.add_argument("--seed", type=int, default=0, help="the crops and mix plans of step (epoch, step)")
+    r.add_argument("--mode", default="fkd_save", choices=("fkd_save",), help=argparse.SUPPRESS)
+    r.add_argument("--device", choices=("cpu", "gpu"))
+    r.add_argument("-j", "--workers", type=POSITIVE, help="DALI CPU threads")
+    r.add_argument("--rows-per-shard", dest="rows_per_shard", type=POSITIVE, help="steps per shard file")
+    r.add_argument("--rank", type=NON_NEGATIVE, help="this process's rank, for launches without torchrun")
+    r.add_argument("--world-size", dest="world_size", type=POSITIVE, help="processes, for launches without torchrun")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def relabel_config(args: argparse.Namespace):
+    """The RelabelConfig of a parsed ``relabel`` command line (imports torch)."""
+    from .relabel_generate import RelabelConfig
+    from .teachers import parse_teachers
+    teachers = parse_teachers(args.arch, args.teacher_path, args.weights, str(args.input_size), "bilinear", None,
+                              None)
+    return RelabelConfig(
+        data=args.data, save_path=args.save_path, teachers=teachers, epochs=args.epochs, batch_size=args.batch_size,
+        mix=args.mix_type, mixup=args.mixup, cutmix=args.cutmix, label_format=args.label_format, top_k=args.top_k,
+        label_dtype="float32" if args.fp32 else "float16", input_size=args.input_size,
+        scale=(args.min_scale_crops, args.max_scale_crops), fkd_seed=args.fkd_seed, seed=args.seed,
+        device=args.device, threads=args.workers, rows_per_shard=args.rows_per_shard, rank=args.rank,
+        world_size=args.world_size, show_progress=not args.quiet)

@@ -223,7 +223,7 @@ def _label_shards(cfg: RelabelConfig, ds, sizes: np.ndarray, teachers: Teachers,
             labels = []
             for batch in loader:
                 logits = ensemble_logits(teachers.models, batch["images"], teachers.amp)
-                labels.append(_labels(cfg, logits))
+                labels.append(_labels(cfg, logits, s))
             del held[s]
             stacked = {k: v.astype(rs.store.array(k).dtype) for k, v in _stack(labels, cfg.batch_size).items()}
             rs.write_steps(a, **arrays, **stacked)
@@ -261,8 +261,17 @@ def _shard_plan(cfg: RelabelConfig, rs: RelabelStore, steps: list, sizes: np.nda
             "mix_box": box}, replay
 
 
-def _labels(cfg: RelabelConfig, logits: torch.Tensor) -> dict[str, np.ndarray]:
+def _labels(cfg: RelabelConfig, logits: torch.Tensor, shard: int) -> dict[str, np.ndarray]:
+    """The step's labels as the store keeps them; a teacher whose logits are not finite, or overflow float16, is
+    refused before anything is written."""
     dtype = torch.float16 if cfg.label_dtype == "float16" else torch.float32
+    if not torch.isfinite(logits).all():
+        raise GenerateError(f"the teacher's logits of shard {shard} of {cfg.save_path} are not finite: the teacher "
+                            "is broken (diverged weights?); check it with `fkd-dali generate --evaluate`")
+    big = float(logits.abs().max())
+    if dtype == torch.float16 and big > torch.finfo(torch.float16).max:
+        raise GenerateError(f"the teacher's logits reach {big:.3g}, beyond float16's {torch.finfo(torch.float16).max:.0f}"
+                            f" (shard {shard} of {cfg.save_path}); relabel with --fp32 into a new --save-path")
     if cfg.label_format == "full":
         return {"labels": logits.to(dtype).cpu().numpy()}
     val, idx = logits.topk(cfg.top_k, dim=1)

@@ -97,7 +97,7 @@ def test_batch_sizes_the_plan_cannot_serve_are_refused_with_the_size_to_use(setu
 
 
 def test_a_relabel_store_given_to_the_fkd_objective_is_refused_by_name(setup, tmp_path):
-    with pytest.raises(Exception, match="relabel"):
+    with pytest.raises(Exception, match="not top-k soft labels: train it with --labels relabel"):
         train(cfg(setup, tmp_path, labels="fkd"))
 
 
