@@ -237,3 +237,78 @@ def test_bad_folders_and_files_are_refused_by_name(tmp_path, data_root):
     refused(r"epoch_1/batch_1.tar: a CutMix box is not 0 <= bbx1 <= bbx2 <= 32")
     _write_one(path, good)
     assert import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False).steps == 6
+
+
+def _sre2l_checkout(tmp_path) -> str | None:
+    """The SRe2L folder of a VILA-Lab/SRe2L checkout: $FKD_DALI_SRE2L_DIR, or one exported from the fetched mirror."""
+    given = os.environ.get("FKD_DALI_SRE2L_DIR")
+    if given:
+        return given
+    mirror = "/work/.mirror/VILA-Lab+SRe2L/repo"
+    if not os.path.isdir(mirror):
+        return None
+    import subprocess
+    import tarfile
+    tar = tmp_path / "sre2l.tar"
+    subprocess.run(["git", "-C", mirror, "archive", "-o", str(tar), "HEAD", "SRe2L/validate", "SRe2L/relabel"],
+                   check=True)
+    with tarfile.open(tar) as t:
+        t.extractall(tmp_path / "sre2l", filter="data")
+    return str(tmp_path / "sre2l" / "SRe2L")
+
+
+def test_sre2l_own_trainer_trains_from_an_export(tmp_path):
+    """SRe2L's validate/train_FKD.py (its README's patch applied by tests/sre2l_train_wrapper.py) trains 2 epochs
+    from export-sre2l of a relabel store, and pairs each step's labels with the images the store says."""
+    import subprocess
+    import sys
+
+    from labelstore.relabel import create_relabel_store
+    from fkd_dali.sre2l_plan import sre2l_plan
+    from pipelines.errors import image_header
+    sre2l = _sre2l_checkout(tmp_path)
+    if sre2l is None or not os.path.isfile(os.path.join(sre2l, "validate", "train_FKD.py")):
+        pytest.skip("no VILA-Lab/SRe2L checkout: set FKD_DALI_SRE2L_DIR to its SRe2L folder (or fetch the mirror)")
+    root = str(tmp_path / "data")
+    make_image_folder(root, classes=5, per_class=3, split="train")  # train_FKD.py's top-5 accuracy needs 5 classes
+    make_image_folder(root, classes=5, per_class=2, seed=1, split="val")
+    ds = scan_image_folder(os.path.join(root, "train"))
+    sizes = np.array([image_header(os.path.join(ds.root, f))[0] for f in ds.files])
+    B, E, K = 8, 2, 1000  # train_FKD.py's student has 1000 classes
+    rs = create_relabel_store(str(tmp_path / "store"), files=ds.files, targets=ds.targets, sizes=sizes,
+                              classes=ds.classes, num_classes=K, fingerprint=ds.fingerprint, dataset_root=ds.name,
+                              epochs=E, batch_size=B, mix="cutmix", plan={"sampler": "sre2l", "seed": 42})
+    rng = np.random.default_rng(0)
+    plan = {(e, s): imgs for e, s, imgs in sre2l_plan(len(ds), B, E)}
+    a, b = rs.shard_rows()[0]
+    assert (a, b) == (0, 4)
+    out = {"images": np.full((4, B), -1), "boxes": np.zeros((4, B, 4), np.float32), "flips": rng.random((4, B)) < .5,
+           "mix_partner": np.full((4, B), -1), "mix_lam": rng.beta(1, 1, 4), "mix_box": np.tile([10, 20, 150, 200], (4, 1)),
+           "labels": np.zeros((4, B, K), np.float16)}
+    for r, (e, s) in enumerate(rs.step_index.tolist()):
+        n = len(plan[(e, s)])
+        out["images"][r, :n] = plan[(e, s)]
+        h, w = rng.uniform(.3, 1, n), rng.uniform(.3, 1, n)
+        out["boxes"][r, :n] = np.stack([rng.uniform(0, 1 - h), rng.uniform(0, 1 - w), h, w], 1)
+        out["mix_partner"][r, :n] = rng.permutation(n)
+        out["labels"][r, :n] = rng.normal(size=(n, K)) * 3
+    rs.write_steps(0, **out)
+    assert rs.finalize()
+    export = str(tmp_path / "export")
+    export_sre2l(str(tmp_path / "store"), export)
+    log = tmp_path / "fetch.jsonl"
+    wrapper = os.path.join(os.path.dirname(__file__), "sre2l_train_wrapper.py")
+    run = subprocess.run([sys.executable, wrapper, sre2l, "--batch-size", str(B), "--epochs", str(E), "-j", "0",
+                          "--train-dir", os.path.join(root, "train"), "--val-dir", os.path.join(root, "val"),
+                          "--output-dir", str(tmp_path / "out"), "--fkd-path", export + "/", "--mix-type", "cutmix",
+                          "--model", "shufflenet_v2_x0_5"], capture_output=True, text=True, timeout=300,
+                         env=os.environ | {"SRE2L_FETCH_LOG": str(log)})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert run.stdout.count("TRAIN Iter") == E and os.path.isfile(tmp_path / "out" / "checkpoint.pth.tar")
+    fetched = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(fetched) == rs.num_steps
+    for r, got in enumerate(fetched):
+        e, s = rs.step_index[r]
+        assert got["epoch"] == e and got["images"] == plan[(int(e), int(s))].tolist()
+        n = len(got["images"])
+        assert got["label_sum"] == pytest.approx(float(out["labels"][r, :n].astype(np.float64).sum()), rel=1e-6)
