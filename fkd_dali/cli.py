@@ -79,7 +79,7 @@ def _cmd_import_fkd(args: argparse.Namespace) -> int:
 def _cmd_import_sre2l(args: argparse.Namespace) -> int:
     from .sre2l_format import import_sre2l
     rep = import_sre2l(args.src, args.data, args.save_path, input_size=args.input_size, epochs=args.epochs,
-                       seed=args.fkd_seed, overwrite=args.overwrite)
+                       seed=args.fkd_seed, num_classes=args.num_classes, overwrite=args.overwrite)
     print(f"imported {rep.steps} steps ({rep.layout} layout: {rep.epochs} epochs, batch size {rep.batch_size}, "
           f"{rep.mix}, {rep.label_dtype} logits) into {rep.store}")
     return 0
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the plan's epochs (default: the epoch folders present; more marks the rest pruned)")
     ir.add_argument("--fkd-seed", "--fkd_seed", dest="fkd_seed", type=int, default=42,
                     help="SRe2L's --fkd-seed: the seeded sampler that drew each step's images (6-field files)")
+    ir.add_argument("--num-classes", type=_at_least_one, metavar="K",
+                    help="the teacher's classes when DATA/train's class folders are a subset (default: the folders)")
     ir.add_argument("--overwrite", action="store_true", help="replace an existing store at --save-path")
     ir.set_defaults(func=_cmd_import_sre2l)
 

@@ -109,7 +109,8 @@ def load_batch_file(path: str, max_bytes: int, num_classes: int) -> BatchFile:
     output = _tensor(state[5], path, "5 (output)", ("float16", "float32"), (b, None))
     if output.shape[1] != num_classes:
         raise SRe2LFormatError(f"{path}: its labels have {output.shape[1]} classes, the dataset has {num_classes}; "
-                               "import the labels with the dataset (--data) they were made for")
+                               "import the labels with the dataset (--data) they were made for (--num-classes K "
+                               "when its class folders are a subset of the teacher's K classes)")
     index = None if len(state) == 6 else _tensor(state[6], path, "6 (index)", ("int64",), (b,))
     mix_index, lam, bbox = state[2:5]
     if mix_index is None:
@@ -184,12 +185,18 @@ def _lpld_index(src: str, epochs: Sequence[int], n: int) -> dict[int, np.ndarray
 
 
 def import_sre2l(src: str, data: str, save_path: str, *, input_size: int = 224, epochs: int | None = None,
-                 seed: int = SRE2L_SEED, overwrite: bool = False, show_progress: bool = True) -> ImportReport:
+                 seed: int = SRE2L_SEED, num_classes: int | None = None, overwrite: bool = False,
+                 show_progress: bool = True) -> ImportReport:
     """Convert an SRe2L / G-VBSM / EDC / LPLD label folder (SRC/epoch_E/batch_B.tar) into a relabel store for the
     distilled images DATA/train. ``epochs``: the plan's epochs (default: those present; more marks the rest
-    pruned); ``seed``: SRe2L's ``--fkd-seed`` (the sampler that drew each 6-field step's images)."""
+    pruned); ``seed``: SRe2L's ``--fkd-seed`` (the sampler that drew each 6-field step's images); ``num_classes``:
+    the teacher's classes, when the images' class folders are a subset of them (default: the folders)."""
     ds = scan_image_folder(split_dir(data, "train"))
-    n, num_classes = len(ds), len(ds.classes)
+    n = len(ds)
+    if num_classes is not None and num_classes < len(ds.classes):
+        raise SRe2LFormatError(f"--num-classes {num_classes} is fewer than the {len(ds.classes)} class folders of "
+                               f"{ds.root}")
+    num_classes = num_classes or len(ds.classes)
     if not os.path.isdir(src) or os.path.islink(src):
         raise SRe2LFormatError(f"{src} is not a folder holding epoch_E/batch_B.tar (SRe2L's --fkd-path)")
     lpld = os.path.isfile(os.path.join(src, LPLD_INDEX))
@@ -248,7 +255,7 @@ def import_sre2l(src: str, data: str, save_path: str, *, input_size: int = 224, 
     def build(tmp: str) -> None:
         rs = create_relabel_store(
             tmp, files=ds.files, targets=ds.targets, sizes=sizes, classes=ds.classes, fingerprint=ds.fingerprint,
-            dataset_root=ds.name, epochs=epochs, batch_size=B, mix=first.mix, label_format="full",
+            num_classes=num_classes, dataset_root=ds.name, epochs=epochs, batch_size=B, mix=first.mix, label_format="full",
             values="logits", label_dtype=first.output.dtype.name, input_size=input_size, drop_last=drop_last,
             kept=np.asarray(kept), pruning=pruning, plan=plan_meta, teachers=[{"name": f"unknown (imported from "
                                                                              f"{layout})"}],

@@ -258,7 +258,7 @@ def _sre2l_checkout(tmp_path) -> str | None:
 
 
 def test_sre2l_own_trainer_trains_from_an_export(tmp_path):
-    """SRe2L's validate/train_FKD.py (its README's patch applied by tests/sre2l_train_wrapper.py) trains 2 epochs
+    """SRe2L's validate/train_FKD.py (its README's patch applied by tests/sre2l_run.py) trains 2 epochs
     from export-sre2l of a relabel store, and pairs each step's labels with the images the store says."""
     import subprocess
     import sys
@@ -297,7 +297,7 @@ def test_sre2l_own_trainer_trains_from_an_export(tmp_path):
     export = str(tmp_path / "export")
     export_sre2l(str(tmp_path / "store"), export)
     log = tmp_path / "fetch.jsonl"
-    wrapper = os.path.join(os.path.dirname(__file__), "sre2l_train_wrapper.py")
+    wrapper = os.path.join(os.path.dirname(__file__), "sre2l_run.py")
     run = subprocess.run([sys.executable, wrapper, sre2l, "--batch-size", str(B), "--epochs", str(E), "-j", "0",
                           "--train-dir", os.path.join(root, "train"), "--val-dir", os.path.join(root, "val"),
                           "--output-dir", str(tmp_path / "out"), "--fkd-path", export + "/", "--mix-type", "cutmix",
@@ -312,3 +312,29 @@ def test_sre2l_own_trainer_trains_from_an_export(tmp_path):
         assert got["epoch"] == e and got["images"] == plan[(int(e), int(s))].tolist()
         n = len(got["images"])
         assert got["label_sum"] == pytest.approx(float(out["labels"][r, :n].astype(np.float64).sum()), rel=1e-6)
+
+
+def test_sre2l_own_generator_output_imports_and_exports_unchanged(tmp_path):
+    """SRe2L's relabel/generate_soft_label.py (random-weight teacher: no network here) on 15 tiny images, 2 epochs,
+    CutMix, fp16; import-sre2l then export-sre2l gives the same fields, types, dtypes, shapes and values."""
+    import subprocess
+    import sys
+    sre2l = _sre2l_checkout(tmp_path)
+    if sre2l is None or not os.path.isfile(os.path.join(sre2l, "relabel", "generate_soft_label.py")):
+        pytest.skip("no VILA-Lab/SRe2L checkout: set FKD_DALI_SRE2L_DIR to its SRe2L folder (or fetch the mirror)")
+    root = str(tmp_path / "data")
+    make_image_folder(root, classes=5, per_class=3)
+    labels = str(tmp_path / "labels")
+    run = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "sre2l_run.py"), sre2l,
+                          "--script", "relabel/generate_soft_label.py", "-a", "resnet18", "-b", "8", "-j", "0",
+                          "--epochs", "2", "--input-size", "64", "--use-fp16", "--fkd-path", labels, "--mode",
+                          "fkd_save", "--mix-type", "cutmix", "--data", os.path.join(root, "train")],
+                         capture_output=True, text=True, timeout=300, env=os.environ | {"SRE2L_RANDOM_TEACHER": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    store, out = str(tmp_path / "store"), str(tmp_path / "export")
+    rep = import_sre2l(labels, root, store, input_size=64, num_classes=1000, show_progress=False)
+    assert (rep.steps, rep.batch_size, rep.mix, rep.label_dtype) == (4, 8, "cutmix", "float16")
+    export_sre2l(store, out)
+    assert_same_files(labels, out, {(e, s): None for e in range(2) for s in range(2)})
+    first = torch.load(os.path.join(labels, "epoch_0", "batch_1.tar"), weights_only=False)
+    assert [type(v).__name__ for v in first] == ["Tensor", "Tensor", "Tensor", "float", "list", "Tensor"]

@@ -1,6 +1,7 @@
-"""Run SRe2L's own ``validate/train_FKD.py`` unchanged, with the patch its README asks for applied in this process.
+"""Run SRe2L's own scripts unchanged, with the patch its README asks for applied in this process.
 
-    python tests/sre2l_train_wrapper.py SRE2L_DIR [train_FKD.py's arguments ...]
+    python tests/sre2l_run.py SRE2L_DIR [train_FKD.py's arguments ...]
+    python tests/sre2l_run.py SRE2L_DIR --script relabel/generate_soft_label.py [its arguments ...]
 
 SRE2L_DIR is the ``SRe2L`` folder of a checkout of VILA-Lab/SRe2L (holding ``validate/`` and ``relabel/``);
 nothing of it is copied into this repository and the installed torch is never modified. In this process only:
@@ -12,6 +13,9 @@ nothing of it is copied into this repository and the installed torch is never mo
   (CutMix's box is numpy int64s): without this, train_FKD.py cannot read SRe2L's own files on a current torch;
 * with ``SRE2L_FETCH_LOG=FILE``, each fetched batch's epoch, images and labels' sum is appended to FILE;
 * ``wandb`` is a stand-in whose calls do nothing when it is not installed (train_FKD.py logs to it);
+* with ``SRE2L_RANDOM_TEACHER=1``, ``torchvision.models.<arch>(pretrained=True)`` builds the architecture with
+  random weights (seeded 0): the machine has no network to download ImageNet weights, and the format is what is
+  tested, not the teacher;
 * on a machine without CUDA (our 2-core CI VM): ``.cuda()`` of tensors and modules returns them as they are,
   ``nn.DataParallel`` is the module itself, pin_memory is off and the script's "need gpu" check passes.
 """
@@ -91,19 +95,36 @@ def cpu_only(script: str) -> None:
     torch.utils.data.DataLoader.__init__ = no_pin
 
 
+def random_teacher() -> None:
+    import torch
+    import torchvision.models as models
+    for name, build in list(vars(models).items()):
+        if callable(build) and name.islower() and not name.startswith("_") and name != "get_model":
+            def seeded(*a, _build=build, pretrained=False, **k):
+                torch.manual_seed(0)
+                return _build(*a, **k)
+            setattr(models, name, seeded)
+
+
 def main(argv: list[str]) -> None:
     sre2l = os.path.abspath(argv[0])
-    validate = os.path.join(sre2l, "validate")
-    script = os.path.join(validate, "train_FKD.py")
+    rel = "validate/train_FKD.py"
+    args = argv[1:]
+    if args[:1] == ["--script"]:
+        rel, args = args[1], args[2:]
+    script = os.path.join(sre2l, rel)
     if not os.path.isfile(script):
         sys.exit(f"{script} does not exist: give the SRe2L folder of a VILA-Lab/SRe2L checkout")
-    os.chdir(validate)  # train_FKD.py appends '..' to sys.path for relabel.utils_fkd
-    sys.path[:0] = [validate, sre2l]
+    here = os.path.dirname(script)
+    os.chdir(here)  # train_FKD.py appends '..' to sys.path for relabel.utils_fkd
+    sys.path[:0] = [here, sre2l]
     patch_fetcher()
     allow_numpy_scalars()
     stand_in_wandb()
     cpu_only(script)
-    sys.argv = [script] + argv[1:]
+    if os.environ.get("SRE2L_RANDOM_TEACHER") == "1":
+        random_teacher()
+    sys.argv = [script] + args
     runpy.run_path(script, run_name="__main__")
 
 
