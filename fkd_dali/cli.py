@@ -77,6 +77,23 @@ def _cmd_import_fkd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_sre2l(args: argparse.Namespace) -> int:
+    from .sre2l_format import import_sre2l
+    rep = import_sre2l(args.src, args.data, args.save_path, input_size=args.input_size, epochs=args.epochs,
+                       seed=args.fkd_seed, num_classes=args.num_classes, overwrite=args.overwrite)
+    print(f"imported {rep.steps} steps ({rep.layout} layout: {rep.epochs} epochs, batch size {rep.batch_size}, "
+          f"{rep.mix}, {rep.label_dtype} logits) into {rep.store}")
+    return 0
+
+
+def _cmd_export_sre2l(args: argparse.Namespace) -> int:
+    from .sre2l_format import export_sre2l
+    rep = export_sre2l(args.store, args.out, layout=args.layout, overwrite=args.overwrite)
+    print(f"wrote {rep.written} batch files ({rep.layout} layout) under {args.out}; SRe2L's validate/train_FKD.py "
+          f"reads them with --fkd-path {os.path.join(args.out, '')} (its README's _MapDatasetFetcher patch applied)")
+    return 0
+
+
 def _cmd_export_fkd(args: argparse.Namespace) -> int:
     from .fkd_format import export_fkd
     rep = export_fkd(args.store, args.out, fp16=args.fp16, label_type=args.label_type, arrays="numpy" if args.numpy
@@ -275,6 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace label files already in OUT")
     ex.set_defaults(func=_cmd_export_fkd)
 
+    ir = sub.add_parser("import-sre2l", help="convert SRe2L / CDA / G-VBSM / EDC / LPLD relabel folders "
+                        "(epoch_E/batch_B.tar) into a relabel store")
+    ir.add_argument("src", metavar="SRC", help="the relabel folder (SRe2L's --fkd-path: SRC/epoch_E/batch_B.tar)")
+    ir.add_argument("--data", required=True, help="dataset root holding train/ (the distilled images)")
+    ir.add_argument("--save-path", "--save_path", dest="save_path", required=True, help="store to create")
+    ir.add_argument("--input-size", type=_at_least_one, default=224,
+                    help="the crop size the labels were made at (SRe2L's --input-size; CutMix boxes are in its pixels)")
+    ir.add_argument("--epochs", type=_at_least_one,
+                    help="the plan's epochs (default: the epoch folders present; more marks the rest pruned)")
+    ir.add_argument("--fkd-seed", "--fkd_seed", dest="fkd_seed", type=int, default=42,
+                    help="SRe2L's --fkd-seed: the seeded sampler that drew each step's images (6-field files)")
+    ir.add_argument("--num-classes", type=_at_least_one, metavar="K",
+                    help="the teacher's classes when DATA/train's class folders are a subset (default: the folders)")
+    ir.add_argument("--overwrite", action="store_true", help="replace an existing store at --save-path")
+    ir.set_defaults(func=_cmd_import_sre2l)
+
+    er = sub.add_parser("export-sre2l", help="write a relabel store as SRe2L's epoch_E/batch_B.tar files")
+    er.add_argument("store", metavar="STORE", help="the relabel store to export")
+    er.add_argument("--out", required=True, help="output folder (OUT/epoch_E/batch_B.tar)")
+    er.add_argument("--layout", choices=("auto", "sre2l", "g-vbsm", "lpld"), default="auto",
+                    help="sre2l: 6 fields; g-vbsm: + the step's images (7th field); lpld: 6 fields and "
+                         "sampler_indices_epoch.json (pruned stores); auto: the layout it was imported from, else sre2l")
+    er.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    er.set_defaults(func=_cmd_export_sre2l)
+
     s = sub.add_parser("synth", help="write a synthetic ImageFolder dataset of real JPEGs")
     s.add_argument("--out", required=True, help="dataset root to write (OUT/train/<class>/, OUT/val/<class>/)")
     s.add_argument("--flavour", choices=("objects", "photo"), default="objects",
@@ -340,7 +382,7 @@ def _resume_hint(args: argparse.Namespace) -> str:
         from .checkpoint import describe
         return f"the last checkpoint written is {describe(last)}: rerun the same command with --resume {last} to " \
                "continue from it"
-    if args.command == "import-fkd":
+    if args.command in ("import-fkd", "import-sre2l"):
         return "no store was left behind: rerun the same command"
     return ""
 
