@@ -56,6 +56,12 @@ class RelabelKL(Objective):
         if cfg.epochs > self.relabel.epochs:
             raise TrainError(f"--epochs {cfg.epochs} but {cfg.softlabel_path} holds labels of "
                              f"{self.relabel.epochs} epochs; use --epochs <= {self.relabel.epochs}")
+        counts = np.bincount(self.relabel.step_index[:, 0], minlength=cfg.epochs)[:cfg.epochs]
+        if (counts != counts[0]).any():
+            e = int(np.flatnonzero(counts != counts[0])[0])
+            raise TrainError(f"{cfg.softlabel_path} keeps {int(counts[0])} steps of epoch 0 but {int(counts[e])} of "
+                             f"epoch {e} (pruned, LPLD-style): training replays the same number of steps in every epoch "
+                             f"up to --epochs; use --epochs {e} or fewer, or an unpruned store")
         self.check_labels()
 
     def check_labels(self) -> None:
