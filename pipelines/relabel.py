@@ -176,8 +176,7 @@ class RelabelReader:
         self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, *(d for d, _ in specs), types.INT64, types.INT64,
                        types.INT64, types.INT32)
         self.ndims = (1, 2, 2, *(n for _, n in specs), 0, 0, 1, 1)
-        share = -(-self.train_batch * world_size // world_size)
-        self.batch_size = min(self.stored_step, 2 * share)  # the most samples a piece decodes
+        self.batch_size = min(self.stored_step, 2 * self.train_batch)  # the most a piece decodes: own + partners
         self.current: RelabelPlan | None = None
         self._selected: tuple[int, ...] | None = None
 

@@ -67,7 +67,7 @@ def test_stored_logits_are_the_teachers_on_the_replayed_mixed_crops(world, mix):
     save = os.path.join(world["root"], f"store_{mix}")
     generate_relabel(config(world, save, mix=mix))
     rs = open_relabel(save)
-    assert rs.store.is_complete() if hasattr(rs.store, "is_complete") else rs.done().all()
+    assert rs.done().all() and rs.store.meta.complete
     assert rs.mix == mix and rs.epochs == 2 and rs.batch_size == 4 and rs.num_steps == 6
     # the steps hold SRe2L's images (its seeded sampler), in its order
     want = [imgs.tolist() for _, _, imgs in sre2l_plan(12, 4, 2)]

@@ -152,3 +152,17 @@ def test_batch_sizes_the_plan_cannot_serve_are_refused_with_the_sizes_to_use():
     assert "last piece of 1 crops" in why
     pieces = step_pieces(5, 4, 2, 1)
     assert [o.tolist() for o, _ in pieces] == [[2, 3], []] and [p.tolist() for _, p in pieces] == [[0, 1, 2, 3], [4]]
+
+
+def test_an_image_not_of_its_stored_size_is_refused_by_name(folder):
+    """The graph compares each image's header with its stored size before any box is used (graphs.fit_rois)."""
+    from pipelines import LoaderError
+    root, files = folder
+    plan = plan_of(len(SHAPES), "cutmix", seed=8)
+    sizes = np.array(SHAPES)
+    sizes[plan.rows[0]] = (99, 77)  # the store says another size than the file's header
+    ld = RelabelLoader(root, files, [0] * len(files), sizes, steps_of=lambda e: plan, stored_step=len(SHAPES),
+                       mix="cutmix", batch_size=len(SHAPES), crop_size=S, device=DEVICE, num_threads=1)
+    ld.set_epoch(0)
+    with pytest.raises(LoaderError, match=files[plan.rows[0]]):
+        list(ld)

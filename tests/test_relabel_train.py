@@ -121,3 +121,30 @@ def test_the_losses_are_the_papers_formulas():
     dense = dense_logits({"label_idx": idx, "label_val": val}, "topk", "logits", 7)
     p = torch.softmax(dense, 1)
     assert torch.equal(p.argmax(1), t.argmax(1)) and ((p > 0).sum(1) == 2).all()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_share_each_step_and_stay_in_sync(setup, tmp_path):
+    """-b 2 on 2 gloo ranks (1 crop each per step, half a stored step per optimizer step): each piece's positions
+    split between the ranks, every position of every stored step trained once, the replicas identical."""
+    import subprocess
+    import sys
+
+    from labelstore.relabel import open_relabel
+    from tests.conftest import free_port, pythonpath
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath())
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), os.path.join(root, "tests", "relabel_ddp_worker.py"), setup["data"],
+                        setup["store"], str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = [json.load(open(tmp_path / f"rank{k}.json")) for k in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 12  # 2 epochs x 3 steps x 2 pieces
+    blk = open_relabel(setup["store"]).read_steps(0, 6)
+    for i, ((rows0, pos0), (rows1, pos1)) in enumerate(zip(*seen)):
+        step, piece = divmod(i, 2)
+        assert pos0 == [2 * piece] and pos1 == [2 * piece + 1]
+        assert rows0 + rows1 == blk.images[step][2 * piece:2 * piece + 2].tolist()
+    w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k

@@ -80,6 +80,7 @@ class RelabelKL(Objective):
         return f"the classes of {self.cfg.softlabel_path}"
 
     def loader(self, run: Run, crops: int):
+        from pipelines.fkd_reader import refuse_resized  # noqa: PLC0415
         from pipelines.relabel import RelabelLoader, StoreSteps, batch_refusal  # noqa: PLC0415
         rs, world = self.relabel, run.dist.world_size
         per_rank = run.images_per_rank(1)
@@ -95,7 +96,8 @@ class RelabelKL(Objective):
         return RelabelLoader(ds.root, ds.files, ds.targets, store.sizes(), steps_of=self.steps.steps_of,
                              labels_of=self.steps.labels_of, label_specs=self.steps.label_specs, sizes_of=self.steps.sizes_of,
                              stored_step=rs.batch_size, mix=rs.mix, batch_size=per_rank, crop_size=rs.input_size,
-                             refuse=None, **opts)
+                             refuse=lambda rows: refuse_resized(ds.root, store, ds.files, rows, store.sizes()[rows]),
+                             **opts)
 
     def targets(self, run: Run, batch: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
         rs = self.relabel
