@@ -205,7 +205,6 @@ def _generate(cfg: RelabelConfig, device: str, d) -> dict:
 
 def _label_shards(cfg: RelabelConfig, ds, sizes: np.ndarray, teachers: Teachers, rs: RelabelStore, device: str,
                   d) -> dict:
-    plan = list(sre2l_plan(len(ds.files), cfg.batch_size, cfg.epochs, cfg.fkd_seed))
     ranges = rs.shard_rows()
     jobs = [s for s in rs.pending_shards() if s % d.world_size == d.rank]
     held: dict[int, EpochSteps] = {}
@@ -216,9 +215,9 @@ def _label_shards(cfg: RelabelConfig, ds, sizes: np.ndarray, teachers: Teachers,
                    disable=not cfg.show_progress)
     t0 = time.perf_counter()
     try:
-        for s in jobs:
+        for s, steps in _shard_steps(cfg, len(ds.files), ranges, jobs):
             a, b = ranges[s]
-            arrays, held[s] = _shard_plan(cfg, rs, plan[a:b], sizes)
+            arrays, held[s] = _shard_plan(cfg, rs, steps, sizes)
             loader.set_epoch(s)
             labels = []
             for batch in loader:
@@ -235,6 +234,25 @@ def _label_shards(cfg: RelabelConfig, ds, sizes: np.ndarray, teachers: Teachers,
     d.barrier()
     complete = rs.finalize()
     return {"store": cfg.save_path, "rank": d.rank, "shards": len(jobs), "seconds": seconds, "complete": complete}
+
+
+def _shard_steps(cfg: RelabelConfig, num_images: int, ranges: list, jobs: list):
+    """(shard, its steps) for each of ``jobs`` in order, as SRe2L's sampler reaches them: the plan is walked once
+    (its passes are sequential draws of one generator) and only the steps of this rank's shards are held, one shard
+    at a time; the walk stops after the last one."""
+    jobs = sorted(jobs)
+    if not jobs:
+        return
+    j, held = 0, []
+    for row, (epoch, step, images) in enumerate(sre2l_plan(num_images, cfg.batch_size, cfg.epochs, cfg.fkd_seed)):
+        a, b = ranges[jobs[j]]
+        if a <= row < b:
+            held.append((epoch, step, images))
+        if row == b - 1:
+            yield jobs[j], held
+            j, held = j + 1, []
+            if j == len(jobs):
+                return
 
 
 def _shard_plan(cfg: RelabelConfig, rs: RelabelStore, steps: list, sizes: np.ndarray) -> tuple[dict, EpochSteps]:
