@@ -52,7 +52,7 @@ class RelabelConfig:
     save_path: str
     teachers: list[TeacherSpec]
     epochs: int = 300
-    batch_size: int = 100
+    batch_size: int = 1024  # SRe2L's relabel.sh (EDC: 100)
     mix: str = "cutmix"
     mixup: float = 0.8  # SRe2L's --mixup alpha
     cutmix: float = 1.0  # SRe2L's --cutmix alpha
