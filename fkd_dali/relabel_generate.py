@@ -89,8 +89,8 @@ def step_draws(cfg: RelabelConfig, epoch: int, step: int, sizes: np.ndarray) -> 
     d = rng.random((n, 2 * ATTEMPTS + 3))
     boxes = get_params(sizes[:, 0], sizes[:, 1], d[:, :ATTEMPTS], d[:, ATTEMPTS:2 * ATTEMPTS], d[:, -3], d[:, -2],
                        cfg.scale, DEFAULT_RATIO)
-    out = {"boxes": normalized(boxes[:, None], sizes)[:, 0], "flips": d[:, -1] < 0.5, "partner": np.arange(n), "lam": 1.0,
-           "box": (-1, -1, -1, -1)}
+    out = {"boxes": normalized(boxes[:, None], sizes)[:, 0], "flips": d[:, -1] < 0.5, "partner": np.arange(n),
+           "lam": 1.0, "box": (-1, -1, -1, -1)}
     if cfg.mix == "cutmix":
         lam = float(rng.beta(cfg.cutmix, cfg.cutmix))
         out.update(partner=rng.permutation(n), lam=lam, box=rand_bbox(rng, cfg.input_size, lam))
@@ -288,7 +288,8 @@ def _labels(cfg: RelabelConfig, logits: torch.Tensor, shard: int) -> dict[str, n
                             "is broken (diverged weights?); check it with `fkd-dali generate --evaluate`")
     big = float(logits.abs().max())
     if dtype == torch.float16 and big > torch.finfo(torch.float16).max:
-        raise GenerateError(f"the teacher's logits reach {big:.3g}, beyond float16's {torch.finfo(torch.float16).max:.0f}"
+        raise GenerateError(f"the teacher's logits reach {big:.3g}, beyond float16's "
+                            f"{torch.finfo(torch.float16).max:.0f}"
                             f" (shard {shard} of {cfg.save_path}); relabel with --fp32 into a new --save-path")
     if cfg.label_format == "full":
         return {"labels": logits.to(dtype).cpu().numpy()}

@@ -212,7 +212,8 @@ class RelabelReader:
         at = st.starts[p.step] + p.served
         rows = st.rows[at]
         sizes = self.sizes[rows]
-        start, end = roi_from_boxes(pixel_boxes(st.coords[at], sizes).astype(np.float32)[:, None], st.flips[at][:, None])
+        boxes = pixel_boxes(st.coords[at], sizes).astype(np.float32)
+        start, end = roi_from_boxes(boxes[:, None], st.flips[at][:, None])
         where = np.full(st.step_size(p.step), -1, dtype=np.int64)
         where[p.served] = np.arange(len(p.served))
         partner = np.full(len(p.served), -1, dtype=np.int64)

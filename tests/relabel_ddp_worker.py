@@ -26,7 +26,8 @@ def main(data: str, store: str, out: str) -> None:
     rank = trainer.dist.rank
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(seen, f)
-    torch.save({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
+    weights = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+    torch.save(weights, os.path.join(out, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ class RelabelKL(Objective):
         if (counts != counts[0]).any():
             e = int(np.flatnonzero(counts != counts[0])[0])
             raise TrainError(f"{cfg.softlabel_path} keeps {int(counts[0])} steps of epoch 0 but {int(counts[e])} of "
-                             f"epoch {e} (pruned, LPLD-style): training replays the same number of steps in every epoch "
-                             f"up to --epochs; use --epochs {e} or fewer, or an unpruned store")
+                             f"epoch {e} (pruned, LPLD-style): training replays the same number of steps in every "
+                             f"epoch up to --epochs; use --epochs {e} or fewer, or an unpruned store")
         self.check_labels()
 
     def check_labels(self) -> None:
@@ -94,7 +94,8 @@ class RelabelKL(Objective):
             raise TrainError(f"--input-size {self.cfg.input_size} but {rs.path} was labelled on {rs.input_size} px "
                              f"crops (its CutMix boxes are in their pixels); use --input-size {rs.input_size}")
         return RelabelLoader(ds.root, ds.files, ds.targets, store.sizes(), steps_of=self.steps.steps_of,
-                             labels_of=self.steps.labels_of, label_specs=self.steps.label_specs, sizes_of=self.steps.sizes_of,
+                             labels_of=self.steps.labels_of, label_specs=self.steps.label_specs,
+                             sizes_of=self.steps.sizes_of,
                              stored_step=rs.batch_size, mix=rs.mix, batch_size=per_rank, crop_size=rs.input_size,
                              refuse=lambda rows: refuse_resized(ds.root, store, ds.files, rows, store.sizes()[rows]),
                              **opts)
