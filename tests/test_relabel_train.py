@@ -148,3 +148,25 @@ def test_ddp_ranks_share_each_step_and_stay_in_sync(setup, tmp_path):
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
+
+
+def test_a_store_pruned_by_step_is_refused_naming_the_epochs_that_work(setup, tmp_path):
+    """LPLD-style pruning (epoch 1 keeps 2 of its 3 steps): training replays the same step count in every epoch."""
+    import numpy as np
+
+    from labelstore.relabel import create_relabel_store, open_relabel
+    src = open_relabel(setup["store"])
+    s = src.store
+    keep = np.array([r for r in range(src.num_steps) if r != 4])  # epoch 1, step 1 pruned away
+    blk = src.read_steps(0, src.num_steps)
+    path = str(tmp_path / "pruned")
+    rs = create_relabel_store(path, files=s.file_table(), targets=s.targets_compact(), sizes=s.sizes(),
+                              classes=s.classes, fingerprint=s.meta.fingerprint, dataset_root="train", epochs=3,
+                              batch_size=4, mix=src.mix, input_size=src.input_size, kept=src.step_index[keep],
+                              pruning={"how": "test"}, rows_per_shard=len(keep))
+    rs.write_steps(0, **{k: blk.arrays[k][keep] for k in ("images", "boxes", "flips", "mix_partner", "mix_lam",
+                                                          "mix_box", "labels")})
+    rs.finalize()
+    with pytest.raises(TrainError, match="keeps 3 steps of epoch 0 but 2 of epoch 1.*use --epochs 1 or fewer"):
+        train(cfg(setup, tmp_path / "p", softlabel_path=path))
+    train(cfg(setup, tmp_path / "q", softlabel_path=path, epochs=1))  # epoch 0 alone trains
