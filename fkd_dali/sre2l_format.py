@@ -265,7 +265,13 @@ def import_sre2l(src: str, data: str, save_path: str, *, input_size: int = 224, 
         rs.finalize()
         report.append(ImportReport(save_path, layout, epochs, len(kept), B, first.mix, first.output.dtype.name))
 
-    labelstore.locking.create_atomically(save_path, build, replace=overwrite)
+    lock = labelstore.locking.store_writer_lock(save_path) if overwrite and \
+        os.path.isfile(os.path.join(save_path, "zarr.json")) else None  # not under a running writer
+    try:
+        labelstore.locking.create_atomically(save_path, build, replace=overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
     return report[0]
 
 

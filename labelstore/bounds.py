@@ -56,6 +56,10 @@ def check_bounds(where: str, meta, layout, arrays: dict) -> None:
     if memory and n * ROW_TABLE_BYTES > memory:
         _fail(where, f"it claims {n:,} images: the per-image tables alone would take "
                      f"~{n * ROW_TABLE_BYTES / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:,.0f} GiB")
+    rows = arrays["done"].shape[0] if "done" in arrays else n  # a step kind's rows are its stored steps
+    if memory and rows * ROW_TABLE_BYTES > memory:
+        _fail(where, f"it claims {rows:,} rows: their per-row tables alone would take "
+                     f"~{rows * ROW_TABLE_BYTES / 2**30:,.0f} GiB, more than this machine's {memory / 2**30:,.0f} GiB")
     for name, arr in arrays.items():
         chunk = arr.chunks
         itemsize = 16 if name == "files" else int(getattr(arr.dtype, "itemsize", 8) or 8)

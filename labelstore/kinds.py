@@ -22,6 +22,9 @@ embedding  blur_sigma        (N, C) float32              Gaussian blur sigma; 0:
 The embedding is int8 with a per-crop float32 scale (132 B per crop at D=128, half of float16's 256 B): its
 cosine to the teacher's float32 output stays above 0.9999 on unit vectors (``docs/ssl.md`` has the figures).
 A crop whose jitter is not applied stores the identity factors (1, 1, 1, 0) and order (0, 1, 2, 3).
+
+The ``relabel`` kind (:mod:`labelstore.relabel_kind`) is of another shape: its rows are stored training steps,
+not images (``StoreKind.rows == "step"``), with the labels a teacher gave to mixed crops.
 """
 
 from __future__ import annotations

@@ -145,7 +145,10 @@ def relabel_checks(data: dict, fields: dict) -> list:
     if mix == "none":
         bad_lam |= lam != 1
         not_perm |= used & (partner != np.arange(B)[None, :])
+    order = index[:, 0].astype(np.int64) * fields["steps_per_epoch"] + index[:, 1]
+    unsorted = np.concatenate([[False], np.diff(order) <= 0])  # rows in time order (within the block read)
     out = [
+        (unsorted, "its (epoch, step) does not come after the row before it (rows are kept steps in time order)"),
         ((index[:, 0] < 0) | (index[:, 0] >= fields["epochs"]) | (index[:, 1] < 0) |
          (index[:, 1] >= fields["steps_per_epoch"]),
          f"its (epoch, step) is outside {fields['epochs']} epochs x {fields['steps_per_epoch']} steps"),
