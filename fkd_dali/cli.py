@@ -37,9 +37,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(f"note: {len(clashes)} file name(s) share an FKD label-file name with another (FKD keys images by "
                   "class and name up to the first dot), so `export-fkd` refuses this store: "
                   + "; ".join(f"{a} and {b} -> {stem}.tar" for stem, a, b in clashes[:5]))
+    if args.data:
+        _check_data(store, args)
     summary = labelstore.summarize(store)
     print(json.dumps(summary, indent=2) if args.json else labelstore.format_summary(summary))
     return 0
+
+
+def _check_data(store: labelstore.LabelStore, args: argparse.Namespace) -> None:
+    """``inspect --data DATA``: the dataset (folder or shard set) is the one the store was made from; with --verify,
+    every sample of a shard set is read and checked against its index's CRC-32."""
+    from pipelines.fkd_reader import dataset_files, resolve_root
+    from pipelines.shards import is_shard_set, open_shard_set
+    root = resolve_root(args.data, store)
+    dataset_files(root, store)
+    what = "names, classes, byte sizes"
+    if is_shard_set(root):
+        what += ", CRC-32 of the bytes" if store.checksums() is not None else " (the store records no CRC-32)"
+        if args.verify:
+            from .progress import progress
+            shards = open_shard_set(root)
+            with progress(total=len(shards.names), desc="read", unit="shard") as bar:
+                n = shards.verify_bytes(workers=args.workers or 8, progress=bar.update)
+            what += f"; all {n:,} samples read, each matching its index's CRC-32"
+    print(f"{root} is the dataset {args.store} was made from ({what})")
 
 
 def _row_range(text: str) -> tuple[int, int]:
@@ -243,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--verify", action="store_true",
                    help="decode every chunk and check every label (in parallel over shards, with progress)")
     i.add_argument("--sample", type=_at_least_one, metavar="K", help="verify K random shards only (a quick check)")
+    i.add_argument("--data", metavar="DATA", help="check that DATA (an ImageFolder root or a shard set from `pack`) "
+                   "holds the images the store was made from; with --verify a shard set's bytes are all read")
     i.add_argument("-j", "--workers", type=_at_least_one, help="processes for --verify (default: the cores)")
     i.add_argument("--clear-rows", metavar="A:B", type=_row_range,
                    help="mark rows A..B-1 not done so generation relabels them")

@@ -50,6 +50,9 @@ class ImagePaths:
     def header_source(self, row: int) -> str:
         return self.path_of(row)
 
+    def prefetch(self, rows: np.ndarray) -> None:
+        pass  # DALI reads the files
+
     def close(self) -> None:
         pass
 
@@ -165,6 +168,8 @@ class ImageReader:
         rows = plan.batch_rows(info.iteration)
         if self.headers is not None:
             self.headers.require(plan, info.iteration)
+        if self.paths.serves_bytes and info.iteration + 1 < plan.num_batches:
+            self.paths.prefetch(plan.batch_rows(info.iteration + 1))  # read while DALI decodes this batch
         return rows
 
     def batch(self, rows: np.ndarray) -> tuple:

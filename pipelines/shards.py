@@ -185,6 +185,19 @@ class ShardSet:
                 os.close(fd)
             self._fds.clear()
 
+    def verify_bytes(self, workers: int = 8, progress=None) -> int:
+        """Read every sample and check its CRC-32 against the index (:meth:`read` raises naming the first that
+        differs); returns the number of samples checked. ``progress(n)`` is called per shard."""
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            for shard in range(len(self.names)):
+                a, b = int(self.starts[shard]), int(self.starts[shard + 1])
+                for _ in pool.map(self.read, range(a, b)):
+                    pass
+                if progress is not None:
+                    progress(1)
+        return len(self)
+
     def checksums(self) -> np.ndarray:
         return self.index["crc32"]
 
@@ -337,6 +350,7 @@ class ShardImages:
     index) stops the batch with the shard, the key and the byte offset."""
 
     serves_bytes = True
+    AHEAD = 2  # batches read ahead at most
 
     def __init__(self, shards: ShardSet, workers: int = 8):
         import concurrent.futures
@@ -344,6 +358,10 @@ class ShardImages:
         self.files = shards.keys
         self.root = shards.root
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="fkd-shard-read")
+        self._ahead_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fkd-shard-ahead")
+        self._ahead_lock = threading.Lock()
+        self._ahead: dict[bytes, concurrent.futures.Future] = {}  # rows -> their reads, for the next batches
+        self.served_ahead = 0  # batches whose bytes were read ahead (while DALI decoded the batch before)
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -351,8 +369,29 @@ class ShardImages:
     def read(self, row: int) -> bytes:
         return self.shards.read(row)
 
-    def encoded(self, rows: np.ndarray) -> list[np.ndarray]:
+    def _read_all(self, rows: np.ndarray) -> list[np.ndarray]:
         return [np.frombuffer(b, np.uint8) for b in self._pool.map(self.read, np.asarray(rows).tolist())]
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Start reading the batch of ``rows`` that will be asked for next (the reader knows its plan), so its
+        reads overlap DALI's decoding of the batch before it."""
+        rows = np.ascontiguousarray(rows, np.int64)
+        with self._ahead_lock:
+            while len(self._ahead) >= self.AHEAD:  # a plan abandoned midway leaves reads nobody takes
+                self._ahead.pop(next(iter(self._ahead)))
+            key = rows.tobytes()
+            if key not in self._ahead:
+                self._ahead[key] = self._ahead_pool.submit(self._read_all, rows)
+
+    def encoded(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The image bytes of ``rows`` (CRC-checked), from the read :meth:`prefetch` started when it was for
+        these rows."""
+        with self._ahead_lock:
+            ahead = self._ahead.pop(np.ascontiguousarray(rows, np.int64).tobytes(), None)
+        if ahead is None:
+            return self._read_all(rows)
+        self.served_ahead += 1
+        return ahead.result()
 
     def path_of(self, row: int) -> str:
         return f"{self.files[int(row)]} (in {self.shards.shard_path(int(self.shards.shard_of(np.asarray([row]))[0]))})"
@@ -361,5 +400,7 @@ class ShardImages:
         return io.BytesIO(self.read(row))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self._ahead.clear()
+        self._ahead_pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 

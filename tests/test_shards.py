@@ -117,6 +117,7 @@ def test_folder_store_loads_on_shards_with_the_same_crops(packed):
     b = fkd(packed["shards"], packed["store"])
     assert b.reader.serves_bytes and not a.reader.serves_bytes
     assert_same_batches(batches(a), batches(b))
+    assert b.reader.paths.served_ahead >= len(b) - 1  # every batch after the first was read ahead
     val = scan_image_folder(os.path.join(packed["data"], "val"))
     val_shards = scan_image_folder(os.path.join(packed["shards"], "val"))
     assert val_shards.fingerprint == val.fingerprint
@@ -269,3 +270,19 @@ def test_damaged_index_is_refused(packed, tmp_path):
 
 def test_every_registered_format_is_packable():
     assert "wds" in FORMATS and FORMATS["wds"].SUFFIX == ".tar"
+
+
+def test_inspect_checks_the_data_against_the_store(packed, tmp_path, capsys):
+    store = str(tmp_path / "store")
+    generate(config(packed, store, data=packed["shards"]))
+    assert main(["inspect", store, "--data", packed["shards"], "--verify", "-j", "1"]) == 0
+    assert "all 30 samples read, each matching its index's CRC-32" in capsys.readouterr().out
+    assert main(["inspect", store, "--data", packed["data"]]) == 0  # the folder it was packed from
+    data = copy_set(packed, tmp_path)
+    shards = open_shard_set(os.path.join(data, "train"))
+    with open(os.path.join(data, "train", shards.names[-1]), "r+b") as f:
+        f.seek(int(shards.index[len(shards) - 1]["offset"]) + 10)
+        f.write(b"\1\2\3")
+    assert main(["inspect", store, "--data", data]) == 0  # names, sizes and index CRCs agree: only a read tells
+    assert main(["inspect", store, "--data", data, "--verify", "-j", "1"]) == 1
+    assert f"{shards.keys[len(shards) - 1]!r} (row 29)" in capsys.readouterr().err
