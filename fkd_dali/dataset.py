@@ -79,6 +79,13 @@ class Dataset:
 def split_dir(data: str | os.PathLike, split: str) -> str:
     """``DATA/<split>``, with an error that says what a dataset root must look like."""
     data = os.fspath(data)
+    if "://" in data:  # a URL: shard sets only (pipelines.shards)
+        from pipelines.shards import is_shard_set, join  # noqa: PLC0415
+        for root in (join(data, split), data):
+            if is_shard_set(root):
+                return root
+        raise DatasetError(f"{data} holds no shard set at {join(data, split)}: a dataset at a URL must be packed "
+                           "(fkd-dali pack DATA --out SHARDS, then copy SHARDS there)")
     if not os.path.isdir(data):
         raise DatasetError(f"dataset root {data} does not exist (expected a folder holding train/ and val/ "
                            "in ImageFolder layout: train/<class>/<image>.jpg)")
@@ -99,11 +106,10 @@ def scan_image_folder(root: str | os.PathLike, extensions: tuple[str, ...] = IMG
     :class:`PathTable`. One thread: on the 2-core VM 1.28 M files took 4.5-4.8 s, and 8.0 s with 2 threads,
     11 s with 8 (the GIL hand-offs around each stat cost more than the overlap gains)."""
     root = os.fspath(root)
+    if "://" in root or os.path.isfile(os.path.join(root, "fkd-index.json")):  # pipelines.shards.INDEX_JSON
+        return open_shards(root)  # (DALI is imported only for a shard set)
     if not os.path.isdir(root):
         raise DatasetError(f"{root} does not exist or is not a folder")
-    from pipelines.shards import is_shard_set  # noqa: PLC0415 - DALI is imported only for a shard set
-    if is_shard_set(root):
-        return open_shards(root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise DatasetError(f"{root} has no class folders: expected {root}/<class>/<image> (ImageFolder "

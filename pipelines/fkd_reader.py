@@ -24,7 +24,7 @@ from .errors import LoaderError, read_headers
 from .image_reader import ImageReader
 from .order import EpochPlan, unique_rows
 from .round_reads import RoundReads
-from .shards import ShardKeys, ShardSetError, is_shard_set, open_shard_set
+from .shards import ShardKeys, ShardSetError, is_shard_set, is_url, join, open_shard_set
 
 # The batch of a pass whose request starts the read of the next pass's rows. The loaders' pipelines read two
 # batches ahead, so DALI asks for batch 2 once batch 0 was taken: the read does not slow the pass's first batch.
@@ -222,6 +222,12 @@ def _dali_type(dtype) -> types.DALIDataType:
 def resolve_root(data: str, store: LabelStore) -> str:
     """The image folder the store's relative paths live in: DATA/<split> or DATA itself."""
     split = store.meta.dataset_root or "train"
+    if is_url(data):  # shard sets only
+        for root in (join(data, split), data):
+            if is_shard_set(root):
+                return root
+        raise LoaderError(f"{data} holds no shard set at {join(data, split)} (a dataset at a URL must be packed: "
+                          "fkd-dali pack)")
     cand = os.path.join(data, split)
     if os.path.isdir(cand):
         return cand

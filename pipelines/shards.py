@@ -14,6 +14,11 @@ On disk, in the split's folder (``SHARDS/train``):
   ``fkd-key-ends.npy`` (end offsets; their folders in the JSON), a :class:`labelstore.PathTable` memory-mapped:
   what the store check and the messages need, never loaded whole per rank.
 
+A set may live at an fsspec URL (``s3://bucket/shards/train``): its JSON is read from there, the per-sample
+files are copied once into a local cache (``$FKD_DALI_SHARD_CACHE``, default ``~/.cache/fkd-dali/shards``; one
+copy per node, named by the URL and the JSON's digest, so the ranks of a node share it) and mapped from there, and
+each sample is one range request (``fs.cat_file(path, start, end)``; ``ShardSet.requests`` counts them).
+
 Rows are the set's order: for ``fkd-dali pack`` the folder's ImageFolder order (= a store's row order); for
 ``fkd-dali index`` of foreign shards, shard by shard (sorted names), in file order.
 """
@@ -49,8 +54,33 @@ class ShardSetError(ValueError):
     """A shard set or its index is missing, damaged or does not match its shards; the message names the file."""
 
 
+def is_url(root: str) -> bool:
+    return "://" in str(root)
+
+
+def join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}" if is_url(root) else os.path.join(root, name)
+
+
+def _filesystem(root: str):
+    import fsspec  # noqa: PLC0415 - only URLs need it
+    return fsspec.core.url_to_fs(root)
+
+
 def is_shard_set(root: str) -> bool:
-    return os.path.isfile(os.path.join(root, INDEX_JSON))
+    root = os.fspath(root)
+    if not is_url(root):
+        return os.path.isfile(os.path.join(root, INDEX_JSON))
+    try:
+        fs, base = _filesystem(root)
+        return fs.isfile(f"{base.rstrip('/')}/{INDEX_JSON}")
+    except Exception:  # noqa: BLE001 - unreachable or unknown: not a shard set (the caller says what it expected)
+        return False
+
+
+def cache_root() -> str:
+    return os.environ.get("FKD_DALI_SHARD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fkd-dali",
+                                                                   "shards")
 
 
 class ShardKeys(PathTable):
@@ -64,13 +94,21 @@ class ShardSet:
     """An indexed shard set, opened read-only (see the module doc); cheap: O(shards) work, the rest mapped."""
 
     def __init__(self, root: str):
-        self.root = root
-        meta_path = os.path.join(root, INDEX_JSON)
+        self.root = root = os.fspath(root)
+        self.fs, self.base = _filesystem(root) if is_url(root) else (None, root)
+        self.requests = 0  # range requests made (a set at a URL)
+        meta_path = join(root, INDEX_JSON)
         try:
-            if os.path.getsize(meta_path) > MAX_JSON_BYTES:
+            size = self.fs.size(self._remote(INDEX_JSON)) if self.fs else os.path.getsize(meta_path)
+            if size > MAX_JSON_BYTES:
                 raise ShardSetError(f"{meta_path} is larger than {MAX_JSON_BYTES} bytes: not an fkd-dali index")
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
+            if self.fs:
+                raw = self.fs.cat_file(self._remote(INDEX_JSON))
+            else:
+                with open(meta_path, "rb") as f:
+                    raw = f.read()
+            meta = json.loads(raw)
+            self._local = self._cache_dir(raw) if self.fs else root
         except FileNotFoundError:
             raise ShardSetError(f"{root} has no {INDEX_JSON}: index the shards first (fkd-dali index {root}), or "
                                 "pack a folder into shards (fkd-dali pack DATA --out SHARDS)") from None
@@ -107,7 +145,7 @@ class ShardSet:
         if self.labels.dtype.kind not in "iu":
             raise ShardSetError(f"{os.path.join(root, LABELS)} holds {self.labels.dtype}, not integer classes")
         ends = self._mapped(KEY_ENDS, n, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
-        blob = np.load(os.path.join(root, KEY_NAMES), mmap_mode="r", allow_pickle=False)
+        blob = self._mapped(KEY_NAMES, None, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
         if blob.dtype != np.uint8 or blob.ndim != 1 or ends.dtype.kind not in "iu" or (n and int(ends[-1]) != len(blob)):
             raise ShardSetError(f"{os.path.join(root, KEY_NAMES)} and {KEY_ENDS} do not hold {n} keys: index the "
                                 "shards again")
@@ -116,13 +154,34 @@ class ShardSet:
         self._fds: dict[int, int] = {}  # shard -> open file, opened on first read
         self._lock = threading.Lock()
 
-    def _mapped(self, name: str, n: int, load) -> np.ndarray:
-        path = os.path.join(self.root, name)
+    def _remote(self, name: str) -> str:
+        return f"{self.base.rstrip('/')}/{name}"
+
+    def _cache_dir(self, meta: bytes) -> str:
+        import hashlib  # noqa: PLC0415
+        digest = hashlib.sha256(self.root.encode() + b"\0" + meta).hexdigest()[:24]
+        return os.path.join(cache_root(), digest)
+
+    def _local_copy(self, name: str) -> str:
+        """A per-sample index file: the set's own (a local set), or its copy in the node's cache (a set at a URL),
+        fetched once (to a temporary name, then renamed: ranks fetching at once each end with a whole file)."""
+        if self.fs is None:
+            return os.path.join(self.root, name)
+        path = os.path.join(self._local, name)
+        if not os.path.exists(path):
+            os.makedirs(self._local, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            self.fs.get_file(self._remote(name), tmp)
+            os.replace(tmp, path)
+        return path
+
+    def _mapped(self, name: str, n: int | None, load) -> np.ndarray:
+        path = join(self.root, name)
         try:
-            arr = load(path)
+            arr = load(self._local_copy(name))
         except (OSError, ValueError) as e:
             raise ShardSetError(f"{path} cannot be read ({e}): index the shards again") from None
-        if arr.shape != (n,):
+        if n is not None and arr.shape != (n,):
             raise ShardSetError(f"{path} holds {arr.shape[0] if arr.ndim else 0} samples, the index "
                                 f"{INDEX_JSON} says {n}: the index is damaged; index the shards again")
         return arr
@@ -131,7 +190,7 @@ class ShardSet:
         return int(self.starts[-1])
 
     def shard_path(self, shard: int) -> str:
-        return os.path.join(self.root, self.names[shard])
+        return join(self.root, self.names[shard])
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, rows, side="right") - 1
@@ -139,11 +198,15 @@ class ShardSet:
     def check_files(self) -> None:
         """Every shard exists with the byte size it was indexed at (one stat per shard, not per sample):
         a missing shard, or one replaced since, is named before any batch is read."""
+        listed = None
+        if self.fs is not None:  # one listing, not a request per shard
+            listed = {os.path.basename(e["name"].rstrip("/")): int(e["size"])
+                      for e in self.fs.ls(self.base, detail=True) if e.get("type") == "file"}
         for name, size in zip(self.names, self.sizes.tolist()):
-            path = os.path.join(self.root, name)
+            path = join(self.root, name)
             try:
-                got = os.path.getsize(path)
-            except FileNotFoundError:
+                got = os.path.getsize(path) if listed is None else listed[name]
+            except (FileNotFoundError, KeyError):
                 raise ShardSetError(f"shard {path} is missing from the set (its index {INDEX_JSON} lists it): "
                                     "restore it, or index the shards that exist again") from None
             if got != size:
@@ -170,7 +233,16 @@ class ShardSet:
         shard = int(self.shard_of(np.asarray([row]))[0])
         rec = self.index[row]
         offset, length, crc = int(rec["offset"]), int(rec["length"]), int(rec["crc32"])
-        data = os.pread(self._fd(shard), length, offset)
+        if self.fs is None:
+            data = os.pread(self._fd(shard), length, offset)
+        else:
+            try:
+                data = self.fs.cat_file(self._remote(self.names[shard]), start=offset, end=offset + length)
+            except FileNotFoundError:
+                raise LoaderError(f"shard {self.shard_path(shard)} is missing from the set: restore it, or index "
+                                  "the shards that exist again") from None
+            with self._lock:
+                self.requests += 1
         if len(data) != length or zlib.crc32(data) != crc:
             why = "ends first" if len(data) != length else "holds other bytes there (CRC-32 mismatch)"
             raise LoaderError(f"shard {self.shard_path(shard)}, sample {self.keys[row]!r} (row {row}): the "

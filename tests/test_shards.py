@@ -286,3 +286,34 @@ def test_inspect_checks_the_data_against_the_store(packed, tmp_path, capsys):
     assert main(["inspect", store, "--data", data]) == 0  # names, sizes and index CRCs agree: only a read tells
     assert main(["inspect", store, "--data", data, "--verify", "-j", "1"]) == 1
     assert f"{shards.keys[len(shards) - 1]!r} (row 29)" in capsys.readouterr().err
+
+
+def test_a_shard_set_on_object_storage_gives_the_same_crops(packed, tmp_path, monkeypatch):
+    """A real S3-compatible server (moto, 127.0.0.1): the packed set uploaded, its index copied once into the
+    local cache, each sample one range request."""
+    fsspec = pytest.importorskip("fsspec")
+    s3fs = pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        opts = {"endpoint_url": f"http://{host}:{port}", "key": "test", "secret": "test"}
+        monkeypatch.setitem(fsspec.config.conf, "s3", opts)
+        monkeypatch.setenv("FKD_DALI_SHARD_CACHE", str(tmp_path / "cache"))
+        fs = s3fs.S3FileSystem(**opts)
+        fs.mkdir("data")
+        fs.put(packed["shards"] + "/", "data/shards", recursive=True)
+        url = "s3://data/shards"
+        ds = scan_image_folder(url + "/train")
+        assert ds.fingerprint == packed["ds"].fingerprint and list(ds.files) == list(packed["ds"].files)
+        remote = fkd(url, packed["store"])
+        assert_same_batches(batches(fkd(packed["shards"], packed["store"])), batches(remote))
+        assert remote.reader.paths.shards.requests == len(ds)  # one range request per sample of the pass
+        assert sorted(os.listdir(next((tmp_path / "cache").iterdir()))) == sorted(
+            ["fkd-index.bin", "fkd-labels.npy", "fkd-key-names.npy", "fkd-key-ends.npy"])
+        fs.rm("data/shards/train/" + ds.shards.names[1])
+        with pytest.raises(DatasetError, match=f"shard {url}/train/{ds.shards.names[1]} is missing"):
+            scan_image_folder(url + "/train")
+    finally:
+        server.stop()
