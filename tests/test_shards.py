@@ -317,3 +317,17 @@ def test_a_shard_set_on_object_storage_gives_the_same_crops(packed, tmp_path, mo
             scan_image_folder(url + "/train")
     finally:
         server.stop()
+
+
+def test_train_and_generate_commands_take_a_shard_set(packed, tmp_path, capsys):
+    """The CLI end to end on shards: generate, then train a tiny student one pass, validated on the val shards."""
+    store = str(tmp_path / "store")
+    assert main(["generate", packed["shards"], "--save-path", store, "-a", "torchscript", "--teacher-path",
+                 packed["teachers"][0], "--input-size", "24", "--num-crops", "4", "--top-k", "5", "-b", "4",
+                 "--device", DEVICE]) == 0
+    assert labelstore.open_store(store).checksums() is not None
+    assert main(["train", packed["shards"], "--softlabel-path", store, "-a", "tiny_cnn", "--num-crops", "2", "-b",
+                 "8", "--epochs", "2", "--input-size", "32", "--device", DEVICE,
+                 "--output", str(tmp_path / "run"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "not validated" not in out and "top-1" in out, out
