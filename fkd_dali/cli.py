@@ -161,7 +161,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from .pack import index
-    for split, s in index(args.shards, args.format, args.classes, args.dali_index, args.force).items():
+    for split, s in index(args.shards, args.format, args.classes, args.dali_index, args.force, args.key_map,
+                          args.store).items():
         print(f"{split}: {len(s):,} samples of {len(s.classes)} classes in {len(s.names)} {s.format.NAME} shard(s) "
               f"indexed -> {s.root}")
     return 0
@@ -333,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the numbers)")
     ix.add_argument("--dali-index", action="store_true", help="also write DALI's index file beside each shard")
     ix.add_argument("--force", action="store_true", help="index a set that has an index again")
+    ix.add_argument("--store", metavar="STORE", help="a label store made elsewhere (e.g. from the ImageFolder): the "
+                    "index's rows follow its rows, and every sample must be one of its images")
+    ix.add_argument("--key-map", metavar="FILE", help="with --store: SHARD_KEY<TAB>STORE_FILE per line, when the "
+                    "shards' keys are not the store's file names")
     ix.set_defaults(func=_cmd_index)
 
     sh = sub.add_parser("show", help="an image's stored crops as the loader replays them, with their labels")

@@ -64,14 +64,48 @@ def pack(data: str, out: str, fmt: str = "wds", shard_bytes: int = DEFAULT_SHARD
     return done
 
 
+MAX_KEY_MAP_BYTES = 4 << 30
+
+
+def read_key_map(path: str) -> dict[str, str]:
+    """A key map file: one ``SHARD_KEY<TAB>STORE_FILE`` a line (the store's relative path of each shard sample)."""
+    if os.path.getsize(path) > MAX_KEY_MAP_BYTES:
+        raise DatasetError(f"{path} is larger than {MAX_KEY_MAP_BYTES} bytes: not a key map")
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            key, tab, name = line.partition("\t")
+            if not tab or not key or not name:
+                raise DatasetError(f"{path}, line {n}: {line[:80]!r} is not SHARD_KEY<TAB>STORE_FILE")
+            if key in out:
+                raise DatasetError(f"{path}, line {n}: the key {key!r} is mapped twice")
+            out[key] = name
+    return out
+
+
 def index(shards: str, fmt: str | None = None, classes_file: str | None = None, dali_index: bool = False,
-          force: bool = False) -> dict[str, ShardSet]:
-    """Index the shards of ``SHARDS/train`` and ``SHARDS/val`` (or of ``SHARDS`` itself when it holds shards)."""
+          force: bool = False, key_map: str | None = None, store: str | None = None) -> dict[str, ShardSet]:
+    """Index the shards of ``SHARDS/train`` and ``SHARDS/val`` (or of ``SHARDS`` itself when it holds shards).
+    With ``store`` (and ``key_map``, when the shards' keys are not the store's file names): the split the store
+    was made from, its rows in the store's order, its classes the store's."""
     roots = [os.path.join(shards, s) for s in SPLITS if os.path.isdir(os.path.join(shards, s))] or [shards]
     classes = None
     if classes_file is not None:
         with open(classes_file, encoding="utf-8") as f:
             classes = [line.strip() for line in f if line.strip()]
+    mapping = read_key_map(key_map) if key_map else None
+    order = None
+    if store is not None:
+        import labelstore  # noqa: PLC0415
+        s = labelstore.open_store(store)
+        split = s.meta.dataset_root or "train"
+        roots = [r for r in roots if os.path.basename(os.path.normpath(r)) == split] or [shards]
+        order, classes = list(s.file_table()), classes or list(s.classes)
+    elif mapping is not None:
+        raise DatasetError("--key-map needs --store: the store whose rows the mapped keys name")
     done = {}
     for root in roots:
         if is_shard_set(root) and not force:
@@ -90,7 +124,8 @@ def index(shards: str, fmt: str | None = None, classes_file: str | None = None, 
             except ShardSetError:
                 names = None
         try:
-            done[os.path.basename(os.path.normpath(root))] = index_shards(root, fmt, names, dali_index)
+            done[os.path.basename(os.path.normpath(root))] = index_shards(root, fmt, names, dali_index, mapping,
+                                                                          order)
         except ShardSetError as e:
             raise DatasetError(str(e)) from None
     return done

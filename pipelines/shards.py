@@ -44,6 +44,7 @@ INDEX_BIN = "fkd-index.bin"
 LABELS = "fkd-labels.npy"
 KEY_NAMES = "fkd-key-names.npy"
 KEY_ENDS = "fkd-key-ends.npy"
+SHARD_IDS = "fkd-shard-ids.npy"  # only in a set whose rows follow a store's order, not the shards' (a key map)
 INDEX_VERSION = 1
 RECORD = np.dtype([("offset", "<u8"), ("length", "<u4"), ("crc32", "<u4")])  # 16 B per sample
 MAX_SAMPLE_BYTES = 2**32 - 1
@@ -151,6 +152,12 @@ class ShardSet:
                                 "shards again")
         self.keys = ShardKeys(key_dirs, key_dir_starts, blob, ends)
         self.keys.shards = self
+        self.shard_ids = None  # rows in a store's order (a key map): each row's shard
+        if meta.get("store_order"):
+            self.shard_ids = self._mapped(SHARD_IDS, n, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+            if self.shard_ids.dtype.kind != "u" or (n and int(self.shard_ids.max()) >= len(self.names)):
+                raise ShardSetError(f"{join(root, SHARD_IDS)} names shards the index does not list: index the "
+                                    "shards again")
         self._fds: dict[int, int] = {}  # shard -> open file, opened on first read
         self._lock = threading.Lock()
 
@@ -193,6 +200,8 @@ class ShardSet:
         return join(self.root, self.names[shard])
 
     def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        if self.shard_ids is not None:
+            return np.asarray(self.shard_ids[rows], np.int64)
         return np.searchsorted(self.starts, rows, side="right") - 1
 
     def check_files(self) -> None:
@@ -262,8 +271,8 @@ class ShardSet:
         differs); returns the number of samples checked. ``progress(n)`` is called per shard."""
         import concurrent.futures
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-            for shard in range(len(self.names)):
-                a, b = int(self.starts[shard]), int(self.starts[shard + 1])
+            for shard in range(len(self.names)):  # blocks of rows as many as shards (in shard order unless key-mapped)
+                a, b = len(self) * shard // len(self.names), len(self) * (shard + 1) // len(self.names)
                 for _ in pool.map(self.read, range(a, b)):
                     pass
                 if progress is not None:
@@ -289,8 +298,11 @@ class ShardSetWriter:
     """Writes a shard set's index as its shards are written or scanned: :meth:`add` per shard (its entries in
     row order and their CRCs), then :meth:`close`. Refuses a key seen in an earlier shard (two samples, one key)."""
 
-    def __init__(self, root: str, fmt: str, classes: Sequence[str] | None = None):
+    def __init__(self, root: str, fmt: str, classes: Sequence[str] | None = None,
+                 key_map: dict[str, str] | None = None):
         self.root, self.fmt = root, format_named(fmt)
+        self.key_map = key_map  # a shard's key -> the key the set records (a store's file name)
+        self.shard_ids: list[np.ndarray] = []
         self.classes = None if classes is None else list(classes)
         self.shards: list[dict] = []
         self.records: list[np.ndarray] = []
@@ -301,6 +313,8 @@ class ShardSetWriter:
 
     def add(self, name: str, entries: Sequence[Entry], crcs: Sequence[int]) -> None:
         path = os.path.join(self.root, name)
+        if self.key_map is not None:
+            entries = [e._replace(key=self._mapped_key(path, e)) for e in entries]
         for e in entries:
             if e.key in self._where:
                 raise ShardFormatError(path, e.offset, f"two samples with the key {e.key!r} (the other in "
@@ -316,12 +330,49 @@ class ShardSetWriter:
         self.records.append(rec)
         self.labels.append(np.asarray([e.label for e in entries], np.int64))
         self.keys.extend(e.key for e in entries)
+        self.shard_ids.append(np.full(len(entries), len(self.shards), np.int64))
         self.shards.append({"name": name, "size": os.path.getsize(path), "start": self.n})
         self.n += len(entries)
 
-    def close(self) -> ShardSet:
+    def _mapped_key(self, path: str, e: Entry) -> str:
+        try:
+            return self.key_map[e.key]
+        except KeyError:
+            raise ShardSetError(f"the key map names no sample {e.key!r} (shard {path}, byte {e.offset}): it was made "
+                                "for another dataset, or misses samples. Give a key map listing every sample of "
+                                "the shards") from None
+
+    def _in_order(self, order: Sequence[str], rec, labels, shard_ids):
+        """The rows rearranged into ``order`` (a store's files): every key of the order must be a sample and
+        every sample a key of the order, else the first few of each are named."""
+        row_of = {k: i for i, k in enumerate(self.keys)}
+        rows = np.fromiter((row_of.get(k, -1) for k in order), np.int64, len(order))
+        missing = [order[int(i)] for i in np.flatnonzero(rows < 0)[:5]]
+        extra = sorted(set(self.keys) - set(order))[:5] if len(row_of) != len(order) or missing else []
+        if missing or extra:
+            raise ShardSetError(f"{self.root}: the shards do not hold the store's images: "
+                                + (f"missing {', '.join(missing)}" if missing else "")
+                                + ("; " if missing and extra else "")
+                                + (f"not in the store: {', '.join(extra)}" if extra else "")
+                                + ". Index the shards of the dataset the store was made from, with its key map")
+        self.keys = list(order)
+        return rec[rows], labels[rows], shard_ids[rows]
+
+    def close(self, order: Sequence[str] | None = None) -> ShardSet:
+        """Write the index; with ``order`` (a store's files, after the key map) its rows follow that order, and
+        each row's shard is recorded (``fkd-shard-ids.npy``)."""
         rec = np.concatenate(self.records) if self.records else np.zeros(0, RECORD)
         labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
+        shard_ids = np.concatenate(self.shard_ids) if self.shard_ids else np.zeros(0, np.int64)
+        if order is not None:  # checked before anything is written
+            rec, labels, shard_ids = self._in_order(order, rec, labels, shard_ids)
+        if os.path.exists(os.path.join(self.root, INDEX_JSON)):  # indexed again: no old JSON over new arrays
+            os.remove(os.path.join(self.root, INDEX_JSON))
+        if order is not None:
+            np.save(os.path.join(self.root, SHARD_IDS),
+                    shard_ids.astype(np.uint16 if len(self.shards) < 2**16 else np.uint32))
+        elif os.path.exists(os.path.join(self.root, SHARD_IDS)):
+            os.remove(os.path.join(self.root, SHARD_IDS))
         top = int(labels.max()) if labels.size else 0
         classes = self.classes if self.classes is not None else [str(i) for i in range(top + 1)]
         if top >= len(classes):
@@ -333,7 +384,7 @@ class ShardSetWriter:
         np.save(os.path.join(self.root, KEY_ENDS), np.asarray(keys.ends))
         meta = {"version": INDEX_VERSION, "format": self.fmt.NAME, "num_samples": self.n, "shards": self.shards,
                 "classes": classes, "fingerprint": fingerprint_of(keys, rec["length"]),
-                "key_dirs": keys.dirs, "key_dir_starts": keys.dir_starts.tolist()}
+                "key_dirs": keys.dirs, "key_dir_starts": keys.dir_starts.tolist(), "store_order": order is not None}
         tmp = os.path.join(self.root, INDEX_JSON + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f)
@@ -355,10 +406,12 @@ def crcs_of(path: str, entries: Sequence[Entry]) -> list[int]:
 
 
 def index_shards(root: str, fmt: str | None = None, classes: Sequence[str] | None = None,
-                 dali_index: bool = True) -> ShardSet:
+                 dali_index: bool = True, key_map: dict[str, str] | None = None,
+                 order: Sequence[str] | None = None) -> ShardSet:
     """Index the shards already in ``root`` (foreign ones too): every shard of the format is scanned (sorted by
     name), its samples' bytes checksummed, and the set's index written; with ``dali_index`` also DALI's own
-    index file per shard."""
+    index file per shard. ``key_map`` renames each shard key (to a store's file name); ``order`` (a store's files)
+    makes the rows follow the store's rows."""
     from .formats import FORMATS
     if fmt is None:
         found = {m.NAME for m in FORMATS.values() for n in os.listdir(root) if n.endswith(m.SUFFIX)}
@@ -370,7 +423,7 @@ def index_shards(root: str, fmt: str | None = None, classes: Sequence[str] | Non
     names = sorted(n for n in os.listdir(root) if n.endswith(module.SUFFIX))
     if not names:
         raise ShardSetError(f"{root} holds no {module.SUFFIX} shard")
-    w = ShardSetWriter(root, fmt, classes)
+    w = ShardSetWriter(root, fmt, classes, key_map)
     for name in names:
         path = os.path.join(root, name)
         with open(path, "rb") as f:
@@ -378,7 +431,7 @@ def index_shards(root: str, fmt: str | None = None, classes: Sequence[str] | Non
         w.add(name, entries, crcs_of(path, entries))
         if dali_index:
             module.write_dali_index(path, entries)
-    return w.close()
+    return w.close(order)
 
 
 def write_shards(root: str, fmt: str, samples: Iterable[tuple[str, bytes, int]], *, shard_bytes: int,

@@ -17,7 +17,7 @@ import labelstore
 from fkd_dali.cli import main
 from fkd_dali.dataset import DatasetError, scan_image_folder
 from fkd_dali.generate import generate
-from fkd_dali.pack import pack
+from fkd_dali.pack import index, pack
 from pipelines import EvalLoader, FKDLoader, LoaderError
 from pipelines.formats import FORMATS, ShardFormatError
 from pipelines.formats import wds
@@ -331,3 +331,48 @@ def test_train_and_generate_commands_take_a_shard_set(packed, tmp_path, capsys):
                  "--output", str(tmp_path / "run"), "-q"]) == 0
     out = capsys.readouterr().out
     assert "not validated" not in out and "top-1" in out, out
+
+
+def foreign_shards(packed, root: str, perm: np.ndarray) -> dict[str, str]:
+    """The coded dataset's train images as foreign WebDataset shards: keys s<i>.jpg in the order ``perm`` (not
+    the store's), two shards; returns the key map (shard key -> the store's file name)."""
+    ds = packed["ds"]
+    os.makedirs(root)
+    key_map, members = {}, []
+    for i, r in enumerate(perm.tolist()):
+        with open(ds.path(r), "rb") as f:
+            members.append((f"s{i:03d}.jpg", f.read()))
+        members.append((f"s{i:03d}.cls", str(ds.targets[r]).encode()))
+        key_map[f"s{i:03d}.jpg"] = ds.files[r]
+    half = len(members) // 2 // 2 * 2
+    for n, part in enumerate((members[:half], members[half:])):
+        with open(os.path.join(root, f"part-{n}.tar"), "wb") as f:
+            f.write(tar_of(part))
+    return key_map
+
+
+def write_key_map(path, key_map) -> str:
+    with open(path, "w") as f:
+        f.write("".join(f"{k}\t{v}\n" for k, v in key_map.items()))
+    return str(path)
+
+
+def test_foreign_shards_with_a_key_map_follow_the_store_rows(packed, tmp_path):
+    perm = np.random.default_rng(0).permutation(len(packed["ds"]))
+    data = str(tmp_path / "foreign")
+    key_map = foreign_shards(packed, os.path.join(data, "train"), perm)
+    kmap = write_key_map(tmp_path / "keys.tsv", key_map)
+    assert main(["index", data, "--store", packed["store"], "--key-map", kmap]) == 0
+    shards = open_shard_set(os.path.join(data, "train"))
+    assert list(shards.keys) == list(packed["ds"].files) and shards.fingerprint == packed["ds"].fingerprint
+    assert shards.shard_ids is not None and len(np.unique(shards.shard_of(np.arange(len(shards))))) == 2
+    assert_same_batches(batches(fkd(packed["data"], packed["store"])), batches(fkd(data, packed["store"])))
+    # a key map of another dataset: its names are not the store's images
+    other = dict(key_map)
+    other["s005.jpg"] = "class_9/not_in_the_store.jpg"
+    with pytest.raises(DatasetError, match=f"missing {key_map['s005.jpg']}; not in the store: "
+                                           "class_9/not_in_the_store.jpg"):
+        index(data, store=packed["store"], key_map=write_key_map(tmp_path / "other.tsv", other), force=True)
+    del key_map["s007.jpg"]  # a key map that misses a sample
+    with pytest.raises(DatasetError, match="the key map names no sample 's007.jpg' \\(shard .*part-0.tar"):
+        index(data, store=packed["store"], key_map=write_key_map(tmp_path / "short.tsv", key_map), force=True)
