@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def, types
+from PIL import Image
 
 import labelstore
 from fkd_dali.cli import main
@@ -376,3 +377,15 @@ def test_foreign_shards_with_a_key_map_follow_the_store_rows(packed, tmp_path):
     del key_map["s007.jpg"]  # a key map that misses a sample
     with pytest.raises(DatasetError, match="the key map names no sample 's007.jpg' \\(shard .*part-0.tar"):
         index(data, store=packed["store"], key_map=write_key_map(tmp_path / "short.tsv", key_map), force=True)
+
+
+def test_show_replays_the_same_crops_from_shards(packed, tmp_path):
+    from fkd_dali.show import show
+    row = 11
+    a = show(packed["store"], packed["data"], str(row), str(tmp_path / "a"), crop_size=24, columns=2, device=DEVICE)
+    b = show(packed["store"], packed["shards"], str(row), str(tmp_path / "b"), crop_size=24, columns=2,
+             device=DEVICE)
+    assert a["crops"] == b["crops"] == 4
+    for k in range(4):
+        x, y = (np.asarray(Image.open(tmp_path / d / f"crop_{k}.png")) for d in "ab")
+        np.testing.assert_array_equal(x, y)
