@@ -9,7 +9,7 @@ On disk, in the split's folder (``SHARDS/train``):
   with its shards and the reverse).
 - ``fkd-index.bin``: per sample 16 bytes, in row order: offset (u64) and length (u32) of its image bytes in its
   shard, and the zlib CRC-32 (u32) of those bytes. Memory-mapped: the ranks of a node share it through the page
-  cache, and a rank touches the pages of the rows it serves only.
+  cache (a rank's rows, in a random order, fall on nearly every page).
 - ``fkd-labels.npy`` (int16/int32 per sample) and the keys, ``fkd-key-names.npy`` (uint8 blob) +
   ``fkd-key-ends.npy`` (end offsets; their folders in the JSON), a :class:`labelstore.PathTable` memory-mapped:
   what the store check and the messages need, never loaded whole per rank.
