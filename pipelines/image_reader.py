@@ -5,6 +5,8 @@ the image paths it hands to DALI (:class:`ImagePaths`), the header check that ru
 Everything per batch is O(batch) numpy slicing of arrays held in memory (paths in a compact
 :class:`labelstore.PathTable`); the JPEG files are read by ``fn.io.file.read`` inside DALI's own threads, so
 the Python callback never opens a file and needs no worker processes (and so no fork-after-CUDA hazard).
+A shard set's images (``files`` its keys: :func:`image_source`) are served as bytes instead, read and CRC-checked
+by :class:`pipelines.shards.ShardImages` in threads, the next batch's ahead of the pipeline.
 """
 
 from __future__ import annotations
