@@ -68,12 +68,9 @@ class Dataset:
         return os.path.join(self.root, self.files[i])
 
     def header_source(self, i: int):
-        """What ``pipelines.errors.image_header`` / ``probe_image`` read image ``i`` from: its path, or its bytes
-        (a shard set's sample, CRC-checked)."""
-        if self.shards is not None:
-            import io
-            return io.BytesIO(self.shards.read(i))
-        return self.path(i)
+        """What ``pipelines.errors.image_header`` / ``probe_image`` read image ``i`` from: its path, or a shard
+        set's sample as a file (``ShardSet.open_sample``: only the parts read)."""
+        return self.path(i) if self.shards is None else self.shards.open_sample(i)
 
 
 def split_dir(data: str | os.PathLike, split: str) -> str:

@@ -9,7 +9,6 @@ Per batch, the reader slices this rank's rows of the pass's round, held in memor
 from __future__ import annotations
 
 import concurrent.futures
-import io
 import os
 from collections.abc import Sequence
 
@@ -282,7 +281,7 @@ def changed_images(root: str, files: Sequence[str] | PathTable, rows: Sequence[i
     now) no longer gives its stored (height, width) ``stored[i]``."""
     names = [files[int(r)] for r in rows]
     if isinstance(files, ShardKeys):  # a shard set's samples: their bytes (CRC-checked), not paths
-        sources = [io.BytesIO(files.shards.read(int(r))) for r in rows]
+        sources = [files.shards.open_sample(int(r)) for r in rows]
     else:
         sources = [os.path.join(root, f) for f in names]
     got, bad = read_headers(sources, workers=16)

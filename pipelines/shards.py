@@ -260,6 +260,17 @@ class ShardSet:
                               f"(fkd-dali index {self.root}) and regenerate labels made from the old bytes")
         return data
 
+    def open_sample(self, row: int) -> io.BufferedReader | io.BytesIO:
+        """Sample ``row`` as a read-only binary file (what ``errors.image_header`` takes): reads only the parts
+        asked for (a header, the JPEG's last 4 KB), not CRC-checked: the whole sample is, when a batch reads it.
+        A set at a URL: the sample's bytes, read whole."""
+        row = int(row)
+        if self.fs is not None:
+            return io.BytesIO(self.read(row))
+        shard = int(self.shard_of(np.asarray([row]))[0])
+        rec = self.index[row]
+        return io.BufferedReader(_Range(self._fd(shard), int(rec["offset"]), int(rec["length"])), 16384)
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -291,6 +302,36 @@ def open_shard_set(root: str, check_files: bool = True) -> ShardSet:
     if check_files:
         s.check_files()
     return s
+
+
+class _Range(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open file, as a seekable read-only file (``os.pread``: no shared
+    file position, so threads may each hold one)."""
+
+    def __init__(self, fd: int, offset: int, length: int):
+        super().__init__()
+        self.fd, self.offset, self.length, self.pos = fd, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.length - self.pos))
+        data = os.pread(self.fd, n, self.offset + self.pos) if n else b""
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -521,8 +562,8 @@ class ShardImages:
     def path_of(self, row: int) -> str:
         return f"{self.files[int(row)]} (in {self.shards.shard_path(int(self.shards.shard_of(np.asarray([row]))[0]))})"
 
-    def header_source(self, row: int) -> io.BytesIO:
-        return io.BytesIO(self.read(row))
+    def header_source(self, row: int):
+        return self.shards.open_sample(row)
 
     def close(self) -> None:
         self._ahead.clear()

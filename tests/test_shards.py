@@ -389,3 +389,21 @@ def test_show_replays_the_same_crops_from_shards(packed, tmp_path):
     for k in range(4):
         x, y = (np.asarray(Image.open(tmp_path / d / f"crop_{k}.png")) for d in "ab")
         np.testing.assert_array_equal(x, y)
+
+
+def test_unusable_images_in_shards_are_named_and_skipped_on_request(packed, tmp_path):
+    """Bytes packed unchanged, bad ones too: generate reads each sample's header from its shard (a ranged read)
+    and names a cut JPEG and a non-image by key and shard; --skip-corrupt leaves them out, as on a folder."""
+    from fkd_dali.generate import GenerateError
+    data = str(tmp_path / "data")
+    shutil.copytree(packed["data"], data)
+    cut = os.path.join(data, "train", "class_3", "img_010.jpg")
+    whole = open(cut, "rb").read()
+    open(cut, "wb").write(whole[:len(whole) * 2 // 3])  # its header is whole, its end marker gone
+    open(os.path.join(data, "train", "class_6", "img_020.jpg"), "wb").write(b"not an image at all")
+    pack(data, str(tmp_path / "shards"))
+    with pytest.raises(GenerateError, match=r"class_3/img_010.jpg \(in .*train-000000.tar\): .*cut short"
+                                            r".*--skip-corrupt"):
+        generate(config(packed, str(tmp_path / "s"), data=str(tmp_path / "shards")))
+    rep = generate(config(packed, str(tmp_path / "s2"), data=str(tmp_path / "shards"), skip_corrupt=True))
+    assert [r for r, _ in rep.skipped] == [10, 20]  # rows of class_3/img_010.jpg, class_6/img_020.jpg
