@@ -38,9 +38,30 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(f"note: {len(clashes)} file name(s) share an FKD label-file name with another (FKD keys images by "
                   "class and name up to the first dot), so `export-fkd` refuses this store: "
                   + "; ".join(f"{a} and {b} -> {stem}.tar" for stem, a, b in clashes[:5]))
+    if args.data:
+        _check_data(store, args)
     summary = labelstore.summarize(store)
     print(json.dumps(summary, indent=2) if args.json else labelstore.format_summary(summary))
     return 0
+
+
+def _check_data(store: labelstore.LabelStore, args: argparse.Namespace) -> None:
+    """``inspect --data DATA``: the dataset (folder or shard set) is the one the store was made from; with --verify,
+    every sample of a shard set is read and checked against its index's CRC-32."""
+    from pipelines.fkd_reader import dataset_files, resolve_root
+    from pipelines.shards import is_shard_set, open_shard_set
+    root = resolve_root(args.data, store)
+    dataset_files(root, store)
+    what = "names, classes, byte sizes"
+    if is_shard_set(root):
+        what += ", CRC-32 of the bytes" if store.checksums() is not None else " (the store records no CRC-32)"
+        if args.verify:
+            from .progress import progress
+            shards = open_shard_set(root)
+            with progress(total=len(shards.names), desc="read", unit="shard") as bar:
+                n = shards.verify_bytes(workers=args.workers or 8, progress=bar.update)
+            what += f"; all {n:,} samples read, each matching its index's CRC-32"
+    print(f"{root} is the dataset {args.store} was made from ({what})")
 
 
 def _row_range(text: str) -> tuple[int, int]:
@@ -157,6 +178,23 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .pack import DEFAULT_SHARD_BYTES, pack, parse_bytes
+    size = parse_bytes(args.shard_size) if args.shard_size else DEFAULT_SHARD_BYTES
+    for split, s in pack(args.data, args.out, args.format, size).items():
+        print(f"{split}: {len(s):,} images in {len(s.names)} {args.format} shard(s) -> {s.root}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .pack import index
+    for split, s in index(args.shards, args.format, args.classes, args.dali_index, args.force, args.key_map,
+                          args.store).items():
+        print(f"{split}: {len(s):,} samples of {len(s.classes)} classes in {len(s.names)} {s.format.NAME} shard(s) "
+              f"indexed -> {s.root}")
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from .show import show
     r = show(args.store, args.data, args.image, args.out, crop_size=args.crop_size, columns=args.columns,
@@ -259,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--verify", action="store_true",
                    help="decode every chunk and check every label (in parallel over shards, with progress)")
     i.add_argument("--sample", type=_at_least_one, metavar="K", help="verify K random shards only (a quick check)")
+    i.add_argument("--data", metavar="DATA", help="check that DATA (an ImageFolder root or a shard set from `pack`) "
+                   "holds the images the store was made from; with --verify a shard set's bytes are all read")
     i.add_argument("-j", "--workers", type=_at_least_one, help="processes for --verify (default: the cores)")
     i.add_argument("--clear-rows", metavar="A:B", type=_row_range,
                    help="mark rows A..B-1 not done so generation relabels them")
@@ -335,6 +375,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     s.add_argument("-j", "--workers", type=NON_NEGATIVE, default=0, help="processes writing images (0: this one)")
     s.set_defaults(func=_cmd_synth)
+
+    pk = sub.add_parser("pack", help="write an ImageFolder dataset as shards (WebDataset tars, ...) with their index")
+    pk.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/ in ImageFolder layout")
+    pk.add_argument("--out", required=True, metavar="SHARDS", help="where to write SHARDS/train and SHARDS/val "
+                    "(new folders: nothing is overwritten); give SHARDS as DATA to generate, train, show")
+    pk.add_argument("--format", default="wds", help="shard format (default wds: WebDataset tars)")
+    pk.add_argument("--shard-size", metavar="BYTES", help="images per shard, in bytes (default 1G; e.g. 256M)")
+    pk.set_defaults(func=_cmd_pack)
+
+    ix = sub.add_parser("index", help="index shards made elsewhere (WebDataset tars, ...) so fkd-dali can read them")
+    ix.add_argument("shards", metavar="SHARDS", help="folder holding train/ and val/ shard folders, or one of them")
+    ix.add_argument("--format", help="shard format (default: the one whose files SHARDS holds)")
+    ix.add_argument("--classes", metavar="FILE", help="class names, one a line, in class-number order "
+                    "(default: the numbers)")
+    ix.add_argument("--dali-index", action="store_true", help="also write DALI's index file beside each shard")
+    ix.add_argument("--force", action="store_true", help="index a set that has an index again")
+    ix.add_argument("--store", metavar="STORE", help="a label store made elsewhere (e.g. from the ImageFolder): the "
+                    "index's rows follow its rows, and every sample must be one of its images")
+    ix.add_argument("--key-map", metavar="FILE", help="with --store: SHARD_KEY<TAB>STORE_FILE per line, when the "
+                    "shards' keys are not the store's file names")
+    ix.set_defaults(func=_cmd_index)
 
     sh = sub.add_parser("show", help="an image's stored crops as the loader replays them, with their labels")
     sh.add_argument("store", metavar="STORE", help="the label store")

@@ -5,6 +5,10 @@ with ``sorted(os.walk(..., followlinks=True))`` and keeps files whose lower-case
 :data:`IMG_EXTENSIONS`. We do exactly that (without opening any image), record each file's byte size for
 the fingerprint, and turn the cases where torchvision would loop forever or fail obscurely into errors
 that name the folder.
+
+A split folder holding a shard set's index (``fkd-dali pack`` / ``fkd-dali index``: ``pipelines.shards``) is
+opened instead of scanned: O(shards) work, its keys, classes and lengths memory-mapped, and the same Dataset
+(``files`` are the keys, the relative paths of the packed folder, so a store pairs with either).
 """
 
 from __future__ import annotations
@@ -46,13 +50,39 @@ class Dataset:
     def fingerprint(self) -> str:
         return fingerprint_of(self.files, self.byte_sizes)
 
+    @property
+    def shards(self):
+        """The shard set the images are read from, or None (an image folder)."""
+        return getattr(self.files, "shards", None)  # pipelines.shards.ShardKeys
+
+    @property
+    def checksums(self) -> np.ndarray | None:
+        """The CRC-32 of each image's bytes when the dataset's index records them (a shard set), else None."""
+        return None if self.shards is None else self.shards.checksums()
+
     def path(self, i: int) -> str:
+        """Where image ``i`` is, for messages (a shard set: its key and shard)."""
+        if self.shards is not None:
+            shard = int(self.shards.shard_of(np.asarray([i]))[0])
+            return f"{self.files[i]} (in {self.shards.shard_path(shard)})"
         return os.path.join(self.root, self.files[i])
+
+    def header_source(self, i: int):
+        """What ``pipelines.errors.image_header`` / ``probe_image`` read image ``i`` from: its path, or a shard
+        set's sample as a file (``ShardSet.open_sample``: only the parts read)."""
+        return self.path(i) if self.shards is None else self.shards.open_sample(i)
 
 
 def split_dir(data: str | os.PathLike, split: str) -> str:
     """``DATA/<split>``, with an error that says what a dataset root must look like."""
     data = os.fspath(data)
+    if "://" in data:  # a URL: shard sets only (pipelines.shards)
+        from pipelines.shards import is_shard_set, join  # noqa: PLC0415
+        for root in (join(data, split), data):
+            if is_shard_set(root):
+                return root
+        raise DatasetError(f"{data} holds no shard set at {join(data, split)}: a dataset at a URL must be packed "
+                           "(fkd-dali pack DATA --out SHARDS, then copy SHARDS there)")
     if not os.path.isdir(data):
         raise DatasetError(f"dataset root {data} does not exist (expected a folder holding train/ and val/ "
                            "in ImageFolder layout: train/<class>/<image>.jpg)")
@@ -73,6 +103,8 @@ def scan_image_folder(root: str | os.PathLike, extensions: tuple[str, ...] = IMG
     :class:`PathTable`. One thread: on the 2-core VM 1.28 M files took 4.5-4.8 s, and 8.0 s with 2 threads,
     11 s with 8 (the GIL hand-offs around each stat cost more than the overlap gains)."""
     root = os.fspath(root)
+    if "://" in root or os.path.isfile(os.path.join(root, "fkd-index.json")):  # pipelines.shards.INDEX_JSON
+        return open_shards(root)  # (DALI is imported only for a shard set)
     if not os.path.isdir(root):
         raise DatasetError(f"{root} does not exist or is not a folder")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
@@ -91,6 +123,21 @@ def scan_image_folder(root: str | os.PathLike, extensions: tuple[str, ...] = IMG
     return Dataset(root=root, classes=classes, files=PathTable.build(runs),
                    targets=np.repeat(np.arange(len(classes), dtype=np.int64), counts),
                    byte_sizes=np.asarray(sizes, dtype=np.int64))
+
+
+def open_shards(root: str) -> Dataset:
+    """The Dataset of a shard set's split folder: its index opened and every shard's size checked (O(shards))."""
+    from pipelines.shards import ShardSetError, open_shard_set  # noqa: PLC0415
+    try:
+        shards = open_shard_set(root)
+    except ShardSetError as e:
+        raise DatasetError(str(e)) from None
+    if not len(shards):
+        raise DatasetError(f"{root}: the shard set holds no sample")
+    ds = Dataset(root=root, classes=shards.classes, files=shards.keys, targets=shards.labels,
+                 byte_sizes=shards.byte_sizes())
+    ds.__dict__["fingerprint"] = shards.fingerprint  # computed when the set was indexed
+    return ds
 
 
 def _scan_class(root: str, cls: str, extensions: tuple[str, ...]) -> list[tuple[str, list[str], list[int]]]:

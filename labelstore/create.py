@@ -18,7 +18,7 @@ from zarr.core.sync import sync
 from .errors import StoreFormatError, StoreWriteError
 from .kind_types import LabelArray
 from .location import exists, location
-from .schema import ATTR_KEY, FILES_CHUNK, FILL, WRITE_CONFIG, Layout, StoreMeta, box_dtype
+from .schema import ATTR_KEY, CHECKSUMS, FILES_CHUNK, FILL, WRITE_CONFIG, Layout, StoreMeta, box_dtype
 from .store import LabelStore
 
 
@@ -40,11 +40,14 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
                  seed: int | None = None, source: dict[str, Any] | None = None, max_side: int = 65535,
                  rows_per_shard: int | None = None, crops_per_chunk: int | None = None,
                  overwrite: bool = False, kind: str = "topk", kind_fields: dict[str, Any] | None = None,
-                 sizes: np.ndarray | None = None, row_data: dict[str, np.ndarray] | None = None) -> "LabelStore":
+                 sizes: np.ndarray | None = None, row_data: dict[str, np.ndarray] | None = None,
+                 checksums: Sequence[int] | None = None) -> "LabelStore":
     """Create an empty store for ``len(files)`` images x ``num_crops`` crops x top-``top_k`` labels, or the labels
     of another ``kind`` (:mod:`labelstore.kinds`; e.g. ``kind="embedding", kind_fields={"dim": 128, "views":
     {...}}``). A kind whose rows are training steps (``relabel``: use :func:`labelstore.relabel.create_relabel_store`)
-    is given the images' ``sizes`` (N, 2) and its arrays written at creation (``row_data``) here."""
+    is given the images' ``sizes`` (N, 2) and its arrays written at creation (``row_data``) here. ``checksums``: the
+    CRC-32 of each image's bytes (a shard set's index gives them), recorded so that a dataset whose bytes differ is
+    refused by name before training."""
     where = path
     loc = location(where, mode="w")
     path = loc.name
@@ -135,4 +138,11 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
                 if got.shape != want:
                     raise StoreWriteError(f"{path}: '{a.name}' has shape {got.shape}, expected {want}")
                 group[a.name].with_config(WRITE_CONFIG)[:] = got.astype(a.dtype_for(fields))
+    if checksums is not None:
+        crc = np.asarray(checksums)
+        if crc.shape != (n,):
+            raise StoreWriteError(f"{path}: {crc.shape[0] if crc.ndim else 0} checksums for {n} files")
+        group.create_array(CHECKSUMS, shape=(n,), dtype=np.uint32, chunks=(min(n, FILES_CHUNK),),
+                           compressors=comp)
+        group[CHECKSUMS].with_config(WRITE_CONFIG)[:] = crc.astype(np.uint32)
     return LabelStore(where, mode="r+")
