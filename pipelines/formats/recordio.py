@@ -153,18 +153,17 @@ def write_dali_index(shard_path: str, entries: list[Entry]) -> str:
 
     The records are walked by their headers (no image is read); each must be the entry's sample (its id the
     entry's key, the image inside it), so an index cannot be written for a file that `entries` do not describe."""
-    lines = []
     with open(shard_path, "rb") as f:
-        for i, (position, length, header) in enumerate(_records(f, shard_path)):
-            id_ = _IR_HEADER.unpack(header)[2]
-            entry = entries[i] if i < len(entries) else None
-            if entry is None or entry.key != str(id_) or not (
-                    position < entry.offset <= position + _HEAD.size + length - entry.length):
-                raise ShardFormatError(shard_path, position, f"record {i} (id {id_}) is not the sample the "
-                                                             f"entries list ({entry.key if entry else 'none'})")
-            lines.append(f"{id_}\t{position}\n")
-    if len(lines) != len(entries):
-        raise ShardFormatError(shard_path, None, f"holds {len(lines)} records but {len(entries)} entries were given")
+        records = list(_records(f, shard_path))
+    if len(records) != len(entries):
+        raise ShardFormatError(shard_path, None, f"holds {len(records)} records but {len(entries)} entries were given")
+    lines = []
+    for i, ((position, length, header), entry) in enumerate(zip(records, entries)):
+        id_ = _IR_HEADER.unpack(header)[2]
+        if entry.key != str(id_) or not position < entry.offset <= position + _HEAD.size + length - entry.length:
+            raise ShardFormatError(shard_path, position, f"record {i} (id {id_}) is not the sample the entries "
+                                                         f"list ({entry.key})")
+        lines.append(f"{id_}\t{position}\n")
     path = index_path(shard_path)
     with open(path, "w") as out:
         out.writelines(lines)

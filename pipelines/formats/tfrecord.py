@@ -179,7 +179,7 @@ def _one_value(buf: memoryview, start: int, end: int, name: str) -> tuple[int, i
                     value, pos = _read_varint(buf, pos, ve)
                     values.append((kind, value, value))
             elif kind == 3 and vwire == _VARINT:
-                values.append((kind, e, e))
+                values.append((kind, ve, ve))  # an unpacked int64: ve is its value
             elif kind == 1 and vwire == _LEN:
                 values.append((kind, vs, ve))
             elif kind == 2:
@@ -283,16 +283,16 @@ def write_dali_index(shard_path: str, entries: list[Entry]) -> str:
 
     The record boundaries are read from the shard's headers (no data is read); each entry's image must lie
     inside its record, so an index cannot be written for a shard that `entries` do not describe."""
-    lines = []
     with open(shard_path, "rb") as f:
-        for i, (position, length) in enumerate(_record_heads(f, shard_path)):
-            end = position + _HEAD.size + length
-            if i >= len(entries) or not position < entries[i].offset <= end - entries[i].length:
-                raise ShardFormatError(shard_path, position, f"record {i} is not the sample the entries list "
-                                                             f"({entries[i].key if i < len(entries) else 'none'})")
-            lines.append(f"{position} {end + _CRC.size - position}\n")
-    if len(lines) != len(entries):
-        raise ShardFormatError(shard_path, None, f"holds {len(lines)} records but {len(entries)} entries were given")
+        records = list(_record_heads(f, shard_path))
+    if len(records) != len(entries):
+        raise ShardFormatError(shard_path, None, f"holds {len(records)} records but {len(entries)} entries were given")
+    lines = []
+    for i, ((position, length), entry) in enumerate(zip(records, entries)):
+        end = position + _HEAD.size + length
+        if not position < entry.offset <= end - entry.length:
+            raise ShardFormatError(shard_path, position, f"record {i} is not the sample the entries list ({entry.key})")
+        lines.append(f"{position} {end + _CRC.size - position}\n")
     path = index_path(shard_path)
     with open(path, "w") as out:
         out.writelines(lines)
