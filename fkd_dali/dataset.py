@@ -5,6 +5,10 @@ with ``sorted(os.walk(..., followlinks=True))`` and keeps files whose lower-case
 :data:`IMG_EXTENSIONS`. We do exactly that (without opening any image), record each file's byte size for
 the fingerprint, and turn the cases where torchvision would loop forever or fail obscurely into errors
 that name the folder.
+
+A split folder holding a shard set's index (``fkd-dali pack`` / ``fkd-dali index``: ``pipelines.shards``) is
+opened instead of scanned: O(shards) work, its keys, classes and lengths memory-mapped, and the same Dataset
+(``files`` are the keys, the relative paths of the packed folder, so a store pairs with either).
 """
 
 from __future__ import annotations
@@ -46,8 +50,31 @@ class Dataset:
     def fingerprint(self) -> str:
         return fingerprint_of(self.files, self.byte_sizes)
 
+    @property
+    def shards(self):
+        """The shard set the images are read from, or None (an image folder)."""
+        return getattr(self.files, "shards", None)  # pipelines.shards.ShardKeys
+
+    @property
+    def checksums(self) -> np.ndarray | None:
+        """The CRC-32 of each image's bytes when the dataset's index records them (a shard set), else None."""
+        return None if self.shards is None else self.shards.checksums()
+
     def path(self, i: int) -> str:
+        """Where image ``i`` is, for messages (a shard set: its key and shard)."""
+        if self.shards is not None:
+            shard = int(self.shards.shard_of(np.asarray([i]))[0])
+            return f"{self.files[i]} (in {self.shards.shard_path(shard)})"
         return os.path.join(self.root, self.files[i])
+
+    def header_source(self, i: int):
+        """What ``pipelines.errors.image_header`` / ``probe_image`` read image ``i`` from: its path, or its bytes
+        (a shard set's sample, CRC-checked)."""
+        if self.shards is not None:
+            import io
+            from pipelines.shards import ShardImages
+            return io.BytesIO(ShardImages(self.shards, workers=1).read(i))
+        return self.path(i)
 
 
 def split_dir(data: str | os.PathLike, split: str) -> str:
@@ -75,6 +102,9 @@ def scan_image_folder(root: str | os.PathLike, extensions: tuple[str, ...] = IMG
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DatasetError(f"{root} does not exist or is not a folder")
+    from pipelines.shards import is_shard_set  # noqa: PLC0415 - DALI is imported only for a shard set
+    if is_shard_set(root):
+        return open_shards(root)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
         raise DatasetError(f"{root} has no class folders: expected {root}/<class>/<image> (ImageFolder "
@@ -91,6 +121,21 @@ def scan_image_folder(root: str | os.PathLike, extensions: tuple[str, ...] = IMG
     return Dataset(root=root, classes=classes, files=PathTable.build(runs),
                    targets=np.repeat(np.arange(len(classes), dtype=np.int64), counts),
                    byte_sizes=np.asarray(sizes, dtype=np.int64))
+
+
+def open_shards(root: str) -> Dataset:
+    """The Dataset of a shard set's split folder: its index opened and every shard's size checked (O(shards))."""
+    from pipelines.shards import ShardSetError, open_shard_set  # noqa: PLC0415
+    try:
+        shards = open_shard_set(root)
+    except ShardSetError as e:
+        raise DatasetError(str(e)) from None
+    if not len(shards):
+        raise DatasetError(f"{root}: the shard set holds no sample")
+    ds = Dataset(root=root, classes=shards.classes, files=shards.keys, targets=shards.labels,
+                 byte_sizes=shards.byte_sizes())
+    ds.__dict__["fingerprint"] = shards.fingerprint  # computed when the set was indexed
+    return ds
 
 
 def _scan_class(root: str, cls: str, extensions: tuple[str, ...]) -> list[tuple[str, list[str], list[int]]]:

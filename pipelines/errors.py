@@ -37,13 +37,16 @@ def probe_image(path: str) -> str | None:
 JPEG_TAIL = 4096
 
 
-def jpeg_is_cut(path: str) -> bool:
-    """True when a JPEG file lacks its end-of-image marker (FF D9) near its end: it was cut short. The GPU
-    decoder (nvJPEG) decodes such a file without an error, into an image whose missing part is garbage."""
+def jpeg_is_cut(path) -> bool:
+    """True when a JPEG file (a path, or a binary file object: a shard's sample) lacks its end-of-image marker
+    (FF D9) near its end: it was cut short. The GPU decoder (nvJPEG) decodes such a file without an error, into an
+    image whose missing part is garbage."""
+    if not isinstance(path, (str, os.PathLike)):
+        path.seek(0, os.SEEK_END)
+        path.seek(max(0, path.tell() - JPEG_TAIL))
+        return b"\xff\xd9" not in path.read()
     with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - JPEG_TAIL))
-        return b"\xff\xd9" not in f.read()
+        return jpeg_is_cut(f)
 
 
 def image_header(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[tuple[int, int] | None, str | None]:

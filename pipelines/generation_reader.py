@@ -12,7 +12,7 @@ from nvidia.dali.types import BatchInfo
 from labelstore import PathTable
 
 from .fkd_reader import roi_from_boxes
-from .image_reader import ImagePaths, source_nodes
+from .image_reader import image_source, source_nodes
 
 
 class GenerationReader:
@@ -42,7 +42,8 @@ class GenerationReader:
             self.ndims = GenerationReader.ndims + tuple(kinds[k][1] for k in self.view_params)
         self._views: list[np.ndarray] = []
         self.root = root
-        self.paths = ImagePaths(root, files)
+        self.paths = image_source(root, files)
+        self.serves_bytes = self.paths.serves_bytes
         self.group_size, self.batch_size = group_size, batch_size
         self._selected: tuple[int, ...] | None = None
         self._rows = self._start = self._end = self._ids = self._sizes = None

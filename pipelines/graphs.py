@@ -102,6 +102,12 @@ def interpolation(name: str) -> types.DALIInterpType:
         raise ValueError(f"unknown interpolation {name!r}; use one of {', '.join(INTERPOLATION)}") from None
 
 
+def read_encoded(source, paths: DataNode) -> DataNode:
+    """The encoded images of a source's "paths" output: DALI reads the files it names, or, for a source that
+    serves the bytes themselves (a shard set, ``source.serves_bytes``), they are the output."""
+    return paths if getattr(source, "serves_bytes", False) else fn.io.file.read(paths)
+
+
 def decode(encoded: DataNode, device: str, decoder: DecoderOptions = DEFAULT_DECODER) -> DataNode:
     """Decode JPEG/PNG/... bytes to HWC uint8 RGB, EXIF orientation not applied; on the GPU with the CPU
     decoder's chroma upsampling (:class:`DecoderOptions`)."""
@@ -270,7 +276,7 @@ def fkd_pipeline(source, *, num_crops: int, size: int, device: str, normalize: b
     batch). ``source`` is a :class:`pipelines.fkd_reader.FKDReader`; an embedding store's views are replayed with
     their photometric ops, at the ROIs :func:`fit_rois` let through as the stored crops are."""
     nodes = source.nodes()
-    encoded = fn.io.file.read(nodes["paths"])
+    encoded = read_encoded(source, nodes["paths"])
     roi_start, roi_end, fits = fit_rois(encoded, nodes["sizes"], nodes["roi_start"], nodes["roi_end"])
     images = decode(encoded, device, decoder)
     frames = view_frames(source, nodes, images, roi_start, roi_end, num_crops, size, device, interp)
@@ -289,7 +295,7 @@ def eval_pipeline(source, *, size: int, resize_size: int, device: str, normalize
                   decoder: DecoderOptions = DEFAULT_DECODER):
     """Validation: resize shorter side + centre crop; outputs images (B, 1, 3, S, S), target, index."""
     nodes = source.nodes()
-    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
+    images = decode(read_encoded(source, nodes["paths"]), device, decoder)
     view = as_frames(center_crop(images, size, resize_size, device, interp))
     out = to_model_input(view, device, normalize=normalize, dtype=dtype, channels_last=channels_last,
                          mean=mean, std=std)
@@ -307,7 +313,7 @@ def standard_pipeline(source, *, size: int, device: str, normalize: bool = True,
                       decoder: DecoderOptions = DEFAULT_DECODER):
     """The usual DALI ImageNet training pipeline (one random crop per decode, flip p=0.5, hard labels)."""
     nodes = source.nodes()
-    crop = random_resized_crop(fn.io.file.read(nodes["paths"]), size, device, scale=scale, ratio=ratio,
+    crop = random_resized_crop(read_encoded(source, nodes["paths"]), size, device, scale=scale, ratio=ratio,
                                antialias=antialias, interp=interp, decoder=decoder)
     out = to_model_input(as_frames(crop), device, normalize=normalize, dtype=dtype,
                          channels_last=channels_last, mean=mean, std=std,
@@ -329,7 +335,7 @@ def generation_pipeline(source, *, num_crops: int, views: Sequence[tuple], devic
     whose image is not the size its boxes were made for is cut as a whole, stored crops and views alike
     (:func:`fit_rois`): the caller compares the shape with the size and refuses it."""
     nodes = source.nodes(("paths", "roi_start", "roi_end", "sizes", "index", "crop_ids", *source.view_params))
-    encoded = fn.io.file.read(nodes["paths"])
+    encoded = read_encoded(source, nodes["paths"])
     roi_start, roi_end, _fits = fit_rois(encoded, nodes["sizes"], nodes["roi_start"], nodes["roi_end"])
     images = decode(encoded, device, decoder)
     outs = []
@@ -345,7 +351,7 @@ def decode_pipeline(source, *, device: str, decoder: DecoderOptions = DEFAULT_DE
     """The decoder alone (the ceiling for decode-once designs); outputs each image's shape and index, and
     with ``images_out`` the decoded images themselves (decode-parity checks)."""
     nodes = source.nodes(("paths", "index"))
-    images = decode(fn.io.file.read(nodes["paths"]), device, decoder)
+    images = decode(read_encoded(source, nodes["paths"]), device, decoder)
     if images_out:
         return images.shape(), nodes["index"], images
     return images.shape(), nodes["index"]

@@ -24,11 +24,14 @@ from labelstore import PathTable
 
 from .errors import LoaderError, image_header, refuse_unusable
 from .order import EpochPlan, pass_rows
+from .shards import ShardImages, ShardKeys
 
 
 class ImagePaths:
     """A root folder and a :class:`PathTable` of relative paths: the absolute path of a row as a ``str`` or as
     the 1-D uint8 array ``fn.io.file.read`` takes, built per batch (no object per file is held)."""
+
+    serves_bytes = False  # the reader serves paths; DALI reads the files
 
     def __init__(self, root: str, files: Sequence[str] | PathTable):
         self.root = root
@@ -43,6 +46,18 @@ class ImagePaths:
 
     def path_of(self, row: int) -> str:
         return os.path.join(self.root, self.files[int(row)])
+
+    def header_source(self, row: int) -> str:
+        return self.path_of(row)
+
+    def close(self) -> None:
+        pass
+
+
+def image_source(root: str, files: Sequence[str] | PathTable) -> "ImagePaths | ShardImages":
+    """What a reader serves images from: a shard set's bytes (read and CRC-checked here) when ``files`` are a
+    shard set's keys, else the paths under ``root``, which DALI reads (``fn.io.file.read``)."""
+    return ShardImages(files.shards) if isinstance(files, ShardKeys) else ImagePaths(root, files)
 
 
 class ImageReader:
@@ -71,7 +86,7 @@ class ImageReader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.root = root
-        self.paths = ImagePaths(root, files)
+        self.paths = image_source(root, files)
         t = np.asarray(targets)
         top = int(t.max()) if t.size else 0
         self.targets = t.astype(np.int16 if top < 2**15 else np.int32 if top < 2**31 else np.int64, copy=False)
@@ -156,9 +171,15 @@ class ImageReader:
         """Every output for the given rows, in ``names`` order."""
         return self.paths.encoded(rows), self.targets[rows].astype(np.int64), rows.astype(np.int64)
 
+    @property
+    def serves_bytes(self) -> bool:
+        """True when the "paths" output holds the images' bytes (a shard set), not paths for DALI to read."""
+        return self.paths.serves_bytes
+
     def close(self) -> None:
         if self.headers is not None:
             self.headers.close()
+        self.paths.close()
 
     def __call__(self, info: BatchInfo):
         out = self.batch(self._rows(info))
@@ -175,7 +196,7 @@ class HeaderCheck:
 
     FIX = "Replace or remove them (a file left out of an ImageFolder tree simply drops out of the dataset)"
 
-    def __init__(self, paths: ImagePaths, workers: int = 4):
+    def __init__(self, paths: "ImagePaths | ShardImages", workers: int = 4):
         self.paths = paths
         self.ok = np.zeros(len(paths), dtype=bool)  # rows whose header was read and is sound
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fkd-headers")
@@ -197,7 +218,7 @@ class HeaderCheck:
             rows = plan.batch_rows(i)
             todo = np.unique(rows[~self.ok[rows]])
             try:
-                found = list(self._pool.map(lambda r: image_header(self.paths.path_of(r))[1], todo))
+                found = list(self._pool.map(lambda r: image_header(self.paths.header_source(r))[1], todo))
             except Exception as e:  # noqa: BLE001 - reported with the batch
                 found = [f"its header could not be checked ({type(e).__name__}: {e})"] * len(todo)
             except BaseException:  # the pool shut down (interpreter exit)

@@ -1,0 +1,354 @@
+"""A shard set: the shard files of one split (WebDataset tars, TFRecord, RecordIO; ``pipelines.formats``) and its
+index, and :class:`ShardImages`, the byte-range reader the pipelines' external sources serve images from.
+
+On disk, in the split's folder (``SHARDS/train``):
+
+- ``fkd-index.json`` (small): the format, per shard its file name, byte size and first row (O(shards)), the
+  classes, the number of samples and the dataset fingerprint (``labelstore.fingerprint_of`` over the keys and
+  byte lengths: for a packed ImageFolder, the folder's own fingerprint, so a store made from the folder pairs
+  with its shards and the reverse).
+- ``fkd-index.bin``: per sample 16 bytes, in row order: offset (u64) and length (u32) of its image bytes in its
+  shard, and the zlib CRC-32 (u32) of those bytes. Memory-mapped: the ranks of a node share it through the page
+  cache, and a rank touches the pages of the rows it serves only.
+- ``fkd-labels.npy`` (int16/int32 per sample) and the keys, ``fkd-key-names.npy`` (uint8 blob) +
+  ``fkd-key-ends.npy`` (end offsets; their folders in the JSON), a :class:`labelstore.PathTable` memory-mapped:
+  what the store check and the messages need, never loaded whole per rank.
+
+Rows are the set's order: for ``fkd-dali pack`` the folder's ImageFolder order (= a store's row order); for
+``fkd-dali index`` of foreign shards, shard by shard (sorted names), in file order.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import zlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from labelstore import PathTable, fingerprint_of
+
+from .errors import LoaderError
+from .formats import Entry, ShardFormatError, format_named
+
+INDEX_JSON = "fkd-index.json"
+INDEX_BIN = "fkd-index.bin"
+LABELS = "fkd-labels.npy"
+KEY_NAMES = "fkd-key-names.npy"
+KEY_ENDS = "fkd-key-ends.npy"
+INDEX_VERSION = 1
+RECORD = np.dtype([("offset", "<u8"), ("length", "<u4"), ("crc32", "<u4")])  # 16 B per sample
+MAX_SAMPLE_BYTES = 2**32 - 1
+MAX_JSON_BYTES = 256 << 20  # the JSON holds O(shards + classes + key folders): larger is not an index of ours
+
+
+class ShardSetError(ValueError):
+    """A shard set or its index is missing, damaged or does not match its shards; the message names the file."""
+
+
+def is_shard_set(root: str) -> bool:
+    return os.path.isfile(os.path.join(root, INDEX_JSON))
+
+
+class ShardKeys(PathTable):
+    """The keys of a shard set, in row order (a PathTable, memory-mapped), that know their shard set: the readers
+    serve the images of a dataset whose ``files`` are ShardKeys from its shards (:func:`image_source`)."""
+
+    shards: "ShardSet"
+
+
+class ShardSet:
+    """An indexed shard set, opened read-only (see the module doc); cheap: O(shards) work, the rest mapped."""
+
+    def __init__(self, root: str):
+        self.root = root
+        meta_path = os.path.join(root, INDEX_JSON)
+        try:
+            if os.path.getsize(meta_path) > MAX_JSON_BYTES:
+                raise ShardSetError(f"{meta_path} is larger than {MAX_JSON_BYTES} bytes: not an fkd-dali index")
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            raise ShardSetError(f"{root} has no {INDEX_JSON}: index the shards first (fkd-dali index {root}), or "
+                                "pack a folder into shards (fkd-dali pack DATA --out SHARDS)") from None
+        except (OSError, ValueError) as e:
+            raise ShardSetError(f"{meta_path} cannot be read ({e}): index the shards again "
+                                f"(fkd-dali index {root})") from None
+        self.meta = meta
+        try:
+            if meta["version"] != INDEX_VERSION:
+                raise ShardSetError(f"{meta_path} is index version {meta['version']}; this fkd-dali reads "
+                                    f"version {INDEX_VERSION}: index the shards again")
+            self.format = format_named(meta["format"])
+            self.names = [str(s["name"]) for s in meta["shards"]]
+            self.sizes = np.asarray([int(s["size"]) for s in meta["shards"]], np.int64)
+            self.starts = np.asarray([int(s["start"]) for s in meta["shards"]] + [int(meta["num_samples"])],
+                                     np.int64)
+            self.classes = [str(c) for c in meta["classes"]]
+            self.fingerprint = str(meta["fingerprint"])
+            key_dirs = [str(d) for d in meta["key_dirs"]]
+            key_dir_starts = np.asarray(meta["key_dir_starts"], np.int64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardSetError(f"{meta_path} is not a shard-set index ({type(e).__name__}: {e}): index the shards "
+                                "again") from None
+        n = int(self.starts[-1])
+        for name in self.names:
+            if not name or name != os.path.basename(name) or name in (".", ".."):
+                raise ShardSetError(f"{meta_path} names the shard {name!r}, which is not a file in {root}: an "
+                                    "index names shard files of its own folder only")
+        if np.any(np.diff(self.starts) < 0) or self.starts[0] != 0:
+            raise ShardSetError(f"{meta_path}: the shards' first rows are not increasing from 0")
+        self.index = self._mapped(INDEX_BIN, n, lambda p: np.memmap(p, RECORD, mode="r") if n else
+                                  np.zeros(0, RECORD))
+        self.labels = self._mapped(LABELS, n, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+        if self.labels.dtype.kind not in "iu":
+            raise ShardSetError(f"{os.path.join(root, LABELS)} holds {self.labels.dtype}, not integer classes")
+        ends = self._mapped(KEY_ENDS, n, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+        blob = np.load(os.path.join(root, KEY_NAMES), mmap_mode="r", allow_pickle=False)
+        if blob.dtype != np.uint8 or blob.ndim != 1 or ends.dtype.kind not in "iu" or (n and int(ends[-1]) != len(blob)):
+            raise ShardSetError(f"{os.path.join(root, KEY_NAMES)} and {KEY_ENDS} do not hold {n} keys: index the "
+                                "shards again")
+        self.keys = ShardKeys(key_dirs, key_dir_starts, blob, ends)
+        self.keys.shards = self
+
+    def _mapped(self, name: str, n: int, load) -> np.ndarray:
+        path = os.path.join(self.root, name)
+        try:
+            arr = load(path)
+        except (OSError, ValueError) as e:
+            raise ShardSetError(f"{path} cannot be read ({e}): index the shards again") from None
+        if arr.shape != (n,):
+            raise ShardSetError(f"{path} holds {arr.shape[0] if arr.ndim else 0} samples, the index "
+                                f"{INDEX_JSON} says {n}: the index is damaged; index the shards again")
+        return arr
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def shard_path(self, shard: int) -> str:
+        return os.path.join(self.root, self.names[shard])
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def check_files(self) -> None:
+        """Every shard exists with the byte size it was indexed at (one stat per shard, not per sample):
+        a missing shard, or one replaced since, is named before any batch is read."""
+        for name, size in zip(self.names, self.sizes.tolist()):
+            path = os.path.join(self.root, name)
+            try:
+                got = os.path.getsize(path)
+            except FileNotFoundError:
+                raise ShardSetError(f"shard {path} is missing from the set (its index {INDEX_JSON} lists it): "
+                                    "restore it, or index the shards that exist again") from None
+            if got != size:
+                raise ShardSetError(f"shard {path} is {got} bytes, {size} when it was indexed: it changed since; "
+                                    f"index the set again (fkd-dali index {self.root}) and regenerate labels made "
+                                    "from the old one")
+
+    def checksums(self) -> np.ndarray:
+        return self.index["crc32"]
+
+    def byte_sizes(self) -> np.ndarray:
+        return self.index["length"]
+
+
+def open_shard_set(root: str, check_files: bool = True) -> ShardSet:
+    s = ShardSet(root)
+    if check_files:
+        s.check_files()
+    return s
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+class ShardSetWriter:
+    """Writes a shard set's index as its shards are written or scanned: :meth:`add` per shard (its entries in
+    row order and their CRCs), then :meth:`close`. Refuses a key seen in an earlier shard (two samples, one key)."""
+
+    def __init__(self, root: str, fmt: str, classes: Sequence[str] | None = None):
+        self.root, self.fmt = root, format_named(fmt)
+        self.classes = None if classes is None else list(classes)
+        self.shards: list[dict] = []
+        self.records: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.keys: list[str] = []
+        self._where: dict[str, str] = {}
+        self.n = 0
+
+    def add(self, name: str, entries: Sequence[Entry], crcs: Sequence[int]) -> None:
+        path = os.path.join(self.root, name)
+        for e in entries:
+            if e.key in self._where:
+                raise ShardFormatError(path, e.offset, f"two samples with the key {e.key!r} (the other in "
+                                       f"{self._where[e.key]}): a key must name one sample of the set")
+            if e.length > MAX_SAMPLE_BYTES:
+                raise ShardFormatError(path, e.offset, f"sample {e.key!r} is {e.length} bytes, more than "
+                                       f"{MAX_SAMPLE_BYTES}")
+            self._where[e.key] = name
+        rec = np.zeros(len(entries), RECORD)
+        rec["offset"] = [e.offset for e in entries]
+        rec["length"] = [e.length for e in entries]
+        rec["crc32"] = np.asarray(crcs, np.uint32)
+        self.records.append(rec)
+        self.labels.append(np.asarray([e.label for e in entries], np.int64))
+        self.keys.extend(e.key for e in entries)
+        self.shards.append({"name": name, "size": os.path.getsize(path), "start": self.n})
+        self.n += len(entries)
+
+    def close(self) -> ShardSet:
+        rec = np.concatenate(self.records) if self.records else np.zeros(0, RECORD)
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
+        top = int(labels.max()) if labels.size else 0
+        classes = self.classes if self.classes is not None else [str(i) for i in range(top + 1)]
+        if top >= len(classes):
+            raise ShardSetError(f"{self.root}: a sample has class {top}, but the set has {len(classes)} classes")
+        keys = PathTable.from_paths(self.keys)
+        rec.tofile(os.path.join(self.root, INDEX_BIN))
+        np.save(os.path.join(self.root, LABELS), labels.astype(np.int16 if top < 2**15 else np.int32))
+        np.save(os.path.join(self.root, KEY_NAMES), np.asarray(keys.names, np.uint8))
+        np.save(os.path.join(self.root, KEY_ENDS), np.asarray(keys.ends))
+        meta = {"version": INDEX_VERSION, "format": self.fmt.NAME, "num_samples": self.n, "shards": self.shards,
+                "classes": classes, "fingerprint": fingerprint_of(keys, rec["length"]),
+                "key_dirs": keys.dirs, "key_dir_starts": keys.dir_starts.tolist()}
+        tmp = os.path.join(self.root, INDEX_JSON + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        os.replace(tmp, os.path.join(self.root, INDEX_JSON))  # the set is indexed once this file exists
+        return open_shard_set(self.root)
+
+
+def crcs_of(path: str, entries: Sequence[Entry]) -> list[int]:
+    """The CRC-32 of each entry's bytes in the shard file ``path``."""
+    out = []
+    with open(path, "rb") as f:
+        for e in entries:
+            data = os.pread(f.fileno(), e.length, e.offset)
+            if len(data) != e.length:
+                raise ShardFormatError(path, e.offset, f"sample {e.key!r} needs {e.length} bytes, the file ends "
+                                       "first: the shard is truncated")
+            out.append(zlib.crc32(data))
+    return out
+
+
+def index_shards(root: str, fmt: str | None = None, classes: Sequence[str] | None = None,
+                 dali_index: bool = True) -> ShardSet:
+    """Index the shards already in ``root`` (foreign ones too): every shard of the format is scanned (sorted by
+    name), its samples' bytes checksummed, and the set's index written; with ``dali_index`` also DALI's own
+    index file per shard."""
+    from .formats import FORMATS
+    if fmt is None:
+        found = {m.NAME for m in FORMATS.values() for n in os.listdir(root) if n.endswith(m.SUFFIX)}
+        if len(found) != 1:
+            raise ShardSetError(f"{root} holds shards of {len(found)} formats ({', '.join(sorted(found)) or 'none'}): "
+                                "give --format")
+        fmt = found.pop()
+    module = format_named(fmt)
+    names = sorted(n for n in os.listdir(root) if n.endswith(module.SUFFIX))
+    if not names:
+        raise ShardSetError(f"{root} holds no {module.SUFFIX} shard")
+    w = ShardSetWriter(root, fmt, classes)
+    for name in names:
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+            entries = list(module.scan_shard(f, path))
+        w.add(name, entries, crcs_of(path, entries))
+        if dali_index:
+            module.write_dali_index(path, entries)
+    return w.close()
+
+
+def write_shards(root: str, fmt: str, samples: Iterable[tuple[str, bytes, int]], *, samples_per_shard: int,
+                 classes: Sequence[str], prefix: str, dali_index: bool = True) -> ShardSet:
+    """Write ``samples`` (key, bytes, label) in order as shards ``PREFIX-000000<suffix>`` ... of at most
+    ``samples_per_shard`` samples, with the set's index; the bytes are copied unchanged."""
+    module = format_named(fmt)
+    w = ShardSetWriter(root, fmt, classes)
+    batch: list[tuple[str, bytes, int]] = []
+
+    def flush():
+        name = f"{prefix}-{len(w.shards):06d}{module.SUFFIX}"
+        path = os.path.join(root, name)
+        with open(path, "xb") as f:
+            entries = module.write_shard(f, batch)
+        w.add(name, entries, [zlib.crc32(b) for _, b, _ in batch])
+        if dali_index:
+            module.write_dali_index(path, entries)
+        batch.clear()
+
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == samples_per_shard:
+            flush()
+    if batch:
+        flush()
+    return w.close()
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+class ShardImages:
+    """The image bytes of a shard set's rows, for the readers (in place of :class:`ImagePaths`, whose paths DALI
+    reads): per batch, one ``pread`` per sample in a pool of threads (zlib.crc32 and pread release the GIL), each
+    sample's bytes checked against its CRC in the index; a mismatch (the shard changed after it was indexed: a stale
+    index) stops the batch with the shard, the key and the byte offset."""
+
+    serves_bytes = True
+
+    def __init__(self, shards: ShardSet, workers: int = 8):
+        import concurrent.futures
+        self.shards = shards
+        self.files = shards.keys
+        self.root = shards.root
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="fkd-shard-read")
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    try:
+                        fd = os.open(self.shards.shard_path(shard), os.O_RDONLY)
+                    except FileNotFoundError:
+                        raise LoaderError(f"shard {self.shards.shard_path(shard)} is missing from the set: restore "
+                                          "it, or index the shards that exist again") from None
+                    self._fds[shard] = fd
+        return fd
+
+    def read(self, row: int) -> bytes:
+        row = int(row)
+        shard = int(self.shards.shard_of(np.asarray([row]))[0])
+        rec = self.shards.index[row]
+        offset, length, crc = int(rec["offset"]), int(rec["length"]), int(rec["crc32"])
+        data = os.pread(self._fd(shard), length, offset)
+        if len(data) != length or zlib.crc32(data) != crc:
+            why = "ends first" if len(data) != length else "holds other bytes there (CRC-32 mismatch)"
+            raise LoaderError(f"shard {self.shards.shard_path(shard)}, sample {self.files[row]!r} (row {row}): the "
+                              f"index says {length} bytes at byte {offset}, the shard {why}: the shard changed "
+                              f"after it was indexed (a stale index). Restore the shard, or index the set again "
+                              f"(fkd-dali index {self.root}) and regenerate labels made from the old bytes")
+        return data
+
+    def encoded(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [np.frombuffer(b, np.uint8) for b in self._pool.map(self.read, np.asarray(rows).tolist())]
+
+    def path_of(self, row: int) -> str:
+        return f"{self.files[int(row)]} (in {self.shards.shard_path(int(self.shards.shard_of(np.asarray([row]))[0]))})"
+
+    def header_source(self, row: int) -> io.BytesIO:
+        return io.BytesIO(self.read(row))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
