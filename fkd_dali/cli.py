@@ -130,6 +130,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .pack import DEFAULT_SHARD_BYTES, pack, parse_bytes
+    size = parse_bytes(args.shard_size) if args.shard_size else DEFAULT_SHARD_BYTES
+    for split, s in pack(args.data, args.out, args.format, size).items():
+        print(f"{split}: {len(s):,} images in {len(s.names)} {args.format} shard(s) -> {s.root}")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .pack import index
+    for split, s in index(args.shards, args.format, args.classes, args.dali_index, args.force).items():
+        print(f"{split}: {len(s):,} samples of {len(s.classes)} classes in {len(s.names)} {s.format.NAME} shard(s) "
+              f"indexed -> {s.root}")
+    return 0
+
+
 def _cmd_show(args: argparse.Namespace) -> int:
     from .show import show
     r = show(args.store, args.data, args.image, args.out, crop_size=args.crop_size, columns=args.columns,
@@ -278,6 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
     s.add_argument("-j", "--workers", type=NON_NEGATIVE, default=0, help="processes writing images (0: this one)")
     s.set_defaults(func=_cmd_synth)
+
+    pk = sub.add_parser("pack", help="write an ImageFolder dataset as shards (WebDataset tars, ...) with their index")
+    pk.add_argument("data", metavar="DATA", help="dataset root holding train/ and val/ in ImageFolder layout")
+    pk.add_argument("--out", required=True, metavar="SHARDS", help="where to write SHARDS/train and SHARDS/val "
+                    "(new folders: nothing is overwritten); give SHARDS as DATA to generate, train, show")
+    pk.add_argument("--format", default="wds", help="shard format (default wds: WebDataset tars)")
+    pk.add_argument("--shard-size", metavar="BYTES", help="images per shard, in bytes (default 1G; e.g. 256M)")
+    pk.set_defaults(func=_cmd_pack)
+
+    ix = sub.add_parser("index", help="index shards made elsewhere (WebDataset tars, ...) so fkd-dali can read them")
+    ix.add_argument("shards", metavar="SHARDS", help="folder holding train/ and val/ shard folders, or one of them")
+    ix.add_argument("--format", help="shard format (default: the one whose files SHARDS holds)")
+    ix.add_argument("--classes", metavar="FILE", help="class names, one a line, in class-number order "
+                    "(default: the numbers)")
+    ix.add_argument("--dali-index", action="store_true", help="also write DALI's index file beside each shard")
+    ix.add_argument("--force", action="store_true", help="index a set that has an index again")
+    ix.set_defaults(func=_cmd_index)
 
     sh = sub.add_parser("show", help="an image's stored crops as the loader replays them, with their labels")
     sh.add_argument("store", metavar="STORE", help="the label store")

@@ -227,7 +227,7 @@ class Teachers:
                   [t.interpolation for t in self.specs], "input_size": [t.input_size for t in self.specs],
                   "group_size": cfg.group_size},
             seed=cfg.seed, source={"kind": "generate", "settings": settings, "label_type": cfg.label_type},
-            rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk)
+            rows_per_shard=cfg.rows_per_shard, crops_per_chunk=cfg.crops_per_chunk, checksums=ds.checksums)
 
     @torch.no_grad()
     def probs(self, crops_by_view: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -297,6 +297,7 @@ class EmbeddingTeachers:
                             dataset_root=ds.name, num_crops=num_crops, num_classes=self.num_classes,
                             teachers=[t.record()], kind="embedding",
                             kind_fields={"dim": t.dim, "views": view_recipe(cfg.views)},
+                            checksums=ds.checksums,
                             crop={"input_size": [t.input_size], "interpolation": [t.interpolation],
                                   "group_size": cfg.group_size},
                             seed=cfg.seed, source={"kind": "generate", "settings": settings},
@@ -305,7 +306,7 @@ class EmbeddingTeachers:
 
 def read_sizes(ds: Dataset, rows: np.ndarray, workers: int = 8) -> tuple[np.ndarray, dict[int, str]]:
     """Image sizes of ``rows`` from their headers (threads); rows that cannot be used, with the reason."""
-    got, bad = read_headers([ds.path(int(r)) for r in rows], workers)
+    got, bad = read_headers([ds.header_source(int(r)) for r in rows], workers)
     sizes = np.array([s or (1, 1) for s in got], np.int64).reshape(len(rows), 2)
     return sizes, {int(rows[i]): why for i, why in bad.items()}
 
@@ -386,7 +387,7 @@ def _open_checked(cfg: GenerateConfig, ds: Dataset, settings: dict, d: distribut
         _wait_for_store(path)
     store = open_store(path, mode="r+")
     store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets,
-                        data_dir=ds.root)
+                        data_dir=ds.root, checksums=ds.checksums)
     made = store.meta.source.get("settings")
     if made is None:
         raise GenerateError(f"{path} was not made by `fkd-dali generate` (its source is "
@@ -422,7 +423,8 @@ def _wait_for_store(path: str, timeout_s: float = 600.0) -> None:
 def _open_reference(path: str, ds: Dataset, num_crops: int | None) -> LabelStore:
     ref = open_store(path)
     try:
-        ref.check_dataset(files=ds.files, classes=ref.classes, fingerprint=ds.fingerprint, data_dir=ds.root)
+        ref.check_dataset(files=ds.files, classes=ref.classes, fingerprint=ds.fingerprint, data_dir=ds.root,
+                          checksums=ds.checksums)
     except labelstore.StoreMismatchError as e:
         raise GenerateError(f"--reference {path} was made from another dataset: {e}") from e
     ref.require_complete()
@@ -648,7 +650,7 @@ class _ShardGenerator:
     def _explain(self, err: RuntimeError, i: int, nb: int) -> Exception:
         for j in range(i, min(nb, i + 3)):
             for r in self.reader.rows_of_batch(j):
-                why = probe_image(self.ds.path(int(r)))
+                why = probe_image(self.ds.header_source(int(r)))
                 if why:
                     return _BadImage(int(r), why)
         return GenerateError(f"DALI failed while generating (batch {i}): {str(err)[:2000]}")

@@ -19,7 +19,7 @@ from PIL import Image
 
 import labelstore
 from pipelines import graphs
-from pipelines.fkd_reader import check_files, refuse_resized, resolve_root
+from pipelines.fkd_reader import dataset_files, refuse_resized, resolve_root
 from pipelines.generation_reader import GenerationReader
 
 
@@ -48,7 +48,7 @@ def replayed_crops(store: labelstore.LabelStore, data: str, row: int, crop_size:
     got = store.read_rows([row])
     C = store.num_crops
     group = min(C, 16)
-    reader = GenerationReader(root, list(store.files), group_size=group, batch_size=4,
+    reader = GenerationReader(root, dataset_files(root, store, verify=False), group_size=group, batch_size=4,
                               view_params=store.kind.view_params)
     nb = reader.start_job(np.array([row]), got["boxes"].astype(np.int64), got["flips"], got["sizes"], got)
     pipe = graphs.generation_pipeline(reader, num_crops=group, views=[(crop_size, "bilinear", graphs.IMAGENET_MEAN,
@@ -82,7 +82,7 @@ def show(store_path: str, data: str, image: str, out_dir: str, crop_size: int = 
     # What train checks before replaying a crop: the labels are possible, the images are those labelled.
     labelstore.check_block(got, store.num_classes, first_row=row, where=store_path, files=store.files,
                            kind=store.kind, fields=store.fields)
-    check_files(resolve_root(data, store), store)
+    dataset_files(resolve_root(data, store), store)  # each file's size (a shard set: its index) as labelled
     crops = replayed_crops(store, data, row, crop_size, device)
     os.makedirs(out_dir, exist_ok=True)
     for k, crop in enumerate(crops):

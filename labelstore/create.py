@@ -17,7 +17,7 @@ from zarr.core.sync import sync
 
 from .errors import StoreFormatError, StoreWriteError
 from .location import exists, location
-from .schema import ATTR_KEY, FILES_CHUNK, FILL, WRITE_CONFIG, Layout, StoreMeta, box_dtype
+from .schema import ATTR_KEY, CHECKSUMS, FILES_CHUNK, FILL, WRITE_CONFIG, Layout, StoreMeta, box_dtype
 from .store import LabelStore
 
 
@@ -38,11 +38,12 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
                  teachers: Sequence[dict[str, Any]] = (), crop: dict[str, Any] | None = None,
                  seed: int | None = None, source: dict[str, Any] | None = None, max_side: int = 65535,
                  rows_per_shard: int | None = None, crops_per_chunk: int | None = None,
-                 overwrite: bool = False, kind: str = "topk", kind_fields: dict[str, Any] | None = None
-                 ) -> "LabelStore":
+                 overwrite: bool = False, kind: str = "topk", kind_fields: dict[str, Any] | None = None,
+                 checksums: Sequence[int] | None = None) -> "LabelStore":
     """Create an empty store for ``len(files)`` images x ``num_crops`` crops x top-``top_k`` labels, or the labels
     of another ``kind`` (:mod:`labelstore.kinds`; e.g. ``kind="embedding", kind_fields={"dim": 128, "views":
-    {...}}``)."""
+    {...}}``). ``checksums``: the CRC-32 of each image's bytes (a shard set's index gives them), recorded so that a
+    dataset whose bytes differ is refused by name before training."""
     where = path
     loc = location(where, mode="w")
     path = loc.name
@@ -102,4 +103,11 @@ def create_store(path: "str | os.PathLike | Store", *, files: Sequence[str], tar
     for a in range(0, n, FILES_CHUNK):
         fa[a:a + FILES_CHUNK] = np.asarray(list(files[a:a + FILES_CHUNK]), dtype=str)
     group["targets"].with_config(WRITE_CONFIG)[:] = tgt.astype(np.int32)
+    if checksums is not None:
+        crc = np.asarray(checksums)
+        if crc.shape != (n,):
+            raise StoreWriteError(f"{path}: {crc.shape[0] if crc.ndim else 0} checksums for {n} files")
+        group.create_array(CHECKSUMS, shape=(n,), dtype=np.uint32, chunks=(min(n, FILES_CHUNK),),
+                           compressors=comp)
+        group[CHECKSUMS].with_config(WRITE_CONFIG)[:] = crc.astype(np.uint32)
     return LabelStore(where, mode="r+")

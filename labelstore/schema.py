@@ -73,7 +73,10 @@ ROW_ARRAYS = ("files", "targets", "sizes", "done")
 # The dtypes each array may have (the table above; a kind's label arrays say theirs); anything else is refused
 # when a store is opened.
 DTYPES = {"files": ("string",), "targets": ("int32",), "sizes": ("int32",), "done": ("bool",),
-          "boxes": ("uint16", "int32"), "flips": ("bool",)}
+          "boxes": ("uint16", "int32"), "flips": ("bool",), "checksums": ("uint32",)}
+# Optional per-row array: the zlib CRC-32 of each image's bytes, recorded when the dataset's index gives them (a
+# shard set: pipelines.shards); a dataset whose index disagrees is refused by name (LabelStore.check_dataset).
+CHECKSUMS = "checksums"
 
 TARGET_CROPS_PER_SHARD = 1 << 20
 MIN_ROWS_PER_SHARD = 64

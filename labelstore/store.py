@@ -23,7 +23,7 @@ from .paths import check_name, check_names, check_no_links
 from .pathtable import PathTable
 from .reading import StoreReading
 from .errors import StoreKindError
-from .schema import (ATTR_KEY, DTYPES, FILES_CHUNK, ROW_ARRAYS, SCHEMA_VERSION, VIEW_ARRAYS, Layout, StoreMeta,
+from .schema import (ATTR_KEY, CHECKSUMS, DTYPES, FILES_CHUNK, ROW_ARRAYS, SCHEMA_VERSION, VIEW_ARRAYS, Layout, StoreMeta,
                      dtype_name)
 from .verify import StoreVerification
 from .writing import StoreWriting
@@ -205,6 +205,16 @@ class LabelStore(StoreReading, StoreWriting, StoreVerification):
 
     def sizes(self) -> np.ndarray:
         return self._read("sizes", slice(None))
+
+    def checksums(self) -> np.ndarray | None:
+        """The CRC-32 of each image's bytes when the store recorded them (made from a shard set), else None."""
+        if CHECKSUMS not in set(self.group.array_keys()):
+            return None
+        arr = self.group[CHECKSUMS]
+        if tuple(arr.shape) != (self.num_images,) or dtype_name(arr.dtype) not in DTYPES[CHECKSUMS]:
+            raise StoreFormatError(f"{self.path}: array '{CHECKSUMS}' has shape {tuple(arr.shape)} and dtype "
+                                   f"{dtype_name(arr.dtype)}, not ({self.num_images},) uint32; the store is damaged")
+        return self._read(CHECKSUMS, slice(None))
 
     def done(self) -> np.ndarray:
         done = self._read("done", slice(None))

@@ -67,8 +67,10 @@ class StoreVerification:
                 "shards_total": len(ranges)}
 
     def check_dataset(self, *, files: Sequence[str], classes: Sequence[str], fingerprint: str,
-                      targets: Sequence[int] | None = None, data_dir: str = "the dataset") -> None:
-        """Raise StoreMismatchError naming the first difference (count, classes, files, fingerprint).
+                      targets: Sequence[int] | None = None, data_dir: str = "the dataset",
+                      checksums: np.ndarray | None = None) -> None:
+        """Raise StoreMismatchError naming the first difference (count, classes, files, fingerprint, and the
+        images' CRC-32 when both the store and the dataset's index record them: same name and size, other bytes).
 
         The fingerprint hashes every relative path and size in order, so when it matches the names match
         too: the store's ``files`` are read only to name a difference."""
@@ -96,6 +98,14 @@ class StoreVerification:
                 i = int(bad[0])
                 raise StoreMismatchError(f"{self.path}: {self.file_name(i)} has class {stored_t[i]} in the store "
                                          f"but {np.asarray(targets)[i]} in {data_dir}")
+        stored_crc = self.checksums() if checksums is not None else None
+        if stored_crc is not None:
+            bad = np.flatnonzero(np.asarray(checksums, np.uint32) != stored_crc)
+            if bad.size:
+                names = ", ".join(self.file_name(int(i)) for i in bad[:5]) + (" ..." if bad.size > 5 else "")
+                raise StoreMismatchError(
+                    f"{self.path}: {bad.size} image(s) of {data_dir} hold other bytes than those the labels were "
+                    f"made from (CRC-32 differs): {names}. Restore the original images, or regenerate the store")
         if fingerprint != m.fingerprint:
             raise StoreMismatchError(
                 f"{self.path}: the same {m.num_images} file names, but their sizes differ from when the "

@@ -9,6 +9,7 @@ Per batch, the reader slices this rank's rows of the pass's round, held in memor
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import os
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ from .errors import LoaderError, read_headers
 from .image_reader import ImageReader
 from .order import EpochPlan, unique_rows
 from .round_reads import RoundReads
+from .shards import ShardKeys, ShardSetError, is_shard_set, open_shard_set
 
 # The batch of a pass whose request starts the read of the next pass's rows. The loaders' pipelines read two
 # batches ahead, so DALI asks for batch 2 once batch 0 was taken: the read does not slow the pass's first batch.
@@ -87,9 +89,7 @@ class FKDReader(ImageReader):
         done = reads.done()
         root = resolve_root(data, s)
         if files is None:
-            files = s.file_table()
-            if verify_files:
-                check_files(root, s, files)
+            files = dataset_files(root, s, verify_files)
         elif len(files) != s.num_images:
             raise LoaderError(f"{len(files)} files given for {s.path}, which labels {s.num_images} images")
         if targets is None:
@@ -230,6 +230,24 @@ def resolve_root(data: str, store: LabelStore) -> str:
     raise LoaderError(f"{data} does not exist (expected the dataset root holding {split}/, or {split}/ itself)")
 
 
+def dataset_files(root: str, store: LabelStore, verify: bool = True) -> PathTable:
+    """The store's images under ``root``: a shard set's keys (its index checked against the store: names, classes,
+    fingerprint, and the bytes' CRC-32 where the store recorded them), or the store's relative paths, with
+    ``verify`` each file's size checked against the store's fingerprint."""
+    if is_shard_set(root):
+        try:
+            shards = open_shard_set(root)
+        except ShardSetError as e:
+            raise LoaderError(str(e)) from None
+        store.check_dataset(files=shards.keys, classes=shards.classes, fingerprint=shards.fingerprint,
+                            targets=shards.labels, data_dir=root, checksums=shards.checksums())
+        return shards.keys
+    files = store.file_table()
+    if verify:
+        check_files(root, store, files)
+    return files
+
+
 def check_files(root: str, store: LabelStore, files: Sequence[str] | PathTable | None = None) -> None:
     """Every stored file exists with the size it had when the labels were made (the fingerprint; one stat
     per file). On a mismatch, the files whose header no longer gives the stored image size are named."""
@@ -257,7 +275,11 @@ def changed_images(root: str, files: Sequence[str] | PathTable, rows: Sequence[i
     """``NAME (now WxH px, labelled at WxH)`` (or why it cannot be used) for each of ``rows`` whose header (read
     now) no longer gives its stored (height, width) ``stored[i]``."""
     names = [files[int(r)] for r in rows]
-    got, bad = read_headers([os.path.join(root, f) for f in names], workers=16)
+    if isinstance(files, ShardKeys):  # a shard set's samples: their bytes (CRC-checked), not paths
+        sources = [io.BytesIO(files.shards.read(int(r))) for r in rows]
+    else:
+        sources = [os.path.join(root, f) for f in names]
+    got, bad = read_headers(sources, workers=16)
     return [f"{names[i]} ({bad[i]})" if i in bad else
             f"{names[i]} (now {got[i][1]}x{got[i][0]} px, labelled at {stored[i][1]}x{stored[i][0]})"
             for i in range(len(names)) if i in bad or (stored[i].any() and tuple(stored[i]) != got[i])]

@@ -113,6 +113,8 @@ class ShardSet:
                                 "shards again")
         self.keys = ShardKeys(key_dirs, key_dir_starts, blob, ends)
         self.keys.shards = self
+        self._fds: dict[int, int] = {}  # shard -> open file, opened on first read
+        self._lock = threading.Lock()
 
     def _mapped(self, name: str, n: int, load) -> np.ndarray:
         path = os.path.join(self.root, name)
@@ -148,6 +150,40 @@ class ShardSet:
                 raise ShardSetError(f"shard {path} is {got} bytes, {size} when it was indexed: it changed since; "
                                     f"index the set again (fkd-dali index {self.root}) and regenerate labels made "
                                     "from the old one")
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    try:
+                        fd = os.open(self.shard_path(shard), os.O_RDONLY)
+                    except FileNotFoundError:
+                        raise LoaderError(f"shard {self.shard_path(shard)} is missing from the set: restore "
+                                          "it, or index the shards that exist again") from None
+                    self._fds[shard] = fd
+        return fd
+
+    def read(self, row: int) -> bytes:
+        row = int(row)
+        shard = int(self.shard_of(np.asarray([row]))[0])
+        rec = self.index[row]
+        offset, length, crc = int(rec["offset"]), int(rec["length"]), int(rec["crc32"])
+        data = os.pread(self._fd(shard), length, offset)
+        if len(data) != length or zlib.crc32(data) != crc:
+            why = "ends first" if len(data) != length else "holds other bytes there (CRC-32 mismatch)"
+            raise LoaderError(f"shard {self.shard_path(shard)}, sample {self.keys[row]!r} (row {row}): the "
+                              f"index says {length} bytes at byte {offset}, the shard {why}: the shard changed "
+                              f"after it was indexed (a stale index). Restore the shard, or index the set again "
+                              f"(fkd-dali index {self.root}) and regenerate labels made from the old bytes")
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def checksums(self) -> np.ndarray:
         return self.index["crc32"]
@@ -260,30 +296,36 @@ def index_shards(root: str, fmt: str | None = None, classes: Sequence[str] | Non
     return w.close()
 
 
-def write_shards(root: str, fmt: str, samples: Iterable[tuple[str, bytes, int]], *, samples_per_shard: int,
+def write_shards(root: str, fmt: str, samples: Iterable[tuple[str, bytes, int]], *, shard_bytes: int,
                  classes: Sequence[str], prefix: str, dali_index: bool = True) -> ShardSet:
-    """Write ``samples`` (key, bytes, label) in order as shards ``PREFIX-000000<suffix>`` ... of at most
-    ``samples_per_shard`` samples, with the set's index; the bytes are copied unchanged."""
+    """Write ``samples`` (key, bytes, label) in order as shards ``PREFIX-000000<suffix>`` ..., each closed once it
+    holds ``shard_bytes`` of images (one sample at least), with the set's index; the bytes are copied unchanged.
+    One sample's bytes are held at a time. The index is written last: a run stopped midway leaves no index, and
+    the half-written folder is never taken for a shard set."""
     module = format_named(fmt)
     w = ShardSetWriter(root, fmt, classes)
-    batch: list[tuple[str, bytes, int]] = []
+    it = iter(samples)
+    pending = next(it, None)
+    while pending is not None:
+        crcs: list[int] = []
 
-    def flush():
+        def take():
+            nonlocal pending
+            held = 0
+            while pending is not None and (held < shard_bytes or not crcs):
+                key, data, label = pending
+                crcs.append(zlib.crc32(data))
+                held += len(data)
+                yield key, data, label
+                pending = next(it, None)
+
         name = f"{prefix}-{len(w.shards):06d}{module.SUFFIX}"
         path = os.path.join(root, name)
         with open(path, "xb") as f:
-            entries = module.write_shard(f, batch)
-        w.add(name, entries, [zlib.crc32(b) for _, b, _ in batch])
+            entries = module.write_shard(f, take())
+        w.add(name, entries, crcs)
         if dali_index:
             module.write_dali_index(path, entries)
-        batch.clear()
-
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == samples_per_shard:
-            flush()
-    if batch:
-        flush()
     return w.close()
 
 
@@ -301,40 +343,13 @@ class ShardImages:
         self.shards = shards
         self.files = shards.keys
         self.root = shards.root
-        self._fds: dict[int, int] = {}
-        self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="fkd-shard-read")
 
     def __len__(self) -> int:
         return len(self.shards)
 
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(shard)
-                if fd is None:
-                    try:
-                        fd = os.open(self.shards.shard_path(shard), os.O_RDONLY)
-                    except FileNotFoundError:
-                        raise LoaderError(f"shard {self.shards.shard_path(shard)} is missing from the set: restore "
-                                          "it, or index the shards that exist again") from None
-                    self._fds[shard] = fd
-        return fd
-
     def read(self, row: int) -> bytes:
-        row = int(row)
-        shard = int(self.shards.shard_of(np.asarray([row]))[0])
-        rec = self.shards.index[row]
-        offset, length, crc = int(rec["offset"]), int(rec["length"]), int(rec["crc32"])
-        data = os.pread(self._fd(shard), length, offset)
-        if len(data) != length or zlib.crc32(data) != crc:
-            why = "ends first" if len(data) != length else "holds other bytes there (CRC-32 mismatch)"
-            raise LoaderError(f"shard {self.shards.shard_path(shard)}, sample {self.files[row]!r} (row {row}): the "
-                              f"index says {length} bytes at byte {offset}, the shard {why}: the shard changed "
-                              f"after it was indexed (a stale index). Restore the shard, or index the set again "
-                              f"(fkd-dali index {self.root}) and regenerate labels made from the old bytes")
-        return data
+        return self.shards.read(row)
 
     def encoded(self, rows: np.ndarray) -> list[np.ndarray]:
         return [np.frombuffer(b, np.uint8) for b in self._pool.map(self.read, np.asarray(rows).tolist())]
@@ -347,8 +362,4 @@ class ShardImages:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
 

@@ -61,7 +61,7 @@ class StoredSoftLabels(DenseLabels):
     def num_classes(self, run: Run) -> int:
         cfg, ds, store = self.cfg, run.train_set, self.store
         store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets,
-                            data_dir=ds.root)
+                            data_dir=ds.root, checksums=ds.checksums)
         if cfg.num_classes is not None and cfg.num_classes != store.num_classes:
             raise TrainError(f"--num-classes {cfg.num_classes} but {cfg.softlabel_path} holds labels over "
                              f"{store.num_classes} classes; the student's head must match the store: drop "

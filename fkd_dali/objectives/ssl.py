@@ -53,7 +53,7 @@ class StoredEmbeddings(StoredSoftLabels):
     def num_classes(self, run: Run) -> int:
         cfg, ds, store = self.cfg, run.train_set, self.store
         store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets,
-                            data_dir=ds.root)
+                            data_dir=ds.root, checksums=ds.checksums)
         dim = self.dim(run)
         if cfg.num_classes is not None:
             raise TrainError(f"--num-classes {cfg.num_classes}: a self-supervised student outputs embeddings of the "

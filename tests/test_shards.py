@@ -1,0 +1,271 @@
+"""Sharded inputs (issue 24): `fkd-dali pack` writes WebDataset tars that Python's tarfile and DALI's own
+webdataset reader read; a store made from a folder loads on its packed shards (and the reverse) with crops equal
+pixel for pixel; bad shard sets are refused by name."""
+
+import io
+import json
+import os
+import shutil
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def, types
+
+import labelstore
+from fkd_dali.cli import main
+from fkd_dali.dataset import DatasetError, scan_image_folder
+from fkd_dali.generate import generate
+from fkd_dali.pack import pack
+from pipelines import EvalLoader, FKDLoader, LoaderError
+from pipelines.formats import FORMATS, ShardFormatError
+from pipelines.formats import wds
+from pipelines.shards import INDEX_JSON, ShardSetError, index_shards, open_shard_set
+from tests.conftest import current_device
+from tests.test_generate import config, make_world
+from tests.test_loader import make_store
+
+DEVICE = current_device()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """The coded dataset (30 train, 10 val images), a store made from its folder, and the folder packed in shards of
+    about 20 KB (several shards per split)."""
+    root = str(tmp_path_factory.mktemp("shards"))
+    w = make_world(root)
+    store = os.path.join(root, "store")
+    ds, sizes, boxes, flips = make_store(w["data"], store, pool=4)
+    shards = os.path.join(root, "shards")
+    assert main(["pack", w["data"], "--out", shards, "--shard-size", "20K"]) == 0
+    return dict(w, store=store, ds=ds, shards=shards)
+
+
+def batches(loader, passes=1):
+    out = []
+    for p in range(passes):
+        loader.set_epoch(p) if hasattr(loader, "set_epoch") else None
+        out += [{k: v.cpu().numpy().copy() for k, v in b.items() if hasattr(v, "cpu")} for b in loader]
+    return out
+
+
+def fkd(data, store, **kw):
+    return FKDLoader(data, store, batch_size=4, num_crops=2, crop_size=24, device=DEVICE, num_threads=1,
+                     normalize=False, seed=3, **kw)
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b) and a
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_pack_keeps_bytes_order_and_keys(packed):
+    folder = scan_image_folder(os.path.join(packed["data"], "train"))
+    shards = open_shard_set(os.path.join(packed["shards"], "train"))
+    assert len(shards.names) > 1  # the size limit cut several shards
+    assert list(shards.keys) == list(folder.files) and shards.classes == folder.classes
+    assert shards.fingerprint == folder.fingerprint  # a store made from the folder pairs with the shards
+    np.testing.assert_array_equal(shards.labels, folder.targets)
+    assert shards.index.dtype.itemsize == 16
+    for r in range(len(folder)):
+        with open(folder.path(r), "rb") as f:
+            data = f.read()
+        assert shards.read(r) == data and int(shards.index[r]["crc32"]) == zlib.crc32(data)
+    # Python's tarfile reads the shards: the members are the keys, their bytes the files'
+    members = {}
+    for name in shards.names:
+        with tarfile.open(os.path.join(shards.root, name)) as tar:
+            for m in tar:
+                members[m.name] = tar.extractfile(m).read()
+    for r, key in enumerate(folder.files):
+        assert members[key] == shards.read(r)
+        assert members[key.rsplit(".", 1)[0] + ".cls"] == str(folder.targets[r]).encode()
+    with pytest.raises(DatasetError, match="exists: pack writes new shard sets only"):
+        pack(packed["data"], packed["shards"])
+
+
+def test_dali_webdataset_reader_reads_the_packed_shards(packed):
+    shards = open_shard_set(os.path.join(packed["shards"], "train"))
+    paths = [os.path.join(shards.root, n) for n in shards.names]
+
+    @pipeline_def(batch_size=5, num_threads=1, device_id=None)
+    def wds_pipe():
+        img, cls = fn.readers.webdataset(paths=paths, index_paths=[p + ".idx" for p in paths], ext=["JPG;jpg", "cls"],
+                                         dtypes=[types.UINT8, types.UINT8], missing_component_behavior="error")
+        return img, cls, fn.get_property(img, key="source_info")
+
+    pipe = wds_pipe()
+    pipe.build()
+    seen = []
+    for _ in range(len(shards) // 5):
+        imgs, classes, infos = pipe.run()
+        for i in range(len(imgs)):
+            seen.append((bytes(np.array(imgs[i])), int(bytes(np.array(classes[i])).decode()),
+                         bytes(np.array(infos[i])).decode()))
+    assert len(seen) == len(shards)
+    for r, (data, label, info) in enumerate(seen):
+        assert data == shards.read(r) and label == shards.labels[r]
+        assert info.endswith(shards.keys[r])  # DALI 2.4's source_info: "<tar path>:<offset>:<member>"
+
+
+def test_folder_store_loads_on_shards_with_the_same_crops(packed):
+    a = fkd(packed["data"], packed["store"])
+    b = fkd(packed["shards"], packed["store"])
+    assert b.reader.serves_bytes and not a.reader.serves_bytes
+    assert_same_batches(batches(a), batches(b))
+    val = scan_image_folder(os.path.join(packed["data"], "val"))
+    val_shards = scan_image_folder(os.path.join(packed["shards"], "val"))
+    assert val_shards.fingerprint == val.fingerprint
+    e1 = EvalLoader(val.root, val.files, val.targets, batch_size=4, crop_size=24, device=DEVICE, num_threads=1)
+    e2 = EvalLoader(val_shards.root, val_shards.files, val_shards.targets, batch_size=4, crop_size=24, device=DEVICE,
+                    num_threads=1)
+    assert_same_batches(batches(e1), batches(e2))
+
+
+def test_store_generated_from_shards_equals_the_folders_and_loads_on_both(packed, tmp_path):
+    from_shards, from_folder = str(tmp_path / "s1"), str(tmp_path / "s2")
+    generate(config(packed, from_shards, data=packed["shards"]))
+    generate(config(packed, from_folder))
+    s1, s2 = labelstore.open_store(from_shards), labelstore.open_store(from_folder)
+    for name in ("boxes", "flips", "sizes", "topk_idx", "topk_val"):
+        np.testing.assert_array_equal(s1.array(name)[:], s2.array(name)[:], err_msg=name)
+    shards = open_shard_set(os.path.join(packed["shards"], "train"))
+    np.testing.assert_array_equal(s1.checksums(), shards.checksums())  # recorded: the bytes identify each sample
+    assert s2.checksums() is None  # a folder's store: names and sizes (the fingerprint), as before
+    assert_same_batches(batches(fkd(packed["data"], from_shards)), batches(fkd(packed["shards"], from_shards)))
+
+
+def copy_set(packed, tmp_path, split="train") -> str:
+    data = str(tmp_path / "copy")
+    shutil.copytree(os.path.join(packed["shards"], split), os.path.join(data, split))
+    return data
+
+
+def test_changed_bytes_under_the_same_key_are_refused_before_training(packed, tmp_path):
+    """The same names and byte sizes (the fingerprint matches) but one image's bytes changed, and the set indexed
+    again (its CRCs agree with its bytes): the store's CRCs refuse it by name."""
+    store = str(tmp_path / "store")
+    generate(config(packed, store, data=packed["shards"]))
+    data = copy_set(packed, tmp_path)
+    root = os.path.join(data, "train")
+    shards = open_shard_set(root)
+    row = 7
+    offset = int(shards.index[row]["offset"])
+    with open(os.path.join(root, shards.names[0]), "r+b") as f:
+        f.seek(offset + int(shards.index[row]["length"]) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x55]))
+    assert main(["index", data, "--force"]) == 0
+    with pytest.raises(labelstore.StoreMismatchError, match=f"other bytes.*{shards.keys[row]}"):
+        fkd(data, store)
+
+
+def test_stale_index_is_caught_when_the_bytes_are_read(packed, tmp_path):
+    data = copy_set(packed, tmp_path)
+    root = os.path.join(data, "train")
+    shards = open_shard_set(root)
+    row = 3
+    with open(os.path.join(root, shards.names[0]), "r+b") as f:
+        f.seek(int(shards.index[row]["offset"]) + 100)
+        f.write(b"\0\0\0\0")
+    ld = fkd(data, packed["store"])  # same sizes: the index still opens; the bytes are checked when read
+    with pytest.raises(Exception, match=f"{shards.keys[row]}.*CRC-32 mismatch.*stale index"):
+        batches(ld)
+
+
+def test_missing_shard_and_truncated_tar_are_named(packed, tmp_path):
+    data = copy_set(packed, tmp_path)
+    root = os.path.join(data, "train")
+    shards = open_shard_set(root)
+    gone = os.path.join(root, shards.names[1])
+    os.remove(gone)
+    with pytest.raises(DatasetError, match=f"shard {gone} is missing"):
+        scan_image_folder(root)
+    with pytest.raises(LoaderError, match="missing"):
+        fkd(data, packed["store"])
+    # a truncated tar: its index reports it changed; indexing it again names the shard and where it ends
+    first = os.path.join(root, shards.names[0])
+    last = int(shards.starts[1]) - 1  # the first shard's last sample: cut in its middle
+    with open(first, "r+b") as f:
+        f.truncate(int(shards.index[last]["offset"]) + int(shards.index[last]["length"]) // 2)
+    with pytest.raises(DatasetError, match="train-000000.tar is \\d+ bytes, \\d+ when it was indexed"):
+        scan_image_folder(root)
+    os.remove(os.path.join(root, INDEX_JSON))
+    with pytest.raises(ShardFormatError, match=f"shard {first} at byte .*truncated"):
+        index_shards(root)
+
+
+def tar_of(members) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("members, fault", [
+    ([("a.jpg", b"x"), ("a.cls", b"1"), ("b.jpg", b"y"), ("b.cls", b"2"), ("a.txt", b"?")], "two samples with the key 'a'"),
+    ([("a.jpg", b"x"), ("b.jpg", b"y"), ("b.cls", b"2")], "sample 'a' has no class member"),
+    ([("a.cls", b"1"), ("b.jpg", b"y"), ("b.cls", b"2")], "sample 'a' has 0 image members"),
+    ([("a.jpg", b"x"), ("a.png", b"y"), ("a.cls", b"2")], "sample 'a' has 2 image members"),
+    ([("a.jpg", b"x"), ("a.cls", b"one")], "the class of sample 'a' is b'one', not an integer"),
+])
+def test_bad_samples_are_refused_by_name(members, fault):
+    with pytest.raises(ShardFormatError, match=f"shard bad.tar at byte \\d+: {fault}"):
+        list(wds.scan_shard(io.BytesIO(tar_of(members)), "bad.tar"))
+
+
+def test_foreign_shards_are_indexed_and_a_key_seen_twice_in_the_set_refused(tmp_path, packed):
+    root = str(tmp_path / "foreign" / "train")
+    os.makedirs(root)
+    with open(os.path.join(packed["data"], "train", packed["ds"].files[0]), "rb") as f:
+        jpeg = f.read()
+    with open(os.path.join(root, "part-0.tar"), "wb") as f:
+        f.write(tar_of([("s1.jpg", jpeg), ("s1.cls", b"0"), ("s2.jpg", jpeg), ("s2.cls", b"1")]))
+    with open(os.path.join(root, "part-1.tar"), "wb") as f:
+        f.write(tar_of([("s3.jpg", jpeg), ("s3.cls", b"1")]))
+    assert main(["index", str(tmp_path / "foreign")]) == 0
+    ds = scan_image_folder(root)
+    assert list(ds.files) == ["s1.jpg", "s2.jpg", "s3.jpg"] and ds.classes == ["0", "1"]
+    assert list(ds.targets) == [0, 1, 1]
+    with open(os.path.join(root, "part-1.tar"), "wb") as f:
+        f.write(tar_of([("s2.jpg", jpeg), ("s2.cls", b"1")]))
+    with pytest.raises(ShardFormatError, match="two samples with the key 's2.jpg' \\(the other in part-0.tar\\)"):
+        index_shards(root)
+
+
+def test_a_store_of_another_dataset_is_refused(packed, tmp_path):
+    other = str(tmp_path / "other")
+    shutil.copytree(packed["data"], other)
+    os.remove(os.path.join(other, "train", packed["ds"].files[5]))
+    pack(other, str(tmp_path / "other-shards"))
+    with pytest.raises(labelstore.StoreMismatchError, match="labels 30 images"):
+        fkd(str(tmp_path / "other-shards"), packed["store"])
+
+
+def test_damaged_index_is_refused(packed, tmp_path):
+    data = copy_set(packed, tmp_path)
+    root = os.path.join(data, "train")
+    meta_path = os.path.join(root, INDEX_JSON)
+    meta = json.load(open(meta_path))
+    meta["shards"][0]["name"] = "../../etc/passwd"
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ShardSetError, match="not a file in"):
+        open_shard_set(root)
+    with open(os.path.join(root, "fkd-index.bin"), "ab") as f:
+        f.write(b"\0" * 16)
+    meta["shards"][0]["name"] = "train-000000.tar"
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ShardSetError, match="holds 31 samples"):
+        open_shard_set(root)
+
+
+def test_every_registered_format_is_packable():
+    assert "wds" in FORMATS and FORMATS["wds"].SUFFIX == ".tar"
