@@ -52,9 +52,10 @@ def shard_sets(setup, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shards"))
     ds = scan_image_folder(os.path.join(data, "train"))
     sets = {}
-    for fmt, per_shard, key_of in (("tfrecord", 8, lambda i, key: key), ("recordio", 1000, lambda i, key: str(i))):
+    for fmt, shard_bytes, key_of in (("tfrecord", 20_000, lambda i, key: key),
+                                     ("recordio", 1 << 30, lambda i, key: str(i))):
         os.makedirs(os.path.join(root, fmt, "train"))
-        write_shards(os.path.join(root, fmt, "train"), fmt, sample_bytes(ds, key_of), samples_per_shard=per_shard,
+        write_shards(os.path.join(root, fmt, "train"), fmt, sample_bytes(ds, key_of), shard_bytes=shard_bytes,
                      classes=ds.classes, prefix="train")
         sets[fmt] = os.path.join(root, fmt)
     rec = scan_image_folder(os.path.join(sets["recordio"], "train"))
@@ -120,6 +121,8 @@ def test_shard_listing_runs(shard_sets, fmt, which):
     assert torch.isfinite(ns["loss"]) and ns["epoch"] == 1
     if which == "tfrecord_fkd":
         assert ns["reader"].serves_bytes
+        if fmt == "tfrecord":
+            assert len(ns["reader"].paths.shards.names) > 1
         assert ns["images"].shape == (14 * 4, 3, 224, 224)
     else:
         assert 0 <= int(ns["labels"].min()) and int(ns["labels"].max()) < 10  # the 1-based TFRecord labels less 1

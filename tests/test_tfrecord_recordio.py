@@ -305,3 +305,37 @@ def test_index_refuses_entries_of_another_shard(tmp_path, samples, module):
     with pytest.raises(ShardFormatError, match="holds 4 records but 3 entries"):
         module.write_dali_index(path, entries[:3])
     assert isinstance(entries[0], Entry)
+
+
+# ---- through pack / index ---------------------------------------------------------------------------------------
+
+def test_pack_tfrecord_then_index_again_gives_the_same_set(tmp_path):
+    """`fkd-dali pack --format tfrecord` of an ImageFolder, then `fkd-dali index --force --dali-index` of the same
+    shards (the path foreign shards take: every record scanned): the same keys, classes, byte ranges, CRCs and
+    DALI index files; the fingerprint is the folder's, so a store made from the folder pairs with the shards."""
+    from fkd_dali.dataset import scan_image_folder
+    from fkd_dali.pack import index, pack
+    from tests.conftest import make_image_folder
+    data = str(tmp_path / "data")
+    make_image_folder(data, classes=3, per_class=4)
+    packed = pack(data, str(tmp_path / "shards"), "tfrecord", shard_bytes=4000)["train"]
+    assert len(packed.names) > 1
+    dali_idx = {n: open(tfrecord.index_path(packed.shard_path(i))).read() for i, n in enumerate(packed.names)}
+    again = index(str(tmp_path / "shards"), force=True, dali_index=True)["train"]
+    folder = scan_image_folder(os.path.join(data, "train"))
+    assert list(again.keys) == list(packed.keys) == list(folder.files)
+    assert again.classes == folder.classes == ["class_0", "class_1", "class_2"]
+    assert again.labels.tolist() == folder.targets.tolist()
+    assert np.array_equal(np.asarray(again.index), np.asarray(packed.index))
+    assert again.fingerprint == packed.fingerprint == folder.fingerprint
+    assert {n: open(tfrecord.index_path(again.shard_path(i))).read() for i, n in enumerate(again.names)} == dali_idx
+
+
+def test_pack_recordio_refuses_named_keys(tmp_path):
+    """RecordIO records carry numbers only: packing an ImageFolder (keys are its paths) is refused by name."""
+    from fkd_dali.pack import pack
+    from tests.conftest import make_image_folder
+    data = str(tmp_path / "data")
+    make_image_folder(data, classes=2, per_class=2)
+    with pytest.raises(ValueError, match="numeric id.*--format tfrecord or wds"):
+        pack(data, str(tmp_path / "shards"), "recordio")
