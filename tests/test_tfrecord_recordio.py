@@ -240,12 +240,14 @@ def test_tfrecord_corruption_refused(tmp_path, samples):
 
 @pytest.mark.parametrize("has_image,label,words", [
     (False, 1, ["record 0 has no 'image/encoded'"]),
+    ("", 1, ["record 0 has an empty 'image/encoded'"]),
     (True, None, ["record 0 has no 'image/class/label'"]),
     (True, 0, ["class 0", "1-based"]),
 ])
 def test_tfrecord_sample_without_image_or_class_refused(tmp_path, samples, has_image, label, words):
     path = str(tmp_path / "x.tfrecord")
-    foreign_tfrecord(path, [("k", samples[0][1] if has_image else None, label)])
+    image = samples[0][1] if has_image is True else b"" if has_image == "" else None
+    foreign_tfrecord(path, [("k", image, label)])
     refused(tfrecord, path, *words)
 
 
@@ -271,6 +273,9 @@ def test_recordio_corruption_refused(tmp_path, samples):
     corrupt(path, second + 32 - 24, struct.pack("<I", 2))  # flag 2: a label vector, not a class
     refused(recordio, path, "holds 2 labels", f"at byte {second}")
 
+    foreign_recordio(path, [(1, samples[0][1], 1.0), (2, b"", 1.0)])  # a record of a header and no image
+    refused(recordio, path, "record 2 holds no image bytes")
+
 
 def test_split_recordio_record_refused(tmp_path, samples):
     """A record as dmlc's writer splits it around an aligned magic number: refused, naming the split."""
@@ -294,6 +299,9 @@ def test_recordio_write_refuses_what_it_cannot_keep_whole(tmp_path, samples):
     assert entries[0].length == len(image) + 19
     with pytest.raises(ValueError, match=r"'n01440764_1.JPEG'.*numeric id"):
         recordio.write_shard(io.BytesIO(), [("n01440764_1.JPEG", image, label)])
+    for module in (recordio, tfrecord):
+        with pytest.raises(ValueError, match=r"'7' has no image bytes"):
+            module.write_shard(io.BytesIO(), [("7", b"", label)])
 
 
 @pytest.mark.parametrize("module", [tfrecord, recordio], ids=["tfrecord", "recordio"])

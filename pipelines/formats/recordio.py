@@ -73,6 +73,8 @@ def write_shard(f: BinaryIO, samples: Iterable[tuple[str, bytes, int]]) -> list[
         if not 0 <= label < MAX_LABEL:
             raise ValueError(f"sample {key!r}: class {label} is outside 0..{MAX_LABEL - 1} (a RecordIO label is a "
                              "float32)")
+        if not len(image):
+            raise ValueError(f"sample {key!r} has no image bytes (an empty file)")
         data = _IR_HEADER.pack(0, float(label), record_id(key), 0) + image
         if len(data) > MAX_LENGTH:
             raise ValueError(f"sample {key!r}: {len(image)} bytes is more than a RecordIO record holds "
@@ -134,6 +136,8 @@ def scan_shard(f: BinaryIO, name: str) -> Iterator[Entry]:
         if flag > 1 or image_start - _HEAD.size > length:
             raise ShardFormatError(name, position, f"record {id_} holds {flag} labels; one class per image is "
                                                    "expected")
+        if image_start - _HEAD.size == length:
+            raise ShardFormatError(name, position, f"record {id_} holds no image bytes")
         if flag == 1:
             f.seek(position + _HEAD.size + _IR_HEADER.size)
             label = struct.unpack("<f", f.read(4))[0]

@@ -98,6 +98,8 @@ def write_shard(f: BinaryIO, samples: Iterable[tuple[str, bytes, int]]) -> list[
     for key, image, label in samples:
         if label < 0:
             raise ValueError(f"sample {key!r}: class {label} is negative; classes are 0..N-1")
+        if not len(image):
+            raise ValueError(f"sample {key!r} has no image bytes (an empty file)")
         parts = example_parts(key, image, label)
         before_image = 0
         for part in parts:
@@ -259,6 +261,8 @@ def scan_shard(f: BinaryIO, name: str) -> Iterator[Entry]:
                 raise ShardFormatError(name, position, f"record {number} has no {needed!r} "
                                                        f"({'bytes' if kind == 1 else 'int64'} feature)")
         _, image_start, image_end = features[IMAGE_FEATURE]
+        if image_end == image_start:
+            raise ShardFormatError(name, position, f"record {number} has an empty {IMAGE_FEATURE!r}")
         stored = features[LABEL_FEATURE][1]
         stored = stored - (1 << 64) if stored >= 1 << 63 else stored
         if stored < LABEL_BASE:
