@@ -6,8 +6,8 @@ id2 u64) followed by the image file's bytes (after ``flag`` extra float labels w
 
 **Keys.** A record carries only numbers: its key here is the decimal ``id`` (im2rec writes the image's line number
 in its ``.lst`` there, so a ``.lst`` file maps keys to the images' paths). `write_shard` therefore takes keys that
-are decimal integers (pack gives the store rows) and refuses others by name; a set whose keys are names needs a
-key map (the shard set's index), or another format.
+are decimal integers and refuses others by name: an ImageFolder (keyed by its paths) is packed as TFRecord or
+WebDataset, whose records keep the key.
 
 **Split records.** dmlc's writer splits a record whose data holds the magic number at a 4-byte aligned offset:
 the parts (cflag 1 = first, 2 = middle, 3 = last) are separate records and the magic words between them are not
