@@ -345,5 +345,5 @@ def test_pack_recordio_refuses_named_keys(tmp_path):
     from tests.conftest import make_image_folder
     data = str(tmp_path / "data")
     make_image_folder(data, classes=2, per_class=2)
-    with pytest.raises(ValueError, match="numeric id.*--format tfrecord or wds"):
+    with pytest.raises(ValueError, match="numeric id.*not a name.*--format tfrecord or wds"):
         pack(data, str(tmp_path / "shards"), "recordio")

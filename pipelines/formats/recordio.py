@@ -53,8 +53,8 @@ def record_id(key: str) -> int:
     """The numeric id a key stands for (RecordIO records carry no names)."""
     if not key.isdigit() or int(key) >= 1 << 64:
         raise ValueError(f"sample {key!r}: a RecordIO record carries only a numeric id (0..2^64-1), so its key must "
-                         "be a decimal number (pack gives the store's row); keep named keys in a key map, or use "
-                         "--format tfrecord or wds")
+                         "be a decimal number, not a name: write this set with --format tfrecord or wds, whose "
+                         "records keep the key")
     return int(key)
 
 
