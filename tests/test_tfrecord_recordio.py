@@ -315,6 +315,14 @@ def test_index_refuses_entries_of_another_shard(tmp_path, samples, module):
     assert isinstance(entries[0], Entry)
 
 
+@pytest.mark.parametrize("module", [tfrecord, recordio], ids=["tfrecord", "recordio"])
+def test_two_samples_with_one_key_refused(tmp_path, samples, module):
+    path, entries = write(tmp_path, module, [samples[0], samples[1], (samples[0][0], samples[2][1], 1)])
+    error = refused(module, path, "two samples with one key", "record at byte 0")
+    assert error.offset == (entries[2].offset - 32 if module is recordio else
+                            int(open(tfrecord.write_dali_index(path, entries)).read().split()[-2]))
+
+
 # ---- through pack / index ---------------------------------------------------------------------------------------
 
 def test_pack_tfrecord_then_index_again_gives_the_same_set(tmp_path):

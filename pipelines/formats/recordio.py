@@ -129,7 +129,9 @@ def _records(f: BinaryIO, name: str) -> Iterator[tuple[int, int, bytes]]:
 
 
 def scan_shard(f: BinaryIO, name: str) -> Iterator[Entry]:
-    """The samples of a ``.rec`` file: key = the record's id, label = its class (a whole float >= 0)."""
+    """The samples of a ``.rec`` file: key = the record's id, label = its class (a whole float >= 0); two records
+    with one id are refused."""
+    seen: dict[int, int] = {}
     for position, length, header in _records(f, name):
         flag, label, id_, _ = _IR_HEADER.unpack(header)
         image_start = _HEAD.size + _IR_HEADER.size + 4 * flag
@@ -143,6 +145,10 @@ def scan_shard(f: BinaryIO, name: str) -> Iterator[Entry]:
             label = struct.unpack("<f", f.read(4))[0]
         if not (0 <= label < MAX_LABEL and label == int(label)):
             raise ShardFormatError(name, position, f"record {id_} has label {label}, not a class number")
+        if id_ in seen:
+            raise ShardFormatError(name, position, f"record id {id_} is also the id of the record at byte "
+                                                   f"{seen[id_]}: two samples with one key")
+        seen[id_] = position
         yield Entry(str(id_), position + image_start, length - (image_start - _HEAD.size), int(label))
 
 

@@ -245,7 +245,9 @@ def _record_heads(f: BinaryIO, name: str) -> Iterator[tuple[int, int]]:
 def scan_shard(f: BinaryIO, name: str) -> Iterator[Entry]:
     """The samples of a TFRecord shard, crcs verified; a record without an image or a class is refused.
 
-    A record without ``image/filename`` is keyed ``<shard file name>:<record number>``."""
+    A record without ``image/filename`` is keyed ``<shard file name>:<record number>``; two records with one key
+    are refused."""
+    seen: dict[str, int] = {}
     for number, (position, length) in enumerate(_record_heads(f, name)):
         data_start = position + _HEAD.size
         f.seek(data_start)
@@ -274,6 +276,10 @@ def scan_shard(f: BinaryIO, name: str) -> Iterator[Entry]:
             key = bytes(buf[features[KEY_FEATURE][1]:features[KEY_FEATURE][2]]).decode("utf-8", "replace")
         else:
             key = f"{os.path.basename(name)}:{number}"
+        if key in seen:
+            raise ShardFormatError(name, position, f"record {number} has the key {key!r} of the record at byte "
+                                                   f"{seen[key]}: two samples with one key")
+        seen[key] = position
         yield Entry(key, data_start + image_start, image_end - image_start, stored - LABEL_BASE)
 
 
