@@ -34,6 +34,53 @@ def setup(tmp_path_factory):
     return data, os.path.join(root, "store")
 
 
+def sample_bytes(ds, key_of=lambda i, key: key):
+    """(key, image bytes, class) of each image of an ImageFolder scan, in row order."""
+    for i in range(len(ds)):
+        with open(ds.path(i), "rb") as f:
+            yield key_of(i, ds.files[i]), f.read(), int(ds.targets[i])
+
+
+@pytest.fixture(scope="module")
+def shard_sets(setup, tmp_path_factory):
+    """The integration dataset packed as a TFRecord set (keys = the folder's paths: the folder's store pairs with
+    it) and as one RecordIO file (keys = row numbers) with a store made from that set, as generate would."""
+    from fkd_dali.dataset import scan_image_folder
+    from pipelines.shards import write_shards
+    from tests.test_loader import code_of
+    data, store = setup
+    root = str(tmp_path_factory.mktemp("shards"))
+    ds = scan_image_folder(os.path.join(data, "train"))
+    sets = {}
+    for fmt, shard_bytes, key_of in (("tfrecord", 20_000, lambda i, key: key),
+                                     ("recordio", 1 << 30, lambda i, key: str(i))):
+        os.makedirs(os.path.join(root, fmt, "train"))
+        write_shards(os.path.join(root, fmt, "train"), fmt, sample_bytes(ds, key_of), shard_bytes=shard_bytes,
+                     classes=ds.classes, prefix="train")
+        sets[fmt] = os.path.join(root, fmt)
+    rec = scan_image_folder(os.path.join(sets["recordio"], "train"))
+    import labelstore
+    from PIL import Image
+
+    from fkd_dali.crops import sample_crops
+    sizes = np.array([Image.open(rec.header_source(i)).size[::-1] for i in range(len(rec))])
+    boxes, flips = sample_crops(0, range(len(rec)), sizes, 8)
+    rec_store = labelstore.create_store(os.path.join(root, "rec-store"), files=rec.files, targets=rec.targets,
+                                        classes=rec.classes, fingerprint=rec.fingerprint, dataset_root="train",
+                                        num_crops=8, num_classes=10, top_k=5, rows_per_shard=8)
+    idx = np.array([[code_of(r, c) + [9, 9] for c in range(8)] for r in range(len(rec))])
+    for a, b in rec_store.shard_ranges():
+        rec_store.write_block(a, sizes=sizes[a:b], boxes=boxes[a:b], flips=flips[a:b], topk_idx=idx[a:b],
+                              topk_val=np.full(idx[a:b].shape, 0.2, np.float16))
+    rec_store.finalize()
+    return {"tfrecord": (sets["tfrecord"], store), "recordio": (sets["recordio"], rec_store.path)}
+
+
+def loop_of(listing: str) -> str:
+    """The training loop of a listing (its lines from ``for epoch``), which the shard listings reuse."""
+    return listing[listing.index("for epoch in range(EPOCHS):"):]
+
+
 def namespace(data, store):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 10))
@@ -44,7 +91,7 @@ def namespace(data, store):
 
 
 def test_doc_has_the_listings():
-    assert set(blocks()) == {"common", "standard", "fkd"}
+    assert set(blocks()) == {"common", "standard", "fkd", "tfrecord_standard", "tfrecord_fkd", "recordio_standard"}
 
 
 @pytest.mark.parametrize("which", ["standard", "fkd"])
@@ -56,6 +103,29 @@ def test_listing_runs(setup, which):
     assert torch.isfinite(ns["loss"]) and ns["epoch"] == 1
     if which == "fkd":
         assert ns["images"].shape == (14 * 4, 3, 224, 224)  # 30 images in batches of 16: the last holds 14
+
+
+@pytest.mark.parametrize("fmt,which", [("tfrecord", "tfrecord_standard"), ("tfrecord", "tfrecord_fkd"),
+                                       ("recordio", "recordio_standard"), ("recordio", "tfrecord_fkd")])
+def test_shard_listing_runs(shard_sets, fmt, which):
+    """DeepLearningExamples' TFRecord / RecordIO readers on shards we packed, and the same shards switched to
+    FKD (the TFRecord listing's FKD part serves RecordIO too); each with its loop."""
+    shards, store = shard_sets[fmt]
+    ns = namespace(None, store)
+    ns["SHARDS"] = shards
+    code = blocks()
+    exec(code["common"], ns)
+    exec(code[which], ns)
+    loop = {"tfrecord_standard": "", "recordio_standard": loop_of(code["standard"])}.get(which, loop_of(code["fkd"]))
+    exec(loop, ns)
+    assert torch.isfinite(ns["loss"]) and ns["epoch"] == 1
+    if which == "tfrecord_fkd":
+        assert ns["reader"].serves_bytes
+        if fmt == "tfrecord":
+            assert len(ns["reader"].paths.shards.names) > 1
+        assert ns["images"].shape == (14 * 4, 3, 224, 224)
+    else:
+        assert 0 <= int(ns["labels"].min()) and int(ns["labels"].max()) < 10  # the 1-based TFRecord labels less 1
 
 
 def test_fkd_listing_pattern_keeps_epochs_aligned(setup):
