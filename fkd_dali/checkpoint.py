@@ -138,18 +138,34 @@ def load(path: str) -> dict[str, Any]:
     return read_untrusted(path, CheckpointError, "it may be truncated")
 
 
-def read_untrusted(path: str, error: type[Exception], unreadable_fix: str, allow: tuple = ()) -> Any:
-    """``torch.load`` of a file that may come from anyone (a checkpoint, a teacher's weights): tensors and plain
-    data only (``weights_only``; ``allow``: classes it may hold besides), on the CPU. A file holding code-bearing
-    objects, or one that cannot be read, raises ``error`` naming the file; ``unreadable_fix`` ends the latter."""
+def numpy_globals() -> list:
+    """What ``torch.load(weights_only=True)`` needs to read numpy arrays, dtypes and scalars (as FKD's and SRe2L's
+    label files hold them, under numpy 1's and numpy 2's module names): no class that can run code."""
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    names = [core._reconstruct, np.ndarray, np.dtype]
+    names += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int64, np.int32, np.bool_)]
+    aliases = [(core._reconstruct, "numpy.core.multiarray._reconstruct"),
+               (core._reconstruct, "numpy._core.multiarray._reconstruct"),
+               (core.scalar, "numpy.core.multiarray.scalar"), (core.scalar, "numpy._core.multiarray.scalar")]
+    return names + aliases
+
+
+def read_untrusted(path: str, error: type[Exception], unreadable_fix: str, allow: tuple | list = (), *,
+                   holds: str = "tensors and plain data", trusted_fix: str = TRUSTED_FIX,
+                   what: str = "a checkpoint") -> Any:
+    """``torch.load`` of a file that may come from anyone (a checkpoint, a teacher's weights, a label file): tensors
+    and plain data only (``weights_only``; ``allow``: classes it may hold besides, e.g. :func:`numpy_globals`), on
+    the CPU. A file holding code-bearing objects raises ``error`` naming the file, what it should hold (``holds``)
+    and ``trusted_fix``; one that cannot be read raises ``error`` naming it as ``what`` and ending with
+    ``unreadable_fix``."""
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        why = refused(path, e, "tensors and plain data", TRUSTED_FIX)
+        why = refused(path, e, holds, trusted_fix)
         if why:
             raise error(why) from e
-        raise error(f"{path} cannot be read as a checkpoint ({type(e).__name__}: "
+        raise error(f"{path} cannot be read as {what} ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}); {unreadable_fix}") from e
 
 

@@ -32,7 +32,7 @@ import labelstore.paths
 from labelstore import LabelStore, create_store
 from pipelines.errors import image_header
 
-from .checkpoint import refused
+from .checkpoint import numpy_globals, read_untrusted
 from .crops import from_normalized, normalized
 from .dataset import Dataset, scan_image_folder, split_dir
 from .progress import progress
@@ -42,29 +42,12 @@ class FKDFormatError(Exception):
     """An FKD label file or folder cannot be imported as it is."""
 
 
-def _safe_globals() -> list:
-    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    names = [core._reconstruct, np.ndarray, np.dtype]
-    names += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int64, np.int32, np.bool_)]
-    aliases = [(core._reconstruct, "numpy.core.multiarray._reconstruct"),
-               (core._reconstruct, "numpy._core.multiarray._reconstruct"),
-               (core.scalar, "numpy.core.multiarray.scalar"), (core.scalar, "numpy._core.multiarray.scalar")]
-    return names + aliases
-
-
 def load_fkd_file(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(coords, flips, output)`` of one FKD label file, as numpy arrays; FKDFormatError if unreadable."""
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = refused(path, e, "the three arrays of an FKD label file", "load it in a trusted Python session "
-                      "(torch.load(path, weights_only=False)) and torch.save the three arrays as tensors")
-        if why:
-            raise FKDFormatError(why) from e
-        raise FKDFormatError(f"{path}: cannot be read as an FKD label file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200]}); the file is truncated or corrupt: "
-                             "re-download or regenerate it") from e
+    state = read_untrusted(path, FKDFormatError, "the file is truncated or corrupt: re-download or regenerate it",
+                           numpy_globals(), holds="the three arrays of an FKD label file",
+                           trusted_fix="load it in a trusted Python session (torch.load(path, weights_only=False)) "
+                                       "and torch.save the three arrays as tensors", what="an FKD label file")
     if not isinstance(state, (list, tuple)) or len(state) != 3:
         raise FKDFormatError(f"{path}: expected [coords, flips, output], got {type(state).__name__}"
                              f"{' of length ' + str(len(state)) if hasattr(state, '__len__') else ''}")

@@ -37,9 +37,8 @@ from labelstore import StoreError, check_block
 from labelstore.relabel import RelabelStore, create_relabel_store, open_relabel, steps_per_epoch
 from pipelines.errors import image_header
 
-from .checkpoint import refused
+from .checkpoint import numpy_globals, read_untrusted
 from .dataset import scan_image_folder, split_dir
-from .fkd_format import _safe_globals
 from .progress import progress
 from .sre2l_plan import SRE2L_SEED, sre2l_plan
 
@@ -90,14 +89,10 @@ def load_batch_file(path: str, max_bytes: int, num_classes: int) -> BatchFile:
     if size > max_bytes:
         raise SRe2LFormatError(f"{path} is {size:,} bytes; a batch file of this dataset ({num_classes} classes) holds "
                                f"at most {max_bytes:,}: it is not an SRe2L batch file (refused before loading)")
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        why = refused(path, e, "the tensors of an SRe2L batch file", "load it in a trusted Python session and "
-                      "torch.save its fields as tensors and numbers")
-        raise SRe2LFormatError(why or f"{path}: cannot be read as an SRe2L batch file ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]}); it is truncated or damaged: regenerate it") from e
+    state = read_untrusted(path, SRe2LFormatError, "it is truncated or damaged: regenerate it", numpy_globals(),
+                           holds="the tensors of an SRe2L batch file", what="an SRe2L batch file",
+                           trusted_fix="load it in a trusted Python session and torch.save its fields as tensors "
+                                       "and numbers")
     if not isinstance(state, list) or len(state) not in (6, 7):
         n = len(state) if isinstance(state, (list, tuple, dict)) else None
         raise SRe2LFormatError(f"{path}: holds a {type(state).__name__}{f' of {n} fields' if n is not None else ''}; "

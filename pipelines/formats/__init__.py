@@ -15,6 +15,7 @@ This package imports no torch and no fkd_dali: it is the pipelines room's input.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import NamedTuple
 
@@ -39,6 +40,14 @@ class ShardFormatError(ValueError):
 
 #: The format modules this package holds (the ones that exist in this checkout are registered).
 _MODULES = ("wds", "tfrecord", "recordio")
+
+
+def file_size(f) -> int:
+    """The byte size of an open shard file; its position is left where it was."""
+    here = f.tell()
+    size = f.seek(0, os.SEEK_END)
+    f.seek(here)
+    return size
 
 
 def _load() -> dict[str, ModuleType]:

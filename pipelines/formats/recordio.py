@@ -23,14 +23,13 @@ as the distance to the next, so the records of one ``.rec`` must all be indexed.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 import numpy as np
 
-from pipelines.formats import Entry, ShardFormatError
+from pipelines.formats import Entry, ShardFormatError, file_size
 
 NAME = "recordio"
 SUFFIX = ".rec"
@@ -91,16 +90,10 @@ def write_shard(f: BinaryIO, samples: Iterable[tuple[str, bytes, int]]) -> list[
     return entries
 
 
-def _file_size(f: BinaryIO) -> int:
-    here = f.tell()
-    size = f.seek(0, os.SEEK_END)
-    f.seek(here)
-    return size
-
 
 def _records(f: BinaryIO, name: str) -> Iterator[tuple[int, int, bytes]]:
     """(record start, data length, IRHeader bytes) of every record; split, cut or foreign records refused."""
-    size = _file_size(f)
+    size = file_size(f)
     position = f.seek(0)
     while position < size:
         head = f.read(_HEAD.size + _IR_HEADER.size)

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import google_crc32c  # crc32c in C; zarr depends on it too
 
-from pipelines.formats import Entry, ShardFormatError
+from pipelines.formats import Entry, ShardFormatError, file_size
 
 NAME = "tfrecord"
 SUFFIX = ".tfrecord"
@@ -214,16 +214,10 @@ def _parse_example(buf: memoryview, end: int) -> dict[str, tuple[int, int, int]]
     return wanted
 
 
-def _file_size(f: BinaryIO) -> int:
-    here = f.tell()
-    size = f.seek(0, os.SEEK_END)
-    f.seek(here)
-    return size
-
 
 def _record_heads(f: BinaryIO, name: str) -> Iterator[tuple[int, int]]:
     """(record start, data length) of every record, lengths checked against the file and their crc."""
-    size = _file_size(f)
+    size = file_size(f)
     position = f.seek(0)
     while position < size:
         head = f.read(_HEAD.size)

@@ -10,11 +10,10 @@ refused when writing.
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from collections.abc import Iterable, Iterator
 
-from . import Entry, ShardFormatError
+from . import Entry, ShardFormatError, file_size
 
 NAME = "wds"
 SUFFIX = ".tar"
@@ -62,8 +61,7 @@ def scan_shard(f, name: str) -> Iterator[Entry]:
     """The samples of a tar shard, in file order; ShardFormatError on a truncated tar, a member cut short, a
     sample without an image or a class, two images in one sample, a class that is not an integer, or two samples
     with one key."""
-    f.seek(0, os.SEEK_END)
-    size = f.tell()
+    size = file_size(f)
     f.seek(0)
     try:
         tar = tarfile.open(fileobj=f, mode="r:")
