@@ -361,6 +361,10 @@ class RelabelLoader(_DaliLoader):
         self.refuse = refuse
         self.output_names = ("images", *reader.label_names, "targets", "indices", "positions")
 
+    def close(self) -> None:
+        super().close()
+        self.reader.close()
+
     def _new_pipeline(self):
         return graphs.fkd_pipeline(self.reader, num_crops=1, size=self.crop_size, device=self.device,
                                    normalize=self.normalize, channels_last=self.channels_last, decoder=self.decoder,

@@ -84,7 +84,7 @@ class StepWindow:
         self._done: np.ndarray | None = None
         self._pending: dict[int, concurrent.futures.Future] = {}  # t -> the step's read
         self._epoch: int | None = None
-        self._pool_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fkd-relabel-steps")
+        self._pool_exec: concurrent.futures.ThreadPoolExecutor | None = None  # started on the first read
 
     def rows(self, epoch: int) -> np.ndarray:
         if self._rows is None or self._rows[0] != epoch:
@@ -113,6 +113,8 @@ class StepWindow:
             self._drop(lambda k: True)
             self._epoch = epoch
         self._drop(lambda k: k < t)  # passed (or a resume jumped past them)
+        if self._pool_exec is None:
+            self._pool_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fkd-relabel-steps")
         for k in range(t, min(len(rows), t + self.ahead + 1)):
             if k not in self._pending:
                 self._pending[k] = self._pool_exec.submit(self._read, int(rows[k]))
@@ -132,5 +134,8 @@ class StepWindow:
             self._pending.pop(k).cancel()
 
     def close(self) -> None:
+        """Drop the steps held and stop the thread (a later ``step`` starts again)."""
         self._drop(lambda k: True)
-        self._pool_exec.shutdown(wait=False, cancel_futures=True)
+        if self._pool_exec is not None:
+            self._pool_exec.shutdown(wait=False, cancel_futures=True)
+            self._pool_exec = None

@@ -8,7 +8,7 @@ import numpy as np
 from labelstore.relabel import all_steps, open_relabel
 from pipelines.relabel import StoreSteps
 from pipelines.relabel_steps import AHEAD, StepWindow, epoch_rows, lpld_pool
-from tests.test_relabel_store import B, fill, new_store
+from tests.test_relabel_store import fill, new_store
 
 N_MANY = 120  # 30 steps of 4 per epoch
 
