@@ -583,7 +583,7 @@ def add_relabel_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--epochs", type=POSITIVE, default=300, help="passes over the images (300)")
     r.add_argument("-b", "--batch-size", dest="batch_size", type=POSITIVE, default=1024,
                    help="images per step (SRe2L's relabel.sh: 1024): the step the mixing pairs crops within; "
-                        "train's -b must divide it")
+                        "train's -b must divide it or be a multiple of it")
     r.add_argument("--input-size", dest="input_size", type=POSITIVE, default=224)
     r.add_argument("--min-scale-crops", dest="min_scale_crops", type=SCALE, default=0.08)
     r.add_argument("--max-scale-crops", dest="max_scale_crops", type=SCALE, default=1.0)
