@@ -118,14 +118,15 @@ def step_pieces(size: int, global_batch: int, world: int, rank: int) -> list[tup
     return out
 
 
-def epoch_pieces(sizes: Sequence[int], global_batch: int, world: int, rank: int) -> list[list[tuple[int, np.ndarray]]]:
+def epoch_pieces(sizes: Sequence[int], global_batch: int, world: int, rank: int,
+                 stored_step: int | None = None) -> list[list[tuple[int, np.ndarray]]]:
     """An epoch's training batches for ``rank``, the epoch being steps of ``sizes`` in training order: per batch, its
-    parts ``(step t, positions of step t this rank trains)``. A global batch below a step's size cuts each step into
-    pieces (:func:`step_pieces`); a multiple ``k`` of the stored step takes ``k`` whole consecutive steps (fewer at
-    the epoch's end), their positions concatenated and cut over the ranks as ``np.array_split``: each step's mixing
-    stays inside its own step."""
+    parts ``(step t, positions of step t this rank trains)``. A global batch up to the stored step (default: the
+    largest of ``sizes``) cuts each step into pieces (:func:`step_pieces`); a multiple ``k`` of it takes ``k`` whole
+    consecutive steps (fewer at the epoch's end), their positions concatenated and cut over the ranks as
+    ``np.array_split``: each step's mixing stays inside its own step."""
     sizes = [int(n) for n in sizes]
-    B = max(sizes) if sizes else 1
+    B = int(stored_step) if stored_step else (max(sizes) if sizes else 1)
     out = []
     if global_batch <= B:
         for t, n in enumerate(sizes):
@@ -192,10 +193,11 @@ class RelabelPlan:
     """What one rank serves in one epoch: its batches (:func:`epoch_pieces`) over the epoch's steps in training
     order (the same count on every rank); nothing of the steps but their sizes is read to plan it."""
 
-    def __init__(self, epoch: int, sizes: np.ndarray, batch: int, world: int, rank: int):
+    def __init__(self, epoch: int, sizes: np.ndarray, batch: int, world: int, rank: int,
+                 stored_step: int | None = None):
         self.epoch, self.sizes = epoch, np.asarray(sizes, dtype=np.int64)
         self.pieces = [[_Part(t, own) for t, own in parts if len(own)]
-                       for parts in epoch_pieces(self.sizes, batch * world, world, rank)]
+                       for parts in epoch_pieces(self.sizes, batch * world, world, rank, stored_step)]
         self.offset = 0  # pieces skipped (a resume inside the epoch)
 
     @property
@@ -252,7 +254,8 @@ class RelabelReader:
         self._selected: tuple[int, ...] | None = None
 
     def plan(self, epoch: int) -> RelabelPlan:
-        return RelabelPlan(epoch, self.source.sizes(epoch), self.train_batch, self.world_size, self.rank)
+        return RelabelPlan(epoch, self.source.sizes(epoch), self.train_batch, self.world_size, self.rank,
+                           self.stored_step)
 
     def start_epoch(self, epoch: int, reset: bool = False, start_batch: int = 0) -> RelabelPlan:
         plan = self.current if self.current is not None and self.current.epoch == epoch else self.plan(epoch)
@@ -266,8 +269,8 @@ class RelabelReader:
         """Batches of an epoch (every epoch trains as many: the first's), counted from the step sizes alone."""
         G = self.train_batch * self.world_size
         sizes = self.source.sizes(0)
-        if len(sizes) and G > max(sizes):
-            return -(-len(sizes) // (G // int(max(sizes))))
+        if G > self.stored_step:
+            return -(-len(sizes) // (G // self.stored_step))
         return int(sum(-(-int(n) // G) for n in sizes))
 
     @property
