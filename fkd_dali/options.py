@@ -315,7 +315,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--soft-label-type", "--soft_label_type", dest="soft_label_type", default="marginal_smoothing_k5",
                    help="hard, smoothing, marginal_smoothing_kK, marginal_renorm(_kK), full (FKD's names accepted)")
     t.add_argument("--temp", type=TEMPERATURE,
-                   help="temperature on the student's logits (1; --labels ssl: on both embeddings, s2-bnn 0.2)")
+                   help="temperature on the student's logits (1; --labels ssl: on both embeddings, s2-bnn 0.2; sre2l 3)")
     t.add_argument("--ssl-loss", dest="ssl_loss", choices=("kl", "cosine", "mse"),
                    help="--labels ssl / ssl-online: kl (S2-BNN's: -sum softmax(t/T) log_softmax(s/T), default), "
                         "cosine (1 - cos(s, t)) or mse (|s - t|^2 of the normalised embeddings)")
@@ -325,14 +325,15 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--ssl-teacher", dest="ssl_teacher", metavar="CKPT[,CKPT]",
                    help="--labels ssl-online: the self-supervised teacher(s), as `generate --ssl-teacher`")
     t.add_argument("--ssl-head", dest="ssl_head", metavar="HEAD", help="--ssl-teacher's head, as in generate")
-    t.add_argument("--recipe", choices=("fkd", "meal-v2", "s2-bnn"),
+    t.add_argument("--recipe", choices=("fkd", "meal-v2", "s2-bnn", "sre2l"),
                    help="defaults of every option not given: fkd (FKD's) or meal-v2 (MEAL V2's FKD_train.py: "
                         "8 crops, -b 512, 200 epochs, lr 0.01 x0.1 at 100 and 180, no weight decay, the "
                         "discriminator on; needs --init-from or --pretrained-weights). Default: meal-v2 when the "
                         "command uses MEAL V2's own options (--imagenet, --student-state-file, --teacher-model, or "
                         "--use-discriminator-loss on a trained start), fkd otherwise; the run says which. s2-bnn: "
                         "S2-BNN's distillation-only defaults (--labels ssl, Adam lr 3e-4, no weight decay, -b 256, "
-                        "200 epochs, linear decay, --temp 0.2)")
+                        "200 epochs, linear decay, --temp 0.2). sre2l: SRe2L's train_FKD.py (--labels relabel, "
+                        "AdamW lr 0.001, wd 0.01, -b 1024, 300 epochs, cosine as its train_FKD.sh, --temp 3)")
     t.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
                    help="start the student from these weights (ours, FKD's, MEAL V2's or a torchvision state_dict; "
                         "same architecture and classes)")
@@ -582,7 +583,7 @@ def add_relabel_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--epochs", type=POSITIVE, default=300, help="passes over the images (300)")
     r.add_argument("-b", "--batch-size", dest="batch_size", type=POSITIVE, default=1024,
                    help="images per step (SRe2L's relabel.sh: 1024): the step the mixing pairs crops within; "
-                        "train's -b must divide it")
+                        "train's -b must divide it or be a multiple of it")
     r.add_argument("--input-size", dest="input_size", type=POSITIVE, default=224)
     r.add_argument("--min-scale-crops", dest="min_scale_crops", type=SCALE, default=0.08)
     r.add_argument("--max-scale-crops", dest="max_scale_crops", type=SCALE, default=1.0)

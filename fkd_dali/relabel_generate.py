@@ -195,6 +195,7 @@ def _generate(cfg: RelabelConfig, device: str, d) -> dict:
                             "a distilled set is relabelled whole")
     teachers = Teachers(cfg.teachers, len(ds.classes), None, device, amp=cfg.amp, channels_last=False)
     _check(cfg, teachers)
+    _first_step(cfg, ds, sizes, teachers, device)
     rs, lock = _create_or_open(cfg, ds, sizes, teachers, d)
     try:
         return _label_shards(cfg, ds, sizes, teachers, rs, device, d)
@@ -217,12 +218,12 @@ def _label_shards(cfg: RelabelConfig, ds, sizes: np.ndarray, teachers: Teachers,
     try:
         for s, steps in _shard_steps(cfg, len(ds.files), ranges, jobs):
             a, b = ranges[s]
-            arrays, held[s] = _shard_plan(cfg, rs, steps, sizes)
+            arrays, held[s] = _shard_plan(cfg, steps, sizes)
             loader.set_epoch(s)
             labels = []
             for batch in loader:
                 logits = ensemble_logits(teachers.models, batch["images"], teachers.amp)
-                labels.append(_labels(cfg, logits, s))
+                labels.append(_labels(cfg, logits, f"shard {s} of {cfg.save_path}"))
             del held[s]
             stacked = {k: v.astype(rs.store.array(k).dtype) for k, v in _stack(labels, cfg.batch_size).items()}
             rs.write_steps(a, **arrays, **stacked)
@@ -234,6 +235,24 @@ def _label_shards(cfg: RelabelConfig, ds, sizes: np.ndarray, teachers: Teachers,
     d.barrier()
     complete = rs.finalize()
     return {"store": cfg.save_path, "rank": d.rank, "shards": len(jobs), "seconds": seconds, "complete": complete}
+
+
+def _first_step(cfg: RelabelConfig, ds, sizes: np.ndarray, teachers: Teachers, device: str) -> None:
+    """Label the plan's first step and drop it: a teacher whose logits are not finite or overflow the label dtype
+    is refused before the store is created (every rank checks it, so no rank waits for one that failed), and a
+    rerun with other settings (``--fp32``) finds no store of this run's in its way."""
+    epoch, step, imgs = next(iter(sre2l_plan(len(ds.files), cfg.batch_size, cfg.epochs, cfg.fkd_seed)))
+    _, replay = _shard_plan(cfg, [(epoch, step, imgs)], sizes)
+    loader = RelabelLoader(ds.root, ds.files, ds.targets, sizes, steps_of=lambda e: replay,
+                           stored_step=cfg.batch_size, mix=cfg.mix, batch_size=cfg.batch_size,
+                           crop_size=cfg.input_size, device=device, num_threads=cfg.threads)
+    try:
+        loader.set_epoch(0)
+        for batch in loader:
+            _labels(cfg, ensemble_logits(teachers.models, batch["images"], teachers.amp),
+                    "the first step (nothing was written)")
+    finally:
+        loader.close()
 
 
 def _shard_steps(cfg: RelabelConfig, num_images: int, ranges: list, jobs: list):
@@ -255,7 +274,7 @@ def _shard_steps(cfg: RelabelConfig, num_images: int, ranges: list, jobs: list):
                 return
 
 
-def _shard_plan(cfg: RelabelConfig, rs: RelabelStore, steps: list, sizes: np.ndarray) -> tuple[dict, EpochSteps]:
+def _shard_plan(cfg: RelabelConfig, steps: list, sizes: np.ndarray) -> tuple[dict, EpochSteps]:
     """The plan arrays of a shard's steps as the store keeps them (padded to the step size) and as the loader
     replays them."""
     S, B = len(steps), cfg.batch_size
@@ -279,18 +298,19 @@ def _shard_plan(cfg: RelabelConfig, rs: RelabelStore, steps: list, sizes: np.nda
             "mix_box": box}, replay
 
 
-def _labels(cfg: RelabelConfig, logits: torch.Tensor, shard: int) -> dict[str, np.ndarray]:
+def _labels(cfg: RelabelConfig, logits: torch.Tensor, where: str) -> dict[str, np.ndarray]:
     """The step's labels as the store keeps them; a teacher whose logits are not finite, or overflow float16, is
-    refused before anything is written."""
+    refused before anything of the step (``where``) is written."""
     dtype = torch.float16 if cfg.label_dtype == "float16" else torch.float32
     if not torch.isfinite(logits).all():
-        raise GenerateError(f"the teacher's logits of shard {shard} of {cfg.save_path} are not finite: the teacher "
-                            "is broken (diverged weights?); check it with `fkd-dali generate --evaluate`")
+        raise GenerateError(f"the teacher's logits of {where} are not finite: the teacher is broken (diverged "
+                            "weights?); check it with `fkd-dali generate --evaluate`")
     big = float(logits.abs().max())
     if dtype == torch.float16 and big > torch.finfo(torch.float16).max:
+        fix = "relabel with --fp32" + (" (same --save-path)" if "nothing was written" in where
+                                       else " into a new --save-path")
         raise GenerateError(f"the teacher's logits reach {big:.3g}, beyond float16's "
-                            f"{torch.finfo(torch.float16).max:.0f}"
-                            f" (shard {shard} of {cfg.save_path}); relabel with --fp32 into a new --save-path")
+                            f"{torch.finfo(torch.float16).max:.0f} ({where}); {fix}")
     if cfg.label_format == "full":
         return {"labels": logits.to(dtype).cpu().numpy()}
     val, idx = logits.topk(cfg.top_k, dim=1)

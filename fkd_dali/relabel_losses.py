@@ -13,6 +13,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: ``--recipe sre2l``: SRe2L's ``validate/train_FKD.py`` defaults (VILA-Lab/SRe2L @8d00cba): AdamW (``--adamw-lr
+#: 0.001 --adamw-weight-decay 0.01``, weight decay on the >1-d weights only, as ``get_parameters``), ``-b 1024``,
+#: 300 epochs, ``-T 3``, no warm-up, 224 px crops; its ``train_FKD.sh`` (the README's command) passes ``--cos``:
+#: cosine to 0 (``LambdaLR`` 0.5 (1 + cos(pi epoch / epochs)); without ``--cos`` the code decays linearly, here
+#: ``--sched linear``). The lr is set per step here, per epoch there. G-VBSM / EDC's ``train_FKD_parallel.py`` keep
+#: the same defaults (their loss, ``--loss-type mse_gt``, is ``--labels relabel-mse``), so one recipe serves them.
+SRE2L_RECIPE = dict(labels="relabel", opt="adamw", lr=0.001, weight_decay=0.01, batch_size=1024, epochs=300,
+                    cos=True, linear=False, temperature=3.0, warmup_epochs=0, min_lr=0.0, label_smoothing=0.0,
+                    input_size=224)
+RELABEL_LABELS = ("relabel", "relabel-mse")  # the objectives --recipe sre2l trains
+
 
 def sre2l_kl(student: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """SRe2L's distillation loss (batch mean of the per-crop KL divergence, no T^2)."""

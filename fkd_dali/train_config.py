@@ -12,6 +12,7 @@ from typing import Any
 from pipelines import DecoderOptions
 
 from . import meal, ssl_distill
+from .relabel_losses import RELABEL_LABELS, SRE2L_RECIPE
 
 
 class TrainError(Exception):
@@ -127,7 +128,7 @@ LINEAR_EVAL = {"labels": "hard", "opt": "sgd", "lr": 30.0, "momentum": 0.9, "wei
 
 # Defaults by --recipe; options given explicitly win (recipe_config). fkd: TrainConfig's own (FKD's).
 RECIPES: dict[str, dict[str, Any]] = {"fkd": {}, "meal-v2": meal.RECIPE, "linear-eval": LINEAR_EVAL,
-                                     "s2-bnn": ssl_distill.RECIPE}
+                                     "s2-bnn": ssl_distill.RECIPE, "sre2l": SRE2L_RECIPE}
 SSL_LABELS = ("ssl", "ssl-online")  # the objectives that learn embeddings (--recipe s2-bnn's)
 
 
@@ -168,6 +169,10 @@ def check(cfg: TrainConfig) -> None:
         raise TrainError(f"--recipe s2-bnn distils a self-supervised teacher's embeddings: use it with --labels ssl "
                          f"(an embedding store from `fkd-dali generate --ssl-teacher`) or ssl-online, not --labels "
                          f"{cfg.labels}")
+    if cfg.recipe == "sre2l" and cfg.labels not in RELABEL_LABELS:
+        raise TrainError(f"--recipe sre2l trains a student on a relabel store (dataset distillation): use it with "
+                         f"--labels relabel (SRe2L's KL) or relabel-mse (G-VBSM / EDC's mse_gt), not --labels "
+                         f"{cfg.labels}")
     if cfg.recipe == "meal-v2" and not (cfg.init_from or cfg.pretrained_weights or cfg.resume or cfg.evaluate):
         chosen = f" (chosen by MEAL V2's {', '.join(cfg.recipe_from)})" if cfg.recipe_from else ""
         raise TrainError(f"--recipe meal-v2{chosen} distils into a student that is already trained: pass "
@@ -199,6 +204,14 @@ def notes(cfg: TrainConfig) -> list[str]:
     elif cfg.recipe == "fkd" and cfg.use_discriminator_loss:
         out.append(f"recipe fkd ({values}): FKD's defaults, for a student trained from scratch; MEAL V2's "
                    "(lr 0.01, no weight decay, from a trained student) are --recipe meal-v2 with --init-from")
+    if cfg.recipe == "sre2l":
+        out.append(f"recipe sre2l: SRe2L's train_FKD.py defaults (AdamW lr {cfg.lr:g}, weight decay "
+                   f"{cfg.weight_decay:g}, -b {cfg.batch_size}, {cfg.epochs} epochs, "
+                   f"{'cosine' if cfg.cos else 'linear' if cfg.linear else 'step'} schedule, --temp "
+                   f"{cfg.temperature:g}, no label smoothing, {cfg.input_size} px); SRe2L's README command uses -T 20")
+    elif cfg.labels in RELABEL_LABELS:
+        out.append(f"--labels {cfg.labels} on recipe {cfg.recipe} (lr {cfg.lr:g}, --temp {cfg.temperature:g}); "
+                   "SRe2L's trainer defaults (AdamW lr 0.001, wd 0.01, cosine, --temp 3) are --recipe sre2l")
     if cfg.unused:
         out.append(f"{', '.join(cfg.unused)}: accepted for MEAL V2's command line and not used: the soft labels "
                    f"come from --softlabel-path {cfg.softlabel_path} (MEAL V2's FKD_train.py does not read it either)")

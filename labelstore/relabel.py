@@ -230,12 +230,13 @@ class RelabelStore:
         return self.store.finalize()
 
     # ------------------------------------------------------------------ reading
-    def read_steps(self, a: int, b: int, *, check: bool = True) -> StepBlock:
+    def read_steps(self, a: int, b: int, *, check: bool = True, done: np.ndarray | None = None) -> StepBlock:
         """Rows ``[a, b)``: contiguous reads (one inner chunk per array and row); every row must be done and
-        its values pass the kind's checks (``check``)."""
+        its values pass the kind's checks (``check``). ``done``: the store's done mask, read once by a caller that
+        reads many blocks (else it is read here)."""
         if not 0 <= a < b <= self.num_steps:
             raise IndexError(f"{self.path}: rows {a}:{b} are not rows of this store (0..{self.num_steps - 1})")
-        done = self.store.done()
+        done = self.store.done() if done is None else done
         if not done[a:b].all():
             r = a + int(np.flatnonzero(~done[a:b])[0])
             e, s = (int(x) for x in self.step_index[r])

@@ -82,14 +82,24 @@ class EpochSteps:
 
 def batch_refusal(step_sizes: Sequence[int], batch: int, world: int) -> str | None:
     """Why ``batch`` crops per rank on ``world`` ranks cannot replay steps of ``step_sizes`` (the first is the stored
-    step size), naming the sizes to use; None when they can."""
+    step size), naming the sizes to use; None when they can. The global batch ``G`` must divide the stored step
+    (a step trained as pieces) or be a multiple of it (several whole steps per batch)."""
     B = int(step_sizes[0])
     G = batch * world
     divisors = [d for d in range(world, B + 1, world) if B % d == 0]
     use = ", ".join(str(d // world) for d in divisors[-6:]) or "none: use fewer ranks"
+    multiples = ", ".join([str(m * B // world) for m in range(2, 40) if m * B % world == 0][:3])
+    if G > B and G % B == 0:
+        short = min(int(n) for n in step_sizes)
+        if short < world:
+            return (f"a stored step of {short} crops is fewer than the {world} ranks (a batch may hold it alone); use "
+                    "fewer ranks")
+        return None
     if G > B or B % G:
-        return (f"-b {G} ({batch} per rank x {world} ranks) does not divide the stored step of {B} crops, whose mixing "
-                f"pairs crops anywhere in the step; use a per-rank batch whose total divides {B} (per rank: {use})")
+        return (f"-b {G} ({batch} per rank x {world} ranks) neither divides the stored step of {B} crops, whose "
+                f"mixing pairs crops anywhere in the step, nor is a multiple of it (whole steps per batch); use a "
+                f"per-rank batch whose total divides {B} (per rank: {use}) or is a multiple of it (per rank: "
+                f"{multiples or 'none'})")
     small = [n for n in step_sizes if (n - 1) % G + 1 < world]
     if small:
         return (f"a stored step of {small[0]} crops leaves a last piece of {(small[0] - 1) % G + 1} crops, fewer than "
@@ -98,9 +108,9 @@ def batch_refusal(step_sizes: Sequence[int], batch: int, world: int) -> str | No
 
 
 def step_pieces(size: int, global_batch: int, world: int, rank: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One step's training batches for ``rank``: per piece, (positions this rank trains, every position of the
-    piece), positions 0-based in the step. Pieces are ``global_batch`` consecutive positions (the last one shorter);
-    each is cut over the ranks as ``np.array_split``."""
+    """One step's training batches for ``rank`` (``global_batch`` <= the step): per piece, (positions this rank
+    trains, every position of the piece), positions 0-based in the step. Pieces are ``global_batch`` consecutive
+    positions (the last one shorter); each is cut over the ranks as ``np.array_split``."""
     out = []
     for a in range(0, size, global_batch):
         piece = np.arange(a, min(size, a + global_batch))
@@ -108,80 +118,144 @@ def step_pieces(size: int, global_batch: int, world: int, rank: int) -> list[tup
     return out
 
 
+def epoch_pieces(sizes: Sequence[int], global_batch: int, world: int, rank: int,
+                 stored_step: int | None = None) -> list[list[tuple[int, np.ndarray]]]:
+    """An epoch's training batches for ``rank``, the epoch being steps of ``sizes`` in training order: per batch, its
+    parts ``(step t, positions of step t this rank trains)``. A global batch up to the stored step (default: the
+    largest of ``sizes``) cuts each step into pieces (:func:`step_pieces`); a multiple ``k`` of it takes ``k`` whole
+    consecutive steps (fewer at the epoch's end), their positions concatenated and cut over the ranks as
+    ``np.array_split``: each step's mixing stays inside its own step."""
+    sizes = [int(n) for n in sizes]
+    B = int(stored_step) if stored_step else (max(sizes) if sizes else 1)
+    out = []
+    if global_batch <= B:
+        for t, n in enumerate(sizes):
+            out += [[(t, own)] for own, _ in step_pieces(n, global_batch, world, rank)]
+        return out
+    k = global_batch // B
+    for g in range(0, len(sizes), k):
+        steps = np.concatenate([np.full(sizes[t], t) for t in range(g, min(len(sizes), g + k))])
+        pos = np.concatenate([np.arange(sizes[t]) for t in range(g, min(len(sizes), g + k))])
+        mine = np.array_split(np.arange(len(pos)), world)[rank]
+        out.append([(int(t), pos[mine][steps[mine] == t]) for t in np.unique(steps[mine])])
+    return out
+
+
 @dataclasses.dataclass
-class _Piece:
-    step: int
+class StepData:
+    """One step as the reader serves it: per position (n = the step's size) the image ``rows``, normalised boxes
+    ``coords`` (n, 4), ``flips``, ``partner`` (a position of the same step), the labels by name (n, ...; may be
+    empty); the step's ``lam`` and CutMix ``box`` (4,)."""
+
+    rows: np.ndarray
+    coords: np.ndarray
+    flips: np.ndarray
+    partner: np.ndarray
+    lam: float
+    box: np.ndarray
+    labels: dict[str, np.ndarray]
+
+
+class EpochStepsSource:
+    """Steps from whole epochs held in memory (:class:`EpochSteps` by epoch: generation, which plans a shard at a
+    time, and tests): ``sizes(epoch)`` of the steps in order, ``step(epoch, t)``."""
+
+    def __init__(self, steps_of: Callable[[int], EpochSteps],
+                 labels_of: Callable[[int, int, np.ndarray], dict[str, np.ndarray]] | None = None,
+                 sizes_of: Callable[[int], np.ndarray] | None = None):
+        self.steps_of, self.labels_of = steps_of, labels_of
+        self.sizes_of = sizes_of or (lambda e: np.diff(steps_of(e).starts))
+        self._held: tuple[int, EpochSteps] | None = None
+
+    def sizes(self, epoch: int) -> np.ndarray:
+        return np.asarray(self.sizes_of(epoch), dtype=np.int64)
+
+    def step(self, epoch: int, t: int) -> StepData:
+        if self._held is None or self._held[0] != epoch:
+            self._held = (epoch, self.steps_of(epoch))
+        st = self._held[1]
+        a, b = int(st.starts[t]), int(st.starts[t + 1])
+        labels = self.labels_of(epoch, t, np.arange(b - a)) if self.labels_of is not None else {}
+        return StepData(st.rows[a:b], st.coords[a:b], st.flips[a:b], st.partner[a:b], float(st.lam[t]),
+                        np.asarray(st.box[t]), labels)
+
+    def close(self) -> None:
+        self._held = None
+
+
+@dataclasses.dataclass
+class _Part:
+    step: int  # the step's index in the epoch's training order
     own: np.ndarray  # positions in the step this rank trains
-    served: np.ndarray  # the positions decoded: own and their partners, sorted, distinct
 
 
 class RelabelPlan:
-    """What one rank serves in one epoch: its pieces of every step, in stored order (the same count on every rank)."""
+    """What one rank serves in one epoch: its batches (:func:`epoch_pieces`) over the epoch's steps in training
+    order (the same count on every rank); nothing of the steps but their sizes is read to plan it."""
 
-    def __init__(self, epoch: int, steps: EpochSteps, batch: int, world: int, rank: int):
-        self.epoch, self.steps = epoch, steps
-        self.pieces: list[_Piece] = []
-        for s in range(steps.num_steps):
-            partner = steps.partner[steps.starts[s]:steps.starts[s + 1]]
-            for own, _ in step_pieces(steps.step_size(s), batch * world, world, rank):
-                served = np.union1d(own, partner[own]).astype(np.int64)
-                self.pieces.append(_Piece(s, own, served))
+    def __init__(self, epoch: int, sizes: np.ndarray, batch: int, world: int, rank: int,
+                 stored_step: int | None = None):
+        self.epoch, self.sizes = epoch, np.asarray(sizes, dtype=np.int64)
+        self.pieces = [[_Part(t, own) for t, own in parts if len(own)]
+                       for parts in epoch_pieces(self.sizes, batch * world, world, rank, stored_step)]
         self.offset = 0  # pieces skipped (a resume inside the epoch)
 
     @property
     def num_batches(self) -> int:
         return len(self.pieces) - self.offset
 
-    def piece(self, i: int) -> _Piece:
+    def piece(self, i: int) -> list[_Part]:
         if i >= self.num_batches:
             raise StopIteration
         return self.pieces[self.offset + i]
 
-    def batch_rows(self, i: int) -> np.ndarray:
-        p = self.piece(i)
-        return self.steps.rows[self.steps.starts[p.step] + p.served]
-
 
 class RelabelReader:
-    """External source of a relabel store's replay: per piece (:class:`RelabelPlan`) the served positions' paths,
-    pixel ROIs (SRe2L's boxes, flip encoded), stored image sizes, and per sample ``partner`` (the index in this
-    batch of its partner; -1 for a sample decoded only as a partner), ``lam`` and ``mixbox`` (the step's), the labels
-    of the samples it trains (``labels_of(epoch, step, positions)`` -> {name: array}; zeros for partner-only samples),
-    target, store row (``index``) and ``crop_ids`` (the position in the step).
+    """External source of a relabel store's replay: per batch (:class:`RelabelPlan`: parts of one or more steps) the
+    served positions' paths, pixel ROIs (SRe2L's boxes, flip encoded), stored image sizes, and per sample
+    ``partner`` (the index in this batch of its partner; -1 for a sample decoded only as a partner), ``lam`` and
+    ``mixbox`` (its step's), ``part`` (which part of the batch: samples of one step share it), the labels of the
+    samples it trains (zeros for partner-only samples), target, store row (``index``) and ``crop_ids`` (the
+    position in the step).
 
-    ``steps_of(epoch)`` gives an :class:`EpochSteps`; ``label_specs`` {name: (dtype, trailing shape)}.
+    The steps come from ``source`` (``sizes(epoch)``, ``step(epoch, t)`` -> :class:`StepData`; e.g.
+    :class:`pipelines.relabel_steps.StepWindow`, which reads a few steps ahead), or from whole epochs
+    (``steps_of``, ``labels_of``, ``sizes_of``: :class:`EpochStepsSource`). ``label_specs`` {name: (dtype,
+    trailing shape)}.
     """
 
     view_params: tuple[str, ...] = ()
 
     def __init__(self, root: str, files: Sequence[str] | PathTable, targets: Sequence[int], sizes: np.ndarray, *,
-                 steps_of: Callable[[int], EpochSteps], stored_step: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0,
+                 steps_of: Callable[[int], EpochSteps] | None = None, stored_step: int, batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0,
                  labels_of: Callable[[int, int, np.ndarray], dict[str, np.ndarray]] | None = None,
                  label_specs: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None,
-                 sizes_of: Callable[[int], np.ndarray] | None = None):
+                 sizes_of: Callable[[int], np.ndarray] | None = None, source=None):
         self.root = root
-        self.sizes_of = sizes_of or (lambda e: np.diff(steps_of(e).starts))
+        self.source = source if source is not None else EpochStepsSource(steps_of, labels_of, sizes_of)
         self.paths = ImagePaths(root, files)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int32)
-        self.steps_of, self.labels_of = steps_of, labels_of
         self.stored_step, self.train_batch = int(stored_step), int(batch_size)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.label_specs = dict(label_specs or {})
-        self.label_names = ("partner", "lam", "mixbox", *self.label_specs)
-        specs = [(types.INT64, 0), (types.FLOAT, 0), (types.INT32, 1)]
+        self.label_names = ("partner", "lam", "mixbox", "part", *self.label_specs)
+        specs = [(types.INT64, 0), (types.FLOAT, 0), (types.INT32, 1), (types.INT64, 0)]
         specs += [(_dali_type(d), len(t)) for d, t in self.label_specs.values()]
         self.names = ("paths", "roi_start", "roi_end", *self.label_names, "target", "index", "crop_ids", "sizes")
         self.dtypes = (types.UINT8, types.FLOAT, types.FLOAT, *(d for d, _ in specs), types.INT64, types.INT64,
                        types.INT64, types.INT32)
         self.ndims = (1, 2, 2, *(n for _, n in specs), 0, 0, 1, 1)
-        self.batch_size = min(self.stored_step, 2 * self.train_batch)  # the most a piece decodes: own + partners
+        G = self.train_batch * world_size
+        # the most a batch decodes: its own crops and their partners, inside its step(s)
+        self.batch_size = min(max(self.stored_step, G), 2 * self.train_batch)
         self.current: RelabelPlan | None = None
         self._selected: tuple[int, ...] | None = None
 
     def plan(self, epoch: int) -> RelabelPlan:
-        return RelabelPlan(epoch, self.steps_of(epoch), self.train_batch, self.world_size, self.rank)
+        return RelabelPlan(epoch, self.source.sizes(epoch), self.train_batch, self.world_size, self.rank,
+                           self.stored_step)
 
     def start_epoch(self, epoch: int, reset: bool = False, start_batch: int = 0) -> RelabelPlan:
         plan = self.current if self.current is not None and self.current.epoch == epoch else self.plan(epoch)
@@ -192,45 +266,59 @@ class RelabelReader:
         return plan
 
     def __len__(self) -> int:
-        """Batches of an epoch (the first: a store whose pruning keeps other step counts in other epochs is
-        refused by the objective), counted from the step sizes alone (no labels read)."""
+        """Batches of an epoch (every epoch trains as many: the first's), counted from the step sizes alone."""
         G = self.train_batch * self.world_size
-        return int(sum(-(-int(n) // G) for n in self.sizes_of(0)))
+        sizes = self.source.sizes(0)
+        if G > self.stored_step:
+            return -(-len(sizes) // (G // self.stored_step))
+        return int(sum(-(-int(n) // G) for n in sizes))
 
     @property
     def num_rows(self) -> int:
         """Crops an epoch serves, all ranks together."""
-        return int(np.sum(self.sizes_of(0)))
+        return int(np.sum(self.source.sizes(0)))
 
     def path_of(self, row: int) -> str:
         return self.paths.path_of(row)
 
+    def _part(self, epoch: int, part: _Part) -> tuple:
+        st = self.source.step(epoch, part.step)
+        served = np.union1d(part.own, st.partner[part.own]).astype(np.int64)
+        where = np.full(len(st.rows), -1, dtype=np.int64)
+        where[served] = np.arange(len(served))
+        partner = np.full(len(served), -1, dtype=np.int64)
+        own_at = where[part.own]
+        partner[own_at] = where[st.partner[part.own]]
+        return st, served, own_at, partner
+
     def batch(self, i: int) -> tuple:
         plan = self.current
-        p = plan.piece(i)
-        st = plan.steps
-        at = st.starts[p.step] + p.served
-        rows = st.rows[at]
-        sizes = self.sizes[rows]
-        boxes = pixel_boxes(st.coords[at], sizes).astype(np.float32)
-        start, end = roi_from_boxes(boxes[:, None], st.flips[at][:, None])
-        where = np.full(st.step_size(p.step), -1, dtype=np.int64)
-        where[p.served] = np.arange(len(p.served))
-        partner = np.full(len(p.served), -1, dtype=np.int64)
-        own_at = where[p.own]
-        partner[own_at] = where[st.partner[st.starts[p.step] + p.own]]
-        n = len(p.served)
-        lam = np.full(n, st.lam[p.step], dtype=np.float32)
-        box = np.tile(np.asarray(st.box[p.step], dtype=np.int32), (n, 1))
-        labels = []
-        if self.label_specs:
-            got = self.labels_of(plan.epoch, p.step, p.own)
+        cols: dict[str, list] = {k: [] for k in ("rows", "coords", "flips", "partner", "lam", "box", "part", "pos",
+                                                 *self.label_specs)}
+        base = 0
+        for k, part in enumerate(plan.piece(i)):
+            st, served, own_at, partner = self._part(plan.epoch, part)
+            n = len(served)
+            cols["rows"].append(st.rows[served])
+            cols["coords"].append(st.coords[served])
+            cols["flips"].append(st.flips[served])
+            cols["partner"].append(np.where(partner >= 0, partner + base, -1))
+            cols["lam"].append(np.full(n, st.lam, dtype=np.float32))
+            cols["box"].append(np.tile(np.asarray(st.box, dtype=np.int32), (n, 1)))
+            cols["part"].append(np.full(n, k, dtype=np.int64))
+            cols["pos"].append(served)
             for name, (dtype, tail) in self.label_specs.items():
                 full = np.zeros((n, *tail), dtype=dtype)
-                full[own_at] = got[name]
-                labels.append(full)
-        return (self.paths.encoded(rows), start, end, partner, lam, box, *labels, self.targets[rows], rows,
-                p.served[:, None].copy(), sizes)
+                full[own_at] = st.labels[name][part.own]
+                cols[name].append(full)
+            base += n
+        c = {k: np.concatenate(v) for k, v in cols.items()}
+        rows = c["rows"].astype(np.int64)
+        sizes = self.sizes[rows]
+        boxes = pixel_boxes(c["coords"], sizes).astype(np.float32)
+        start, end = roi_from_boxes(boxes[:, None], c["flips"][:, None])
+        return (self.paths.encoded(rows), start, end, c["partner"], c["lam"], c["box"], c["part"],
+                *(c[name] for name in self.label_specs), self.targets[rows], rows, c["pos"][:, None].copy(), sizes)
 
     def __call__(self, info: BatchInfo):
         out = self.batch(info.iteration)
@@ -240,7 +328,9 @@ class RelabelReader:
         return source_nodes(self, names)
 
     def close(self) -> None:
-        pass
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
 
 
 def _dali_type(dtype) -> types.DALIDataType:
@@ -257,22 +347,26 @@ class RelabelLoader(_DaliLoader):
     ``targets``, ``indices`` (store rows), ``positions`` (in the step). ``set_epoch(e)`` picks the stored epoch.
     """
 
-    def __init__(self, root: str, files, targets, sizes, *, steps_of, stored_step: int, mix: str, batch_size: int,
+    def __init__(self, root: str, files, targets, sizes, *, steps_of=None, stored_step: int, mix: str, batch_size: int,
                  labels_of=None, label_specs=None, crop_size: int = 224, device: str = "gpu", rank: int = 0,
                  world_size: int = 1, seed: int = 0, normalize: bool = True, channels_last: bool = False,
                  num_threads: int | None = None, device_id: int | None = None, prefetch_queue_depth: int = 2,
                  decoder: graphs.DecoderOptions | None = None, refuse: Callable[[np.ndarray], None] | None = None,
-                 sizes_of: Callable[[int], np.ndarray] | None = None):
+                 sizes_of: Callable[[int], np.ndarray] | None = None, source=None):
         if mix not in MIX_MODES:
             raise ValueError(f"mix must be one of {', '.join(MIX_MODES)}, got {mix!r}")
         reader = RelabelReader(root, files, targets, sizes, steps_of=steps_of, stored_step=stored_step,
                                batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                               labels_of=labels_of, label_specs=label_specs, sizes_of=sizes_of)
+                               labels_of=labels_of, label_specs=label_specs, sizes_of=sizes_of, source=source)
         super().__init__(reader, device=device, num_threads=num_threads, device_id=device_id,
                          prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.mix, self.crop_size, self.normalize, self.channels_last = mix, crop_size, normalize, channels_last
         self.refuse = refuse
         self.output_names = ("images", *reader.label_names, "targets", "indices", "positions")
+
+    def close(self) -> None:
+        super().close()
+        self.reader.close()
 
     def _new_pipeline(self):
         return graphs.fkd_pipeline(self.reader, num_crops=1, size=self.crop_size, device=self.device,
@@ -303,12 +397,17 @@ class RelabelLoader(_DaliLoader):
         if not self.normalize:  # uint8 pixels: the served batch as it is, with its plan (mixing is the caller's)
             return {"images": images, **{k: t[k][:].reshape(n, -1) for k in self.reader.label_specs},
                     "partner": partner, "lam": t["lam"].reshape(n), "mixbox": t["mixbox"].reshape(n, 4),
-                    "targets": t["targets"].reshape(-1), "indices": t["indices"].reshape(-1),
-                    "positions": t["positions"].reshape(-1)}
-        lam = float(t["lam"].reshape(-1)[0])
-        box = t["mixbox"].reshape(n, 4)[0].tolist()
-        mixed = mix_step(images[own.to(dev)], images[partner[own].to(dev)], self.mix, lam, box)
-        return {"images": mixed, **out, **common}
+                    "part": t["part"].reshape(n), "targets": t["targets"].reshape(-1),
+                    "indices": t["indices"].reshape(-1), "positions": t["positions"].reshape(-1)}
+        part = t["part"].reshape(n)[own]
+        lams, boxes = t["lam"].reshape(n), t["mixbox"].reshape(n, 4)
+        mixed = []
+        for k in torch.unique_consecutive(part).tolist():  # a batch of whole steps: each step mixed by its plan
+            sel = own[part == k]
+            first = int(sel[0])
+            mixed.append(mix_step(images[sel.to(dev)], images[partner[sel].to(dev)], self.mix, float(lams[first]),
+                                  boxes[first].tolist()))
+        return {"images": mixed[0] if len(mixed) == 1 else torch.cat(mixed), **out, **common}
 
 
 class StoreSteps:

@@ -119,3 +119,69 @@ def test_a_teacher_of_another_view_is_refused(world):
     with pytest.raises(GenerateError, match="Give the teacher --input-size 32"):
         generate_relabel(config(world, os.path.join(world["root"], "bad"),
                                 teachers=[TeacherSpec("torchscript", path=world["teachers"][0], input_size=24)]))
+
+
+def loud_teacher(path: str, scale: float) -> str:
+    """tiny_teacher with its logits multiplied by ``scale`` (finite in float32; 1e6 overflows float16)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(24, 3)).eval()
+    with torch.no_grad():
+        net[-1].weight.mul_(scale)
+        net[-1].bias.fill_(scale)
+    torch.jit.save(torch.jit.script(net), path)
+    return path
+
+
+def test_a_float16_overflow_is_refused_before_the_store_exists_and_fp32_reruns_on_the_same_path(world, tmp_path):
+    """The teacher is checked on the plan's first step before the store is created: the refusal leaves nothing at
+    --save-path, so the --fp32 rerun the message asks for creates the store there."""
+    teacher = [TeacherSpec("torchscript", path=loud_teacher(str(tmp_path / "loud.pt"), 1e6), input_size=S)]
+    save = str(tmp_path / "s")
+    with pytest.raises(GenerateError, match=r"beyond float16's 65504 \(the first step \(nothing was written\)\); "
+                                            r"relabel with --fp32 \(same --save-path\)"):
+        generate_relabel(config(world, save, teachers=teacher))
+    assert not os.path.exists(save)
+    generate_relabel(config(world, save, teachers=teacher, label_dtype="float32"))
+    rs = open_relabel(save)
+    assert rs.store.meta.complete and rs.label_dtype == np.float32
+    assert float(np.abs(rs.read_steps(0, 1).labels).max()) > 65504
+
+
+HOLD = """
+import sys, time
+from labelstore.locking import store_writer_lock
+lock = store_writer_lock(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_relabel_run_on_a_store_in_use_is_refused_and_a_dead_holder_blocks_nothing(world, tmp_path):
+    """A run holding the store's writer lock (another relabel run, here a process holding it) refuses a second run
+    by the holder's pid, before it labels anything; once the holder is killed (SIGKILL: its lock file stays, stale)
+    the rerun resumes the store and completes it."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import pythonpath
+    save = str(tmp_path / "s")
+    generate_relabel(config(world, save, rank=0, world_size=2))  # shards 0 and 2 done, shard 1 pending
+    before = open_relabel(save).done().copy()
+    assert not before.all()
+    p = subprocess.Popen([sys.executable, "-c", HOLD, save], env=dict(os.environ, PYTHONPATH=pythonpath()),
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(GenerateError, match=rf"label store {save} is in use by another run \(pid {p.pid} on "
+                                                r"host.*launch them with torchrun"):
+            generate_relabel(config(world, save))
+        assert (open_relabel(save).done() == before).all()  # nothing labelled under the other writer
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    from labelstore.locking import STORE_LOCK
+    assert "pid" in open(os.path.join(save, STORE_LOCK)).read()  # the dead holder's lock file stays (stale)
+    generate_relabel(config(world, save))
+    assert open_relabel(save).done().all() and open_relabel(save).store.meta.complete

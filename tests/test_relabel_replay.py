@@ -142,12 +142,41 @@ def test_pieces_of_a_step_over_ranks_replay_the_same_mixed_crops(folder):
         assert d <= 1.01 * GREY
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_batch_of_whole_steps_mixes_each_step_by_its_own_plan(folder, world):
+    """-b 12 over steps of 6 (two whole steps per batch; 3 steps: batches [0, 1] and [2]): every crop equals its
+    own step's SRe2L replay (each step's CutMix box and partners), on 1 rank or cut over 2."""
+    plan = plan_of(len(SHAPES), "cutmix", seed=11, steps=3)
+    assert len({tuple(b) for b in plan.box.tolist()}) == 3  # three different boxes
+    whole = torch.cat([reference(folder, plan, "cutmix", s) for s in range(3)])
+    seen = {}
+    for rank in range(world):
+        ld = loader_for(folder, plan, "cutmix", batch=12 // world, rank=rank, world=world)
+        assert len(ld) == 2
+        ld.set_epoch(0)
+        batches = list(ld)
+        assert len(batches) == 2
+        for k, b in enumerate(batches):
+            pos = b["positions"].tolist()
+            # 1 rank: batch 0 = steps 0 then 1, batch 1 = step 2; 2 ranks: batch 0 = step <rank>, batch 1 = half of 2
+            steps = [2 * k + j // 6 for j in range(len(pos))] if world == 1 else [rank if k == 0 else 2] * len(pos)
+            for img, s, p in zip(b["images"], steps, pos):
+                seen[(s, p)] = img.cpu()
+    assert len(seen) == 18
+    for (s, pos), img in seen.items():
+        d = (img - whole[s * 6 + pos]).abs()[:, 1:-1, 1:-1].max()
+        assert d <= 1.01 * GREY, (s, pos)
+
+
 def test_batch_sizes_the_plan_cannot_serve_are_refused_with_the_sizes_to_use():
     assert batch_refusal([12, 12, 5], 6, 1) is None
     assert batch_refusal([12, 12, 5], 3, 2) is None
     why = batch_refusal([12, 12, 5], 5, 1)
-    assert "-b 5" in why and "does not divide the stored step of 12" in why and "1, 2, 3, 4, 6, 12" in why
-    assert "-b 24" in batch_refusal([12], 12, 2)
+    assert "-b 5" in why and "neither divides the stored step of 12" in why and "1, 2, 3, 4, 6, 12" in why
+    assert "multiple of it (per rank: 24, 36, 48)" in why
+    assert batch_refusal([12], 12, 2) is None and batch_refusal([12, 12, 5], 18, 2) is None  # 3 whole steps
+    assert "-b 30" in batch_refusal([12], 15, 2)  # 2.5 steps: refused
+    assert "a stored step of 1 crops is fewer than the 2 ranks" in batch_refusal([12, 1], 12, 2)
     why = batch_refusal([12, 12, 1], 3, 2)  # the last step's single crop cannot be cut over 2 ranks
     assert "last piece of 1 crops" in why
     pieces = step_pieces(5, 4, 2, 1)

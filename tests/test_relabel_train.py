@@ -86,7 +86,8 @@ def test_half_steps_over_pieces_and_an_exact_resume(setup, tmp_path):
 
 
 def test_batch_sizes_the_plan_cannot_serve_are_refused_with_the_size_to_use(setup, tmp_path):
-    with pytest.raises(TrainError, match=r"-b 3 .*does not divide the stored step of 4 crops.*per rank: 1, 2, 4"):
+    with pytest.raises(TrainError, match=r"-b 3 .*neither divides the stored step of 4 crops.*per rank: 1, 2, 4\) "
+                                         r"or is a multiple of it \(per rank: 8, 12, 16"):
         train(cfg(setup, tmp_path, batch_size=3))
     with pytest.raises(TrainError, match="--epochs 4 but .* holds labels of 3 epochs"):
         train(cfg(setup, tmp_path, epochs=4))
@@ -150,16 +151,15 @@ def test_ddp_ranks_share_each_step_and_stay_in_sync(setup, tmp_path):
         assert torch.equal(w0[k], w1[k]), k
 
 
-def test_a_store_pruned_by_step_is_refused_naming_the_epochs_that_work(setup, tmp_path):
-    """LPLD-style pruning (epoch 1 keeps 2 of its 3 steps): training replays the same step count in every epoch."""
+def pruned_copy(setup, path: str, keep) -> str:
+    """A copy of the setup's store keeping only rows ``keep`` (pruned by step, as LPLD's stores are)."""
     import numpy as np
 
     from labelstore.relabel import create_relabel_store, open_relabel
     src = open_relabel(setup["store"])
     s = src.store
-    keep = np.array([r for r in range(src.num_steps) if r != 4])  # epoch 1, step 1 pruned away
+    keep = np.asarray(keep)
     blk = src.read_steps(0, src.num_steps)
-    path = str(tmp_path / "pruned")
     rs = create_relabel_store(path, files=s.file_table(), targets=s.targets_compact(), sizes=s.sizes(),
                               classes=s.classes, fingerprint=s.meta.fingerprint, dataset_root="train", epochs=3,
                               batch_size=4, mix=src.mix, input_size=src.input_size, kept=src.step_index[keep],
@@ -167,6 +167,61 @@ def test_a_store_pruned_by_step_is_refused_naming_the_epochs_that_work(setup, tm
     rs.write_steps(0, **{k: blk.arrays[k][keep] for k in ("images", "boxes", "flips", "mix_partner", "mix_lam",
                                                           "mix_box", "labels")})
     rs.finalize()
-    with pytest.raises(TrainError, match="keeps 3 steps of epoch 0 but 2 of epoch 1.*use --epochs 1 or fewer"):
-        train(cfg(setup, tmp_path / "p", softlabel_path=path))
-    train(cfg(setup, tmp_path / "q", softlabel_path=path, epochs=1))  # epoch 0 alone trains
+    return path
+
+
+def test_a_pruned_store_trains_every_epoch_on_steps_drawn_from_the_kept_ones(setup, tmp_path):
+    """LPLD's batch_to_epoch: the plan's first 4 of 9 steps kept (epoch 0, and epoch 1's step 0); each of the 3
+    run epochs trains 3 steps drawn from them, an epoch's last step (epoch 0, step 2) replaced by the step before
+    it; the draws are the seed's, the same on a rerun and a resume, others with another seed."""
+    from labelstore.relabel import open_relabel
+    from pipelines.relabel_steps import epoch_rows, lpld_pool
+    path = pruned_copy(setup, str(tmp_path / "pruned"), range(4))
+    rs = open_relabel(path)
+    assert lpld_pool(rs).tolist() == [0, 1, 1, 3]  # row 2 (epoch 0's last step) -> row 1
+    seen, losses = steps_seen(cfg(setup, tmp_path / "a", softlabel_path=path, seed=5))
+    assert len(seen) == 9 and all(torch.isfinite(torch.tensor(losses)))
+    blk = rs.read_steps(0, 4)
+    drawn = [r for e in range(3) for r in epoch_rows(rs, e, 5).tolist()]
+    assert set(drawn) <= {0, 1, 3} and len(set(drawn)) > 1
+    assert [rows for rows, _ in seen] == [blk.images[r].tolist() for r in drawn]
+    again, _ = steps_seen(cfg(setup, tmp_path / "b", softlabel_path=path, seed=5, max_steps=4))
+    rest, _ = steps_seen(cfg(setup, tmp_path / "b", softlabel_path=path, seed=5,
+                             resume=str(tmp_path / "b" / "checkpoint.pth.tar")))
+    assert again + rest == seen
+    other = [r for e in range(3) for r in epoch_rows(rs, e, 6).tolist()]
+    assert other != drawn
+
+
+def test_a_batch_of_two_whole_steps(setup, tmp_path):
+    """-b 8 over stored steps of 4: 2 whole steps per optimizer step (3 steps an epoch: 2 batches, the last one a
+    single step); every crop of every step trained once, in the stored order."""
+    from labelstore.relabel import open_relabel
+    seen, losses = steps_seen(cfg(setup, tmp_path / "w", batch_size=8))
+    blk = open_relabel(setup["store"]).read_steps(0, 9)
+    assert len(seen) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    for e in range(3):
+        first, last = seen[2 * e], seen[2 * e + 1]
+        assert first[0] == blk.images[3 * e].tolist() + blk.images[3 * e + 1].tolist()
+        assert first[1] == [0, 1, 2, 3] * 2 and last[0] == blk.images[3 * e + 2].tolist()
+
+
+def test_recipe_sre2l_sets_sre2ls_defaults(setup, tmp_path):
+    from fkd_dali.train_config import check, notes, recipe_config
+    c = recipe_config("sre2l", data=setup["data"], softlabel_path=setup["store"]).resolved()
+    assert (c.labels, c.opt, c.lr, c.weight_decay, c.batch_size, c.epochs, c.cos, c.temperature, c.min_lr,
+            c.warmup_epochs) == ("relabel", "adamw", 0.001, 0.01, 1024, 300, True, 3.0, 0.0, 0)
+    assert "recipe sre2l" in notes(c)[0] and "--temp 3" in notes(c)[0]
+    c = recipe_config("sre2l", data=setup["data"], labels="relabel-mse", temperature=20.0, lr=0.002).resolved()
+    assert (c.labels, c.temperature, c.lr) == ("relabel-mse", 20.0, 0.002)
+    check(c)
+    with pytest.raises(TrainError, match="--recipe sre2l trains a student on a relabel store"):
+        check(recipe_config("sre2l", data=setup["data"], labels="fkd").resolved())
+    plain = cfg(setup, tmp_path).resolved()
+    assert "are --recipe sre2l" in " ".join(notes(plain))
+    # the command line: --recipe sre2l with only the store and -b given trains with the recipe's AdamW and T
+    from fkd_dali.options import train_config, train_parser
+    args = train_parser().parse_args([setup["data"], "--recipe", "sre2l", "--softlabel-path", setup["store"],
+                                      "-b", "4"])
+    c = train_config(args)
+    assert (c.labels, c.opt, c.temperature, c.batch_size, c.cos) == ("relabel", "adamw", 3.0, 4, True)

@@ -3,9 +3,11 @@
 The loader (``pipelines.relabel.RelabelLoader``) replays each stored step in the stored order: the stored crops of
 the step's images, mixed on the device by the step's stored CutMix / Mixup plan, paired with the teacher's labels
 taken on those mixed pixels; no PyTorch patch, and no mixing of the loop's own (``--mixup-cutmix`` is refused). One
-run epoch is one stored epoch. The batch per optimizer step (``-b``, all ranks) must divide the stored step size (a
-step is then trained as consecutive pieces; a rank decodes its crops' mix partners too); otherwise the run is
-refused naming the sizes that work.
+run epoch is one stored epoch; on a store pruned by step (LPLD) every run epoch draws its steps from the kept ones as
+LPLD's trainer does (:mod:`pipelines.relabel_steps`). The batch per optimizer step (``-b``, all ranks) must divide
+the stored step size (a step is then trained as consecutive pieces; a rank decodes its crops' mix partners too) or be
+a multiple of it (whole steps per batch, each mixed inside its own step); otherwise the run is refused naming the
+sizes that work. A rank reads its steps a few ahead (a bounded window), never a whole epoch's labels.
 
 * ``--labels relabel``: SRe2L's KL at temperature ``--temp`` (SRe2L's trainer defaults to 3, its README uses 20;
   :func:`fkd_dali.relabel_losses.sre2l_kl`).
@@ -56,12 +58,6 @@ class RelabelKL(Objective):
         if cfg.epochs > self.relabel.epochs:
             raise TrainError(f"--epochs {cfg.epochs} but {cfg.softlabel_path} holds labels of "
                              f"{self.relabel.epochs} epochs; use --epochs <= {self.relabel.epochs}")
-        counts = np.bincount(self.relabel.step_index[:, 0], minlength=cfg.epochs)[:cfg.epochs]
-        if (counts != counts[0]).any():
-            e = int(np.flatnonzero(counts != counts[0])[0])
-            raise TrainError(f"{cfg.softlabel_path} keeps {int(counts[0])} steps of epoch 0 but {int(counts[e])} of "
-                             f"epoch {e} (pruned, LPLD-style): training replays the same number of steps in every "
-                             f"epoch up to --epochs; use --epochs {e} or fewer, or an unpruned store")
         self.check_labels()
 
     def check_labels(self) -> None:
@@ -81,22 +77,22 @@ class RelabelKL(Objective):
 
     def loader(self, run: Run, crops: int):
         from pipelines.fkd_reader import refuse_resized  # noqa: PLC0415
-        from pipelines.relabel import RelabelLoader, StoreSteps, batch_refusal  # noqa: PLC0415
+        from pipelines.relabel import RelabelLoader, batch_refusal  # noqa: PLC0415
+        from pipelines.relabel_steps import StepWindow, is_pruned, lpld_pool  # noqa: PLC0415
         rs, world = self.relabel, run.dist.world_size
         per_rank = run.images_per_rank(1)
-        why = batch_refusal([rs.batch_size, *np.unique(rs.step_sizes).tolist()], per_rank, world)
+        trained = rs.step_sizes[lpld_pool(rs)] if is_pruned(rs) else rs.step_sizes
+        why = batch_refusal([rs.batch_size, *np.unique(trained).tolist()], per_rank, world)
         if why:
             raise TrainError(f"{rs.path} stores steps of {rs.batch_size} crops: {why}")
-        self.steps = StoreSteps(rs)
+        self.steps = StepWindow(rs, seed=self.cfg.seed)
         ds, store = run.train_set, rs.store
         opts = run.loader_options()
         if opts.pop("crop_size") != rs.input_size:
             raise TrainError(f"--input-size {self.cfg.input_size} but {rs.path} was labelled on {rs.input_size} px "
                              f"crops (its CutMix boxes are in their pixels); use --input-size {rs.input_size}")
-        return RelabelLoader(ds.root, ds.files, ds.targets, store.sizes(), steps_of=self.steps.steps_of,
-                             labels_of=self.steps.labels_of, label_specs=self.steps.label_specs,
-                             sizes_of=self.steps.sizes_of,
-                             stored_step=rs.batch_size, mix=rs.mix, batch_size=per_rank, crop_size=rs.input_size,
+        return RelabelLoader(ds.root, ds.files, ds.targets, store.sizes(), source=self.steps,
+                             label_specs=self.steps.label_specs, stored_step=rs.batch_size, mix=rs.mix, batch_size=per_rank, crop_size=rs.input_size,
                              refuse=lambda rows: refuse_resized(ds.root, store, ds.files, rows, store.sizes()[rows]),
                              **opts)
 
