@@ -30,6 +30,8 @@ BUILTIN: dict[str, Entry] = {
     "ssl": Entry("fkd_dali.objectives.ssl:StoredEmbeddings", "self-supervised FKD: stored views and teacher embeddings"),
     "ssl-online": Entry("fkd_dali.objectives.ssl:OnlineEmbeddings",
                         "a self-supervised teacher (--ssl-teacher) on every stored view"),
+    "moco": Entry("fkd_dali.objectives.moco:MoCo", "self-supervised pretraining without labels (MoCo v2): a teacher "
+                  "for --ssl-teacher"),
     "meal-v2": Entry("fkd_dali.objectives.meal_v2:MealV2", "FKD's labels + MEAL V2's discriminator", labels=False),
 }
 _registry: dict[str, Entry] = dict(BUILTIN)
