@@ -52,28 +52,28 @@ STUDENTS = (("random", "random init"), ("online", "online distillation"), ("fkd"
 class SslSize:
     classes: int = 10
     per_class: int = 30           # the students' set (and the probes' training split)
-    teacher_per_class: int = 60   # the teacher's unlabelled images (other images)
+    teacher_per_class: int = 40   # the teacher's unlabelled images (other images)
     val_per_class: int = 20
     image_size: int = 32
-    teacher: str = "resnet50"
-    student: str = "resnet18"
-    teacher_epochs: int = 30
-    teacher_batch: int = 64       # views per step (32 images x 2 views)
-    teacher_lr: float = 0.06      # MoCo v2's 0.03 at 256 images per step; more for few steps (cosine)
-    moco_k: int = 1024            # the queue: ~1 epoch of the teacher's views (MoCo's 65536 is 50x ImageNet's step)
-    moco_m: float = 0.99          # MoCo's 0.999 at 5,000 steps per epoch; 0.99 for a run of a few hundred steps
+    teacher: str = "resnet18"     # the cheapest ResNet (the SSL teachers' loader reads ResNets): MoCo on a 2-core CPU
+    student: str = "tiny_cnn"     # ~13x cheaper per image than the teacher (measured by each run)
+    teacher_epochs: int = 15
+    teacher_batch: int = 128      # views per step (64 images x 2 views)
+    teacher_lr: float = 0.06      # MoCo v2's 0.03 at 256 images per step; more for a run of ~100 steps (cosine)
+    moco_k: int = 512             # the queue: ~half an epoch of the teacher's views (MoCo's 65536 is 0.05 of
+    #                               ImageNet's epoch); a longer one would hold keys of a much older encoder
+    moco_m: float = 0.99          # MoCo's 0.999 at 5,000 steps per epoch; 0.99 for a run of ~100 steps
     student_epochs: int = 30
     student_batch: int = 64
-    student_lr: float = 1e-3      # Adam (S2-BNN's optimiser), 3e-4 at 256 per step; for few steps
+    student_lr: float = 1e-3      # Adam (S2-BNN's optimiser), 3e-4 at 256 per step; for ~150 steps
     probe_epochs: int = 30
     probe_batch: int = 64
     knn: int = 20
 
 
 FULL = SslSize()
-QUICK = SslSize(classes=3, per_class=6, teacher_per_class=8, val_per_class=3, image_size=32, teacher="resnet34",
-                teacher_epochs=2, teacher_batch=16, moco_k=64, student_epochs=2, student_batch=16, probe_epochs=2,
-                probe_batch=16, knn=3)
+QUICK = SslSize(classes=3, per_class=6, teacher_per_class=8, val_per_class=3, teacher_epochs=1, teacher_batch=16,
+                moco_k=64, student_epochs=1, student_batch=16, probe_epochs=1, probe_batch=16, knn=3)
 
 
 def _quiet() -> list[str]:
@@ -226,11 +226,12 @@ def run(workdir: str, seed: int = 0, quick: bool = False, device: str | None = N
 
     student = ["-a", z.student, "--recipe", "s2-bnn", "--input-size", S, "--epochs", str(z.student_epochs),
                "-b", str(z.student_batch), "--lr", str(z.student_lr), "--num-crops", "1", *common]
-    random_ckpt = os.path.join(workdir, "student-random.pth")
+    random_ckpt = os.path.join(workdir, "student-random.pth.tar")
     torch.manual_seed(seed)
     from ..models import create_model
-    torch.save(create_model(z.student, 1000, z.image_size).state_dict(), random_ckpt)
-    checkpoints = {"random": f"{z.student}:{random_ckpt}"}
+    torch.save({"arch": z.student, "num_classes": z.classes,
+                "state_dict": create_model(z.student, z.classes, z.image_size).state_dict()}, random_ckpt)
+    checkpoints = {"random": random_ckpt}
     per_epoch = {}
     for key, labels, extra in (("online", "ssl-online", ["--softlabel-path", store, "--ssl-teacher", teacher]),
                                ("fkd", "ssl", ["--softlabel-path", store]),
@@ -308,8 +309,7 @@ def verdict(runs: list[dict]) -> list[str]:
     t = {k: statistics.fmean(r["top1"][k] for r in runs) for k in runs[0]["top1"]}
     goals = [("FKD-SSL >= random init + 15 points", mean["fkd_minus_random"] >= 15,
               f"{mean['fkd_minus_random']:+.1f}"),
-             ("FKD-SSL within 2 points of online distillation", abs(mean["fkd_minus_online"]) <= 2 or
-              mean["fkd_minus_online"] > 0, f"{mean['fkd_minus_online']:+.1f}"),
+             ("FKD-SSL within 2 points of online distillation (or above it)", mean["fkd_minus_online"] >= -2, f"{mean['fkd_minus_online']:+.1f}"),
              ("FKD-SSL >= 0.85 x the teacher's probe", mean["fkd_over_teacher"] >= 0.85,
               f"{mean['fkd_over_teacher']:.2f}"),
              ("negative control at random-init level (within 5 points)", abs(mean["control_minus_random"]) <= 5,
