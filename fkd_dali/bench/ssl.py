@@ -51,24 +51,24 @@ STUDENTS = (("random", "random init"), ("online", "online distillation"), ("fkd"
 @dataclasses.dataclass(frozen=True)
 class SslSize:
     classes: int = 10
-    per_class: int = 30           # the students' set (and the probes' training split)
-    teacher_per_class: int = 40   # the teacher's unlabelled images (other images)
-    val_per_class: int = 20
+    per_class: int = 20           # the students' set (and the probes' training split)
+    teacher_per_class: int = 20   # the teacher's unlabelled images (other images)
+    val_per_class: int = 10
     image_size: int = 32
     teacher: str = "resnet18"     # the cheapest ResNet (the SSL teachers' loader reads ResNets): MoCo on a 2-core CPU
     student: str = "tiny_cnn"     # ~13x cheaper per image than the teacher (measured by each run)
-    teacher_epochs: int = 15
-    teacher_batch: int = 128      # views per step (64 images x 2 views)
-    teacher_lr: float = 0.06      # MoCo v2's 0.03 at 256 images per step; more for a run of ~100 steps (cosine)
-    moco_k: int = 512             # the queue: ~half an epoch of the teacher's views (MoCo's 65536 is 0.05 of
+    teacher_epochs: int = 12
+    teacher_batch: int = 64       # views per step (32 images x 2 views)
+    teacher_lr: float = 0.06      # MoCo v2's 0.03 at 256 images per step; more for a run of ~80 steps (cosine)
+    moco_k: int = 256             # the queue: ~half an epoch of the teacher's views (MoCo's 65536 is 0.05 of
     #                               ImageNet's epoch); a longer one would hold keys of a much older encoder
-    moco_m: float = 0.99          # MoCo's 0.999 at 5,000 steps per epoch; 0.99 for a run of ~100 steps
-    student_epochs: int = 30
-    student_batch: int = 64
-    student_lr: float = 1e-3      # Adam (S2-BNN's optimiser), 3e-4 at 256 per step; for ~150 steps
-    probe_epochs: int = 30
-    probe_batch: int = 64
-    knn: int = 20
+    moco_m: float = 0.99          # MoCo's 0.999 at 5,000 steps per epoch; 0.99 for a run of ~80 steps
+    student_epochs: int = 16
+    student_batch: int = 32
+    student_lr: float = 1e-3      # Adam (S2-BNN's optimiser), 3e-4 at 256 per step; for ~100 steps
+    probe_epochs: int = 15
+    probe_batch: int = 32
+    knn: int = 10
 
 
 FULL = SslSize()
