@@ -81,11 +81,11 @@ MAX_WIDTH = 1 << 16  # features of one head layer (DINO's widest hidden layer: 2
 MAX_HEAD_MODULES = 16
 
 #: What the layouts are called in the messages, with the keys that tell them.
-KNOWN = ("fkd-dali's own (train --labels moco: config, state_dict with fc.0/fc.2), "
-         "MoCo v1/v2 (encoder_q.*, encoder_k.*, queue), MoCo v3 ResNet (base_encoder.*, momentum_encoder.*, "
+KNOWN = ("MoCo v1/v2 (encoder_q.*, encoder_k.*, queue), MoCo v3 ResNet (base_encoder.*, momentum_encoder.*, "
          "predictor.*), SwAV (conv1.*, layer1-4.*, projection_head.*, prototypes.*), DINO's full checkpoint "
          "(teacher/student: backbone.*, head.*), a ResNet backbone alone (conv1.*, layer1-4.*, no fc, as DINO's "
-         "dino_resnet50_pretrain.pth); or name a torchvision architecture and its head: ARCH:PATH with head "
+         "dino_resnet50_pretrain.pth), fkd-dali's own (train --labels moco or ssl: config, state_dict with a ResNet "
+         "and fc.0/fc.2); or name a torchvision architecture and its head: ARCH:PATH with head "
          "'none' or 'mlp:IN-...-D'")
 
 # torchvision's ResNets by (bottleneck, blocks per stage, layer1's first width, groups).
