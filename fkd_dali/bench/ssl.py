@@ -40,7 +40,7 @@ import labelstore
 from ..demo import DemoSize, make_data
 from ..options import Parser, add_generate_args, add_linear_eval_args, prepare_linear_eval, ssl_generate_config, \
     train_config, train_parser
-from .store import _make_store, _sizes_on_disk
+from .store import _make_store
 from .simulated import imagenet_like_crops, teacher_topk
 
 RUN_FILE = "run.json"
@@ -148,8 +148,10 @@ def shuffled_copy(src: str, dst: str, seed: int) -> np.ndarray:
 
 def store_bytes(path: str, images: int, crops: int, workdir: str) -> dict:
     """Bytes per crop on disk of the embedding store at ``path`` beside a supervised top-5 store of as many
-    images and crops (simulated ImageNet teacher, 1,000 classes, written the same way)."""
-    emb = _sizes_on_disk(path)[0] / (images * crops)
+    images and crops (simulated ImageNet teacher, 1,000 classes, written the same way): the whole store
+    (``embedding``, ``top5``; a small store is mostly its fixed metadata) and its per-crop arrays alone (boxes,
+    flips, labels, view parameters: ``embedding_crops``, ``top5_crops``, what grows with the crops)."""
+    from labelstore.summary import summarize
     sizes, boxes, flips = imagenet_like_crops(images, crops)
     idx, val = teacher_topk(images, crops, 5)
     topk_path = os.path.join(workdir, "top5-store")
@@ -158,8 +160,11 @@ def store_bytes(path: str, images: int, crops: int, workdir: str) -> dict:
         st.write_block(a, sizes=sizes[a:b], boxes=boxes[a:b], flips=flips[a:b], topk_idx=idx[a:b],
                        topk_val=val[a:b])
     st.finalize()
-    top5 = _sizes_on_disk(topk_path)[0] / (images * crops)
-    return {"embedding": emb, "top5": top5, "ratio": emb / top5}
+    emb, top5 = (summarize(labelstore.open_store(p)) for p in (path, topk_path))
+    return {"embedding": emb["bytes_per_crop"], "top5": top5["bytes_per_crop"],
+            "ratio": emb["bytes_per_crop"] / top5["bytes_per_crop"],
+            "embedding_crops": emb["label_bytes_per_crop"], "top5_crops": top5["label_bytes_per_crop"],
+            "crop_ratio": emb["label_bytes_per_crop"] / top5["label_bytes_per_crop"]}
 
 
 def _epoch_seconds(run_dir: str) -> float:
@@ -335,7 +340,9 @@ def run_seeds(workdir: str, seeds: int, first: int = 0, quick: bool = False, dev
     b = runs[0]["bytes_per_crop"]
     lines = verdict(runs) + [
         f"- embedding store: {b['embedding']:.1f} B per crop on disk vs {b['top5']:.1f} B for a supervised top-5 "
-        f"store of as many crops (1,000 classes): {b['ratio']:.1f}x"]
+        f"store of as many crops (1,000 classes): {b['ratio']:.1f}x"
+        + (f"; its per-crop arrays alone {b['embedding_crops']:.1f} vs {b['top5_crops']:.1f} B: "
+           f"{b['crop_ratio']:.1f}x" if "crop_ratio" in b else "")]
     with open(os.path.join(workdir, "seeds.md"), "w") as f:
         f.write(table + "\n\n" + "\n".join(lines) + "\n")
     print(f"\nlinear-probe val top-1 (%) over {len(runs)} seed(s):\n\n{table}\n\n" + "\n".join(lines), flush=True)
