@@ -83,7 +83,11 @@ def _quiet() -> list[str]:
 def train_run(argv: list[str]) -> dict:
     from ..train import train
     cfg = train_config(train_parser().parse_args(argv))
-    return train(cfg)
+    result = train(cfg)
+    if result.get("stopped_early"):  # a signal stopped it (with a checkpoint): what follows would measure a half run
+        raise SystemExit(f"bench ssl: the run in {cfg.output} was stopped before its end; rerun the bench (a "
+                         "finished seed is kept)")
+    return result
 
 
 def generate_run(argv: list[str]):
