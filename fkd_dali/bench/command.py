@@ -104,6 +104,9 @@ def add_parser(sub, func) -> None:
     ss.add_argument("--seeds", type=POSITIVE, default=3, help="seeds 0..N-1 (each: new data, teacher, students)")
     ss.add_argument("--first-seed", type=int, default=0)
     ss.add_argument("--quick", action="store_true", help="one tiny seed: a smoke test of the flow, not evidence")
+    ss.add_argument("--student-epochs", type=POSITIVE, default=None, help="the students' epochs and stored views "
+                    "per image (default 16)")
+    ss.add_argument("--probe-epochs", type=POSITIVE, default=None, help="the linear probes' epochs (default 15)")
     ss.add_argument("--device", choices=("cpu", "gpu"), default=None)
     ss.add_argument("--workdir", default="bench-data/ssl", help="data, teacher, stores, runs (a finished seed is "
                     "not run again)")
@@ -216,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.bench == "ssl":
         from .ssl import run_seeds
         seeds = 1 if args.quick else args.seeds
-        result = run_seeds(args.workdir, seeds, first=args.first_seed, quick=args.quick, device=args.device)
+        sizes = {k: v for k, v in (("student_epochs", args.student_epochs), ("probe_epochs", args.probe_epochs))
+                 if v is not None}
+        result = run_seeds(args.workdir, seeds, first=args.first_seed, quick=args.quick, device=args.device, **sizes)
         result["machine"] = machine
         _write(result, args.out)
     elif args.bench == "scale":

@@ -178,9 +178,10 @@ def _epoch_seconds(run_dir: str) -> float:
     return statistics.fmean(r["seconds"] for r in recs)
 
 
-def run(workdir: str, seed: int = 0, quick: bool = False, device: str | None = None) -> dict:
-    """One seed of the bench in ``workdir`` (its data, teacher, stores, students and probes)."""
-    z = QUICK if quick else FULL
+def run(workdir: str, seed: int = 0, quick: bool = False, device: str | None = None, **sizes) -> dict:
+    """One seed of the bench in ``workdir`` (its data, teacher, stores, students and probes); ``sizes``: SslSize
+    fields replacing the default's. A teacher that finished its epochs in ``workdir`` is not trained again."""
+    z = dataclasses.replace(QUICK if quick else FULL, **sizes)
     os.makedirs(workdir, exist_ok=True)
     t_all = time.perf_counter()
     threads = torch.get_num_threads()
@@ -204,11 +205,20 @@ def run(workdir: str, seed: int = 0, quick: bool = False, device: str | None = N
     S = str(z.image_size)
 
     teacher_dir = os.path.join(workdir, "teacher")
-    step("teacher", train_run, [teacher_data, "--labels", "moco", "-a", z.teacher, "--input-size", S,
+    log = os.path.join(teacher_dir, "log.jsonl")
+    finished = os.path.exists(log) and sum(1 for line in open(log) if line.strip()) == z.teacher_epochs and \
+        os.path.exists(os.path.join(teacher_dir, "checkpoint.pth.tar"))
+    teacher_argv = [teacher_data, "--labels", "moco", "-a", z.teacher, "--input-size", S,
                                 "--epochs", str(z.teacher_epochs), "-b", str(z.teacher_batch), "--lr",
                                 str(z.teacher_lr), "--wd", "1e-4", "--cos", "--temp", "0.2", "--moco-k",
                                 str(z.moco_k), "--moco-m", str(z.moco_m), "--output", teacher_dir,
-                                "--checkpoint-epochs", str(z.teacher_epochs), *common])
+                                "--checkpoint-epochs", str(z.teacher_epochs), *common]
+    if finished:  # an earlier bench of this workdir trained it: its command and time are in that run's log
+        commands["teacher"] = "fkd-dali train " + shlex.join(teacher_argv) + "  (trained before; not rerun)"
+        with open(log) as f:
+            seconds["teacher"] = sum(json.loads(line)["seconds"] for line in f if line.strip())
+    else:
+        step("teacher", train_run, teacher_argv)
     teacher = os.path.join(teacher_dir, "checkpoint.pth.tar")
     with open(os.path.join(teacher_dir, "log.jsonl")) as f:
         last = [json.loads(line) for line in f if line.strip()][-1]
@@ -330,7 +340,8 @@ def verdict(runs: list[dict]) -> list[str]:
     return lines
 
 
-def run_seeds(workdir: str, seeds: int, first: int = 0, quick: bool = False, device: str | None = None) -> dict:
+def run_seeds(workdir: str, seeds: int, first: int = 0, quick: bool = False, device: str | None = None,
+              **sizes) -> dict:
     runs = []
     for s in range(first, first + seeds):
         done = os.path.join(workdir, f"seed-{s}", RUN_FILE)
@@ -339,7 +350,7 @@ def run_seeds(workdir: str, seeds: int, first: int = 0, quick: bool = False, dev
                 runs.append(json.load(f))
             print(f"seed {s}: finished before, results from {done}", flush=True)
             continue
-        runs.append(run(os.path.join(workdir, f"seed-{s}"), seed=s, quick=quick, device=device))
+        runs.append(run(os.path.join(workdir, f"seed-{s}"), seed=s, quick=quick, device=device, **sizes))
     table = format_table(runs)
     b = runs[0]["bytes_per_crop"]
     lines = verdict(runs) + [
