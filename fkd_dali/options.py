@@ -190,8 +190,8 @@ def train_config(args: argparse.Namespace):
         soft_label_type=args.soft_label_type, temperature=args.temp, num_crops=args.num_crops,
         batch_size=args.batch_size, epochs=args.epochs, input_size=args.input_size, opt=args.opt, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, cos=cos, linear=linear,
-        ssl_teacher=args.ssl_teacher, ssl_head=args.ssl_head, ssl_loss=args.ssl_loss,
-        ce_weight=args.ce_weight,
+        ssl_teacher=args.ssl_teacher, ssl_head=args.ssl_head, ssl_loss=args.ssl_loss, ssl_views=args.ssl_views,
+        moco_k=args.moco_k, moco_m=args.moco_m, moco_dim=args.moco_dim, ce_weight=args.ce_weight,
         schedule=tuple(args.schedule) if args.schedule is not None else None, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, opt_eps=args.opt_eps, drop_path=args.drop_path,
         clip_grad=args.clip_grad, **mix_fields, label_smoothing=args.label_smoothing,
@@ -325,6 +325,15 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--ssl-teacher", dest="ssl_teacher", metavar="CKPT[,CKPT]",
                    help="--labels ssl-online: the self-supervised teacher(s), as `generate --ssl-teacher`")
     t.add_argument("--ssl-head", dest="ssl_head", metavar="HEAD", help="--ssl-teacher's head, as in generate")
+    t.add_argument("--ssl-views", dest="ssl_views", choices=("fresh", "stored"),
+                   help="--labels ssl-online: fresh (default: new views every pass, drawn as the store's were) or "
+                        "stored (the store's own views: the same pixels as --labels ssl)")
+    t.add_argument("--moco-k", dest="moco_k", type=int, metavar="K",
+                   help="--labels moco: keys in the queue (MoCo's 65536; at most the images times the views seen "
+                        "in a few epochs on a small set)")
+    t.add_argument("--moco-m", dest="moco_m", type=float, metavar="M",
+                   help="--labels moco: the key encoder's momentum (0.999)")
+    t.add_argument("--moco-dim", dest="moco_dim", type=int, metavar="D", help="--labels moco: embedding size (128)")
     t.add_argument("--recipe", choices=("fkd", "meal-v2", "s2-bnn", "sre2l"),
                    help="defaults of every option not given: fkd (FKD's) or meal-v2 (MEAL V2's FKD_train.py: "
                         "8 crops, -b 512, 200 epochs, lr 0.01 x0.1 at 100 and 180, no weight decay, the "

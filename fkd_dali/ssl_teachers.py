@@ -34,6 +34,11 @@ format         keys (what the repository saves)                        embedding
                (an argparse.Namespace, allowed). facebookresearch/dino evaluates; the 65536 prototype logits
                @7c446df ``main_dino.py``, ``vision_transformer.py``    are not an embedding
                (``DINOHead``), ``utils.py`` (``MultiCropWrapper``)
+``fkd_dali``   a checkpoint of ``fkd-dali train --labels moco`` (or     ``normalize(fc(backbone(x)))``: the MLP
+               ``ssl``/``ssl-online``): ``config`` (the run's options)  head's D-d output, MoCo v2's query exactly
+               and ``state_dict``: a torchvision ResNet whose ``fc``
+               is ``fc.0`` Linear(F, F), ReLU, ``fc.2`` Linear(F, D)
+               (``moco``: key encoder and queue, dropped)
 ``backbone``   a ResNet without ``fc`` (DINO's                         the pooled features, L2-normalised
                ``dino_resnet50_pretrain.pth``)                         (2048-d for a ResNet-50)
 ``torchvision``  ``ARCH:PATH``: a torchvision model's state_dict       ``normalize(head(features(x)))``; the
@@ -79,7 +84,8 @@ MAX_HEAD_MODULES = 16
 KNOWN = ("MoCo v1/v2 (encoder_q.*, encoder_k.*, queue), MoCo v3 ResNet (base_encoder.*, momentum_encoder.*, "
          "predictor.*), SwAV (conv1.*, layer1-4.*, projection_head.*, prototypes.*), DINO's full checkpoint "
          "(teacher/student: backbone.*, head.*), a ResNet backbone alone (conv1.*, layer1-4.*, no fc, as DINO's "
-         "dino_resnet50_pretrain.pth); or name a torchvision architecture and its head: ARCH:PATH with head "
+         "dino_resnet50_pretrain.pth), fkd-dali's own (train --labels moco or ssl: config, state_dict with a ResNet "
+         "and fc.0/fc.2); or name a torchvision architecture and its head: ARCH:PATH with head "
          "'none' or 'mlp:IN-...-D'")
 
 # torchvision's ResNets by (bottleneck, blocks per stage, layer1's first width, groups).
@@ -291,6 +297,10 @@ def _layout(ckpt: Any, spec: EmbeddingTeacherSpec) -> _Layout:
         rest = [k for k in keys if not k.startswith(prefix)]
         return [_groups(rest)] if rest else []
 
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and {"fc.0.weight", "fc.2.weight"} <= set(keys):
+        return _Layout("fkd_dali", state, "", "fc", relu, r"SLAL", "fc.0 Linear, ReLU, fc.2 Linear",
+                       "the encoder's MLP head output (fc), L2-normalised",
+                       [f"{k} (top level)" for k in ("moco", "optimizer", "ema") if ckpt.get(k) is not None])
     if any(k.startswith("encoder_q.") for k in keys):
         v1 = "encoder_q.fc.weight" in state
         return _Layout("moco_v1" if v1 else "moco_v2", state, "encoder_q.", "encoder_q.fc", relu, r"L|SLAL",

@@ -58,6 +58,10 @@ class TrainConfig:
     ssl_teacher: str | None = None  # --labels ssl-online: the self-supervised teacher(s) (fkd_dali.ssl_teachers)
     ssl_head: str | None = None
     ssl_loss: str = "kl"  # --labels ssl / ssl-online: kl (S2-BNN's), cosine, mse
+    ssl_views: str = "fresh"  # --labels ssl-online: fresh (new views every pass) or stored (the store's views)
+    moco_k: int = 65536  # --labels moco: the queue's keys (MoCo's --moco-k)
+    moco_m: float = 0.999  # --labels moco: the key encoder's momentum (--moco-m)
+    moco_dim: int = 128  # --labels moco: the embedding size (--moco-dim)
     ce_weight: float = 0.1  # --labels relabel-mse: G-VBSM/EDC's cross-entropy weight (G-VBSM 0.1, EDC's scripts 0.025)
     model_ema: bool = False
     model_ema_decay: float = 0.9998

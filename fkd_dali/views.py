@@ -61,3 +61,18 @@ def sample_views(seed: int, rows: Sequence[int], sizes: np.ndarray, num_crops: i
     sigma = np.where(u[..., 10] < v["blur_p"], lo_s + (hi_s - lo_s) * u[..., 11], 0.0).astype(np.float32)
     return {"boxes": boxes, "flips": flips, "jitter": jitter, "jitter_factors": factors,
             "jitter_order": order.astype(np.int8), "grayscale": grayscale, "blur_sigma": sigma}
+
+
+FRESH_STREAM = 2  # the third word of a pass's seed: fresh views never coincide with a store's (seed, row) draws
+
+
+def pass_seed(seed: int, pass_index: int) -> int:
+    """The seed of pass ``pass_index``'s fresh views (``--labels moco``, ``ssl-online``): every pass draws new
+    views, and the same (seed, pass) draws the same ones, on any rank, after a resume."""
+    return int(np.random.SeedSequence([int(seed), int(pass_index), FRESH_STREAM]).generate_state(1)[0])
+
+
+def fresh_views(seed: int, pass_index: int, rows: Sequence[int], sizes: np.ndarray, num_crops: int,
+                views: dict | None = None) -> dict[str, np.ndarray]:
+    """:func:`sample_views` of pass ``pass_index``: per row ``num_crops`` views drawn from ``(pass_seed, row)``."""
+    return sample_views(pass_seed(seed, pass_index), rows, sizes, num_crops, views)

@@ -11,13 +11,14 @@ from .graphs import (IMAGENET_MEAN, IMAGENET_STD, DecoderOptions, center_crop, d
                      eval_pipeline, fit_rois, fkd_crops, fkd_pipeline, generation_pipeline, random_resized_crop,
                      replay_crops, roi_of, standard_pipeline, to_model_input)
 from .image_reader import ImagePaths, ImageReader  # noqa: E402
-from .loader import EvalLoader, FKDLoader, StandardLoader, check_loader_state  # noqa: E402
+from .loader import EvalLoader, FKDLoader, FreshViewLoader, StandardLoader, check_loader_state  # noqa: E402
 from .order import EpochPlan, round_for_pass, shard_positions  # noqa: E402
 from .round_reads import RoundReads  # noqa: E402
+from .view_reader import FreshViewReader  # noqa: E402
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "DaliInstallError", "DecoderOptions", "EpochPlan", "EvalLoader", "FKDLoader",
-    "FKDReader", "GenerationReader", "ImagePaths", "ImageReader", "LoaderError", "RoundReads", "StandardLoader",
+    "FKDReader", "FreshViewLoader", "FreshViewReader", "GenerationReader", "ImagePaths", "ImageReader", "LoaderError", "RoundReads", "StandardLoader",
     "center_crop", "check_loader_state", "decode", "eval_pipeline", "fit_rois", "fkd_crops", "fkd_pipeline", "generation_pipeline", "random_resized_crop",
     "replay_crops", "roi_from_boxes", "roi_of", "round_for_pass", "shard_positions", "standard_pipeline",
     "to_model_input",

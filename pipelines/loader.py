@@ -35,6 +35,7 @@ from .fkd_reader import FKDReader, refuse_resized
 from .image_reader import ImageReader
 from .order import EpochPlan
 from .round_reads import RoundReads
+from .view_reader import Draw, FreshViewReader
 
 
 def default_threads() -> int:
@@ -391,6 +392,61 @@ class FKDLoader(_DaliLoader):
     def close(self) -> None:
         super().close()
         self.reader.close()
+
+
+class FreshViewLoader(FKDLoader):
+    """Self-supervised views drawn anew every pass (:class:`~pipelines.view_reader.FreshViewReader`), through
+    the FKD replay graph (``graphs.ssl_crops``: the graph that replays an embedding store's views):
+
+    >>> loader = FreshViewLoader(root, files, targets, draw=draw, batch_size=B, num_crops=2, crop_size=S,
+    ...                          device="cpu")
+    >>> loader.set_epoch(p)          # pass p: draw(p, rows, sizes) gives its views
+    >>> for batch in loader: ...     # images (B*n, 3, S, S), targets, indices, crop_ids (view 0..n-1), (B*n,)
+
+    The views of one image are adjacent. No label store: the batch holds no labels. ``draw`` is called per batch
+    with the pass, the rows and their (height, width) read from the headers."""
+
+    def __init__(self, root: str, files: Sequence[str] | PathTable, targets: Sequence[int], *, draw: Draw,
+                 batch_size: int, num_crops: int = 2, crop_size: int = 224, device: str = "gpu", rank: int = 0,
+                 world_size: int = 1, seed: int = 0, normalize: bool = True, dtype: str = "float32",
+                 channels_last: bool = False, mean: Sequence[float] = graphs.IMAGENET_MEAN,
+                 std: Sequence[float] = graphs.IMAGENET_STD, interp: str = "bilinear", shuffle: bool = True,
+                 drop_last: bool = False, num_threads: int | None = None, device_id: int | None = None,
+                 prefetch_queue_depth: int = 2, decoder: graphs.DecoderOptions | None = None):
+        if dtype not in ("float32", "float16", "bfloat16", "uint8"):
+            raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype!r}")
+        reader = FreshViewReader(root, files, targets, draw=draw, num_crops=num_crops, batch_size=batch_size,
+                                 seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, drop_last=drop_last)
+        _DaliLoader.__init__(self, reader, device=device, num_threads=num_threads, device_id=device_id,
+                             prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
+        self.store = None
+        self.output_names = ("images", "targets", "indices", "crop_ids")
+        self.num_crops, self.crop_size = num_crops, crop_size
+        self.normalize = normalize and dtype != "uint8"
+        self.dtype, self.channels_last = dtype, channels_last
+        self.mean, self.std, self.interp = tuple(mean), tuple(std), interp
+
+    @property
+    def num_classes(self) -> int:
+        raise AttributeError("a FreshViewLoader serves no labels, and so no classes")
+
+    @property
+    def num_rounds(self) -> int:
+        raise AttributeError("a FreshViewLoader draws new views every pass: it has no rounds")
+
+    def round_of(self, pass_index: int) -> int:
+        return pass_index
+
+    def _check(self, outputs) -> None:
+        """An image whose header changed between the reader's read and the decoder's (replaced meanwhile) is
+        refused, named."""
+        fits = np.asarray(outputs[-1].as_tensor())
+        if fits.all():
+            return
+        index = np.asarray(outputs[self.output_names.index("indices")].as_cpu().as_tensor()).reshape(-1)
+        names = [self.reader.path_of(r) for r in index[~fits.reshape(-1)]]
+        raise LoaderError(f"{len(names)} image(s) changed while being read: {'; '.join(names[:5])}; run again "
+                          "once the dataset is no longer being written")
 
 
 class _SingleViewLoader(_DaliLoader):

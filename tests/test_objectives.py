@@ -104,13 +104,13 @@ def test_a_registered_objective_trains_logs_checkpoints_and_resumes_exactly(regi
 
 def test_unknown_and_misplaced_names_are_refused(image_folder, tmp_path):
     base = dict(data=image_folder, arch="tiny_cnn", input_size=32, device=DEVICE, output=str(tmp_path / "run"))
-    with pytest.raises(TrainError, match=r"--labels must be one of fkd, hard, online, ssl, ssl-online, relabel, relabel-mse, got 'nope'"):
+    with pytest.raises(TrainError, match=r"--labels must be one of fkd, hard, online, ssl, ssl-online, moco, relabel, relabel-mse, got 'nope'"):
         Trainer(TrainConfig(labels="nope", **base))
     with pytest.raises(TrainError, match=r"--labels must be one of .* got 'meal-v2'"):  # chosen by its own option
         Trainer(TrainConfig(labels="meal-v2", **base))
     with pytest.raises(ValueError, match="built in"):
         objectives.register("fkd", LearnedTemperature)
-    assert list(objectives.label_choices()) == ["fkd", "hard", "online", "ssl", "ssl-online", "relabel", "relabel-mse"]
+    assert list(objectives.label_choices()) == ["fkd", "hard", "online", "ssl", "ssl-online", "moco", "relabel", "relabel-mse"]
     with pytest.raises(SystemExit):  # the command line offers the registered names only
         main(["train", DATA, "--labels", NAME])
 
@@ -125,5 +125,5 @@ def test_objective_names_reach_the_command_line_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "fkd,hard,online,ssl,ssl-online,relabel,relabel-mse"
+    assert out.stdout.strip() == "fkd,hard,online,ssl,ssl-online,moco,relabel,relabel-mse"
 

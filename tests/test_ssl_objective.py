@@ -295,3 +295,23 @@ def test_ddp_two_gloo_ranks_train_ssl_in_sync(world, tmp_path):
     assert any(k.startswith("11.2.") for k in w0)  # the student carries the projection head
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
+
+
+def test_the_online_baseline_sees_fresh_views_unless_told_to_replay_the_stored_ones(world, tmp_path):
+    """The first step (8 images) from the same initial student: ``--ssl-views stored`` replays the store's
+    views, so its loss is ``--labels ssl``'s up to the stored embeddings' int8 rounding (the
+    teacher's fresh output on the same pixels); the default (fresh) draws
+    other views, so its loss is another."""
+    one = ("--epochs", "2", "--ssl-loss", "cosine")
+    runs = {"ssl": (), "stored": ("--labels", "ssl-online", "--ssl-teacher", world["ckpt"], "--ssl-views", "stored"),
+            "fresh": ("--labels", "ssl-online", "--ssl-teacher", world["ckpt"])}
+    loss = {}
+    for name, extra in runs.items():
+        out = str(tmp_path / name)
+        assert main(_train_argv(world, out, *one, *extra)) == 0
+        rec = _records(out)[0]
+        assert rec["steps"] == 1
+        loss[name] = rec["train_loss"]
+    # measured (CPU, seeded): ssl 0.699, stored 0.710, fresh 1.192
+    assert abs(loss["stored"] - loss["ssl"]) < 0.03
+    assert abs(loss["fresh"] - loss["ssl"]) > max(0.2, 10 * abs(loss["stored"] - loss["ssl"]))

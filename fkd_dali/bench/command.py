@@ -98,6 +98,21 @@ def add_parser(sub, func) -> None:
     me.add_argument("--out", default="bench-results/meal.json")
     me.set_defaults(func=func)
 
+    ss = bs.add_parser("ssl", help="self-supervised FKD on the demo data: a MoCo v2 teacher trained without labels, "
+                       "its embedding store, students (random init, online, FKD-SSL, a shuffled-store control) by "
+                       "linear probe, over seeds")
+    ss.add_argument("--seeds", type=POSITIVE, default=3, help="seeds 0..N-1 (each: new data, teacher, students)")
+    ss.add_argument("--first-seed", type=int, default=0)
+    ss.add_argument("--quick", action="store_true", help="one tiny seed: a smoke test of the flow, not evidence")
+    ss.add_argument("--student-epochs", type=POSITIVE, default=None, help="the students' epochs and stored views "
+                    "per image (default 16)")
+    ss.add_argument("--probe-epochs", type=POSITIVE, default=None, help="the linear probes' epochs (default 15)")
+    ss.add_argument("--device", choices=("cpu", "gpu"), default=None)
+    ss.add_argument("--workdir", default="bench-data/ssl", help="data, teacher, stores, runs (a finished seed is "
+                    "not run again)")
+    ss.add_argument("--out", default="bench-results/ssl.json")
+    ss.set_defaults(func=func)
+
     sc = bs.add_parser("scale", help="ImageNet scale: scan, first batch, pass switch, per-rank memory at world 1 "
                        "and 8, baseline constructors, verify, a store on a local S3 server")
     sc.add_argument("--images", type=int, default=1_281_167, help="training files (hard links to one JPEG)")
@@ -200,6 +215,14 @@ def run(args: argparse.Namespace) -> int:
         result["machine"] = machine
         print()
         print(meal_table(result))
+        _write(result, args.out)
+    elif args.bench == "ssl":
+        from .ssl import run_seeds
+        seeds = 1 if args.quick else args.seeds
+        sizes = {k: v for k, v in (("student_epochs", args.student_epochs), ("probe_epochs", args.probe_epochs))
+                 if v is not None}
+        result = run_seeds(args.workdir, seeds, first=args.first_seed, quick=args.quick, device=args.device, **sizes)
+        result["machine"] = machine
         _write(result, args.out)
     elif args.bench == "scale":
         from .scale import format_table as scale_table

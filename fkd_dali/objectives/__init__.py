@@ -30,6 +30,8 @@ BUILTIN: dict[str, Entry] = {
     "ssl": Entry("fkd_dali.objectives.ssl:StoredEmbeddings", "self-supervised FKD: stored views and teacher embeddings"),
     "ssl-online": Entry("fkd_dali.objectives.ssl:OnlineEmbeddings",
                         "a self-supervised teacher (--ssl-teacher) on every stored view"),
+    "moco": Entry("fkd_dali.objectives.moco:MoCo", "self-supervised pretraining without labels (MoCo v2): a teacher "
+                  "for --ssl-teacher"),
     "relabel": Entry("fkd_dali.objectives.relabel:RelabelKL",
                      "dataset distillation: a relabel store's mixed crops, SRe2L's KL (--temp)"),
     "relabel-mse": Entry("fkd_dali.objectives.relabel:RelabelMSE",

@@ -102,9 +102,14 @@ class OnlineEmbeddings(StoredEmbeddings):
     runs on every view of every step, in bf16 autocast where the student does, and its embedding is the target.
     The views are the store's (the same aug-plus distribution, the same DALI replay graph, the same rounds of
     views per pass as ``--labels ssl``); only its stored embeddings are not read, so the two objectives differ in
-    exactly the teacher's forward pass: side-by-side time, and accuracy from the same pixels."""
+    exactly the teacher's forward pass: side-by-side time, and accuracy from the same pixels.
 
-    plan_keys = ("ssl_loss", "ssl_teacher", "ssl_head")
+    ``--ssl-views fresh`` (the default) draws new views every pass instead (:func:`fkd_dali.views.fresh_views`
+    with the store's view recipe, the same replay graph), as S2-BNN's online distillation sees them; the store
+    then gives the recipe, the dataset check and the plan only. ``stored`` keeps the store's views (the same
+    pixels as ``--labels ssl``: what a comparison of the two objectives' targets on one view needs)."""
+
+    plan_keys = ("ssl_loss", "ssl_teacher", "ssl_head", "ssl_views")
 
     def __init__(self, cfg):
         if not cfg.ssl_teacher:
@@ -117,8 +122,24 @@ class OnlineEmbeddings(StoredEmbeddings):
     def start(self, run: Run) -> None:
         from ..ssl_teachers import load_embedding_teacher, parse_embedding_teachers  # noqa: PLC0415 - torchvision
         super().start(run)
+        if self.cfg.ssl_views == "fresh" and self.early_reads is not None:  # the stored views are not served
+            self.early_reads.close()
+            self.early_reads = None
         specs = parse_embedding_teachers(self.cfg.ssl_teacher, self.cfg.ssl_head, self.cfg.input_size)
         self.teacher = load_embedding_teacher(specs if len(specs) > 1 else specs[0])
+
+    def loader(self, run: Run, crops: int):
+        if self.cfg.ssl_views == "stored":
+            return super().loader(run, crops)
+        if self.cfg.ssl_views != "fresh":
+            raise TrainError(f"--ssl-views must be fresh or stored, got {self.cfg.ssl_views!r}")
+        from pipelines import FreshViewLoader  # noqa: PLC0415 - DALI
+
+        from ..views import fresh_views  # noqa: PLC0415
+        ds, seed, recipe = run.train_set, self.cfg.seed, self.store.fields["views"]
+        return FreshViewLoader(ds.root, ds.files, ds.targets, num_crops=crops, batch_size=run.images_per_rank(crops),
+                               draw=lambda p, rows, sizes: fresh_views(seed, p, rows, sizes, crops, recipe),
+                               **run.loader_options())
 
     def dim(self, run: Run) -> int:
         return self.teacher.dim

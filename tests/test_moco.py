@@ -1,0 +1,153 @@
+"""Self-supervised pretraining without labels (``train --labels moco``, MoCo v2) on tiny real JPEGs with real DALI
+CPU pipelines and a real ResNet-18: it trains, its queue fills, its checkpoint is an SSL teacher for ``generate
+--ssl-teacher`` at the dim it was trained at, a stopped run resumes exactly; and the fresh views it (and
+``--labels ssl-online``) sees: new views each pass, the same views for the same (seed, pass)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import labelstore
+from fkd_dali import checkpoint
+from fkd_dali.cli import main
+from fkd_dali.dataset import scan_image_folder
+from fkd_dali.views import fresh_views, sample_views
+from pipelines import FreshViewLoader
+from tests.conftest import current_device, make_image_folder
+
+DEVICE = current_device()
+D = 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("moco") / "data")
+    make_image_folder(root, classes=2, per_class=4, seed=3, sizes=[(48, 64), (64, 48), (56, 56)])
+    make_image_folder(root, classes=2, per_class=1, seed=4, sizes=[(48, 48)], split="val")
+    return root
+
+
+def _moco(data: str, out: str, *extra: str) -> list[str]:
+    return ["train", data, "--labels", "moco", "-a", "resnet18", "--input-size", "32", "--epochs", "3", "-b", "8",
+            "--lr", "0.05", "--temp", "0.2", "--moco-k", "12", "--moco-m", "0.9", "--moco-dim", str(D),
+            "--output", out, "--device", DEVICE, "--no-amp", "--seed", "5", "-j", "1", "-q", *extra]
+
+
+def _records(out: str) -> list[dict]:
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("moco_run") / "run")
+    assert main(_moco(data, out)) == 0
+    return out
+
+
+def test_moco_trains_without_labels_and_fills_its_queue(trained):
+    recs = _records(trained)
+    assert len(recs) == 3 and all(np.isfinite(r["train_loss"]) for r in recs)
+    assert all(0 <= r["train_contrast_top1"] <= 1 for r in recs)
+    assert not any("train_top1" in r or "val_top1" in r for r in recs)  # no class is read
+    ck = checkpoint.load(os.path.join(trained, "checkpoint.pth.tar"))
+    moco = ck["moco"]
+    # 3 epochs x 8 images x 2 views = 48 keys through a queue of 12: it wrapped, every slot is a unit key
+    assert moco["queue"].shape == (12, D) and moco["queue_ptr"] == 48 % 12
+    assert torch.allclose(moco["queue"].norm(dim=1), torch.ones(12), atol=1e-4)
+    initial = torch.nn.functional.normalize(torch.randn(12, D, generator=torch.Generator().manual_seed(5)), dim=1)
+    assert not torch.allclose(moco["queue"], initial)  # the random start was replaced by keys
+    # the key encoder followed the query encoder by momentum, without being it
+    q, k = ck["state_dict"], moco["key_encoder"]
+    assert set(q) == set(k) and not torch.equal(q["conv1.weight"], k["conv1.weight"])
+    assert q["fc.2.weight"].shape == (D, 512)  # MoCo v2's head, Linear(512, 512), ReLU, Linear(512, D)
+
+
+def test_its_checkpoint_is_an_ssl_teacher_at_its_dim(trained, data, tmp_path):
+    from fkd_dali.ssl_teachers import load_embedding_teacher
+    ckpt = os.path.join(trained, "checkpoint.pth.tar")
+    teacher = load_embedding_teacher(ckpt)
+    info = teacher.describe()
+    assert teacher.dim == D and info["format"] == "fkd_dali" and info["arch"] == "resnet18"
+    assert any("moco" in d for d in info["dropped"])
+    # the teacher is the query encoder: its output is the trained student's, normalised
+    from fkd_dali.models import create_model
+    from fkd_dali.ssl_distill import attach_head
+    student = create_model("resnet18", D, 32)
+    attach_head(student, D)
+    student.load_state_dict(checkpoint.load(ckpt)["state_dict"])
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), torch.nn.functional.normalize(student.eval()(x), dim=1), atol=1e-5)
+    store = str(tmp_path / "store")
+    assert main(["generate", data, "--ssl-teacher", ckpt, "--input-size", "32", "--num-crops", "2",
+                 "--save-path", store, "--device", DEVICE, "--no-amp", "-q"]) == 0
+    s = labelstore.open_store(store)
+    assert s.kind.name == "embedding" and s.fields["dim"] == D
+
+
+def test_a_stopped_moco_run_resumes_exactly(data, trained, tmp_path):
+    part = str(tmp_path / "part")
+    assert main(_moco(data, part, "--max-steps", "3")) == 0
+    assert main(_moco(data, part, "--resume", os.path.join(part, "checkpoint.pth.tar"))) == 0
+    a, b = (checkpoint.load(os.path.join(x, "checkpoint.pth.tar")) for x in (trained, part))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k in a["moco"]["key_encoder"]:
+        assert torch.equal(a["moco"]["key_encoder"][k], b["moco"]["key_encoder"][k]), k
+    assert torch.equal(a["moco"]["queue"], b["moco"]["queue"]) and a["moco"]["queue_ptr"] == b["moco"]["queue_ptr"]
+    keys = ("train_loss", "train_contrast_top1")
+    assert [[r[k] for k in keys] for r in _records(part)] == [[r[k] for k in keys] for r in _records(trained)]
+
+
+def test_moco_refuses_what_it_cannot_do(data, tmp_path, capsys):
+    assert main(_moco(data, str(tmp_path / "r"), "--moco-m", "1")) == 1
+    assert "--moco-m 1" in capsys.readouterr().err
+    assert main(_moco(data, str(tmp_path / "r"), "--mixup-cutmix")) == 1
+    assert "drop --mixup-cutmix" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- fresh views
+def _views(loader, epoch: int) -> torch.Tensor:
+    loader.set_epoch(epoch)
+    return torch.cat([b["images"] for b in loader])
+
+
+def test_fresh_views_are_new_each_pass_and_the_same_for_the_same_pass(data):
+    ds = scan_image_folder(os.path.join(data, "train"))
+
+    def loader():
+        return FreshViewLoader(ds.root, ds.files, ds.targets, num_crops=2, batch_size=4, crop_size=24, device=DEVICE,
+                               seed=1, shuffle=False, num_threads=1, dtype="uint8",
+                               draw=lambda p, rows, sizes: fresh_views(1, p, rows, sizes, 2))
+    a, b = loader(), loader()
+    try:
+        first, again = _views(a, 0), _views(b, 0)
+        second = _views(a, 1)
+    finally:
+        a.close()
+        b.close()
+    assert first.shape == (16, 3, 24, 24)
+    assert torch.equal(first, again)  # determinism: the views of (seed, pass) on a new loader
+    differ = (first.float() - second.float()).abs().flatten(1).mean(1) > 1
+    assert differ.all()  # every view of pass 1 differs from pass 0's
+    assert not torch.equal(first[0::2], first[1::2])  # an image's two views differ
+
+
+def test_fresh_views_are_drawn_per_pass_by_the_store_recipe():
+    sizes = np.array([[48, 64], [64, 48], [56, 56]])
+    p0, p0b, p1 = (fresh_views(3, p, [0, 1, 2], sizes, 4) for p in (0, 0, 1))
+    for k in p0:
+        assert np.array_equal(p0[k], p0b[k])
+    assert not np.array_equal(p0["boxes"], p1["boxes"])
+    assert not np.array_equal(p0["jitter_factors"], p1["jitter_factors"])
+    stored = sample_views(3, [0, 1, 2], sizes, 4)  # the store's own views of seed 3: not a pass's
+    assert not np.array_equal(stored["boxes"], p0["boxes"])
+    # the view recipe is honoured: no blur, no jitter when their probabilities are 0
+    off = fresh_views(3, 0, [0, 1, 2], sizes, 4, {"blur_p": 0.0, "jitter_p": 0.0})
+    assert (off["blur_sigma"] == 0).all() and not off["jitter"].any()
