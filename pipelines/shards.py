@@ -446,11 +446,23 @@ def crcs_of(path: str, entries: Sequence[Entry]) -> list[int]:
     return out
 
 
+def is_ours(name: str) -> bool:
+    """A file of a shard set's folder that is not a shard: our index files, DALI/MXNet index files, hidden files."""
+    return name.startswith(("fkd-", ".")) or name.endswith(".idx")
+
+
+def shard_files(root: str) -> list[str]:
+    """The shard files of ``root`` when the format is given: every regular file that is not ours, whatever its
+    name (DeepLearningExamples' TFRecord shards have none: ``train-00000-of-01024``), sorted; a file that is not
+    of the format is refused by name when it is scanned."""
+    return sorted(e.name for e in os.scandir(root) if e.is_file() and not is_ours(e.name))
+
+
 def index_shards(root: str, fmt: str | None = None, classes: Sequence[str] | None = None,
                  dali_index: bool = True, key_map: dict[str, str] | None = None,
                  order: Sequence[str] | None = None) -> ShardSet:
-    """Index the shards already in ``root`` (foreign ones too): every shard of the format is scanned (sorted by
-    name), its samples' bytes checksummed, and the set's index written; with ``dali_index`` also DALI's own
+    """Index the shards already in ``root`` (foreign ones too): every shard of the format (with ``fmt`` given: every
+    file of :func:`shard_files`, without: the files named ``*<suffix>``) is scanned (sorted by name), its samples' bytes checksummed, and the set's index written; with ``dali_index`` also DALI's own
     index file per shard. ``key_map`` renames each shard key (to a store's file name); ``order`` (a store's files)
     makes the rows follow the store's rows."""
     from .formats import FORMATS
@@ -460,10 +472,14 @@ def index_shards(root: str, fmt: str | None = None, classes: Sequence[str] | Non
             raise ShardSetError(f"{root} holds shards of {len(found)} formats ({', '.join(sorted(found)) or 'none'}): "
                                 "give --format")
         fmt = found.pop()
+        names = sorted(n for n in os.listdir(root) if n.endswith(format_named(fmt).SUFFIX))
+    else:
+        names = shard_files(root)
     module = format_named(fmt)
-    names = sorted(n for n in os.listdir(root) if n.endswith(module.SUFFIX))
     if not names:
-        raise ShardSetError(f"{root} holds no {module.SUFFIX} shard")
+        raise ShardSetError(f"{root} holds no {module.SUFFIX} shard" if fmt is None else
+                            f"{root} holds no shard file (every regular file but ours, fkd-* and *.idx, is taken "
+                            f"for a {module.NAME} shard when the format is given)")
     w = ShardSetWriter(root, fmt, classes, key_map)
     for name in names:
         path = os.path.join(root, name)
