@@ -332,13 +332,14 @@ def probe_index(a: dict) -> dict:
     """One of ``world`` concurrent ranks of a node: opens the shard set as a rank does (the dataset scan: JSON,
     one stat per shard, the per-sample files mapped), checks the store against it, and reads the index records of
     its first pass's rows as the reader does (from the mapping); then, with every rank at that point, the memory of
-    the index's mappings (Pss: its pages shared by the ranks that map them) and of the process. Also what a rank
+    the index's mapping (``fkd-index.bin``; Pss: its pages shared by the ranks that map them), of all the set's
+    mapped files (labels and keys too: the store check reads the labels), and of the process. Also what a rank
     would hold privately if it copied its pass's records out of the mapping (``N / world x 16 B``)."""
     import labelstore
     from pipelines.order import pass_rows
 
     from ..dataset import scan_image_folder
-    before = _smaps("/fkd-")
+    before = _smaps("/fkd-index.bin")
     t = time.perf_counter()
     ds = scan_image_folder(_split(a["data"]))
     store = labelstore.open_store(a["store"])
@@ -350,12 +351,13 @@ def probe_index(a: dict) -> dict:
     for r in rows[:: max(1, len(rows) // 200_000)].tolist():  # record by record, as ShardSet.read reads them
         touched += int(index[r]["length"])
     _barrier(a["barrier"], "touched", a["rank"], a["world"])
-    shared = _smaps("/fkd-")
+    shared, every = _smaps("/fkd-index.bin"), _smaps("/fkd-")
     private = np.array(index[np.sort(rows)])  # the alternative: the pass's records copied out, 16 B each
-    copied = _smaps("/fkd-")
+    copied = _smaps("/fkd-index.bin")
     _barrier(a["barrier"], "measured", a["rank"], a["world"])
     return {"rank": a["rank"], "world": a["world"], "samples": len(ds), "rows": len(rows), "open_check_s": opened,
-            "before": before, "after_pass_records": shared, "private_copy_bytes": int(private.nbytes),
+            "before": before, "after_pass_records": shared, "all_set_files": every,
+            "private_copy_bytes": int(private.nbytes),
             "after_private_copy": copied, "index_file_bytes": os.path.getsize(os.path.join(_split(a["data"]),
                                                                                            "fkd-index.bin"))}
 
