@@ -346,6 +346,7 @@ def probe_index(a: dict) -> dict:
     store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets)
     opened = time.perf_counter() - t
     rows = pass_rows(len(ds), 0, 0, a["rank"], a["world"])
+    after_open = _smaps("/fkd-index.bin")
     index = ds.shards.index
     touched = 0
     for r in rows[:: max(1, len(rows) // 200_000)].tolist():  # record by record, as ShardSet.read reads them
@@ -356,7 +357,7 @@ def probe_index(a: dict) -> dict:
     copied = _smaps("/fkd-index.bin")
     _barrier(a["barrier"], "measured", a["rank"], a["world"])
     return {"rank": a["rank"], "world": a["world"], "samples": len(ds), "rows": len(rows), "open_check_s": opened,
-            "before": before, "after_pass_records": shared, "all_set_files": every,
+            "before": before, "after_open": after_open, "after_pass_records": shared, "all_set_files": every,
             "private_copy_bytes": int(private.nbytes),
             "after_private_copy": copied, "index_file_bytes": os.path.getsize(os.path.join(_split(a["data"]),
                                                                                            "fkd-index.bin"))}
@@ -638,7 +639,8 @@ def _shard_gets(log: str, start: int) -> int:
     import re
     with open(log, "rb") as f:
         f.seek(start)
-        return len(re.findall(rb'"GET /\S+\.tar\S* HTTP', f.read()))
+        text = re.sub(rb"\x1b\[[0-9;]*m", b"", f.read())  # the server colours its log
+    return len(re.findall(rb'"GET /\S+\.tar\S* HTTP', text))
 
 
 def format_shards_table(r: dict, scale_to: int = 14_000_000) -> str:
@@ -654,7 +656,7 @@ def format_shards_table(r: dict, scale_to: int = 14_000_000) -> str:
         return float(np.median([x[part][sub][key] for x in idx])) / 1024
 
     pss, rss = med("Pss"), med("Rss")
-    priv = med("Private_Dirty", "process_kb") - float(np.median([x["before"]["process_kb"]["Private_Dirty"]
+    priv = med("Private_Dirty", "process_kb") - float(np.median([x["after_open"]["process_kb"]["Private_Dirty"]
                                                                  for x in idx])) / 1024
     copy = idx[0]["private_copy_bytes"] / 1e6
     cr = r["crops_ratio"]
@@ -674,7 +676,8 @@ def format_shards_table(r: dict, scale_to: int = 14_000_000) -> str:
              f"{float(np.median([x['open_check_s'] for x in idx])):.2f} s | | {float(np.median([x['open_check_s'] for x in idx])) * f:.1f} s |",
              f"| index pages per rank after its pass's records were read, world 8: Pss (shared pages / ranks mapping them) "
              f"/ RSS | {pss:.1f} / {rss:.1f} MB | ≤ 32 MB at 14 M | {pss * f:.0f} / {rss * f:.0f} MB |",
-             f"| private memory grown per rank (Private_Dirty) / a private copy of its pass's records instead | "
+             f"| private memory grown per rank while reading its pass's records (Private_Dirty) / a private copy of "
+             f"them instead | "
              f"{priv:.1f} / {copy:.1f} MB | | {priv * f:.0f} / {copy * f:.0f} MB |",
              f"| loader crops/s, files vs shards ({len(fl)} alternating pairs, fresh processes) | "
              f"{' '.join(f'{x:.0f}' for x in fl)} vs {' '.join(f'{x:.0f}' for x in sr)} | | |",
