@@ -11,6 +11,11 @@ first pass's rows read), a later pass's first batch (its rows were read in the b
 reader holds and the process's resident memory at world 1 and world 8 (rank 0, the same per-rank batch),
 the StandardLoader / EvalLoader constructors, ``verify`` of the whole store, and the same first batch
 with the store on a local S3 server (moto), with the requests per pass that the layout implies.
+
+``--format wds`` (:func:`run_shards`): the folder (one small JPEG, so the tars stay a few GB) packed as WebDataset
+shards, and from them: train.py's first batch, the index's memory in 8 concurrent ranks (per mapping, from
+/proc/self/smaps: Pss counts shared pages once per node), loader crops/s against the folder and against the same
+tars on a moto S3 server (alternating fresh processes; the server's GETs counted).
 """
 
 from __future__ import annotations
