@@ -48,11 +48,17 @@ def pack(data: str, out: str, fmt: str = "wds", shard_bytes: int = DEFAULT_SHARD
         if os.path.exists(os.path.join(out, split)):
             raise DatasetError(f"{os.path.join(out, split)} exists: pack writes new shard sets only. Give "
                                   "another --out, or remove that folder")
-    done = {}
-    for split in splits:
-        ds = scan_image_folder(os.path.join(data, split))
+    listed = {split: scan_image_folder(os.path.join(data, split)) for split in splits}
+    for ds in listed.values():  # refused before anything is written
         if ds.shards is not None:
             raise DatasetError(f"{ds.root} is already a shard set")
+        check_key = getattr(module, "check_key", None)
+        if check_key is not None:
+            for key in ds.files:
+                check_key(key)
+    done = {}
+    for split in splits:
+        ds = listed[split]
         root = os.path.join(out, split)
         os.makedirs(root)
         shards = write_shards(root, module.NAME, _samples(ds), shard_bytes=shard_bytes, classes=ds.classes,
@@ -113,7 +119,8 @@ def index(shards: str, fmt: str | None = None, classes_file: str | None = None, 
                                   "(labels made from the old index must then be regenerated if the shards changed)")
         if dali_index:
             mine = {m.SUFFIX for m in FORMATS.values()}
-            made = [n for n in os.listdir(root) if n.endswith(".idx") and n[:-4].endswith(tuple(mine))]
+            made = [n for n in os.listdir(root) if n.endswith(".idx") and (fmt is not None
+                                                                            or n[:-4].endswith(tuple(mine)))]
             if made and not force:
                 raise DatasetError(f"{root} already holds DALI index files ({made[0]} ...): give --force to "
                                       "write them again, or leave --dali-index out")

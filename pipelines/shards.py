@@ -17,7 +17,7 @@ On disk, in the split's folder (``SHARDS/train``):
 A set may live at an fsspec URL (``s3://bucket/shards/train``): its JSON is read from there, the per-sample
 files are copied once into a local cache (``$FKD_DALI_SHARD_CACHE``, default ``~/.cache/fkd-dali/shards``; one
 copy per node, named by the URL and the JSON's digest, so the ranks of a node share it) and mapped from there, and
-each sample is one range request (``fs.cat_file(path, start, end)``; ``ShardSet.requests`` counts them).
+each sample is one range request (a batch's made at once, ``fs.cat_ranges``; ``ShardSet.requests`` counts them).
 
 Rows are the set's order: for ``fkd-dali pack`` the folder's ImageFolder order (= a store's row order); for
 ``fkd-dali index`` of foreign shards, shard by shard (sorted names), in file order.
@@ -241,7 +241,7 @@ class ShardSet:
         row = int(row)
         shard = int(self.shard_of(np.asarray([row]))[0])
         rec = self.index[row]
-        offset, length, crc = int(rec["offset"]), int(rec["length"]), int(rec["crc32"])
+        offset, length = int(rec["offset"]), int(rec["length"])
         if self.fs is None:
             data = os.pread(self._fd(shard), length, offset)
         else:
@@ -252,6 +252,10 @@ class ShardSet:
                                   "the shards that exist again") from None
             with self._lock:
                 self.requests += 1
+        return self._checked(row, shard, rec, data)
+
+    def _checked(self, row: int, shard: int, rec, data: bytes) -> bytes:
+        offset, length, crc = int(rec["offset"]), int(rec["length"]), int(rec["crc32"])
         if len(data) != length or zlib.crc32(data) != crc:
             why = "ends first" if len(data) != length else "holds other bytes there (CRC-32 mismatch)"
             raise LoaderError(f"shard {self.shard_path(shard)}, sample {self.keys[row]!r} (row {row}): the "
@@ -259,6 +263,29 @@ class ShardSet:
                               f"after it was indexed (a stale index). Restore the shard, or index the set again "
                               f"(fkd-dali index {self.root}) and regenerate labels made from the old bytes")
         return data
+
+    def read_remote(self, rows: Sequence[int]) -> list[bytes]:
+        """The samples of ``rows`` of a set at a URL, CRC-checked: their range requests made at once (fsspec's
+        ``cat_ranges``: concurrent on its event loop), not one blocking request per thread. Neighbouring ranges
+        are not merged: a pass's rows are in random order, so a batch's samples are almost never adjacent."""
+        rows = [int(r) for r in rows]
+        shards = self.shard_of(np.asarray(rows, np.int64)).tolist()
+        recs = [self.index[r] for r in rows]
+        starts = [int(x["offset"]) for x in recs]
+        ends = [a + int(x["length"]) for a, x in zip(starts, recs)]
+        got = self.fs.cat_ranges([self._remote(self.names[s]) for s in shards], starts, ends, on_error="return")
+        with self._lock:
+            self.requests += len(rows)
+        out = []
+        for row, shard, rec, data in zip(rows, shards, recs, got):
+            if isinstance(data, FileNotFoundError):
+                raise LoaderError(f"shard {self.shard_path(shard)} is missing from the set: restore it, or index "
+                                  "the shards that exist again")
+            if isinstance(data, BaseException):
+                raise LoaderError(f"shard {self.shard_path(shard)}, sample {self.keys[row]!r} (row {row}) could not "
+                                  f"be read ({type(data).__name__}: {data})") from data
+            out.append(self._checked(row, shard, rec, data))
+        return out
 
     def open_sample(self, row: int) -> io.BufferedReader | io.BytesIO:
         """Sample ``row`` as a read-only binary file (what ``errors.image_header`` takes): reads only the parts
@@ -446,11 +473,23 @@ def crcs_of(path: str, entries: Sequence[Entry]) -> list[int]:
     return out
 
 
+def is_ours(name: str) -> bool:
+    """A file of a shard set's folder that is not a shard: our index files, DALI/MXNet index files, hidden files."""
+    return name.startswith(("fkd-", ".")) or name.endswith(".idx")
+
+
+def shard_files(root: str) -> list[str]:
+    """The shard files of ``root`` when the format is given: every regular file that is not ours, whatever its
+    name (DeepLearningExamples' TFRecord shards have none: ``train-00000-of-01024``), sorted; a file that is not
+    of the format is refused by name when it is scanned."""
+    return sorted(e.name for e in os.scandir(root) if e.is_file() and not is_ours(e.name))
+
+
 def index_shards(root: str, fmt: str | None = None, classes: Sequence[str] | None = None,
                  dali_index: bool = True, key_map: dict[str, str] | None = None,
                  order: Sequence[str] | None = None) -> ShardSet:
-    """Index the shards already in ``root`` (foreign ones too): every shard of the format is scanned (sorted by
-    name), its samples' bytes checksummed, and the set's index written; with ``dali_index`` also DALI's own
+    """Index the shards already in ``root`` (foreign ones too): every shard of the format (with ``fmt`` given: every
+    file of :func:`shard_files`, without: the files named ``*<suffix>``) is scanned (sorted by name), its samples' bytes checksummed, and the set's index written; with ``dali_index`` also DALI's own
     index file per shard. ``key_map`` renames each shard key (to a store's file name); ``order`` (a store's files)
     makes the rows follow the store's rows."""
     from .formats import FORMATS
@@ -460,10 +499,14 @@ def index_shards(root: str, fmt: str | None = None, classes: Sequence[str] | Non
             raise ShardSetError(f"{root} holds shards of {len(found)} formats ({', '.join(sorted(found)) or 'none'}): "
                                 "give --format")
         fmt = found.pop()
+        names = sorted(n for n in os.listdir(root) if n.endswith(format_named(fmt).SUFFIX))
+    else:
+        names = shard_files(root)
     module = format_named(fmt)
-    names = sorted(n for n in os.listdir(root) if n.endswith(module.SUFFIX))
     if not names:
-        raise ShardSetError(f"{root} holds no {module.SUFFIX} shard")
+        raise ShardSetError(f"{root} holds no {module.SUFFIX} shard" if fmt is None else
+                            f"{root} holds no shard file (every regular file but ours, fkd-* and *.idx, is taken "
+                            f"for a {module.NAME} shard when the format is given)")
     w = ShardSetWriter(root, fmt, classes, key_map)
     for name in names:
         path = os.path.join(root, name)
@@ -536,6 +579,8 @@ class ShardImages:
         return self.shards.read(row)
 
     def _read_all(self, rows: np.ndarray) -> list[np.ndarray]:
+        if self.shards.fs is not None:  # a set at a URL: the batch's range requests at once
+            return [np.frombuffer(b, np.uint8) for b in self.shards.read_remote(np.asarray(rows).tolist())]
         return [np.frombuffer(b, np.uint8) for b in self._pool.map(self.read, np.asarray(rows).tolist())]
 
     def prefetch(self, rows: np.ndarray) -> None:

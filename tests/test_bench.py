@@ -115,3 +115,33 @@ def test_bench_store_reports_an_embedding_stores_bytes_per_crop_as_on_disk(tmp_p
     assert "6 images x 4 crops x D=16" in out and "| embedding | scale | view parameters | boxes | flips |" in out
     assert f"| {e['bytes_per_crop']['apparent']:.2f} | " in out
     assert sorted(os.listdir(tmp_path)) == ["store", "store.json"]  # the bench's own stores are gone
+
+
+def test_scale_wds_packs_the_folder_and_its_probes_measure(tmp_path):
+    """``bench scale --format wds`` at a small size: the folder (a small JPEG) packed as tars; the crops probe reads
+    the same pass from files and from shards; two ranks at once map one index (each maps every page its pass's
+    records fall on, and Pss, the pages' share, is below RSS); the table reads the figures."""
+    work = str(tmp_path / "wds")
+    built = scale.build(work, images=IMAGES, crops=8, px=32, quality=75)
+    assert built["jpeg_bytes"] < 2000
+    sh = scale.build_shards(work, built)
+    assert sh["shards"] >= 1 and sh["tar_bytes"] > IMAGES * built["jpeg_bytes"]
+    assert scale.build_shards(work, built) == sh  # reused
+    a = {"store": built["store"], "n": 2, "size": 32, "threads": 1, "batch": 8, "batches": 3}
+    files, shards = (scale.probe_crops({**a, "data": d}) for d in (built["data"], sh["root"]))
+    assert files["world"] == shards["world"] and files["crops"] == shards["crops"] > 0
+    assert shards["rank_images"] == -(-IMAGES // shards["world"])
+    barrier = str(tmp_path / "barrier")
+    os.makedirs(barrier)
+    ranks = scale._run_concurrent("index", [{**a, "data": sh["root"], "rank": r, "world": 2, "barrier": barrier}
+                                            for r in range(2)])
+    for x in ranks:
+        mapped = x["after_pass_records"]["mapped_kb"]
+        assert x["rows"] == IMAGES // 2 and x["private_copy_bytes"] == 16 * x["rows"]
+        assert mapped["Rss"] * 1024 >= x["index_file_bytes"] // 2 and mapped["Pss"] < mapped["Rss"]
+    res = {"format": "wds", "build": built, "shards": sh,
+           "train": [{"first_batch_from_start_s": 5.0, "imports_s": 2.0, "trainer_s": 1.0, "loader_s": 0.5}],
+           "index_w8": ranks, "crops": {"files": [files], "shards": [shards]},
+           "crops_ratio": scale._spread([shards["crops_per_s"] / files["crops_per_s"]])}
+    table = scale.format_shards_table(res)
+    assert f"| step ({IMAGES:,} images as {sh['shards']} WebDataset tars" in table and "≥ 0.95x" in table

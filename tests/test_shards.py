@@ -313,6 +313,13 @@ def test_a_shard_set_on_object_storage_gives_the_same_crops(packed, tmp_path, mo
         assert remote.reader.paths.shards.requests == len(ds)  # one range request per sample of the pass
         assert sorted(os.listdir(next((tmp_path / "cache").iterdir()))) == sorted(
             ["fkd-index.bin", "fkd-labels.npy", "fkd-key-names.npy", "fkd-key-ends.npy"])
+        first = "data/shards/train/" + ds.shards.names[0]  # a sample's bytes changed on the server: refused by name
+        at = int(ds.shards.index[1]["offset"]) + 20
+        raw = bytearray(fs.cat_file(first))
+        raw[at] ^= 0xFF
+        fs.pipe_file(first, bytes(raw))
+        with pytest.raises(LoaderError, match=f"shard {url}/train/{ds.shards.names[0]}, sample .* \\(row 1\\).*CRC-32"):
+            ds.shards.read_remote([0, 1, 2])
         fs.rm("data/shards/train/" + ds.shards.names[1])
         with pytest.raises(DatasetError, match=f"shard {url}/train/{ds.shards.names[1]} is missing"):
             scan_image_folder(url + "/train")

@@ -355,3 +355,37 @@ def test_pack_recordio_refuses_named_keys(tmp_path):
     make_image_folder(data, classes=2, per_class=2)
     with pytest.raises(ValueError, match="numeric id.*not a name.*--format tfrecord or wds"):
         pack(data, str(tmp_path / "shards"), "recordio")
+
+
+def test_index_takes_suffixless_tfrecord_shards(tmp_path, samples):
+    """DeepLearningExamples names its TFRecord shards ``train-00000-of-01024`` (no suffix): with ``--format
+    tfrecord`` every file that is not ours is a shard; a file that is not TFRecord is refused by name; DALI index
+    files already there (``train-00000-of-00002.idx``) are not overwritten unasked."""
+    from fkd_dali.dataset import DatasetError
+    from fkd_dali.pack import index
+    root = tmp_path / "train"
+    root.mkdir()
+    foreign_tfrecord(str(root / "train-00000-of-00002"), [("a_1.JPEG", samples[0][1], 1), ("a_2.JPEG", samples[1][1], 2)])
+    foreign_tfrecord(str(root / "train-00001-of-00002"), [("a_3.JPEG", samples[2][1], 1)])
+    got = index(str(root), fmt="tfrecord", dali_index=True)["train"]
+    assert got.names == ["train-00000-of-00002", "train-00001-of-00002"]
+    assert list(got.keys) == ["a_1.JPEG", "a_2.JPEG", "a_3.JPEG"] and got.labels.tolist() == [0, 1, 0]
+    assert [got.read(i) for i in range(3)] == [samples[0][1], samples[1][1], samples[2][1]]
+    assert os.path.isfile(root / "train-00000-of-00002.idx")
+    os.remove(root / "fkd-index.json")  # the DALI index files stay
+    with pytest.raises(DatasetError, match="DALI index files .train-0000"):
+        index(str(root), fmt="tfrecord", dali_index=True)
+    (root / "README").write_bytes(b"not a shard\n")
+    with pytest.raises(ShardFormatError, match="README at byte 0.*not a TFRecord"):
+        index(str(root), fmt="tfrecord", force=True)
+
+
+def test_pack_recordio_writes_nothing_before_refusing(tmp_path):
+    """The refusal comes before OUT/train or any .rec is created."""
+    from fkd_dali.pack import pack
+    from tests.conftest import make_image_folder
+    data = str(tmp_path / "data")
+    make_image_folder(data, classes=2, per_class=2)
+    with pytest.raises(ValueError, match="numeric id"):
+        pack(data, str(tmp_path / "shards"), "recordio")
+    assert not os.path.exists(tmp_path / "shards")

@@ -124,6 +124,14 @@ def add_parser(sub, func) -> None:
     sc.add_argument("--sample", type=int, default=100, help="shards for the verify --sample row")
     sc.add_argument("--threads", type=int, default=None)
     sc.add_argument("--no-s3", action="store_true", help="skip the object-storage row (needs moto[server], s3fs)")
+    sc.add_argument("--format", choices=("files", "wds"), default="files",
+                    help="wds: the folder packed as WebDataset shards, and from them: the first batch, the index's "
+                         "memory per rank at world 8, loader crops/s against the folder and from a local S3 server")
+    sc.add_argument("--image-px", type=int, default=32,
+                    help="--format wds: side of the one JPEG all files are (small, so the tars stay a few GB)")
+    sc.add_argument("--reps", type=int, default=3, help="--format wds: alternating pairs per crops/s comparison")
+    sc.add_argument("--batches", type=int, default=16,
+                    help="--format wds: batches per crops/s measurement (rank 0 of a world that makes a pass this long)")
     sc.add_argument("--workdir", default=None, help="where the dataset and store are built (default: temp)")
     sc.add_argument("--keep", action="store_true", help="keep the dataset and store for the next run")
     sc.add_argument("--out", default="bench-results/scale.json")
@@ -225,12 +233,12 @@ def run(args: argparse.Namespace) -> int:
         result["machine"] = machine
         _write(result, args.out)
     elif args.bench == "scale":
-        from .scale import format_table as scale_table
-        from .scale import run as scale_run
-        result = scale_run(args)
+        from . import scale
+        wds = args.format == "wds"
+        result = (scale.run_shards if wds else scale.run)(args)
         result["machine"] = machine
-        print(scale_table(result))
-        _write(result, args.out)
+        print((scale.format_shards_table if wds else scale.format_table)(result))
+        _write(result, args.out.replace("scale.json", "scale-wds.json") if wds else args.out)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(args.bench)
     return 0

@@ -11,6 +11,11 @@ first pass's rows read), a later pass's first batch (its rows were read in the b
 reader holds and the process's resident memory at world 1 and world 8 (rank 0, the same per-rank batch),
 the StandardLoader / EvalLoader constructors, ``verify`` of the whole store, and the same first batch
 with the store on a local S3 server (moto), with the requests per pass that the layout implies.
+
+``--format wds`` (:func:`run_shards`): the folder (one small JPEG, so the tars stay a few GB) packed as WebDataset
+shards, and from them: train.py's first batch, the index's memory in 8 concurrent ranks (per mapping, from
+/proc/self/smaps: Pss counts shared pages once per node), loader crops/s against the folder and against the same
+tars on a moto S3 server (alternating fresh processes; the server's GETs counted).
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ def _rss() -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def build(workdir: str, images: int, crops: int, top_k: int = 5) -> dict:
-    """The hard-linked dataset and its label store under ``workdir`` (reused when already built)."""
+def build(workdir: str, images: int, crops: int, top_k: int = 5, px: int = 500, quality: int = 90) -> dict:
+    """The hard-linked dataset (one ``px`` x ``px`` JPEG) and its label store under ``workdir`` (reused when
+    already built)."""
     from PIL import Image
 
     import labelstore
@@ -55,7 +61,8 @@ def build(workdir: str, images: int, crops: int, top_k: int = 5) -> dict:
     if os.path.exists(marker):
         with open(marker) as f:
             got = json.load(f)
-        if got["images"] == images and got["crops"] == crops and got.get("rows_per_shard") == \
+        if got["images"] == images and got["crops"] == crops and got.get("px", 500) == px and \
+                got.get("quality", 90) == quality and got.get("rows_per_shard") == \
                 labelstore.Layout.choose(images, crops).rows_per_shard:
             return got
         os.remove(marker)
@@ -67,11 +74,12 @@ def build(workdir: str, images: int, crops: int, top_k: int = 5) -> dict:
     per_class[:images % CLASSES] += 1
     val_per_class = max(1, round(VAL_PER_CLASS * images / IMAGENET_TRAIN))
     linked = os.path.join(workdir, "data.json")  # the links are reused when only the store is rebuilt
-    if os.path.exists(linked) and json.load(open(linked)) == {"images": images}:
+    made = {"images": images} if (px, quality) == (500, 90) else {"images": images, "px": px, "quality": quality}
+    if os.path.exists(linked) and json.load(open(linked)) == made:
         per_class[:], val_per_class = 0, 0
     else:
         shutil.rmtree(data, ignore_errors=True)
-        Image.fromarray(photo_like(np.random.default_rng(0), 500, 500)).save(src, "JPEG", quality=90)
+        Image.fromarray(photo_like(np.random.default_rng(0), px, px)).save(src, "JPEG", quality=quality)
     for c in range(CLASSES):
         wnid = f"n{c:08d}"
         first = None  # one copy per class (a file system caps the links to one inode), the rest links to it
@@ -87,7 +95,7 @@ def build(workdir: str, images: int, crops: int, top_k: int = 5) -> dict:
                     os.link(first, path)
     link_s = time.perf_counter() - t0
     with open(linked, "w") as f:
-        json.dump({"images": images}, f)
+        json.dump(made, f)
     val_per_class = max(1, round(VAL_PER_CLASS * images / IMAGENET_TRAIN))
     ds = scan_image_folder(os.path.join(data, "train"))
     store_path = os.path.join(workdir, "store")
@@ -97,7 +105,7 @@ def build(workdir: str, images: int, crops: int, top_k: int = 5) -> dict:
                                     top_k=top_k, num_classes=CLASSES, overwrite=True)
     R = store.layout.rows_per_shard
     from ..crops import sample_crops
-    sizes = np.full((R, 2), 500, np.int64)
+    sizes = np.full((R, 2), px, np.int64)
     boxes, flips = sample_crops(0, range(R), sizes, crops, (0.08, 0.936))
     idx, val = teacher_topk(R, crops, top_k, CLASSES)
     from ..progress import progress
@@ -109,7 +117,8 @@ def build(workdir: str, images: int, crops: int, top_k: int = 5) -> dict:
                               topk_val=val[:m])
             bar.update(1)
     store.finalize()
-    info = {"images": images, "crops": crops, "top_k": top_k, "data": data, "store": store_path,
+    info = {"images": images, "crops": crops, "top_k": top_k, "px": px, "quality": quality,
+            "jpeg_bytes": os.path.getsize(src), "data": data, "store": store_path,
             "val_images": val_per_class * CLASSES, "link_s": link_s, "store_write_s": time.perf_counter() - t0,
             "store_bytes": sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store_path) for f in fs),
             "shards": len(ranges), "rows_per_shard": R}
@@ -258,8 +267,109 @@ def probe_verify(a: dict) -> dict:
             "workers": os.cpu_count()}
 
 
+# ---------------------------------------------------------------------------------------------- shards (--format wds)
+def _split(data: str) -> str:
+    from ..dataset import split_dir
+    return split_dir(data, "train")
+
+
+def probe_crops(a: dict) -> dict:
+    """Loader crops/s of rank 0 of a world so large that a pass is ``batches`` batches (the round's rows are read as
+    at any world size), from the first batch's end to the pass's end; the same for files and shards."""
+    import labelstore
+    from pipelines import FKDLoader
+
+    from ..dataset import scan_image_folder
+    ds = scan_image_folder(_split(a["data"]))
+    store = labelstore.open_store(a["store"])
+    store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets)
+    world = max(1, len(ds) // (a["batches"] * a["batch"]))
+    loader = FKDLoader(a["data"], store, batch_size=a["batch"], num_crops=a["n"], crop_size=a["size"], device="cpu",
+                       rank=0, world_size=world, files=ds.files, num_threads=a.get("threads"))
+    loader.set_epoch(0)
+    it = iter(loader)
+    next(it)
+    before = ds.shards.requests if ds.shards is not None else 0
+    t, crops, batches = time.perf_counter(), 0, 0
+    for b in it:
+        crops += int(b["images"].shape[0])
+        batches += 1
+    took = time.perf_counter() - t
+    out = {"world": world, "batches": batches, "crops": crops, "crops_per_s": crops / took}
+    if ds.shards is not None:
+        out["requests_after_first_batch"] = ds.shards.requests - before  # range requests (a set at a URL)
+        out["rank_images"] = -(-len(ds) // world)  # the pass's images: every one read once
+    return out
+
+
+def _smaps(path_part: str) -> dict:
+    """The mappings of files whose path holds ``path_part``: KB of Rss, Pss, Private_Clean/Dirty, Shared_Clean,
+    summed; and this process's totals (smaps_rollup: Rss, Pss, Private_Dirty, Anonymous), KB."""
+    keys = ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Shared_Clean")
+    mapped = dict.fromkeys(keys, 0)
+    mine = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                mine = len(head) >= 6 and path_part in head[5]
+            elif mine and head and head[0][:-1] in mapped:
+                mapped[head[0][:-1]] += int(head[1])
+    total = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            head = line.split()
+            if head and head[0][:-1] in ("Rss", "Pss", "Private_Dirty", "Anonymous"):
+                total[head[0][:-1]] = int(head[1])
+    return {"mapped_kb": mapped, "process_kb": total}
+
+
+def _barrier(folder: str, name: str, rank: int, world: int, timeout: float = 900) -> None:
+    open(os.path.join(folder, f"{name}.{rank}"), "w").close()
+    end = time.time() + timeout
+    while sum(f.startswith(name + ".") for f in os.listdir(folder)) < world:
+        if time.time() > end:
+            raise RuntimeError(f"bench scale: the ranks did not all reach '{name}' in {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def probe_index(a: dict) -> dict:
+    """One of ``world`` concurrent ranks of a node: opens the shard set as a rank does (the dataset scan: JSON,
+    one stat per shard, the per-sample files mapped), checks the store against it, and reads the index records of
+    its first pass's rows as the reader does (from the mapping); then, with every rank at that point, the memory of
+    the index's mapping (``fkd-index.bin``; Pss: its pages shared by the ranks that map them), of all the set's
+    mapped files (labels and keys too: the store check reads the labels), and of the process. Also what a rank
+    would hold privately if it copied its pass's records out of the mapping (``N / world x 16 B``)."""
+    import labelstore
+    from pipelines.order import pass_rows
+
+    from ..dataset import scan_image_folder
+    before = _smaps("/fkd-index.bin")
+    t = time.perf_counter()
+    ds = scan_image_folder(_split(a["data"]))
+    store = labelstore.open_store(a["store"])
+    store.check_dataset(files=ds.files, classes=ds.classes, fingerprint=ds.fingerprint, targets=ds.targets)
+    opened = time.perf_counter() - t
+    rows = pass_rows(len(ds), 0, 0, a["rank"], a["world"])
+    after_open = _smaps("/fkd-index.bin")
+    index = ds.shards.index
+    touched = 0
+    for r in rows[:: max(1, len(rows) // 200_000)].tolist():  # record by record, as ShardSet.read reads them
+        touched += int(index[r]["length"])
+    _barrier(a["barrier"], "touched", a["rank"], a["world"])
+    shared, every = _smaps("/fkd-index.bin"), _smaps("/fkd-")
+    private = np.array(index[np.sort(rows)])  # the alternative: the pass's records copied out, 16 B each
+    copied = _smaps("/fkd-index.bin")
+    _barrier(a["barrier"], "measured", a["rank"], a["world"])
+    return {"rank": a["rank"], "world": a["world"], "samples": len(ds), "rows": len(rows), "open_check_s": opened,
+            "before": before, "after_open": after_open, "after_pass_records": shared, "all_set_files": every,
+            "private_copy_bytes": int(private.nbytes),
+            "after_private_copy": copied, "index_file_bytes": os.path.getsize(os.path.join(_split(a["data"]),
+                                                                                           "fkd-index.bin"))}
+
+
 PROBES = {"scan": probe_scan, "train": probe_train, "rank": probe_rank, "switch": probe_switch,
-          "baselines": probe_baselines, "verify": probe_verify}
+          "baselines": probe_baselines, "verify": probe_verify, "crops": probe_crops, "index": probe_index}
 
 
 def _run_probe(name: str, args: dict, env: dict | None = None, timeout: float = 3600) -> dict:
@@ -403,6 +513,194 @@ def _s3(info: dict, common: dict, args, out: str) -> dict:
         proc.terminate()
         proc.wait(30)
         shutil.rmtree(spill, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- the run, --format wds
+SHARD_BYTES = 16 << 20  # images per tar (~13,000 samples of the small JPEG: ~100 shards at 1.28 M)
+
+
+def build_shards(workdir: str, info: dict) -> dict:
+    """``fkd-dali pack`` of the bench's folder (train and val) as WebDataset shards (reused when already packed)."""
+    from ..pack import pack
+    root = os.path.join(workdir, "shards-wds")
+    marker = os.path.join(workdir, "shards.json")
+    if os.path.exists(marker):
+        got = json.load(open(marker))
+        if got.get("images") == info["images"] and got.get("jpeg_bytes") == info["jpeg_bytes"]:
+            return got
+    shutil.rmtree(root, ignore_errors=True)
+    t = time.perf_counter()
+    sets = pack(info["data"], root, "wds", SHARD_BYTES)
+    train = os.path.join(root, "train")
+    got = {"images": info["images"], "jpeg_bytes": info["jpeg_bytes"], "root": root, "pack_s": time.perf_counter() - t,
+           "shards": len(sets["train"].names), "tar_bytes": sum(os.path.getsize(sets["train"].shard_path(i))
+                                                                  for i in range(len(sets["train"].names))),
+           "index_bytes": sum(os.path.getsize(os.path.join(train, f)) for f in os.listdir(train)
+                              if f.startswith("fkd-"))}
+    with open(marker, "w") as f:
+        json.dump(got, f)
+    return got
+
+
+def _run_concurrent(name: str, args: list[dict], timeout: float = 1800) -> list[dict]:
+    """The probe ``name`` in one process per args, all at once (the ranks of a node)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "fkd_dali.bench.scale", name, json.dumps(dict(x, t0=time.time()))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for x in args]
+    out = []
+    for p in procs:
+        o, e = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"bench scale probe '{name}' failed:\n{e[-4000:]}")
+        out.append(json.loads(o.strip().splitlines()[-1]))
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    return {"runs": values, "median": float(np.median(values)), "min": min(values), "max": max(values)}
+
+
+def run_shards(args) -> dict:
+    """``bench scale --format wds``: the folder, its label store and its packed shards; from shards: the first
+    batch, the index's memory per rank at world 8 (8 concurrent ranks), loader crops/s against the folder
+    (alternating, fresh processes), and against the same shards on a local S3 server."""
+    workdir = args.workdir or os.path.join(tempfile.gettempdir(), "fkd-bench-scale-wds")
+    t = time.perf_counter()
+    info = build(workdir, args.images, args.crops, px=args.image_px, quality=75)
+    print(f"data and store ready in {time.perf_counter() - t:.0f} s: {info['images']:,} images "
+          f"({info['jpeg_bytes']} B JPEG, {info['px']} px) x {info['crops']} crops", flush=True)
+    sh = build_shards(workdir, info)
+    print(f"packed in {sh['pack_s']:.0f} s: {sh['shards']} shards, {sh['tar_bytes'] / 1e9:.2f} GB, index "
+          f"{sh['index_bytes'] / 1e6:.1f} MB", flush=True)
+    common = {"store": info["store"], "n": args.num_crops, "size": args.input_size, "threads": args.threads}
+    res: dict = {"format": "wds", "build": info, "shards": sh, "num_crops": args.num_crops,
+                 "input_size": args.input_size, "batch_size": args.batch_size, "rank_batch": args.rank_batch}
+    out = tempfile.mkdtemp(prefix="fkd-bench-scale-out-")
+    try:
+        t = time.perf_counter()
+        res["train"] = [_run_probe("train", {**common, "data": sh["root"], "batch": args.batch_size,
+                                             "out": os.path.join(out, f"run{i}")}) for i in range(2)]
+        print(f"  train (shards, 2 runs): {time.perf_counter() - t:.0f} s", flush=True)
+        t = time.perf_counter()
+        barrier = tempfile.mkdtemp(prefix="barrier-", dir=out)
+        res["index_w8"] = _run_concurrent("index", [{**common, "data": sh["root"], "rank": r, "world": 8,
+                                                     "barrier": barrier} for r in range(8)])
+        print(f"  index, 8 ranks: {time.perf_counter() - t:.0f} s", flush=True)
+        crops = {**common, "batch": args.rank_batch, "batches": args.batches}
+        runs: dict = {"files": [], "shards": []}
+        t = time.perf_counter()
+        for _ in range(args.reps):
+            for name, data in (("files", info["data"]), ("shards", sh["root"])):
+                runs[name].append(_run_probe("crops", {**crops, "data": data}))
+        res["crops"] = runs
+        res["crops_ratio"] = _spread([s["crops_per_s"] / f["crops_per_s"] for f, s in zip(runs["files"], runs["shards"])])
+        print(f"  crops/s, files vs shards x {args.reps}: {time.perf_counter() - t:.0f} s", flush=True)
+        if not args.no_s3:
+            res["s3"] = _s3_shards(sh, crops, args, workdir)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return res
+
+
+def _s3_shards(sh: dict, crops: dict, args, workdir: str) -> dict:
+    try:
+        import moto  # noqa: F401
+        import s3fs
+    except ImportError as e:
+        return {"skipped": f"needs moto[server] and s3fs ({e}); pip install 'moto[server]' s3fs"}
+    spill = tempfile.mkdtemp(prefix="fkd-bench-s3-", dir=workdir)
+    log = os.path.join(spill, "moto-access.log")
+    proc, endpoint = s3_server(spill, log)
+    try:
+        fs = s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint)
+        fs.mkdir("bench")
+        t = time.perf_counter()
+        fs.put(os.path.join(sh["root"], "train"), "bench/shards/train", recursive=True)
+        res: dict = {"upload_s": time.perf_counter() - t, "endpoint": "moto server on 127.0.0.1"}
+        env = {**s3_env(endpoint), "FKD_DALI_SHARD_CACHE": os.path.join(spill, "cache")}
+        runs: dict = {"local": [], "s3": []}
+        for _ in range(args.reps):
+            runs["local"].append(_run_probe("crops", {**crops, "data": sh["root"]}))
+            start = os.path.getsize(log)
+            got = _run_probe("crops", {**crops, "data": "s3://bench/shards"}, env=env)
+            got["server_requests"] = count_requests(log, start)
+            got["shard_gets"] = _shard_gets(log, start)
+            runs["s3"].append(got)
+        res["runs"] = runs
+        res["ratio"] = _spread([s["crops_per_s"] / x["crops_per_s"] for x, s in zip(runs["local"], runs["s3"])])
+        one = runs["s3"][0]
+        res["requests_per_image"] = one["shard_gets"] / one["rank_images"]  # the server's log: GETs of tars
+        res["requests_per_pass_w8"] = int(res["requests_per_image"] * -(-sh["images"] // 8))
+        return res
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _shard_gets(log: str, start: int) -> int:
+    """GET requests of tar objects in a moto access log from byte ``start`` on (one per sample's byte range)."""
+    import re
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = re.sub(rb"\x1b\[[0-9;]*m", b"", f.read())  # the server colours its log
+    return len(re.findall(rb'"GET /\S+\.tar\S* HTTP', text))
+
+
+def format_shards_table(r: dict, scale_to: int = 14_000_000) -> str:
+    """The table of docs/shards.md for ``bench scale --format wds``."""
+    n = r["build"]["images"]
+    f = scale_to / n
+    firsts = [x["first_batch_from_start_s"] for x in r["train"]]
+    first = min(firsts)
+    best = r["train"][firsts.index(first)]
+    idx = r["index_w8"]
+
+    def med(key, sub="mapped_kb", part="after_pass_records"):
+        return float(np.median([x[part][sub][key] for x in idx])) / 1024
+
+    pss, rss = med("Pss"), med("Rss")
+    priv = med("Private_Dirty", "process_kb") - float(np.median([x["after_open"]["process_kb"]["Private_Dirty"]
+                                                                 for x in idx])) / 1024
+    copy = idx[0]["private_copy_bytes"] / 1e6
+    cr = r["crops_ratio"]
+    fl = [x["crops_per_s"] for x in r["crops"]["files"]]
+    sr = [x["crops_per_s"] for x in r["crops"]["shards"]]
+    lines = [f"| step ({n:,} images as {r['shards']['shards']} WebDataset tars, {r['build']['jpeg_bytes']} B JPEG) | "
+             f"measured | goal | {scale_to / 1e6:.0f} M images (O(N) part x{f:.1f}, not measured) |", "|---|---|---|---|",
+             f"| `fkd-dali pack` of the folder (train + val) | {r['shards']['pack_s']:.0f} s, "
+             f"{r['shards']['tar_bytes'] / 1e9:.2f} GB of tars, index {r['shards']['index_bytes'] / 1e6:.1f} MB | | |",
+             f"| train.py start to first batch from shards, world 1 (2 runs) | "
+             f"{' / '.join(f'{x:.1f}' for x in firsts)} s | ≤ 10 s | ≤ {best['imports_s'] + (first - best['imports_s']) * f:.0f} s "
+             f"(all but imports x{f:.1f}) |",
+             f"| of which: imports / Trainer (index opened, store check, model) / loader built / first batch | "
+             f"{best['imports_s']:.1f} / {best['trainer_s']:.1f} / {best['loader_s']:.1f} / "
+             f"{first - best['imports_s'] - best['trainer_s'] - best['loader_s']:.1f} s | | |",
+             f"| index opened + store checked, per rank (8 ranks at once; median) | "
+             f"{float(np.median([x['open_check_s'] for x in idx])):.2f} s | | {float(np.median([x['open_check_s'] for x in idx])) * f:.1f} s |",
+             f"| index pages per rank after its pass's records were read, world 8: Pss (shared pages / ranks mapping them) "
+             f"/ RSS | {pss:.1f} / {rss:.1f} MB | ≤ 32 MB at 14 M | {pss * f:.0f} / {rss * f:.0f} MB |",
+             f"| private memory grown per rank while reading its pass's records (Private_Dirty) / a private copy of "
+             f"them instead | "
+             f"{priv:.1f} / {copy:.1f} MB | | {priv * f:.0f} / {copy * f:.0f} MB |",
+             f"| loader crops/s, files vs shards ({len(fl)} alternating pairs, fresh processes) | "
+             f"{' '.join(f'{x:.0f}' for x in fl)} vs {' '.join(f'{x:.0f}' for x in sr)} | | |",
+             f"| shards / files, per pair: median (min-max) | {cr['median']:.2f}x ({cr['min']:.2f}-{cr['max']:.2f}) | "
+             f"≥ 0.95x | |"]
+    s3 = r.get("s3")
+    if s3 and "ratio" in s3:
+        lo = [x["crops_per_s"] for x in s3["runs"]["local"]]
+        hi = [x["crops_per_s"] for x in s3["runs"]["s3"]]
+        lines += [f"| loader crops/s, local shards vs the same on a local S3 server (moto) | "
+                  f"{' '.join(f'{x:.0f}' for x in lo)} vs {' '.join(f'{x:.0f}' for x in hi)} | | |",
+                  f"| S3 / local, per pair: median (min-max) | {s3['ratio']['median']:.2f}x ({s3['ratio']['min']:.2f}-"
+                  f"{s3['ratio']['max']:.2f}) | ≥ 0.8x | |",
+                  f"| range requests per image / per pass per rank at world 8 | {s3['requests_per_image']:.2f} / "
+                  f"{s3['requests_per_pass_w8']:,} | | {s3['requests_per_pass_w8'] * f:,.0f} |"]
+    elif s3:
+        lines.append(f"| object storage | {s3.get('skipped')} | | |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -6,6 +6,8 @@ byte range (offset, length) of that file. One module per format (wds.py, tfrecor
   (key: str, image: bytes, label: int); one Entry per sample, offset/length of the IMAGE bytes in the file,
 - ``scan_shard(f, name) -> Iterator[Entry]``: the samples of an existing shard (a foreign one too); raises
   ShardFormatError naming the shard file, the byte offset and the fault,
+- optionally ``check_key(key)``: raises ValueError for a key the format cannot record (RecordIO: numbers only),
+  so ``fkd-dali pack`` refuses a dataset before it writes anything,
 - ``write_dali_index(shard_path, entries) -> str | None``: writes the index file DALI's own reader of the format
   needs (so ``fn.readers.*`` read our shards too) and returns its path.
 

@@ -57,6 +57,11 @@ def record_id(key: str) -> int:
     return int(key)
 
 
+def check_key(key: str) -> None:
+    """Raises ValueError for a key this format cannot record (``pack`` asks before it writes anything)."""
+    record_id(key)
+
+
 def aligned_magic(data: bytes) -> int | None:
     """The first 4-byte aligned offset of the magic number in `data` (where dmlc's writer would split), or None."""
     words = np.frombuffer(data, dtype="<u4", count=len(data) // 4)
