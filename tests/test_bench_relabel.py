@@ -71,6 +71,7 @@ def test_sre2l_log_gives_its_last_validation(tmp_path):
     assert _sre2l_last_top1(str(log)) == pytest.approx(62.5)
 
 
+@pytest.mark.slow
 def test_bench_relabel_quick_runs_sre2l_and_fkd_dali_side_by_side(tmp_path, capsys):
     sre2l = _sre2l_checkout(tmp_path)
     if sre2l is None or not os.path.isfile(os.path.join(sre2l, "validate", "train_FKD.py")):

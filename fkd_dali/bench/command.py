@@ -110,7 +110,9 @@ def add_parser(sub, func) -> None:
                     help="comma-separated k of the top-k copies of the imported store")
     rl.add_argument("-a", "--arch", default="shufflenet_v2_x0_5", help="the students (a torchvision model)")
     rl.add_argument("--teacher-arch", default="shufflenet_v2_x0_5", help="the teacher (a torchvision model)")
-    rl.add_argument("--epochs", type=POSITIVE, default=None, help="relabel and student epochs (default 24; SRe2L 300)")
+    rl.add_argument("--lr", type=float, default=0.004, help="the students' AdamW learning rate, both trainers "
+                    "(SRe2L's default 0.001)")
+    rl.add_argument("--epochs", type=POSITIVE, default=None, help="relabel and student epochs (default 8; SRe2L 300)")
     rl.add_argument("--classes", type=POSITIVE, default=None, help="classes of the demo's data (default 10, all of them)")
     rl.add_argument("--ipc", type=POSITIVE, default=None, help="distilled images per class (default 10)")
     rl.add_argument("--quick", action="store_true", help="a smoke test of the table (tiny; not evidence)")

@@ -9,8 +9,9 @@ fkd-dali's, on one tiny distilled set, over seeds.
    (run unchanged by ``tests/sre2l_run.py``, the teacher's weights loaded) and ``fkd-dali relabel``;
    ``import-sre2l`` of SRe2L's folder, and copies of it holding only the top-k logits (same crops, same mixing);
 4. **students**, per seed: SRe2L's ``validate/train_FKD.py`` on SRe2L's files, and ``fkd-dali train --labels
-   relabel`` on the imported store and on each top-k copy, with SRe2L's recipe (KL at T = 3, AdamW 1e-3 / 0.01,
-   linear decay, its step as the batch); every final student is evaluated by one evaluator (ours: resize to
+   relabel`` on the imported store and on each top-k copy, with SRe2L's recipe (KL at T = 3, AdamW with weight
+   decay 0.01, linear decay, its step as the batch) at one ``--lr`` for both (SRe2L's 1e-3 moves a student little
+   in a few epochs); every final student is evaluated by one evaluator (ours: resize to
    input * 256 / 224, centre crop) on the distilled set's validation images;
 5. **report**: top-1 per seed and its spread, store bytes against SRe2L's fp16 files, generation and training wall
    time side by side (each tool run as its own process, start-up included).
@@ -47,12 +48,12 @@ NUM_OUTPUTS = 1000  # SRe2L's train_FKD.py builds torchvision's 1,000-class stud
 class Size:
     classes: int = 10          # the objects flavour's shapes: all of them
     ipc: int = 10              # distilled images per class
-    teacher_per_class: int = 100
+    teacher_per_class: int = 50
     val_per_class: int = 20
-    image_size: int = 40       # the images' side and the crops' (--input-size)
-    teacher_epochs: int = 12
+    image_size: int = 32       # the images' side and the crops' (--input-size)
+    teacher_epochs: int = 6
     teacher_lr: float = 0.004
-    epochs: int = 24           # relabel and student epochs (SRe2L: 300)
+    epochs: int = 8            # relabel and student epochs (SRe2L: 300): what a shared 2-core CPU allowed
     batch: int = 20            # SRe2L's step at relabel = every student's batch
 
 
@@ -166,7 +167,7 @@ def run(args) -> dict:
         write_dataset(teacher_data, per_class=z.teacher_per_class, val_per_class=0, seed=1, **objects)
         os.symlink(os.path.join("..", "distilled", "val"), os.path.join(teacher_data, "val"))
     train_dir, val_dir = split_dir(data, "train"), split_dir(data, "val")
-    out: dict = {"size": dataclasses.asdict(z), "arch": args.arch, "teacher_arch": args.teacher_arch,
+    out: dict = {"size": dataclasses.asdict(z), "lr": args.lr, "arch": args.arch, "teacher_arch": args.teacher_arch,
                  "seeds": list(args.seeds), "top_k": list(args.top_k), "threads": threads}
 
     # the teacher: hard labels on the larger set, 1,000 outputs
@@ -222,7 +223,7 @@ def run(args) -> dict:
         student = os.path.join(work, f"sre2l-seed{seed}")
         cmd = [py, WRAPPER, sre2l, "--batch-size", str(B), "--epochs", str(E), "-j", "0", "--train-dir", train_dir,
                "--val-dir", val_dir, "--output-dir", student, "--fkd-path", sre2l_labels + "/", "--mix-type",
-               "cutmix", "--model", args.arch]
+               "cutmix", "--model", args.arch, "--adamw-lr", str(args.lr)]
         rec = _cached(os.path.join(work, f"sre2l-seed{seed}.json"), lambda: {"wall_s": _timed(
             cmd, {"SRE2L_SEED": str(seed), "SRE2L_INPUT_SIZE": str(N)}, os.path.join(work, f"sre2l-seed{seed}.log"))})
         rec["top1"] = evaluate_checkpoint(os.path.join(student, "checkpoint.pth.tar"), args.arch, val_dir, N, threads)
@@ -233,7 +234,7 @@ def run(args) -> dict:
             run_dir = os.path.join(work, f"ours-{name}-seed{seed}")
             cmd = [py, "-m", "fkd_dali", "train", data, "--labels", "relabel", "--softlabel-path", store, "-a",
                    args.arch, "--epochs", str(E), "-b", str(B), "--input-size", str(N), "--temp", "3", "--opt",
-                   "adamw", "--lr", "0.001", "--wd", "0.01", "--sched", "linear", "--warmup-epochs", "0", "--seed",
+                   "adamw", "--lr", str(args.lr), "--wd", "0.01", "--sched", "linear", "--warmup-epochs", "0", "--seed",
                    str(seed), "--output", run_dir, "--overwrite", "-q", "-j", str(threads)]
             rec = _cached(run_dir + ".json", lambda: {"wall_s": _timed(cmd, log=run_dir + ".log")})
             rec["top1"] = evaluate_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"), args.arch, val_dir, N,
@@ -301,7 +302,9 @@ def format_table(out: dict) -> str:
     lines += ["", f"labels ({out['size']['epochs']} epochs, step {out['size']['batch']}, CutMix, fp16): SRe2L's "
               f"generate_soft_label.py {g['sre2l_s']:.1f} s, fkd-dali relabel {g['ours_s']:.1f} s "
               f"(x{g['sre2l_s'] / g['ours_s']:.2f}); fkd-dali's own store {b['ours_generated']:,} bytes",
-              f"teacher {out['teacher_arch']}: val top-1 {out['teacher']['val_top1']:.1f} %"]
+              f"teacher {out['teacher_arch']}: val top-1 {out['teacher']['val_top1']:.1f} %; students "
+              f"{out.get('arch', '?')}, {out['size']['epochs']} epochs, batch {out['size']['batch']}, KL at T 3, "
+              f"AdamW lr {out.get('lr', '?')}"]
     own = [r.get("own_top1") for r in out["runs"]["sre2l"].values()]
     if all(x is not None for x in own):
         lines.append("SRe2L's own validation of its students (last epoch): "
