@@ -34,7 +34,7 @@ def test_topk_copy_keeps_the_steps_and_the_largest_logits(tmp_path):
         topk_copy(str(tmp_path / "top3"), str(tmp_path / "again"), 3)
 
 
-def _result(sre2l=(60.0, 62.0, 61.0), full=(61.0, 63.0, 62.0), top5=(55.0, 56.0, 57.0), top50=(61.5, 62.0, 62.5)):
+def _result(sre2l=(60.0, 62.0, 61.0), full=(61.0, 63.0, 62.0), top5=(60.0, 61.0, 62.0), top50=(61.5, 62.0, 62.5)):
     def runs(v, wall):
         return {str(s): {"top1": x, "wall_s": wall} for s, x in enumerate(v)}
     return {"seeds": [0, 1, 2], "top_k": [5, 50], "teacher_arch": "t", "teacher": {"val_top1": 90.0},
@@ -49,6 +49,7 @@ def test_verdict_names_the_smallest_k_within_half_a_point_of_full():
     assert v["same_top1_within_spread"] and v["top1_difference"] == pytest.approx(1.0)
     assert v["smallest_k_within_half_point"] == 50 and v["bytes_ratio_at_that_k"] == pytest.approx(50.0)
     assert v["train_speedup"] == pytest.approx(1.5) and v["generate_speedup"] == pytest.approx(1.5)
+    assert verdict(_result(top5=(61.5, 61.6, 62.0)))["smallest_k_within_half_point"] == 5  # 0.3 below full
     v = verdict(_result(full=(70.0, 71.0, 72.0), top50=(60.0, 60.0, 60.0)))
     assert not v["same_top1_within_spread"] and v["smallest_k_within_half_point"] is None
 
