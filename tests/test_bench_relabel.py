@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fkd_dali.bench.relabel import _sre2l_last_top1, format_table, topk_copy, verdict
+from fkd_dali.bench.relabel import _sre2l_last_loss, _sre2l_last_top1, format_table, topk_copy, verdict
 from fkd_dali.cli import main
 from labelstore.relabel import open_relabel
 from tests.test_relabel_store import fill, new_store
@@ -60,16 +60,18 @@ def test_table_gives_each_seed_the_spread_bytes_and_times():
     r["verdict"] = verdict(r)
     table = format_table(r)
     assert "| SRe2L's train_FKD.py on SRe2L's files (full logits, fp16) | 100,000 | 1.0 | 60.0 | 62.0 | 61.0 | 61.0 " \
-           "| 60.0 | 62.0 | 90 |" in table
+           "| 60.0 | 62.0 | 90 | - | - |" in table
     assert "| fkd-dali train on the imported store, top-50 logits | 2,000 | 50.0 | 61.5 | 62.0 | 62.5 | 62.0" in table
     assert "(x1.50)" in table and "smallest k within 0.5 points of full: 50 (50x smaller" in table
 
 
 def test_sre2l_log_gives_its_last_validation(tmp_path):
     log = tmp_path / "log"
-    log.write_text("TEST Iter 0: loss = 1.0,\tTop-1 err = 90.000000,\tTop-5 err = 50.0\nTRAIN Iter 1: x\n"
+    log.write_text("TEST Iter 0: loss = 1.0,\tTop-1 err = 90.000000,\tTop-5 err = 50.0\n"
+                   "TRAIN Iter 9: lr = 0.000400,\tloss = 0.251234,\tTop-1 err = 90.0\n"
                    "TEST Iter 9: loss = 1.0,\tTop-1 err = 37.500000,\tTop-5 err = 5.0\n")
     assert _sre2l_last_top1(str(log)) == pytest.approx(62.5)
+    assert _sre2l_last_loss(str(log)) == pytest.approx(0.251234)
 
 
 @pytest.mark.slow

@@ -108,6 +108,9 @@ def add_parser(sub, func) -> None:
                     help="comma-separated seeds of the students")
     rl.add_argument("--top-k", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10, 50],
                     help="comma-separated k of the top-k copies of the imported store")
+    rl.add_argument("--topk-seeds", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="seeds of the top-k students (default: --seeds); each trains after every seed's full-label "
+                    "pair")
     rl.add_argument("-a", "--arch", default="shufflenet_v2_x0_5", help="the students (a torchvision model)")
     rl.add_argument("--teacher-arch", default="shufflenet_v2_x0_5", help="the teacher (a torchvision model)")
     rl.add_argument("--lr", type=float, default=0.004, help="the students' AdamW learning rate, both trainers "

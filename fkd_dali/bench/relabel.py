@@ -217,33 +217,50 @@ def run(args) -> dict:
     out["bytes"] = {"sre2l_files": folder_bytes(sre2l_labels), "ours_generated": folder_bytes(ours_store),
                     **{name: folder_bytes(p) for name, p in stores.items()}}
 
-    # the students, per seed
+    # the students: SRe2L's and ours on the same full labels for every seed first, then the top-k copies
     out["runs"] = {}
-    for seed in args.seeds:
-        student = os.path.join(work, f"sre2l-seed{seed}")
-        cmd = [py, WRAPPER, sre2l, "--batch-size", str(B), "--epochs", str(E), "-j", "0", "--train-dir", train_dir,
-               "--val-dir", val_dir, "--output-dir", student, "--fkd-path", sre2l_labels + "/", "--mix-type",
-               "cutmix", "--model", args.arch, "--adamw-lr", str(args.lr)]
-        rec = _cached(os.path.join(work, f"sre2l-seed{seed}.json"), lambda: {"wall_s": _timed(
-            cmd, {"SRE2L_SEED": str(seed), "SRE2L_INPUT_SIZE": str(N)}, os.path.join(work, f"sre2l-seed{seed}.log"))})
-        rec["top1"] = evaluate_checkpoint(os.path.join(student, "checkpoint.pth.tar"), args.arch, val_dir, N, threads)
-        rec["own_top1"] = _sre2l_last_top1(os.path.join(work, f"sre2l-seed{seed}.log"))
-        out["runs"].setdefault("sre2l", {})[str(seed)] = rec
-        print(f"SRe2L's train_FKD.py seed {seed}: top-1 {rec['top1']:.1f} % ({rec['wall_s']:.0f} s)", flush=True)
-        for name, store in stores.items():
-            run_dir = os.path.join(work, f"ours-{name}-seed{seed}")
-            cmd = [py, "-m", "fkd_dali", "train", data, "--labels", "relabel", "--softlabel-path", store, "-a",
-                   args.arch, "--epochs", str(E), "-b", str(B), "--input-size", str(N), "--temp", "3", "--opt",
-                   "adamw", "--lr", str(args.lr), "--wd", "0.01", "--sched", "linear", "--warmup-epochs", "0", "--seed",
-                   str(seed), "--output", run_dir, "--overwrite", "-q", "-j", str(threads)]
-            rec = _cached(run_dir + ".json", lambda: {"wall_s": _timed(cmd, log=run_dir + ".log")})
-            rec["top1"] = evaluate_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"), args.arch, val_dir, N,
-                                              threads)
-            out["runs"].setdefault(f"ours-{name}", {})[str(seed)] = rec
-            print(f"fkd-dali train on {name} seed {seed}: top-1 {rec['top1']:.1f} % ({rec['wall_s']:.0f} s)",
-                  flush=True)
+    topk_seeds = args.seeds if args.topk_seeds is None else args.topk_seeds
+    jobs = [(seed, name) for seed in args.seeds for name in ("sre2l", "full")]
+    jobs += [(seed, name) for seed in topk_seeds for name in stores if name != "full"]
+    for seed, name in jobs:
+        if name == "sre2l":
+            rec = _sre2l_student(py, sre2l, work, seed, B, E, N, train_dir, val_dir, sre2l_labels, args)
+        else:
+            rec = _our_student(py, work, seed, name, stores[name], B, E, N, data, threads, args)
+        rec["top1"] = evaluate_checkpoint(os.path.join(rec.pop("dir"), "checkpoint.pth.tar"), args.arch, val_dir, N,
+                                          threads)
+        key = "sre2l" if name == "sre2l" else f"ours-{name}"
+        out["runs"].setdefault(key, {})[str(seed)] = rec
+        print(f"{key} seed {seed}: top-1 {rec['top1']:.1f} % ({rec['wall_s']:.0f} s)", flush=True)
     out["verdict"] = verdict(out)
     return out
+
+
+def _sre2l_student(py, sre2l, work, seed, B, E, N, train_dir, val_dir, labels, args) -> dict:
+    """SRe2L's validate/train_FKD.py on its own files (seeded through tests/sre2l_run.py); its run's record."""
+    student = os.path.join(work, f"sre2l-seed{seed}")
+    log = student + ".log"
+    cmd = [py, WRAPPER, sre2l, "--batch-size", str(B), "--epochs", str(E), "-j", "0", "--train-dir", train_dir,
+           "--val-dir", val_dir, "--output-dir", student, "--fkd-path", labels + "/", "--mix-type", "cutmix",
+           "--model", args.arch, "--adamw-lr", str(args.lr)]
+    rec = _cached(student + ".json", lambda: {"wall_s": _timed(cmd, {"SRE2L_SEED": str(seed),
+                                                                      "SRE2L_INPUT_SIZE": str(N)}, log)})
+    return {**rec, "dir": student, "own_top1": _sre2l_last_top1(log), "train_loss": _sre2l_last_loss(log),
+            "loop_s": sum(_sre2l_values(log, "train_time = "))}
+
+
+def _our_student(py, work, seed, name, store, B, E, N, data, threads, args) -> dict:
+    """``fkd-dali train --labels relabel`` on ``store`` with SRe2L's recipe; its run's record."""
+    run_dir = os.path.join(work, f"ours-{name}-seed{seed}")
+    cmd = [py, "-m", "fkd_dali", "train", data, "--labels", "relabel", "--softlabel-path", store, "-a", args.arch,
+           "--epochs", str(E), "-b", str(B), "--input-size", str(N), "--temp", "3", "--opt", "adamw", "--lr",
+           str(args.lr), "--wd", "0.01", "--sched", "linear", "--warmup-epochs", "0", "--seed", str(seed),
+           "--output", run_dir, "--overwrite", "-q", "-j", str(threads)]
+    rec = _cached(run_dir + ".json", lambda: {"wall_s": _timed(cmd, log=run_dir + ".log")})
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        history = [json.loads(line) for line in f if line.strip()]
+    return {**rec, "dir": run_dir, "train_loss": history[-1].get("train_loss"),
+            "loop_s": sum(h["seconds"] for h in history)}
 
 
 def _sre2l_last_top1(log: str) -> float | None:
@@ -253,6 +270,19 @@ def _sre2l_last_top1(log: str) -> float | None:
         if line.startswith("TEST Iter") and "Top-1 err = " in line:
             last = 100 - float(line.split("Top-1 err = ")[1].split(",")[0])
     return last
+
+
+def _sre2l_values(log: str, field: str) -> list[float]:
+    """A field of each epoch's 'TRAIN Iter E: lr = ..., loss = X, ..., train_time = T' line of train_FKD.py."""
+    with open(log) as f:
+        return [float(line.split(field)[1].split(",")[0]) for line in f
+                if line.startswith("TRAIN Iter") and field in line]
+
+
+def _sre2l_last_loss(log: str) -> float | None:
+    """The training loss (SRe2L's KL) train_FKD.py printed for its last epoch."""
+    losses = _sre2l_values(log, "loss = ")
+    return losses[-1] if losses else None
 
 
 def _stats(runs: dict) -> tuple[float, float, float]:
@@ -289,15 +319,20 @@ def format_table(out: dict) -> str:
     rows += [(f"ours-top{k}", f"fkd-dali train on the imported store, top-{k} logits", b[f"top{k}"])
              for k in out["top_k"]]
     lines = [f"| student | label bytes | x smaller | {' | '.join(f'seed {s}' for s in seeds)} | mean | min | max | "
-             "train wall s (mean) |", "|---|---|---|" + "---|" * (len(seeds) + 4)]
+             "wall s (mean) | training loop s (mean) | last-epoch KL (mean) |",
+             "|---|---|---|" + "---|" * (len(seeds) + 6)]
     for key, label, nbytes in rows:
         got = out["runs"].get(key, {})
         vals = [got[s]["top1"] if s in got else None for s in seeds]
         have = [v for v in vals if v is not None]
         stats = f"{statistics.mean(have):.1f} | {min(have):.1f} | {max(have):.1f}" if have else "- | - | -"
         wall = f"{statistics.mean(got[s]['wall_s'] for s in seeds if s in got):.0f}" if have else "-"
+        losses = [got[s]["train_loss"] for s in seeds if got.get(s, {}).get("train_loss") is not None]
+        loss = f"{statistics.mean(losses):.4f}" if losses else "-"
+        loops = [got[s]["loop_s"] for s in seeds if got.get(s, {}).get("loop_s") is not None]
+        loop = f"{statistics.mean(loops):.0f}" if loops else "-"
         lines.append(f"| {label} | {nbytes:,} | {b['sre2l_files'] / nbytes:.1f} | "
-                     f"{' | '.join('-' if v is None else f'{v:.1f}' for v in vals)} | {stats} | {wall} |")
+                     f"{' | '.join('-' if v is None else f'{v:.1f}' for v in vals)} | {stats} | {wall} | {loop} | {loss} |")
     g, v = out["generate"], out.get("verdict", {})
     lines += ["", f"labels ({out['size']['epochs']} epochs, step {out['size']['batch']}, CutMix, fp16): SRe2L's "
               f"generate_soft_label.py {g['sre2l_s']:.1f} s, fkd-dali relabel {g['ours_s']:.1f} s "
