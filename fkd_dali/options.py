@@ -602,6 +602,8 @@ def add_relabel_args(r: argparse.ArgumentParser) -> None:
     r.add_argument("--label-format", dest="label_format", choices=("full", "topk"), default="full",
                    help="full logits (SRe2L's) or the top-k logits (--top-k)")
     r.add_argument("--top-k", dest="top_k", type=POSITIVE, default=10)
+    r.add_argument("--num-classes", dest="num_classes", type=POSITIVE,
+                   help="the teacher's outputs when it has more than the dataset's classes (SRe2L's students: 1000)")
     r.add_argument("--use-fp16", "--use_fp16", dest="use_fp16", action="store_true",
                    help="accepted for SRe2L compatibility: labels are float16 unless --fp32")
     r.add_argument("--fp32", action="store_true", help="store the labels as float32")
@@ -627,6 +629,6 @@ def relabel_config(args: argparse.Namespace):
         data=args.data, save_path=args.save_path, teachers=teachers, epochs=args.epochs, batch_size=args.batch_size,
         mix=args.mix_type, mixup=args.mixup, cutmix=args.cutmix, label_format=args.label_format, top_k=args.top_k,
         label_dtype="float32" if args.fp32 else "float16", input_size=args.input_size,
-        scale=(args.min_scale_crops, args.max_scale_crops), fkd_seed=args.fkd_seed, seed=args.seed,
+        num_classes=args.num_classes, scale=(args.min_scale_crops, args.max_scale_crops), fkd_seed=args.fkd_seed, seed=args.seed,
         device=args.device, threads=args.workers, rows_per_shard=args.rows_per_shard, rank=args.rank,
         world_size=args.world_size, show_progress=not args.quiet)

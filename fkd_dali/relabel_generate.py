@@ -59,6 +59,7 @@ class RelabelConfig:
     label_format: str = "full"
     top_k: int = 10
     label_dtype: str = "float16"
+    num_classes: int | None = None  # the teacher's outputs when more than the dataset's classes (SRe2L's 1000)
     input_size: int = 224
     scale: tuple[float, float] = DEFAULT_SCALE
     fkd_seed: int = SRE2L_SEED  # the step plan (SRe2L's sampler)
@@ -193,7 +194,7 @@ def _generate(cfg: RelabelConfig, device: str, d) -> dict:
         names = "; ".join(f"{ds.files[r]} ({why})" for r, why in list(bad.items())[:5])
         raise GenerateError(f"{len(bad)} image(s) under {ds.root} cannot be used: {names}. Replace or remove them: "
                             "a distilled set is relabelled whole")
-    teachers = Teachers(cfg.teachers, len(ds.classes), None, device, amp=cfg.amp, channels_last=False)
+    teachers = Teachers(cfg.teachers, len(ds.classes), cfg.num_classes, device, amp=cfg.amp, channels_last=False)
     _check(cfg, teachers)
     _first_step(cfg, ds, sizes, teachers, device)
     rs, lock = _create_or_open(cfg, ds, sizes, teachers, d)

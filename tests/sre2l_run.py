@@ -16,6 +16,13 @@ nothing of it is copied into this repository and the installed torch is never mo
 * with ``SRE2L_RANDOM_TEACHER=1``, ``torchvision.models.<arch>(pretrained=True)`` builds the architecture with
   random weights (seeded 0): the machine has no network to download ImageNet weights, and the format is what is
   tested, not the teacher;
+* with ``SRE2L_TEACHER=FILE`` (a state_dict saved by torch.save), ``torchvision.models.<arch>(pretrained=True)``
+  builds the architecture and loads FILE (weights_only): a teacher trained on this machine (``bench relabel``);
+* with ``SRE2L_SEED=N``, torch, numpy and random are seeded with N before the script runs (train_FKD.py has no
+  ``--seed``: a student's initialisation is otherwise unseeded);
+* with ``SRE2L_INPUT_SIZE=N``, the sizes train_FKD.py hard-codes become N: its training crop
+  (``RandomResizedCropWithCoords(size=224)``) and validation ``Resize(256)`` / ``CenterCrop(224)`` (256 -> round(N *
+  256 / 224)); everything else of its recipe is unchanged. A 2-core CPU cannot train at 224 px in a benchmark;
 * on a machine without CUDA (our 2-core CI VM): ``.cuda()`` of tensors and modules returns them as they are,
   ``nn.DataParallel`` is the module itself, pin_memory is off and the script's "need gpu" check passes.
 """
@@ -106,6 +113,45 @@ def random_teacher() -> None:
             setattr(models, name, seeded)
 
 
+def loaded_teacher(path: str) -> None:
+    import torch
+    import torchvision.models as models
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name, build in list(vars(models).items()):
+        if callable(build) and name.islower() and not name.startswith("_") and name != "get_model":
+            def loaded(*a, _build=build, pretrained=False, **k):
+                model = _build(*a, **k)
+                model.load_state_dict(state)
+                return model
+            setattr(models, name, loaded)
+
+
+def seeded(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def input_size(n: int) -> None:
+    """train_FKD.py's hard-coded 224 px crops (and 256 px validation resize) become ``n`` (and n * 256 / 224)."""
+    import torchvision.transforms as T
+    sizes = {224: n, 256: round(n * 256 / 224)}
+    for cls in (T.RandomResizedCrop, T.Resize, T.CenterCrop):
+        init = cls.__init__
+
+        def resized(self, *a, _init=init, **k):
+            if a and a[0] in sizes:
+                a = (sizes[a[0]],) + a[1:]
+            if k.get("size") in sizes:
+                k["size"] = sizes[k["size"]]
+            _init(self, *a, **k)
+        cls.__init__ = resized
+
+
 def main(argv: list[str]) -> None:
     sre2l = os.path.abspath(argv[0])
     rel = "validate/train_FKD.py"
@@ -124,6 +170,12 @@ def main(argv: list[str]) -> None:
     cpu_only(script)
     if os.environ.get("SRE2L_RANDOM_TEACHER") == "1":
         random_teacher()
+    if os.environ.get("SRE2L_TEACHER"):
+        loaded_teacher(os.environ["SRE2L_TEACHER"])
+    if os.environ.get("SRE2L_INPUT_SIZE"):
+        input_size(int(os.environ["SRE2L_INPUT_SIZE"]))
+    if os.environ.get("SRE2L_SEED"):
+        seeded(int(os.environ["SRE2L_SEED"]))
     sys.argv = [script] + args
     runpy.run_path(script, run_name="__main__")
 

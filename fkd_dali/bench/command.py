@@ -113,6 +113,31 @@ def add_parser(sub, func) -> None:
     ss.add_argument("--out", default="bench-results/ssl.json")
     ss.set_defaults(func=func)
 
+    rl = bs.add_parser("relabel", help="dataset distillation: SRe2L's own relabel and trainer vs fkd-dali's on a "
+                       "tiny distilled set of the demo's data; top-k vs full labels; bytes and wall time, over seeds")
+    rl.add_argument("--sre2l", default=None, help="the SRe2L folder of a VILA-Lab/SRe2L checkout (default: "
+                    "$FKD_DALI_SRE2L_DIR)")
+    rl.add_argument("--workdir", default="bench-data/relabel", help="data, teacher, labels and runs (reused when "
+                    "rerun)")
+    rl.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
+                    help="comma-separated seeds of the students")
+    rl.add_argument("--top-k", type=lambda s: [int(x) for x in s.split(",")], default=[5, 10, 50],
+                    help="comma-separated k of the top-k copies of the imported store")
+    rl.add_argument("--topk-seeds", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="seeds of the top-k students (default: --seeds); each trains after every seed's full-label "
+                    "pair")
+    rl.add_argument("-a", "--arch", default="shufflenet_v2_x0_5", help="the students (a torchvision model)")
+    rl.add_argument("--teacher-arch", default="shufflenet_v2_x0_5", help="the teacher (a torchvision model)")
+    rl.add_argument("--lr", type=float, default=0.004, help="the students' AdamW learning rate, both trainers "
+                    "(SRe2L's default 0.001)")
+    rl.add_argument("--epochs", type=POSITIVE, default=None, help="relabel and student epochs (default 8; SRe2L 300)")
+    rl.add_argument("--classes", type=POSITIVE, default=None, help="classes of the demo's data (default 10, all of them)")
+    rl.add_argument("--ipc", type=POSITIVE, default=None, help="distilled images per class (default 10)")
+    rl.add_argument("--quick", action="store_true", help="a smoke test of the table (tiny; not evidence)")
+    rl.add_argument("--threads", type=int, default=None)
+    rl.add_argument("--out", default="bench-results/relabel.json")
+    rl.set_defaults(func=func)
+
     sc = bs.add_parser("scale", help="ImageNet scale: scan, first batch, pass switch, per-rank memory at world 1 "
                        "and 8, baseline constructors, verify, a store on a local S3 server")
     sc.add_argument("--images", type=int, default=1_281_167, help="training files (hard links to one JPEG)")
@@ -231,6 +256,14 @@ def run(args: argparse.Namespace) -> int:
                  if v is not None}
         result = run_seeds(args.workdir, seeds, first=args.first_seed, quick=args.quick, device=args.device, **sizes)
         result["machine"] = machine
+        _write(result, args.out)
+    elif args.bench == "relabel":
+        from .relabel import format_table as relabel_table
+        from .relabel import run as relabel_run
+        result = relabel_run(args)
+        result["machine"] = machine
+        print()
+        print(relabel_table(result))
         _write(result, args.out)
     elif args.bench == "scale":
         from . import scale
