@@ -48,6 +48,8 @@ SHARD_IDS = "fkd-shard-ids.npy"  # only in a set whose rows follow a store's ord
 INDEX_VERSION = 1
 RECORD = np.dtype([("offset", "<u8"), ("length", "<u4"), ("crc32", "<u4")])  # 16 B per sample
 MAX_SAMPLE_BYTES = 2**32 - 1
+MAX_OPEN_SHARDS = 64  # shard files a set holds open at once (a rank reads 1,200+ shards of ImageNet-21k)
+MAX_CLASSES_UNNAMED = 1 << 20  # without a class list, the largest class number makes the list: bounded
 MAX_JSON_BYTES = 256 << 20  # the JSON holds O(shards + classes + key folders): larger is not an index of ours
 
 
@@ -130,6 +132,8 @@ class ShardSet:
             self.fingerprint = str(meta["fingerprint"])
             key_dirs = [str(d) for d in meta["key_dirs"]]
             key_dir_starts = np.asarray(meta["key_dir_starts"], np.int64)
+            if len(key_dirs) != len(key_dir_starts):
+                raise ValueError(f"{len(key_dirs)} key folders but {len(key_dir_starts)} first rows of them")
         except (KeyError, TypeError, ValueError) as e:
             raise ShardSetError(f"{meta_path} is not a shard-set index ({type(e).__name__}: {e}): index the shards "
                                 "again") from None
@@ -158,7 +162,9 @@ class ShardSet:
             if self.shard_ids.dtype.kind != "u" or (n and int(self.shard_ids.max()) >= len(self.names)):
                 raise ShardSetError(f"{join(root, SHARD_IDS)} names shards the index does not list: index the "
                                     "shards again")
-        self._fds: dict[int, int] = {}  # shard -> open file, opened on first read
+        self._fds: dict[int, int] = {}  # shard -> open file, least recently used first (MAX_OPEN_SHARDS kept)
+        self._users: dict[int, int] = {}  # open file -> reads using it now (it is closed only when none)
+        self._orphans: set[int] = set()  # files dropped from _fds while in use: closed by their last user
         self._lock = threading.Lock()
 
     def _remote(self, name: str) -> str:
@@ -223,27 +229,60 @@ class ShardSet:
                                     f"index the set again (fkd-dali index {self.root}) and regenerate labels made "
                                     "from the old one")
 
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(shard)
-                if fd is None:
-                    try:
-                        fd = os.open(self.shard_path(shard), os.O_RDONLY)
-                    except FileNotFoundError:
-                        raise LoaderError(f"shard {self.shard_path(shard)} is missing from the set: restore "
-                                          "it, or index the shards that exist again") from None
-                    self._fds[shard] = fd
+    def _acquire(self, shard: int) -> int:
+        """An open file of ``shard`` for one read (give it back with :meth:`_release`); at most MAX_OPEN_SHARDS
+        files stay open: the least recently used one not being read is closed."""
+        with self._lock:
+            fd = self._fds.pop(shard, None)
+            if fd is None:
+                try:
+                    fd = os.open(self.shard_path(shard), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise LoaderError(f"shard {self.shard_path(shard)} is missing from the set: restore "
+                                      "it, or index the shards that exist again") from None
+            self._fds[shard] = fd
+            self._users[fd] = self._users.get(fd, 0) + 1
+            self._trim(MAX_OPEN_SHARDS)
         return fd
+
+    def _release(self, fd: int) -> None:
+        with self._lock:
+            self._users[fd] -= 1
+            if not self._users[fd]:
+                del self._users[fd]
+                if fd in self._orphans:
+                    self._orphans.discard(fd)
+                    os.close(fd)
+
+    def _trim(self, keep: int) -> None:
+        for shard in list(self._fds):
+            if len(self._fds) <= keep:
+                break
+            fd = self._fds.pop(shard)
+            if fd in self._users:
+                self._orphans.add(fd)
+            else:
+                os.close(fd)
+
+    def _bounded(self, row: int, shard: int, offset: int, length: int) -> None:
+        """The index's range of ``row`` lies inside its shard (O(1)): a damaged index is named, not read."""
+        if offset + length > int(self.sizes[shard]):
+            raise LoaderError(f"{join(self.root, INDEX_BIN)}: row {row} says {length} bytes at byte {offset} of "
+                              f"shard {self.shard_path(shard)}, which is {int(self.sizes[shard])} bytes: the index is "
+                              f"damaged; index the set again (fkd-dali index {self.root})")
 
     def read(self, row: int) -> bytes:
         row = int(row)
         shard = int(self.shard_of(np.asarray([row]))[0])
         rec = self.index[row]
         offset, length = int(rec["offset"]), int(rec["length"])
+        self._bounded(row, shard, offset, length)
         if self.fs is None:
-            data = os.pread(self._fd(shard), length, offset)
+            fd = self._acquire(shard)
+            try:
+                data = os.pread(fd, length, offset)
+            finally:
+                self._release(fd)
         else:
             try:
                 data = self.fs.cat_file(self._remote(self.names[shard]), start=offset, end=offset + length)
@@ -273,6 +312,8 @@ class ShardSet:
         recs = [self.index[r] for r in rows]
         starts = [int(x["offset"]) for x in recs]
         ends = [a + int(x["length"]) for a, x in zip(starts, recs)]
+        for row, shard, a, b in zip(rows, shards, starts, ends):
+            self._bounded(row, shard, a, b - a)
         got = self.fs.cat_ranges([self._remote(self.names[s]) for s in shards], starts, ends, on_error="return")
         with self._lock:
             self.requests += len(rows)
@@ -296,13 +337,13 @@ class ShardSet:
             return io.BytesIO(self.read(row))
         shard = int(self.shard_of(np.asarray([row]))[0])
         rec = self.index[row]
-        return io.BufferedReader(_Range(self._fd(shard), int(rec["offset"]), int(rec["length"])), 16384)
+        self._bounded(row, shard, int(rec["offset"]), int(rec["length"]))
+        return io.BufferedReader(_Range(self, shard, int(rec["offset"]), int(rec["length"])), 16384)
 
     def close(self) -> None:
+        """Closes the set's open shard files (those being read, when their read ends); a later read opens again."""
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            self._trim(0)
 
     def verify_bytes(self, workers: int = 8, progress=None) -> int:
         """Read every sample and check its CRC-32 against the index (:meth:`read` raises naming the first that
@@ -335,9 +376,15 @@ class _Range(io.RawIOBase):
     """Bytes [offset, offset + length) of an open file, as a seekable read-only file (``os.pread``: no shared
     file position, so threads may each hold one)."""
 
-    def __init__(self, fd: int, offset: int, length: int):
+    def __init__(self, shards: ShardSet, shard: int, offset: int, length: int):
         super().__init__()
-        self.fd, self.offset, self.length, self.pos = fd, offset, length, 0
+        self.shards, self.fd = shards, shards._acquire(shard)  # held (not closed by the LRU) until closed
+        self.offset, self.length, self.pos = offset, length, 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self.shards._release(self.fd)
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -434,6 +481,14 @@ class ShardSetWriter:
         shard_ids = np.concatenate(self.shard_ids) if self.shard_ids else np.zeros(0, np.int64)
         if order is not None:  # checked before anything is written
             rec, labels, shard_ids = self._in_order(order, rec, labels, shard_ids)
+        top = int(labels.max()) if labels.size else 0
+        if self.classes is None and top >= MAX_CLASSES_UNNAMED:
+            raise ShardSetError(f"{self.root}: a sample has class {top}; without a class list the set may have at "
+                                f"most {MAX_CLASSES_UNNAMED} classes. Give the class names (--classes FILE), or "
+                                "check the shards' labels")
+        classes = self.classes if self.classes is not None else [str(i) for i in range(top + 1)]
+        if top >= len(classes):
+            raise ShardSetError(f"{self.root}: a sample has class {top}, but the set has {len(classes)} classes")
         if os.path.exists(os.path.join(self.root, INDEX_JSON)):  # indexed again: no old JSON over new arrays
             os.remove(os.path.join(self.root, INDEX_JSON))
         if order is not None:
@@ -441,10 +496,6 @@ class ShardSetWriter:
                     shard_ids.astype(np.uint16 if len(self.shards) < 2**16 else np.uint32))
         elif os.path.exists(os.path.join(self.root, SHARD_IDS)):
             os.remove(os.path.join(self.root, SHARD_IDS))
-        top = int(labels.max()) if labels.size else 0
-        classes = self.classes if self.classes is not None else [str(i) for i in range(top + 1)]
-        if top >= len(classes):
-            raise ShardSetError(f"{self.root}: a sample has class {top}, but the set has {len(classes)} classes")
         keys = PathTable.from_paths(self.keys)
         rec.tofile(os.path.join(self.root, INDEX_BIN))
         np.save(os.path.join(self.root, LABELS), labels.astype(np.int16 if top < 2**15 else np.int32))
@@ -614,4 +665,5 @@ class ShardImages:
         self._ahead.clear()
         self._ahead_pool.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.shards.close()
 

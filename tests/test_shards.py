@@ -414,3 +414,115 @@ def test_unusable_images_in_shards_are_named_and_skipped_on_request(packed, tmp_
         generate(config(packed, str(tmp_path / "s"), data=str(tmp_path / "shards")))
     rep = generate(config(packed, str(tmp_path / "s2"), data=str(tmp_path / "shards"), skip_corrupt=True))
     assert [r for r, _ in rep.skipped] == [10, 20]  # rows of class_3/img_010.jpg, class_6/img_020.jpg
+
+
+def three_sample_tar() -> tuple[bytes, int]:
+    """A 3-sample tar and the byte offset of sample 1's (b's) first header."""
+    data = tar_of([("a.jpg", b"x"), ("a.cls", b"0"), ("b.jpg", b"y"), ("b.cls", b"1"), ("c.jpg", b"z"),
+                   ("c.cls", b"2")])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return data, next(m.offset for m in tar if m.name == "b.jpg")
+
+
+def _damaged_checksum(data: bytes, at: int) -> bytes:
+    return data[:at + 148] + b"99999999" + data[at + 156:]
+
+
+@pytest.mark.parametrize("cut", [
+    lambda d, at: d[:at + 100],  # cut in the middle of sample 1's header
+    _damaged_checksum,  # sample 1's header damaged
+    lambda d, at: d[:at] + b"not a tar header " * 64,  # garbage after sample 0
+    lambda d, at: d[:at],  # cut right after sample 0's last member (no end-of-archive blocks)
+])
+def test_a_cut_or_damaged_tar_loses_no_sample_silently(cut):
+    data, at = three_sample_tar()
+    assert [e.key for e in wds.scan_shard(io.BytesIO(data), "ok.tar")] == ["a.jpg", "b.jpg", "c.jpg"]
+    with pytest.raises(ShardFormatError, match=f"shard cut.tar at byte {at}: .*(truncated|corrupt)"):
+        list(wds.scan_shard(io.BytesIO(cut(data, at)), "cut.tar"))
+
+
+def test_an_untrusted_class_number_is_bounded(tmp_path):
+    with pytest.raises(ShardFormatError, match="shard big.tar at byte \\d+: the class of sample 'a' is "
+                                               "1000000000000, outside 0..2147483647"):
+        list(wds.scan_shard(io.BytesIO(tar_of([("a.jpg", b"x"), ("a.cls", b"1000000000000")])), "big.tar"))
+    tfr = FORMATS["tfrecord"]
+    buf = io.BytesIO()
+    tfr.write_shard(buf, [("a.jpg", b"x", 2**40)])
+    buf.seek(0)
+    with pytest.raises(ShardFormatError, match="shard big.tfrecord at byte 0: record 0 has class 1099511627777"):
+        list(tfr.scan_shard(buf, "big.tfrecord"))
+    # below the formats' cap, a set without a class list refuses a class list it would have to make up
+    root = str(tmp_path / "set")
+    os.makedirs(root)
+    with open(os.path.join(root, "p.tar"), "wb") as f:
+        f.write(tar_of([("a.jpg", b"x"), ("a.cls", b"0")]))
+    index_shards(root, dali_index=False)
+    with open(os.path.join(root, "p.tar"), "wb") as f:
+        f.write(tar_of([("a.jpg", b"x"), ("a.cls", str(2**31 - 1).encode())]))
+    with pytest.raises(ShardSetError, match="class 2147483647; without a class list the set may have at most "
+                                            "1048576 classes. Give the class names"):
+        index_shards(root, dali_index=False)
+    # every check runs before the old index is removed (index --force)
+    assert os.path.exists(os.path.join(root, INDEX_JSON))
+    with open(os.path.join(root, "p.tar"), "wb") as f:
+        f.write(tar_of([("a.jpg", b"x"), ("a.cls", b"5")]))
+    with pytest.raises(ShardSetError, match="a sample has class 5, but the set has 2 classes"):
+        index_shards(root, classes=["x", "y"], dali_index=False)
+    assert os.path.exists(os.path.join(root, INDEX_JSON))
+
+
+def test_an_index_range_past_its_shard_is_named(packed, tmp_path):
+    root = os.path.join(copy_set(packed, tmp_path), "train")
+    rec = np.fromfile(os.path.join(root, "fkd-index.bin"), np.dtype([("offset", "<u8"), ("length", "<u4"),
+                                                                    ("crc32", "<u4")]))
+    rec["length"][3] = 2**32 - 1
+    rec.tofile(os.path.join(root, "fkd-index.bin"))
+    shards = open_shard_set(root)
+    for read in (shards.read, shards.open_sample):
+        with pytest.raises(LoaderError, match="fkd-index.bin: row 3 says 4294967295 bytes at byte \\d+ of shard "
+                                              ".*the index is damaged"):
+            read(3)
+
+
+def test_pack_wds_refuses_a_bad_key_before_writing(tmp_path):
+    data = tmp_path / "data" / "train" / "c"
+    data.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(data / "a.jpg")
+    Image.new("RGB", (8, 8)).save(data / "b.v2.jpg")
+    with pytest.raises(ValueError, match="'c/b.v2.jpg' cannot be a WebDataset key"):
+        pack(str(tmp_path / "data"), str(tmp_path / "out"), fmt="wds")
+    assert not os.path.exists(tmp_path / "out" / "train")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_open_shard_files_are_bounded_and_closed(tmp_path):
+    from pipelines.shards import MAX_OPEN_SHARDS, ShardImages
+    root = str(tmp_path / "many")
+    os.makedirs(root)
+    for i in range(MAX_OPEN_SHARDS + 16):
+        with open(os.path.join(root, f"p{i:03d}.tar"), "wb") as f:
+            f.write(tar_of([(f"s{i}.jpg", bytes([i])), (f"s{i}.cls", b"0")]))
+    shards = index_shards(root, dali_index=False)
+    before = open_fds()
+    images = ShardImages(shards, workers=2)
+    got = images.encoded(np.arange(len(shards)))
+    assert [bytes(g) for g in got] == [bytes([i]) for i in range(MAX_OPEN_SHARDS + 16)]
+    assert open_fds() - before <= MAX_OPEN_SHARDS + 4  # the pool's threads hold no files
+    held = [shards.open_sample(r) for r in range(MAX_OPEN_SHARDS + 16)]  # open samples keep their files
+    assert [h.read() for h in held] == [bytes([i]) for i in range(MAX_OPEN_SHARDS + 16)]
+    del held
+    images.close()
+    assert open_fds() <= before
+
+
+def test_key_folders_and_their_rows_must_match(packed, tmp_path):
+    root = os.path.join(copy_set(packed, tmp_path), "train")
+    meta_path = os.path.join(root, INDEX_JSON)
+    meta = json.load(open(meta_path))
+    meta["key_dir_starts"].append(99)
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ShardSetError, match=f"{meta_path} is not a shard-set index .*key folders but"):
+        open_shard_set(root)

@@ -31,6 +31,10 @@ class Entry(NamedTuple):
     label: int
 
 
+#: Classes a shard may name: 0..2**31-1 (the index stores int32), refused beyond, naming the shard and byte.
+CLASS_LIMIT = 1 << 31
+
+
 class ShardFormatError(ValueError):
     """A shard file is not what its format says; the message names the file, the byte offset and the fault."""
 

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import google_crc32c  # crc32c in C; zarr depends on it too
 
-from pipelines.formats import Entry, ShardFormatError, file_size
+from pipelines.formats import CLASS_LIMIT, Entry, ShardFormatError, file_size
 
 NAME = "tfrecord"
 SUFFIX = ".tfrecord"
@@ -266,6 +266,9 @@ def scan_shard(f: BinaryIO, name: str) -> Iterator[Entry]:
             raise ShardFormatError(name, position, f"record {number} has class {stored}; {LABEL_FEATURE} is 1-based "
                                                    "(1..N, 0 is the ImageNet builder's background), as "
                                                    "DeepLearningExamples reads it")
+        if stored - LABEL_BASE >= CLASS_LIMIT:
+            raise ShardFormatError(name, position, f"record {number} has class {stored}, more than "
+                                                   f"{CLASS_LIMIT - 1 + LABEL_BASE}")
         if KEY_FEATURE in features and features[KEY_FEATURE][0] == 1:
             key = bytes(buf[features[KEY_FEATURE][1]:features[KEY_FEATURE][2]]).decode("utf-8", "replace")
         else:

@@ -13,7 +13,7 @@ import io
 import tarfile
 from collections.abc import Iterable, Iterator
 
-from . import Entry, ShardFormatError, file_size
+from . import CLASS_LIMIT, Entry, ShardFormatError, file_size
 
 NAME = "wds"
 SUFFIX = ".tar"
@@ -35,16 +35,22 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def check_key(key: str) -> None:
+    """Raises ValueError for a key this format cannot record (``pack`` asks before it writes anything)."""
+    ext = split_name(key)[1]
+    if ext.lower() not in IMAGE_EXTENSIONS or any(c.isspace() for c in key):
+        raise ValueError(f"{key!r} cannot be a WebDataset key: its base name must be STEM.EXT with one "
+                         f"dot and EXT an image extension ({', '.join(IMAGE_EXTENSIONS)}), and no white "
+                         "space. Rename the file, or pack with another --format")
+
+
 def write_shard(f, samples: Iterable[tuple[str, bytes, int]]) -> list[Entry]:
     """Write ``(key, image bytes, label)`` samples as one tar shard to the binary file ``f``; one Entry each."""
     entries = []
     with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for key, image, label in samples:
-            stem, ext = split_name(key)
-            if ext.lower() not in IMAGE_EXTENSIONS or any(c.isspace() for c in key):
-                raise ValueError(f"{key!r} cannot be a WebDataset key: its base name must be STEM.EXT with one "
-                                 f"dot and EXT an image extension ({', '.join(IMAGE_EXTENSIONS)}), and no white "
-                                 "space. Rename the file, or pack with another --format")
+            check_key(key)
+            stem = split_name(key)[0]
             tar.addfile(_member(key, len(image)), io.BytesIO(image))
             offset = tar.offset - _padded(len(image))
             tar.addfile(_member(f"{stem}.{CLASS_EXTENSION}", len(str(int(label)))),
@@ -85,6 +91,7 @@ def scan_shard(f, name: str) -> Iterator[Entry]:
         if s != stem and stem is not None:
             yield _sample(f, name, stem, parts, first)
         if member is None:
+            _check_end(f, name, at, size)
             return
         if s != stem:
             if s in seen:
@@ -96,6 +103,24 @@ def scan_shard(f, name: str) -> Iterator[Entry]:
         if ext in parts:
             raise ShardFormatError(name, member.offset, f"sample {stem!r} has two {ext!r} members")
         parts[ext] = member
+
+
+def _check_end(f, name: str, at: int, size: int) -> None:
+    """tarfile ends its listing (no error) at a header past byte 0 that is cut short, damaged or not a header:
+    only zero blocks (the end-of-archive marker, at least one) may follow the last member, else the shard is
+    refused, so no sample after a damaged header is lost without a word."""
+    if size - at < BLOCK:
+        raise ShardFormatError(name, at, "the tar ends without its end-of-archive blocks (it is cut short after a "
+                               "member, or a header is cut): the shard is truncated; copy it again from its source")
+    f.seek(at)
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            return
+        if chunk.count(0) != len(chunk):
+            raise ShardFormatError(name, at, "the bytes here are neither a tar header nor the end-of-archive "
+                                   "blocks (a damaged header, or data that is not tar): the shard is corrupt; copy "
+                                   "it again from its source")
 
 
 def _sample(f, name: str, stem: str, parts: dict[str, tarfile.TarInfo], first: int) -> Entry:
@@ -118,8 +143,9 @@ def _sample(f, name: str, stem: str, parts: dict[str, tarfile.TarInfo], first: i
     except (UnicodeDecodeError, ValueError):
         raise ShardFormatError(name, cls.offset_data, f"the class of sample {stem!r} is {text!r}, not an "
                                "integer") from None
-    if label < 0:
-        raise ShardFormatError(name, cls.offset_data, f"the class of sample {stem!r} is negative ({label})")
+    if not 0 <= label < CLASS_LIMIT:
+        raise ShardFormatError(name, cls.offset_data, f"the class of sample {stem!r} is {label}, outside "
+                               f"0..{CLASS_LIMIT - 1}")
     image = images[0]
     return Entry(image.name, image.offset_data, image.size, label)
 
