@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import hashlib
 import threading
 import zlib
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,7 @@ RECORD = np.dtype([("offset", "<u8"), ("length", "<u4"), ("crc32", "<u4")])  # 1
 MAX_SAMPLE_BYTES = 2**32 - 1
 MAX_OPEN_SHARDS = 64  # shard files a set holds open at once (a rank reads 1,200+ shards of ImageNet-21k)
 MAX_CLASSES_UNNAMED = 1 << 20  # without a class list, the largest class number makes the list: bounded
+PER_SAMPLE_FILES = (INDEX_BIN, LABELS, KEY_NAMES, KEY_ENDS, SHARD_IDS)  # sized and digested in the JSON
 MAX_JSON_BYTES = 256 << 20  # the JSON holds O(shards + classes + key folders): larger is not an index of ours
 
 
@@ -130,6 +132,8 @@ class ShardSet:
                                      np.int64)
             self.classes = [str(c) for c in meta["classes"]]
             self.fingerprint = str(meta["fingerprint"])
+            # per-sample file -> (bytes, SHA-256) when it was written; an index without them checks none
+            self.file_sums = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in meta.get("files", {}).items()}
             key_dirs = [str(d) for d in meta["key_dirs"]]
             key_dir_starts = np.asarray(meta["key_dir_starts"], np.int64)
             if len(key_dirs) != len(key_dir_starts):
@@ -171,7 +175,6 @@ class ShardSet:
         return f"{self.base.rstrip('/')}/{name}"
 
     def _cache_dir(self, meta: bytes) -> str:
-        import hashlib  # noqa: PLC0415
         digest = hashlib.sha256(self.root.encode() + b"\0" + meta).hexdigest()[:24]
         return os.path.join(cache_root(), digest)
 
@@ -185,18 +188,48 @@ class ShardSet:
             os.makedirs(self._local, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
             self.fs.get_file(self._remote(name), tmp)
+            try:
+                self._check_digest(name, tmp)
+            except ShardSetError:
+                os.remove(tmp)
+                raise
             os.replace(tmp, path)
         return path
+
+    def _check_size(self, name: str, path: str) -> None:
+        """O(1): the file has the byte size the index recorded."""
+        if name in self.file_sums and os.path.getsize(path) != self.file_sums[name][0]:
+            raise ShardSetError(f"{join(self.root, name)} is {os.path.getsize(path)} bytes, {INDEX_JSON} recorded "
+                                f"{self.file_sums[name][0]}: it does not belong to this index; index the shards "
+                                f"again (fkd-dali index {self.root})")
+
+    def _check_digest(self, name: str, path: str) -> None:
+        """The file's bytes are those the index recorded (its SHA-256): read whole, so only where it is read anyway
+        (a cache being filled, ``inspect --verify``)."""
+        self._check_size(name, path)
+        if name in self.file_sums and file_digest(path) != self.file_sums[name][1]:
+            raise ShardSetError(f"{join(self.root, name)} holds other bytes than {INDEX_JSON} recorded (SHA-256 "
+                                f"mismatch): it does not belong to this index; index the shards again "
+                                f"(fkd-dali index {self.root})")
+
+    def verify_index_files(self) -> None:
+        """Every per-sample index file holds the bytes the JSON recorded (SHA-256)."""
+        for name in self.file_sums:
+            self._check_digest(name, self._local_copy(name))
 
     def _mapped(self, name: str, n: int | None, load) -> np.ndarray:
         path = join(self.root, name)
         try:
-            arr = load(self._local_copy(name))
+            local = self._local_copy(name)
+            arr = load(local)
+        except ShardSetError:
+            raise
         except (OSError, ValueError) as e:
             raise ShardSetError(f"{path} cannot be read ({e}): index the shards again") from None
         if n is not None and arr.shape != (n,):
             raise ShardSetError(f"{path} holds {arr.shape[0] if arr.ndim else 0} samples, the index "
                                 f"{INDEX_JSON} says {n}: the index is damaged; index the shards again")
+        self._check_size(name, local)
         return arr
 
     def __len__(self) -> int:
@@ -347,8 +380,10 @@ class ShardSet:
 
     def verify_bytes(self, workers: int = 8, progress=None) -> int:
         """Read every sample and check its CRC-32 against the index (:meth:`read` raises naming the first that
-        differs); returns the number of samples checked. ``progress(n)`` is called per shard."""
+        differs), after the per-sample index files' SHA-256; returns the number of samples checked.
+        ``progress(n)`` is called per shard."""
         import concurrent.futures
+        self.verify_index_files()
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             for shard in range(len(self.names)):  # blocks of rows as many as shards (in shard order unless key-mapped)
                 a, b = len(self) * shard // len(self.names), len(self) * (shard + 1) // len(self.names)
@@ -363,6 +398,14 @@ class ShardSet:
 
     def byte_sizes(self) -> np.ndarray:
         return self.index["length"]
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def open_shard_set(root: str, check_files: bool = True) -> ShardSet:
@@ -501,7 +544,11 @@ class ShardSetWriter:
         np.save(os.path.join(self.root, LABELS), labels.astype(np.int16 if top < 2**15 else np.int32))
         np.save(os.path.join(self.root, KEY_NAMES), np.asarray(keys.names, np.uint8))
         np.save(os.path.join(self.root, KEY_ENDS), np.asarray(keys.ends))
+        files = {name: {"size": os.path.getsize(os.path.join(self.root, name)),
+                        "sha256": file_digest(os.path.join(self.root, name))}
+                 for name in PER_SAMPLE_FILES if name != SHARD_IDS or order is not None}
         meta = {"version": INDEX_VERSION, "format": self.fmt.NAME, "num_samples": self.n, "shards": self.shards,
+                "files": files,
                 "classes": classes, "fingerprint": fingerprint_of(keys, rec["length"]),
                 "key_dirs": keys.dirs, "key_dir_starts": keys.dir_starts.tolist(), "store_order": order is not None}
         tmp = os.path.join(self.root, INDEX_JSON + ".tmp")

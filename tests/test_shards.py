@@ -526,3 +526,40 @@ def test_key_folders_and_their_rows_must_match(packed, tmp_path):
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(ShardSetError, match=f"{meta_path} is not a shard-set index .*key folders but"):
         open_shard_set(root)
+
+
+def test_index_files_are_checked_against_the_sizes_and_digests_the_json_recorded(packed, tmp_path, monkeypatch):
+    root = os.path.join(copy_set(packed, tmp_path), "train")
+    monkeypatch.setenv("FKD_DALI_SHARD_CACHE", str(tmp_path / "cache"))
+    url = "file://" + root
+    shards = open_shard_set(url)
+    row = 4
+    offset, length = int(shards.index[row]["offset"]), int(shards.index[row]["length"])
+    path = shards.shard_path(int(shards.shard_of(np.asarray([row]))[0]))[len("file://"):]
+    # a sample's bytes change (not its size) and the set is indexed again: the node's cache is not stale
+    with open(path, "r+b") as f:
+        f.seek(offset + length // 2)
+        byte = f.read(1)
+        f.seek(offset + length // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    index_shards(root, classes=shards.classes, dali_index=False)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        assert open_shard_set(url).read(row) == f.read(length)
+    # a per-sample file of another size than recorded is refused on open (O(1))
+    labels_path = os.path.join(root, "fkd-labels.npy")
+    labels = np.load(labels_path)
+    np.save(labels_path, labels.astype(np.int32 if labels.dtype != np.int32 else np.int64))
+    with pytest.raises(ShardSetError, match="fkd-labels.npy is \\d+ bytes, fkd-index.json recorded \\d+"):
+        open_shard_set(root)
+    np.save(labels_path, labels)
+    # the same size, other bytes: caught by inspect --verify, and when a cache is filled
+    rec = np.fromfile(os.path.join(root, "fkd-index.bin"), shards.index.dtype)
+    rec["crc32"][0] ^= 1
+    rec.tofile(os.path.join(root, "fkd-index.bin"))
+    with pytest.raises(ShardSetError, match="fkd-index.bin holds other bytes than fkd-index.json recorded"):
+        open_shard_set(root).verify_bytes(workers=1)
+    monkeypatch.setenv("FKD_DALI_SHARD_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(ShardSetError, match="fkd-index.bin holds other bytes than fkd-index.json recorded"):
+        open_shard_set(url)
+    assert not [n for n in os.listdir(next((tmp_path / "cache2").iterdir())) if n.startswith("fkd-index.bin")]
