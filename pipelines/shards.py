@@ -132,8 +132,13 @@ class ShardSet:
                                      np.int64)
             self.classes = [str(c) for c in meta["classes"]]
             self.fingerprint = str(meta["fingerprint"])
-            # per-sample file -> (bytes, SHA-256) when it was written; an index without them checks none
-            self.file_sums = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in meta.get("files", {}).items()}
+            # per-sample file -> (bytes, SHA-256): every one the set has must be recorded (the JSON is untrusted
+            # too: an index that drops an entry must not switch its checks off)
+            self.file_sums = {str(k): (int(v["size"]), str(v["sha256"])) for k, v in meta["files"].items()}
+            wanted = [f for f in PER_SAMPLE_FILES if f != SHARD_IDS or meta.get("store_order")]
+            missing = [f for f in wanted if f not in self.file_sums]
+            if missing:
+                raise ValueError(f"no size and SHA-256 recorded for {', '.join(missing)}")
             key_dirs = [str(d) for d in meta["key_dirs"]]
             key_dir_starts = np.asarray(meta["key_dir_starts"], np.int64)
             if len(key_dirs) != len(key_dir_starts):

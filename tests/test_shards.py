@@ -563,3 +563,16 @@ def test_index_files_are_checked_against_the_sizes_and_digests_the_json_recorded
     with pytest.raises(ShardSetError, match="fkd-index.bin holds other bytes than fkd-index.json recorded"):
         open_shard_set(url)
     assert not [n for n in os.listdir(next((tmp_path / "cache2").iterdir())) if n.startswith("fkd-index.bin")]
+
+
+def test_an_index_json_that_drops_a_digest_is_refused(packed, tmp_path):
+    """The JSON is untrusted too: removing a per-sample file's size and SHA-256 must not switch its checks off."""
+    root = os.path.join(copy_set(packed, tmp_path), "train")
+    meta_path = os.path.join(root, "fkd-index.json")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    del meta["files"]["fkd-index.bin"]
+    with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    with pytest.raises(ShardSetError, match="no size and SHA-256 recorded for fkd-index.bin"):
+        open_shard_set(root)
