@@ -75,7 +75,12 @@ def _tensor(x, path: str, what: str, dtypes: tuple, shape: tuple) -> np.ndarray:
     if not isinstance(x, torch.Tensor):
         raise SRe2LFormatError(f"{path}: field {what} is a {type(x).__name__}, expected a tensor {shape}; this is not "
                                "a batch file of SRe2L's layout")
-    a = x.numpy()
+    if x.is_sparse or x.layout != torch.strided or str(x.dtype).removeprefix("torch.") not in dtypes:
+        sparse = "" if x.layout == torch.strided and not x.is_sparse else " (sparse)"
+        raise SRe2LFormatError(f"{path}: field {what} is {str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}"
+                               f"{sparse}, expected a dense {' or '.join(dtypes)} tensor of shape "
+                               f"{tuple('b' if s is None else s for s in shape)}")
+    a = x.detach().numpy()
     ok = a.ndim == len(shape) and all(s is None or s == n for s, n in zip(shape, a.shape))
     if a.dtype.name not in dtypes or not ok:
         raise SRe2LFormatError(f"{path}: field {what} is {a.dtype.name} {tuple(a.shape)}, expected "
@@ -85,12 +90,9 @@ def _tensor(x, path: str, what: str, dtypes: tuple, shape: tuple) -> np.ndarray:
 
 def load_batch_file(path: str, max_bytes: int, num_classes: int) -> BatchFile:
     """One ``batch_B.tar``, every field checked; SRe2LFormatError naming the file and what is wrong."""
-    size = os.path.getsize(path)
-    if size > max_bytes:
-        raise SRe2LFormatError(f"{path} is {size:,} bytes; a batch file of this dataset ({num_classes} classes) holds "
-                               f"at most {max_bytes:,}: it is not an SRe2L batch file (refused before loading)")
     state = read_untrusted(path, SRe2LFormatError, "it is truncated or damaged: regenerate it", numpy_globals(),
                            holds="the tensors of an SRe2L batch file", what="an SRe2L batch file",
+                           max_bytes=max_bytes,
                            trusted_fix="load it in a trusted Python session and torch.save its fields as tensors "
                                        "and numbers")
     if not isinstance(state, list) or len(state) not in (6, 7):
@@ -206,6 +208,9 @@ def import_sre2l(src: str, data: str, save_path: str, *, input_size: int = 224, 
     files = {e: _entries(os.path.join(src, epoch_dirs[e]), BATCH_RE, "batch_B.tar files") for e in present}
     if not files[0]:
         raise SRe2LFormatError(f"{src}/epoch_0 holds no batch_B.tar file")
+    if 0 not in files[0]:
+        raise SRe2LFormatError(f"{src}/epoch_0/batch_0.tar is missing (epoch_0 holds batch_{min(files[0])}.tar and "
+                               "later); restore it or regenerate the labels")
     max_bytes = n * (num_classes * 4 + 64) + (1 << 20)
     first = load_batch_file(os.path.join(src, "epoch_0", files[0][0]), max_bytes, num_classes)
     B = len(first.coords)

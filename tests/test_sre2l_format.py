@@ -2,6 +2,7 @@
 
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -237,6 +238,39 @@ def test_bad_folders_and_files_are_refused_by_name(tmp_path, data_root):
     refused(r"epoch_1/batch_1.tar: a CutMix box is not 0 <= bbx1 <= bbx2 <= 32")
     _write_one(path, good)
     assert import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False).steps == 6
+
+
+def _rezip_deflated(path):
+    """``path`` rewritten with every zip entry DEFLATE-compressed (torch.load still reads it)."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(i, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for info, data in entries:
+            z.writestr(info.filename, data)
+
+
+def test_a_compressed_batch_file_is_measured_unpacked_and_bad_tensors_are_named(tmp_path, data_root):
+    src = str(tmp_path / "fkd")
+    write_sre2l(data_root, src, epochs=1, batch=4)
+    store = str(tmp_path / "store")
+
+    def refused(match):
+        with pytest.raises(SRe2LFormatError, match=match):
+            import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False, overwrite=True)
+
+    path = os.path.join(src, "epoch_0", "batch_1.tar")
+    good = torch.load(path, weights_only=False)
+    _write_one(path, good[:5] + [torch.zeros(1 << 19, CLASSES)])  # 6 MiB of labels: far beyond 9 images' worth
+    _rezip_deflated(path)
+    assert os.path.getsize(path) < 100_000
+    refused(r"epoch_0/batch_1.tar holds [\d,]+ bytes \(unpacked\).*refused before loading")
+    _write_one(path, good[:5] + [good[5].bfloat16()])
+    refused(r"epoch_0/batch_1.tar: field 5 \(output\) is bfloat16 \(4, 3\)")
+    _write_one(path, [good[0].requires_grad_()] + good[1:])
+    assert import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False,
+                        overwrite=True).steps == 3  # a tensor saved with requires_grad is read as its values
+    os.remove(os.path.join(src, "epoch_0", "batch_0.tar"))
+    refused(r"epoch_0/batch_0.tar is missing")
 
 
 def _sre2l_checkout(tmp_path) -> str | None:
