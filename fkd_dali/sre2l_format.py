@@ -46,7 +46,13 @@ LPLD_INDEX = "sampler_indices_epoch.json"
 EPOCH_RE = re.compile(r"epoch_(0|[1-9][0-9]{0,5})")
 BATCH_RE = re.compile(r"batch_(0|[1-9][0-9]{0,8})\.tar")
 LAYOUTS = ("sre2l", "g-vbsm", "lpld")
-MAX_JSON_BYTES = 1 << 30
+MAX_FIRST_BATCH = 1 << 14  # the first file (which gives the batch size) is refused beyond this many crops' bytes
+FILE_SLACK = 1 << 20  # a batch file's bytes besides its rows (zip and pickle framing)
+
+
+def batch_file_bytes(rows: int, num_classes: int) -> int:
+    """The most a batch file of ``rows`` crops may hold unpacked: coords, flips, mix index, index and labels."""
+    return rows * (num_classes * 4 + 64) + FILE_SLACK
 
 
 class SRe2LFormatError(Exception):
@@ -131,8 +137,9 @@ def load_batch_file(path: str, max_bytes: int, num_classes: int) -> BatchFile:
     return BatchFile(coords, flips, mix_index, float(lam), bbox, output, index)
 
 
-def _entries(folder: str, pattern: re.Pattern, what: str, allow: tuple = ()) -> dict[int, str]:
-    """{number: name} of the entries of ``folder`` named by ``pattern``; links and other names refused."""
+def _entries(folder: str, pattern: re.Pattern, what: str, allow: tuple = (), dirs: bool = False) -> dict[int, str]:
+    """{number: name} of the entries of ``folder`` named by ``pattern`` (folders if ``dirs``, else regular files);
+    links, other names and other kinds of entry (a FIFO would block the reader) refused."""
     out = {}
     with os.scandir(folder) as it:
         for e in it:
@@ -145,6 +152,9 @@ def _entries(folder: str, pattern: re.Pattern, what: str, allow: tuple = ()) -> 
                     continue
                 raise SRe2LFormatError(f"{os.path.join(folder, e.name)}: unexpected entry in an SRe2L label folder "
                                        f"(expected only {what}); move it out")
+            if not (e.is_dir(follow_symlinks=False) if dirs else e.is_file(follow_symlinks=False)):
+                raise SRe2LFormatError(f"{os.path.join(folder, e.name)} is not a {'folder' if dirs else 'regular file'}"
+                                       f"; an SRe2L label folder holds {what}: move it out")
             out[int(m.group(1))] = e.name
     return out
 
@@ -162,8 +172,11 @@ class ImportReport:
 
 def _lpld_index(src: str, epochs: Sequence[int], n: int) -> dict[int, np.ndarray]:
     path = os.path.join(src, LPLD_INDEX)
-    if os.path.getsize(path) > MAX_JSON_BYTES:
-        raise SRe2LFormatError(f"{path} is larger than {MAX_JSON_BYTES:,} bytes; not LPLD's sampler index")
+    limit = len(epochs) * (n * 12 + 64) + 1024  # at most n indices of <= 10 digits and ", " per epoch
+    if os.path.getsize(path) > limit:
+        raise SRe2LFormatError(f"{path} is {os.path.getsize(path):,} bytes; LPLD's sampler index of {len(epochs)} "
+                               f"epochs of {n} images holds at most {limit:,}: not LPLD's sampler index (refused "
+                               "before reading)")
     try:
         with open(path) as f:
             raw = json.load(f)
@@ -174,6 +187,8 @@ def _lpld_index(src: str, epochs: Sequence[int], n: int) -> dict[int, np.ndarray
         got = raw.get(str(e)) if isinstance(raw, dict) else None
         if not isinstance(got, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in got):
             raise SRe2LFormatError(f"{path}: epoch {e} has no list of image indices")
+        if len(got) > n:
+            raise SRe2LFormatError(f"{path}: epoch {e} lists {len(got):,} images; DATA/train has {n}")
         a = np.asarray(got, np.int64)
         if a.size and (a.min() < 0 or a.max() >= n):
             raise SRe2LFormatError(f"{path}: epoch {e} names an image outside 0..{n - 1}")
@@ -197,7 +212,7 @@ def import_sre2l(src: str, data: str, save_path: str, *, input_size: int = 224, 
     if not os.path.isdir(src) or os.path.islink(src):
         raise SRe2LFormatError(f"{src} is not a folder holding epoch_E/batch_B.tar (SRe2L's --fkd-path)")
     lpld = os.path.isfile(os.path.join(src, LPLD_INDEX))
-    epoch_dirs = _entries(src, EPOCH_RE, "epoch_E folders", allow=(LPLD_INDEX,))
+    epoch_dirs = _entries(src, EPOCH_RE, "epoch_E folders", allow=(LPLD_INDEX,), dirs=True)
     if not epoch_dirs:
         raise SRe2LFormatError(f"{src} holds no epoch_E folder; give SRe2L's --fkd-path folder")
     present = sorted(epoch_dirs)
@@ -211,9 +226,10 @@ def import_sre2l(src: str, data: str, save_path: str, *, input_size: int = 224, 
     if 0 not in files[0]:
         raise SRe2LFormatError(f"{src}/epoch_0/batch_0.tar is missing (epoch_0 holds batch_{min(files[0])}.tar and "
                                "later); restore it or regenerate the labels")
-    max_bytes = n * (num_classes * 4 + 64) + (1 << 20)
-    first = load_batch_file(os.path.join(src, "epoch_0", files[0][0]), max_bytes, num_classes)
+    first = load_batch_file(os.path.join(src, "epoch_0", files[0][0]),
+                            batch_file_bytes(min(n, MAX_FIRST_BATCH), num_classes), num_classes)
     B = len(first.coords)
+    max_bytes = batch_file_bytes(B, num_classes)
     drop_last = lpld
     per_epoch = steps_per_epoch(n, B, drop_last)
     if per_epoch == 0:

@@ -181,6 +181,31 @@ def test_lpld_pruned_folder_keeps_only_the_stored_steps(tmp_path, data_root):
         assert json.load(f) == json.load(g)
 
 
+def test_lpld_index_and_entries_are_bounded_before_reading(tmp_path, data_root):
+    src, store = str(tmp_path / "fkd"), str(tmp_path / "store")
+    write_sre2l(data_root, src, epochs=2, batch=4, mix="none", lpld_steps=3)
+    index = os.path.join(src, "sampler_indices_epoch.json")
+    with open(index) as f:
+        good = json.load(f)
+
+    def refused(match):
+        with pytest.raises(SRe2LFormatError, match=match):
+            import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False, overwrite=True)
+
+    with open(index, "w") as f:
+        f.write(json.dumps(good) + " " * 5000)  # 2 epochs of 9 images cannot need 5 kB
+    refused(r"sampler_indices_epoch.json is [\d,]+ bytes.*refused before reading")
+    with open(index, "w") as f:
+        json.dump({**good, "0": good["0"] + [0, 0]}, f)
+    refused(r"epoch 0 lists 10 images; DATA/train has 9")
+    with open(index, "w") as f:
+        json.dump(good, f)
+    os.mkdir(os.path.join(src, "epoch_1", "batch_1.tar"))
+    refused(r"epoch_1/batch_1.tar is not a regular file")
+    os.rmdir(os.path.join(src, "epoch_1", "batch_1.tar"))
+    assert import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False, overwrite=True).steps == 3
+
+
 def _write_one(path, state):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path)
