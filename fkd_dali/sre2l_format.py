@@ -23,6 +23,7 @@ followed, every shape, count and value checked and a file of another layout refu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -364,6 +365,23 @@ def _bad_file(rs: RelabelStore, src: str, epoch_dirs: dict, files: dict, a: int,
     return f"importing {src}: {err}"
 
 
+def _clear_export(out: str) -> None:
+    """Remove what an earlier export wrote in ``out`` (epoch_E/batch_B.tar files, their emptied folders, LPLD's
+    index), so no file of it is mistaken for this export's; anything else is left as it is."""
+    with os.scandir(out) as it:
+        epochs = [e.path for e in it if EPOCH_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    for folder in epochs:
+        with os.scandir(folder) as it:
+            for e in it:
+                if BATCH_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                    os.remove(e.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # kept when it holds files the exporter did not write
+    index = os.path.join(out, LPLD_INDEX)
+    if os.path.isfile(index) and not os.path.islink(index):
+        os.remove(index)
+
+
 @dataclasses.dataclass
 class ExportReport:
     out: str
@@ -388,11 +406,17 @@ def export_sre2l(store_path: str, out: str, *, layout: str = "auto", overwrite: 
         raise SRe2LFormatError(f"{store_path} keeps {rs.num_steps} of {total} steps (pruned); SRe2L's and G-VBSM's "
                                "trainers read every step: export it with --layout lpld")
     n = rs.store.num_images
+    if layout == "lpld" and not rs.drop_last and n % rs.batch_size:
+        raise SRe2LFormatError(f"{store_path}: its last step of each epoch holds {n % rs.batch_size} of {rs.batch_size} "
+                               f"images ({n} images), and LPLD's folders are read with drop_last (full steps only): "
+                               "the export could not be imported again. Export it with --layout sre2l or g-vbsm")
     plan = sre2l_plan(n, rs.batch_size, rs.epochs, rs.plan.get("seed", SRE2L_SEED), rs.drop_last) \
         if layout == "sre2l" else None
     os.makedirs(out, exist_ok=True)
     if os.listdir(out) and not overwrite:
         raise SRe2LFormatError(f"{out} is not empty; choose an empty --out, or pass --overwrite to replace the files")
+    if overwrite:
+        _clear_export(out)
     lpld_index: dict[str, list] = {}
     written = 0
     bar = progress(total=rs.num_steps, desc="export-sre2l", unit="step")

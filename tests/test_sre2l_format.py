@@ -206,6 +206,22 @@ def test_lpld_index_and_entries_are_bounded_before_reading(tmp_path, data_root):
     assert import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False, overwrite=True).steps == 3
 
 
+def test_export_overwrite_replaces_an_old_export_and_lpld_needs_full_steps(tmp_path, data_root):
+    src, store, out = str(tmp_path / "fkd"), str(tmp_path / "store"), str(tmp_path / "export")
+    truth = write_sre2l(data_root, src, epochs=1, batch=4)
+    import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False)
+    with pytest.raises(SRe2LFormatError, match=r"holds 1 of 4 images .*--layout sre2l or g-vbsm"):
+        export_sre2l(store, out, layout="lpld")  # 9 images in 4s: LPLD's drop_last would lose the short step
+    for name in ("epoch_0/batch_7.tar", "epoch_3/batch_0.tar", "sampler_indices_epoch.json"):  # an older export
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        with open(os.path.join(out, name), "w") as f:
+            f.write("old")
+    export_sre2l(store, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["epoch_0"] and sorted(os.listdir(os.path.join(out, "epoch_0"))) == \
+        ["batch_0.tar", "batch_1.tar", "batch_2.tar"]
+    assert_same_files(src, out, truth)
+
+
 def _write_one(path, state):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path)
