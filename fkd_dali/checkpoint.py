@@ -14,6 +14,7 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -152,12 +153,15 @@ def numpy_globals() -> list:
 
 def read_untrusted(path: str, error: type[Exception], unreadable_fix: str, allow: tuple | list = (), *,
                    holds: str = "tensors and plain data", trusted_fix: str = TRUSTED_FIX,
-                   what: str = "a checkpoint") -> Any:
+                   what: str = "a checkpoint", max_bytes: int | None = None) -> Any:
     """``torch.load`` of a file that may come from anyone (a checkpoint, a teacher's weights, a label file): tensors
     and plain data only (``weights_only``; ``allow``: classes it may hold besides, e.g. :func:`numpy_globals`), on
     the CPU. A file holding code-bearing objects raises ``error`` naming the file, what it should hold (``holds``)
     and ``trusted_fix``; one that cannot be read raises ``error`` naming it as ``what`` and ending with
-    ``unreadable_fix``."""
+    ``unreadable_fix``. ``max_bytes``: the most the file may hold once unpacked (torch's zip format may compress
+    its entries), refused before loading."""
+    if max_bytes is not None:
+        _check_unpacked_size(path, error, max_bytes, what)
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -167,6 +171,21 @@ def read_untrusted(path: str, error: type[Exception], unreadable_fix: str, allow
             raise error(why) from e
         raise error(f"{path} cannot be read as {what} ({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}); {unreadable_fix}") from e
+
+
+def _check_unpacked_size(path: str, error: type[Exception], max_bytes: int, what: str) -> None:
+    """Raise ``error`` when ``path`` holds more than ``max_bytes``: on disk, or, for torch's zip format, in its
+    entries' uncompressed sizes (a small DEFLATE-compressed file can unpack into gigabytes)."""
+    size = os.path.getsize(path)
+    if size <= max_bytes and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                size = sum(i.file_size for i in z.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise error(f"{path} cannot be read as {what} (its zip directory is damaged: {e})") from e
+    if size > max_bytes:
+        raise error(f"{path} holds {size:,} bytes (unpacked); {what} holds at most {max_bytes:,} here: it is not "
+                    f"{what} (refused before loading)")
 
 
 def _checkpoint_file(path: str) -> str:

@@ -180,6 +180,8 @@ def _create_or_open(cfg: RelabelConfig, ds, sizes: np.ndarray, teachers: Teacher
                 raise GenerateError(f"{cfg.save_path} was relabelled with {key} = {was!r} but this run asks for "
                                     f"{value!r}. Rerun with the same options to resume it, or choose a new "
                                     "--save-path")
+        if d.world_size == 1:
+            rs.store.remove_partial_files()  # left by a writer killed mid-write; safe when no other rank writes
     except BaseException:
         if lock is not None:
             lock.release()

@@ -23,6 +23,7 @@ followed, every shape, count and value checked and a file of another layout refu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,7 +47,13 @@ LPLD_INDEX = "sampler_indices_epoch.json"
 EPOCH_RE = re.compile(r"epoch_(0|[1-9][0-9]{0,5})")
 BATCH_RE = re.compile(r"batch_(0|[1-9][0-9]{0,8})\.tar")
 LAYOUTS = ("sre2l", "g-vbsm", "lpld")
-MAX_JSON_BYTES = 1 << 30
+MAX_FIRST_BATCH = 1 << 14  # the first file (which gives the batch size) is refused beyond this many crops' bytes
+FILE_SLACK = 1 << 20  # a batch file's bytes besides its rows (zip and pickle framing)
+
+
+def batch_file_bytes(rows: int, num_classes: int) -> int:
+    """The most a batch file of ``rows`` crops may hold unpacked: coords, flips, mix index, index and labels."""
+    return rows * (num_classes * 4 + 64) + FILE_SLACK
 
 
 class SRe2LFormatError(Exception):
@@ -75,7 +82,12 @@ def _tensor(x, path: str, what: str, dtypes: tuple, shape: tuple) -> np.ndarray:
     if not isinstance(x, torch.Tensor):
         raise SRe2LFormatError(f"{path}: field {what} is a {type(x).__name__}, expected a tensor {shape}; this is not "
                                "a batch file of SRe2L's layout")
-    a = x.numpy()
+    if x.is_sparse or x.layout != torch.strided or str(x.dtype).removeprefix("torch.") not in dtypes:
+        sparse = "" if x.layout == torch.strided and not x.is_sparse else " (sparse)"
+        raise SRe2LFormatError(f"{path}: field {what} is {str(x.dtype).removeprefix('torch.')} {tuple(x.shape)}"
+                               f"{sparse}, expected a dense {' or '.join(dtypes)} tensor of shape "
+                               f"{tuple('b' if s is None else s for s in shape)}")
+    a = x.detach().numpy()
     ok = a.ndim == len(shape) and all(s is None or s == n for s, n in zip(shape, a.shape))
     if a.dtype.name not in dtypes or not ok:
         raise SRe2LFormatError(f"{path}: field {what} is {a.dtype.name} {tuple(a.shape)}, expected "
@@ -85,12 +97,9 @@ def _tensor(x, path: str, what: str, dtypes: tuple, shape: tuple) -> np.ndarray:
 
 def load_batch_file(path: str, max_bytes: int, num_classes: int) -> BatchFile:
     """One ``batch_B.tar``, every field checked; SRe2LFormatError naming the file and what is wrong."""
-    size = os.path.getsize(path)
-    if size > max_bytes:
-        raise SRe2LFormatError(f"{path} is {size:,} bytes; a batch file of this dataset ({num_classes} classes) holds "
-                               f"at most {max_bytes:,}: it is not an SRe2L batch file (refused before loading)")
     state = read_untrusted(path, SRe2LFormatError, "it is truncated or damaged: regenerate it", numpy_globals(),
                            holds="the tensors of an SRe2L batch file", what="an SRe2L batch file",
+                           max_bytes=max_bytes,
                            trusted_fix="load it in a trusted Python session and torch.save its fields as tensors "
                                        "and numbers")
     if not isinstance(state, list) or len(state) not in (6, 7):
@@ -129,8 +138,9 @@ def load_batch_file(path: str, max_bytes: int, num_classes: int) -> BatchFile:
     return BatchFile(coords, flips, mix_index, float(lam), bbox, output, index)
 
 
-def _entries(folder: str, pattern: re.Pattern, what: str, allow: tuple = ()) -> dict[int, str]:
-    """{number: name} of the entries of ``folder`` named by ``pattern``; links and other names refused."""
+def _entries(folder: str, pattern: re.Pattern, what: str, allow: tuple = (), dirs: bool = False) -> dict[int, str]:
+    """{number: name} of the entries of ``folder`` named by ``pattern`` (folders if ``dirs``, else regular files);
+    links, other names and other kinds of entry (a FIFO would block the reader) refused."""
     out = {}
     with os.scandir(folder) as it:
         for e in it:
@@ -143,6 +153,9 @@ def _entries(folder: str, pattern: re.Pattern, what: str, allow: tuple = ()) -> 
                     continue
                 raise SRe2LFormatError(f"{os.path.join(folder, e.name)}: unexpected entry in an SRe2L label folder "
                                        f"(expected only {what}); move it out")
+            if not (e.is_dir(follow_symlinks=False) if dirs else e.is_file(follow_symlinks=False)):
+                raise SRe2LFormatError(f"{os.path.join(folder, e.name)} is not a {'folder' if dirs else 'regular file'}"
+                                       f"; an SRe2L label folder holds {what}: move it out")
             out[int(m.group(1))] = e.name
     return out
 
@@ -160,8 +173,11 @@ class ImportReport:
 
 def _lpld_index(src: str, epochs: Sequence[int], n: int) -> dict[int, np.ndarray]:
     path = os.path.join(src, LPLD_INDEX)
-    if os.path.getsize(path) > MAX_JSON_BYTES:
-        raise SRe2LFormatError(f"{path} is larger than {MAX_JSON_BYTES:,} bytes; not LPLD's sampler index")
+    limit = len(epochs) * (n * 12 + 64) + 1024  # at most n indices of <= 10 digits and ", " per epoch
+    if os.path.getsize(path) > limit:
+        raise SRe2LFormatError(f"{path} is {os.path.getsize(path):,} bytes; LPLD's sampler index of {len(epochs)} "
+                               f"epochs of {n} images holds at most {limit:,}: not LPLD's sampler index (refused "
+                               "before reading)")
     try:
         with open(path) as f:
             raw = json.load(f)
@@ -172,6 +188,8 @@ def _lpld_index(src: str, epochs: Sequence[int], n: int) -> dict[int, np.ndarray
         got = raw.get(str(e)) if isinstance(raw, dict) else None
         if not isinstance(got, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in got):
             raise SRe2LFormatError(f"{path}: epoch {e} has no list of image indices")
+        if len(got) > n:
+            raise SRe2LFormatError(f"{path}: epoch {e} lists {len(got):,} images; DATA/train has {n}")
         a = np.asarray(got, np.int64)
         if a.size and (a.min() < 0 or a.max() >= n):
             raise SRe2LFormatError(f"{path}: epoch {e} names an image outside 0..{n - 1}")
@@ -195,7 +213,7 @@ def import_sre2l(src: str, data: str, save_path: str, *, input_size: int = 224, 
     if not os.path.isdir(src) or os.path.islink(src):
         raise SRe2LFormatError(f"{src} is not a folder holding epoch_E/batch_B.tar (SRe2L's --fkd-path)")
     lpld = os.path.isfile(os.path.join(src, LPLD_INDEX))
-    epoch_dirs = _entries(src, EPOCH_RE, "epoch_E folders", allow=(LPLD_INDEX,))
+    epoch_dirs = _entries(src, EPOCH_RE, "epoch_E folders", allow=(LPLD_INDEX,), dirs=True)
     if not epoch_dirs:
         raise SRe2LFormatError(f"{src} holds no epoch_E folder; give SRe2L's --fkd-path folder")
     present = sorted(epoch_dirs)
@@ -206,9 +224,13 @@ def import_sre2l(src: str, data: str, save_path: str, *, input_size: int = 224, 
     files = {e: _entries(os.path.join(src, epoch_dirs[e]), BATCH_RE, "batch_B.tar files") for e in present}
     if not files[0]:
         raise SRe2LFormatError(f"{src}/epoch_0 holds no batch_B.tar file")
-    max_bytes = n * (num_classes * 4 + 64) + (1 << 20)
-    first = load_batch_file(os.path.join(src, "epoch_0", files[0][0]), max_bytes, num_classes)
+    if 0 not in files[0]:
+        raise SRe2LFormatError(f"{src}/epoch_0/batch_0.tar is missing (epoch_0 holds batch_{min(files[0])}.tar and "
+                               "later); restore it or regenerate the labels")
+    first = load_batch_file(os.path.join(src, "epoch_0", files[0][0]),
+                            batch_file_bytes(min(n, MAX_FIRST_BATCH), num_classes), num_classes)
     B = len(first.coords)
+    max_bytes = batch_file_bytes(B, num_classes)
     drop_last = lpld
     per_epoch = steps_per_epoch(n, B, drop_last)
     if per_epoch == 0:
@@ -343,6 +365,23 @@ def _bad_file(rs: RelabelStore, src: str, epoch_dirs: dict, files: dict, a: int,
     return f"importing {src}: {err}"
 
 
+def _clear_export(out: str) -> None:
+    """Remove what an earlier export wrote in ``out`` (epoch_E/batch_B.tar files, their emptied folders, LPLD's
+    index), so no file of it is mistaken for this export's; anything else is left as it is."""
+    with os.scandir(out) as it:
+        epochs = [e.path for e in it if EPOCH_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    for folder in epochs:
+        with os.scandir(folder) as it:
+            for e in it:
+                if BATCH_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                    os.remove(e.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)  # kept when it holds files the exporter did not write
+    index = os.path.join(out, LPLD_INDEX)
+    if os.path.isfile(index) and not os.path.islink(index):
+        os.remove(index)
+
+
 @dataclasses.dataclass
 class ExportReport:
     out: str
@@ -367,11 +406,17 @@ def export_sre2l(store_path: str, out: str, *, layout: str = "auto", overwrite: 
         raise SRe2LFormatError(f"{store_path} keeps {rs.num_steps} of {total} steps (pruned); SRe2L's and G-VBSM's "
                                "trainers read every step: export it with --layout lpld")
     n = rs.store.num_images
+    if layout == "lpld" and not rs.drop_last and n % rs.batch_size:
+        raise SRe2LFormatError(f"{store_path}: its last step of each epoch holds {n % rs.batch_size} of {rs.batch_size} "
+                               f"images ({n} images), and LPLD's folders are read with drop_last (full steps only): "
+                               "the export could not be imported again. Export it with --layout sre2l or g-vbsm")
     plan = sre2l_plan(n, rs.batch_size, rs.epochs, rs.plan.get("seed", SRE2L_SEED), rs.drop_last) \
         if layout == "sre2l" else None
     os.makedirs(out, exist_ok=True)
     if os.listdir(out) and not overwrite:
         raise SRe2LFormatError(f"{out} is not empty; choose an empty --out, or pass --overwrite to replace the files")
+    if overwrite:
+        _clear_export(out)
     lpld_index: dict[str, list] = {}
     written = 0
     bar = progress(total=rs.num_steps, desc="export-sre2l", unit="step")

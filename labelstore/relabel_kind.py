@@ -90,6 +90,11 @@ def relabel_fields(attrs: dict, where: str) -> dict:
                                                   f"({f['epochs']} x {f['steps_per_epoch']})")
     if not isinstance(f["drop_last"], bool):
         _fail(where, "drop_last", f["drop_last"], "true or false")
+    n, b = attrs["num_images"], f["batch_size"]
+    per_epoch = n // b if f["drop_last"] else -(-n // b)  # a BatchSampler's steps (labelstore.relabel)
+    if f["steps_per_epoch"] != per_epoch:
+        _fail(where, "steps_per_epoch", f["steps_per_epoch"], f"{per_epoch}: {n} images in batches of {b}"
+                                                              f"{' dropping the last' if f['drop_last'] else ''}")
     if f["mix"] not in MIX_MODES:
         _fail(where, "mix", f["mix"], " or ".join(MIX_MODES))
     label = f["label"]
@@ -153,6 +158,8 @@ def relabel_checks(data: dict, fields: dict) -> list:
          (index[:, 1] >= fields["steps_per_epoch"]),
          f"its (epoch, step) is outside {fields['epochs']} epochs x {fields['steps_per_epoch']} steps"),
         ((size < 1) | (size > B), f"its step size is outside 1..{B} (the batch size)"),
+        (size != np.minimum(B, fields["num_images"] - index[:, 1].astype(np.int64) * B),
+         f"its step size is not the plan's min({B}, {fields['num_images']} - step x {B})"),
         (used & ((images < 0) | (images >= fields["num_images"])),
          f"an image index is outside 0..{fields['num_images'] - 1}"),
         (used & bad_box, "a crop box (i, j, h, w) is not finite, positive and inside [0, 1]"),

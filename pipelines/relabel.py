@@ -316,9 +316,23 @@ class RelabelReader:
         rows = c["rows"].astype(np.int64)
         sizes = self.sizes[rows]
         boxes = pixel_boxes(c["coords"], sizes).astype(np.float32)
+        self._check_boxes(rows, boxes, sizes)
         start, end = roi_from_boxes(boxes[:, None], c["flips"][:, None])
         return (self.paths.encoded(rows), start, end, c["partner"], c["lam"], c["box"], c["part"],
                 *(c[name] for name in self.label_specs), self.targets[rows], rows, c["pos"][:, None].copy(), sizes)
+
+    def _check_boxes(self, rows: np.ndarray, boxes: np.ndarray, sizes: np.ndarray) -> None:
+        """Each crop at least 1 px high and wide and inside its image (a damaged or crafted store's normalised
+        box can round to an empty or outside crop)."""
+        top, left, h, w = boxes.T
+        bad = np.flatnonzero((h < 1) | (w < 1) | (top < 0) | (left < 0) | (top + h > sizes[:, 0]) |
+                             (left + w > sizes[:, 1]))
+        if bad.size:
+            k = bad[0]
+            raise LoaderError(f"{self.paths.path_of(rows[k])}: its stored crop is {int(h[k])}x{int(w[k])} px at "
+                              f"({int(top[k])}, {int(left[k])}) in an image of {int(sizes[k, 0])}x{int(sizes[k, 1])} "
+                              f"px ({bad.size} such crops in this batch); a crop must be at least 1x1 px and inside "
+                              "the image. The label store is damaged or was crafted: regenerate it")
 
     def __call__(self, info: BatchInfo):
         out = self.batch(info.iteration)

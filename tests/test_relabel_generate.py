@@ -107,7 +107,12 @@ def test_ranks_and_a_resume_give_the_single_run_store(world):
     two = os.path.join(world["root"], "two")
     generate_relabel(config(world, two, rank=0, world_size=2))  # shards 0 and 2; shard 1 left pending
     assert not open_relabel(two).done().all()
-    generate_relabel(config(world, two))  # the resume labels only what is pending
+    partial = os.path.join(two, "labels", "c", "1.partial")  # a chunk file a killed writer left half-written
+    os.makedirs(os.path.dirname(partial), exist_ok=True)
+    with open(partial, "wb") as f:
+        f.write(b"half")
+    generate_relabel(config(world, two))  # the resume labels only what is pending, and removes the partial file
+    assert not os.path.exists(partial)
     a, b = open_relabel(one).read_steps(0, 6), open_relabel(two).read_steps(0, 6)
     for k in a.arrays:
         np.testing.assert_array_equal(a.arrays[k], b.arrays[k], err_msg=k)

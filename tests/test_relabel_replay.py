@@ -195,3 +195,14 @@ def test_an_image_not_of_its_stored_size_is_refused_by_name(folder):
     ld.set_epoch(0)
     with pytest.raises(LoaderError, match=files[plan.rows[0]]):
         list(ld)
+
+
+def test_a_stored_crop_that_rounds_to_no_pixel_is_refused_by_name(folder):
+    from pipelines import LoaderError
+    root, files = folder
+    plan = plan_of(len(SHAPES), "none", seed=9)
+    plan.coords[0] = (0.5, 0.5, 1e-4, 0.5)  # valid in [0, 1], but under half a pixel high
+    ld = loader_for(folder, plan, "none", len(SHAPES))
+    ld.set_epoch(0)
+    with pytest.raises(LoaderError, match=files[plan.rows[0]] + r": its stored crop is 0x\d+ px"):
+        list(ld)

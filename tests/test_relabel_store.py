@@ -125,6 +125,7 @@ def test_writers_own_whole_shards_resume_and_unwritten_steps_are_refused(tmp_pat
     ("mix_box", [3, 4, 2, 30], "CutMix box"),
     ("labels", np.inf, "not finite"),
     ("step_index", [0, 0], "does not come after the row before it"),
+    ("step_size", 3, "step size is not the plan's"),
 ])
 def test_bad_values_are_refused_on_write_and_found_by_verify(tmp_path, array, value, what):
     rs = new_store(tmp_path / "s")
@@ -176,7 +177,8 @@ def test_crafted_metadata_is_refused_before_allocating(tmp_path):
     doc = json.loads(meta.read_text())
     for key, value, match in (("num_steps", 10 ** 12, "kind_fields.num_steps"),
                               ("mix", "cutout", "kind_fields.mix"),
-                              ("batch_size", 5, "kind_fields.batch_size")):
+                              ("batch_size", 5, "kind_fields.batch_size"),
+                              ("steps_per_epoch", 4, r"kind_fields.steps_per_epoch' is 4; expected 3: 10 images")):
         bad = json.loads(json.dumps(doc))
         bad["attributes"]["fkd"]["kind_fields"][key] = value
         meta.write_text(json.dumps(bad))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -180,6 +181,47 @@ def test_lpld_pruned_folder_keeps_only_the_stored_steps(tmp_path, data_root):
         assert json.load(f) == json.load(g)
 
 
+def test_lpld_index_and_entries_are_bounded_before_reading(tmp_path, data_root):
+    src, store = str(tmp_path / "fkd"), str(tmp_path / "store")
+    write_sre2l(data_root, src, epochs=2, batch=4, mix="none", lpld_steps=3)
+    index = os.path.join(src, "sampler_indices_epoch.json")
+    with open(index) as f:
+        good = json.load(f)
+
+    def refused(match):
+        with pytest.raises(SRe2LFormatError, match=match):
+            import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False, overwrite=True)
+
+    with open(index, "w") as f:
+        f.write(json.dumps(good) + " " * 5000)  # 2 epochs of 9 images cannot need 5 kB
+    refused(r"sampler_indices_epoch.json is [\d,]+ bytes.*refused before reading")
+    with open(index, "w") as f:
+        json.dump({**good, "0": good["0"] + [0, 0]}, f)
+    refused(r"epoch 0 lists 10 images; DATA/train has 9")
+    with open(index, "w") as f:
+        json.dump(good, f)
+    os.mkdir(os.path.join(src, "epoch_1", "batch_1.tar"))
+    refused(r"epoch_1/batch_1.tar is not a regular file")
+    os.rmdir(os.path.join(src, "epoch_1", "batch_1.tar"))
+    assert import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False, overwrite=True).steps == 3
+
+
+def test_export_overwrite_replaces_an_old_export_and_lpld_needs_full_steps(tmp_path, data_root):
+    src, store, out = str(tmp_path / "fkd"), str(tmp_path / "store"), str(tmp_path / "export")
+    truth = write_sre2l(data_root, src, epochs=1, batch=4)
+    import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False)
+    with pytest.raises(SRe2LFormatError, match=r"holds 1 of 4 images .*--layout sre2l or g-vbsm"):
+        export_sre2l(store, out, layout="lpld")  # 9 images in 4s: LPLD's drop_last would lose the short step
+    for name in ("epoch_0/batch_7.tar", "epoch_3/batch_0.tar", "sampler_indices_epoch.json"):  # an older export
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        with open(os.path.join(out, name), "w") as f:
+            f.write("old")
+    export_sre2l(store, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["epoch_0"] and sorted(os.listdir(os.path.join(out, "epoch_0"))) == \
+        ["batch_0.tar", "batch_1.tar", "batch_2.tar"]
+    assert_same_files(src, out, truth)
+
+
 def _write_one(path, state):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path)
@@ -237,6 +279,39 @@ def test_bad_folders_and_files_are_refused_by_name(tmp_path, data_root):
     refused(r"epoch_1/batch_1.tar: a CutMix box is not 0 <= bbx1 <= bbx2 <= 32")
     _write_one(path, good)
     assert import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False).steps == 6
+
+
+def _rezip_deflated(path):
+    """``path`` rewritten with every zip entry DEFLATE-compressed (torch.load still reads it)."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(i, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for info, data in entries:
+            z.writestr(info.filename, data)
+
+
+def test_a_compressed_batch_file_is_measured_unpacked_and_bad_tensors_are_named(tmp_path, data_root):
+    src = str(tmp_path / "fkd")
+    write_sre2l(data_root, src, epochs=1, batch=4)
+    store = str(tmp_path / "store")
+
+    def refused(match):
+        with pytest.raises(SRe2LFormatError, match=match):
+            import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False, overwrite=True)
+
+    path = os.path.join(src, "epoch_0", "batch_1.tar")
+    good = torch.load(path, weights_only=False)
+    _write_one(path, good[:5] + [torch.zeros(1 << 19, CLASSES)])  # 6 MiB of labels: far beyond 9 images' worth
+    _rezip_deflated(path)
+    assert os.path.getsize(path) < 100_000
+    refused(r"epoch_0/batch_1.tar holds [\d,]+ bytes \(unpacked\).*refused before loading")
+    _write_one(path, good[:5] + [good[5].bfloat16()])
+    refused(r"epoch_0/batch_1.tar: field 5 \(output\) is bfloat16 \(4, 3\)")
+    _write_one(path, [good[0].requires_grad_()] + good[1:])
+    assert import_sre2l(src, data_root, store, input_size=INPUT, show_progress=False,
+                        overwrite=True).steps == 3  # a tensor saved with requires_grad is read as its values
+    os.remove(os.path.join(src, "epoch_0", "batch_0.tar"))
+    refused(r"epoch_0/batch_0.tar is missing")
 
 
 def _sre2l_checkout(tmp_path) -> str | None:
