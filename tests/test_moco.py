@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from fkd_dali.cli import main
 from fkd_dali.dataset import scan_image_folder
 from fkd_dali.views import fresh_views, sample_views
 from pipelines import FreshViewLoader
-from tests.conftest import current_device, make_image_folder
+from tests.conftest import ROOT, current_device, free_port, make_image_folder, pythonpath
 
 DEVICE = current_device()
 D = 16
@@ -151,3 +153,21 @@ def test_fresh_views_are_drawn_per_pass_by_the_store_recipe():
     # the view recipe is honoured: no blur, no jitter when their probabilities are 0
     off = fresh_views(3, 0, [0, 1, 2], sizes, 4, {"blur_p": 0.0, "jitter_p": 0.0})
     assert (off["blur_sigma"] == 0).all() and not off["jitter"].any()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_enqueue_every_ranks_keys_so_their_queues_are_one(data, tmp_path):
+    """MoCo's concat_all_gather: each rank enqueues all ranks' keys in rank order, so the queues stay identical and
+    the checkpoint's (rank 0's) queue is exact for every rank on --resume."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath(), FKD_TEST_MOCO="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), os.path.join(ROOT, "tests", "ddp_train_worker.py"), data, "-",
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q0, q1 = torch.load(tmp_path / "rank0.queue.pt"), torch.load(tmp_path / "rank1.queue.pt")
+    seen = [json.load(open(tmp_path / f"rank{k}.json")) for k in (0, 1)]
+    keys = 2 * sum(len(rows) for rank in seen for rows in rank)  # two views per image, both ranks' images
+    assert q0["queue_ptr"] == q1["queue_ptr"] == keys % 12
+    assert torch.equal(q0["queue"], q1["queue"])
+    initial = torch.nn.functional.normalize(torch.randn(12, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert not torch.allclose(q0["queue"], initial)  # keys replaced the random start

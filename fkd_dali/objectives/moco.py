@@ -13,7 +13,8 @@ What facebookresearch/moco (``moco/builder.py``, ``main_moco.py --mlp --aug-plus
   queue (first in, first out).
 * **symmetric**: the loop runs the student on every view of the batch, so both views are queries (each against
   the other's key) and the loss is the mean of the two, as MoCo v3 and the symmetrised MoCo v2 baseline of MoCo v3's
-  paper; both views' keys are enqueued.
+  paper; both views' keys are enqueued, every rank's (gathered in rank order, MoCo's ``concat_all_gather``), so
+  every rank holds the same queue and rank 0's in the checkpoint resumes them all.
 * **shuffled BN**: MoCo shuffles the keys across GPUs so that a BatchNorm's batch statistics cannot tell a query its
   positive; here the key batch is permuted (seeded by the step) and run in chunks of at least 16 views (at most 8),
   each chunk's statistics its own, as the MoCo authors' single-GPU CIFAR demo's split BatchNorm.
@@ -42,6 +43,25 @@ from .base import Loss, Mix, Objective, Run
 
 VIEWS = 2  # per image per step: each view is the query of the other's key
 MIN_CHUNK, MAX_CHUNKS = 16, 8  # the shuffled key batch's BatchNorm groups
+
+
+def _gathered(run: Run, keys: torch.Tensor) -> torch.Tensor:
+    """Every rank's keys of the step, rank 0's first (MoCo's ``concat_all_gather``): with several ranks each
+    enqueues them all, so the ranks' queues stay identical. A rank's last batch may be shorter: the counts are
+    gathered first and each rank's keys padded to the longest, then trimmed."""
+    if not run.dist.group:
+        return keys
+    import torch.distributed as dist  # noqa: PLC0415
+    world = dist.get_world_size()
+    count = torch.tensor([len(keys)], device=keys.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = keys.new_zeros(max(counts), keys.shape[1])
+    padded[:len(keys)] = keys
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 class MoCo(Objective):
@@ -128,7 +148,7 @@ class MoCo(Objective):
         keys = torch.empty_like(shuffled)
         keys[perm] = shuffled
         keys = F.normalize(keys, dim=1)
-        self._pending = keys
+        self._pending = _gathered(run, keys)
         return keys.view(n // VIEWS, VIEWS, -1).flip(1).reshape(n, -1)  # view v of an image: the other view's key
 
     def loss(self, run: Run, logits: torch.Tensor, targets: torch.Tensor, mix: Mix | None) -> Loss:
@@ -142,7 +162,8 @@ class MoCo(Objective):
 
     @torch.no_grad()
     def step(self) -> None:
-        """The step's keys enter the queue (after the loss used it), overwriting the oldest."""
+        """The step's keys, every rank's in rank order, enter the queue (after the loss used it), overwriting the
+        oldest: every rank's queue is the same, so rank 0's in the checkpoint is exact for all."""
         keys, self._pending = self._pending, None
         if keys is None:
             return
