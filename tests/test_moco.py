@@ -171,3 +171,20 @@ def test_ddp_ranks_enqueue_every_ranks_keys_so_their_queues_are_one(data, tmp_pa
     assert torch.equal(q0["queue"], q1["queue"])
     initial = torch.nn.functional.normalize(torch.randn(12, D, generator=torch.Generator().manual_seed(0)), dim=1)
     assert not torch.allclose(q0["queue"], initial)  # keys replaced the random start
+
+
+def test_the_keys_never_share_the_query_batchs_batchnorm_statistics(data, tmp_path):
+    """Shuffled BN below 32 views a rank: the keys run in two groups, so a key's BatchNorm statistics are not those
+    of the query batch (which holds the same views) — with one group they would be, and leak the positive."""
+    from fkd_dali.train import TrainConfig, Trainer  # noqa: PLC0415
+    cfg = TrainConfig(data=data, labels="moco", arch="resnet18", input_size=32, batch_size=8, epochs=1, lr=0.05,
+                      temperature=0.2, moco_k=12, moco_m=0.9, moco_dim=D, output=str(tmp_path / "run"),
+                      device=DEVICE, amp=False, show_progress=False)
+    trainer = Trainer(cfg)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(trainer.torch_device)
+    trainer.objective.targets(trainer, {}, images)
+    keys = trainer.objective._pending
+    with torch.no_grad():  # the key encoder on the 8 views as one batch: the query batch's statistics
+        one_batch = torch.nn.functional.normalize(trainer.objective.key_encoder.train()(images).float(), dim=1)
+    assert keys.shape == one_batch.shape and torch.allclose(keys.norm(dim=1), torch.ones(8), atol=1e-4)
+    assert not torch.allclose(keys, one_batch, atol=1e-3)

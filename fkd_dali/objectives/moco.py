@@ -17,7 +17,9 @@ What facebookresearch/moco (``moco/builder.py``, ``main_moco.py --mlp --aug-plus
   every rank holds the same queue and rank 0's in the checkpoint resumes them all.
 * **shuffled BN**: MoCo shuffles the keys across GPUs so that a BatchNorm's batch statistics cannot tell a query its
   positive; here the key batch is permuted (seeded by the step) and run in chunks of at least 16 views (at most 8),
-  each chunk's statistics its own, as the MoCo authors' single-GPU CIFAR demo's split BatchNorm.
+  each chunk's statistics its own, as the MoCo authors' single-GPU CIFAR demo's split BatchNorm. Below 32 views a
+  rank still runs two chunks (smaller ones, down to 2 views), never the query batch as one: only a lone image (2
+  views) is one chunk. The query side keeps the whole batch's statistics, as in MoCo.
 * **views**: two views per image drawn anew every pass (:func:`fkd_dali.views.fresh_views`, MoCo v2's aug-plus)
   and applied by the replay graph of the embedding stores (``pipelines.FreshViewLoader``); ``-b`` counts views
   (two per image), an epoch is one pass over the images.
@@ -141,7 +143,9 @@ class MoCo(Objective):
             raise TrainError(f"a MoCo batch holds {VIEWS} views per image, got {n} views")
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + run.global_step)
         perm = torch.randperm(n, generator=g).to(images.device)
-        chunks = max(1, min(MAX_CHUNKS, n // MIN_CHUNK))
+        # at least two groups (of >= 2 views: a BatchNorm needs two): a single group would be the query batch's very
+        # views, so a key's BN statistics would match its query's and leak the positive
+        chunks = min(MAX_CHUNKS, max(2, n // MIN_CHUNK)) if n >= 4 else 1
         self.key_encoder.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.amp):
             shuffled = torch.cat([self.key_encoder(c).float() for c in images[perm].chunk(chunks)])
