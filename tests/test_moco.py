@@ -153,6 +153,10 @@ def test_fresh_views_are_drawn_per_pass_by_the_store_recipe():
     # the view recipe is honoured: no blur, no jitter when their probabilities are 0
     off = fresh_views(3, 0, [0, 1, 2], sizes, 4, {"blur_p": 0.0, "jitter_p": 0.0})
     assert (off["blur_sigma"] == 0).all() and not off["jitter"].any()
+    # a segment of another crop count (its pass count restarts at 0) draws other views, not view 0 of these
+    one = fresh_views(3, 0, [0, 1, 2], sizes, 1)
+    assert one["boxes"].shape == (3, 1, 4) and p0["boxes"].shape == (3, 4, 4)
+    assert not np.allclose(one["boxes"][:, 0], p0["boxes"][:, 0])
 
 
 @pytest.mark.slow
