@@ -192,3 +192,22 @@ def test_the_keys_never_share_the_query_batchs_batchnorm_statistics(data, tmp_pa
         one_batch = torch.nn.functional.normalize(trainer.objective.key_encoder.train()(images).float(), dim=1)
     assert keys.shape == one_batch.shape and torch.allclose(keys.norm(dim=1), torch.ones(8), atol=1e-4)
     assert not torch.allclose(keys, one_batch, atol=1e-3)
+
+
+def test_labels_moco_takes_moco_v2s_recipe_and_given_options_win(data):
+    """--labels moco alone trains with MoCo v2's main_moco.py defaults (--moco-t 0.2 --cos), not FKD's (T 1, lr 0.1,
+    steps); the lr scales with the images a step; options given win, and the run's notes say what was set."""
+    from fkd_dali.options import train_config, train_parser  # noqa: PLC0415
+    from fkd_dali.train_config import TrainError, check, notes  # noqa: PLC0415
+    c = train_config(train_parser().parse_args([data, "--labels", "moco"])).resolved()
+    check(c)
+    assert (c.recipe, c.opt, c.temperature, c.momentum, c.weight_decay, c.epochs, c.cos, c.batch_size) == \
+        ("moco-v2", "sgd", 0.2, 0.9, 1e-4, 200, True, 512)
+    assert c.lr == pytest.approx(0.03)  # 512 views = 256 images: MoCo's 0.03
+    assert "recipe moco-v2" in " ".join(notes(c))
+    c = train_config(train_parser().parse_args([data, "--labels", "moco", "-b", "128", "--temp", "0.07"])).resolved()
+    assert c.lr == pytest.approx(0.0075) and c.temperature == 0.07 and c.batch_size == 128  # 64 images: 0.03 / 4
+    c = train_config(train_parser().parse_args([data, "--labels", "moco", "--lr", "0.05", "--sched", "step"]))
+    assert c.lr == 0.05 and not c.resolved().cos
+    with pytest.raises(TrainError, match="--recipe moco-v2 pretrains without labels"):
+        check(train_config(train_parser().parse_args([data, "--recipe", "moco-v2", "--labels", "hard"])).resolved())
