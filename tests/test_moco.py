@@ -211,3 +211,22 @@ def test_labels_moco_takes_moco_v2s_recipe_and_given_options_win(data):
     assert c.lr == 0.05 and not c.resolved().cos
     with pytest.raises(TrainError, match="--recipe moco-v2 pretrains without labels"):
         check(train_config(train_parser().parse_args([data, "--recipe", "moco-v2", "--labels", "hard"])).resolved())
+
+
+@pytest.mark.parametrize("arch", ["regnet_x_400mf", "reactnet_a"])
+def test_a_non_resnet_encoder_of_the_project_loads_as_a_teacher(arch, tmp_path):
+    """The fkd_dali layout is built from its config's arch (a torchvision RegNet, the project's ReActNet — S2-BNN's
+    student), not guessed as a ResNet from the keys."""
+    from fkd_dali.models import create_model  # noqa: PLC0415
+    from fkd_dali.ssl_distill import attach_head  # noqa: PLC0415
+    from fkd_dali.ssl_teachers import load_embedding_teacher  # noqa: PLC0415
+    torch.manual_seed(0)
+    student = create_model(arch, D, 32)
+    attach_head(student, D)
+    path = str(tmp_path / "ckpt.pth.tar")
+    torch.save({"config": {"arch": arch, "input_size": 32}, "state_dict": student.state_dict()}, path)
+    teacher = load_embedding_teacher(path)
+    assert teacher.dim == D and teacher.describe()["arch"] == arch
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), torch.nn.functional.normalize(student.eval()(x), dim=1), atol=1e-4)
