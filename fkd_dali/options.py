@@ -174,7 +174,7 @@ def train_config(args: argparse.Namespace):
         raise ValueError("--pretrained takes a weights name here: --pretrained-weights NAME (torchvision's, e.g. "
                          "IMAGENET1K_V1, from the local hub cache), or --init-from CHECKPOINT")
     meal_options = meal_v2_spellings(args)
-    recipe = choose_recipe(args.recipe, meal_options)
+    recipe = choose_recipe(args.recipe, meal_options, args.labels)
     discriminator = args.use_discriminator_loss
     if args.recipe is None and recipe == "meal-v2" and discriminator is None:
         discriminator = False  # the recipe inferred from MEAL V2's command: its FKD_train.py's default, off
@@ -334,7 +334,7 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--moco-m", dest="moco_m", type=float, metavar="M",
                    help="--labels moco: the key encoder's momentum (0.999)")
     t.add_argument("--moco-dim", dest="moco_dim", type=int, metavar="D", help="--labels moco: embedding size (128)")
-    t.add_argument("--recipe", choices=("fkd", "meal-v2", "s2-bnn", "sre2l"),
+    t.add_argument("--recipe", choices=("fkd", "meal-v2", "s2-bnn", "sre2l", "moco-v2"),
                    help="defaults of every option not given: fkd (FKD's) or meal-v2 (MEAL V2's FKD_train.py: "
                         "8 crops, -b 512, 200 epochs, lr 0.01 x0.1 at 100 and 180, no weight decay, the "
                         "discriminator on; needs --init-from or --pretrained-weights). Default: meal-v2 when the "
@@ -342,7 +342,10 @@ def add_train_args(t: argparse.ArgumentParser) -> None:
                         "--use-discriminator-loss on a trained start), fkd otherwise; the run says which. s2-bnn: "
                         "S2-BNN's distillation-only defaults (--labels ssl, Adam lr 3e-4, no weight decay, -b 256, "
                         "200 epochs, linear decay, --temp 0.2). sre2l: SRe2L's train_FKD.py (--labels relabel, "
-                        "AdamW lr 0.001, wd 0.01, -b 1024, 300 epochs, cosine as its train_FKD.sh, --temp 3)")
+                        "AdamW lr 0.001, wd 0.01, -b 1024, 300 epochs, cosine as its train_FKD.sh, --temp 3). moco-v2 "
+                        "(the default of --labels moco): MoCo v2's main_moco.py --mlp --moco-t 0.2 --aug-plus --cos "
+                        "(SGD lr 0.03 x images a step / 256, momentum 0.9, wd 1e-4, -b 512 views = 256 images, "
+                        "200 epochs, cosine, --temp 0.2)")
     t.add_argument("--init-from", dest="init_from", metavar="CHECKPOINT",
                    help="start the student from these weights (ours, FKD's, MEAL V2's or a torchvision state_dict; "
                         "same architecture and classes)")

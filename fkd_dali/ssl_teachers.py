@@ -74,7 +74,7 @@ import torch
 from torch import nn
 
 from .checkpoint import read_untrusted, strip_ddp_prefix
-from .models import ModelError, classifier_name, torchvision_models, without_classifier
+from .models import ModelError, available, classifier_name, create_model, torchvision_models, without_classifier
 from .teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherError, file_digest
 
 MAX_WIDTH = 1 << 16  # features of one head layer (DINO's widest hidden layer: 2048; its prototypes, dropped: 65536)
@@ -163,6 +163,8 @@ class _Layout:
     expected: str  # the head, in words, for the messages
     embedding: str
     dropped: list[str]
+    arch: str | None = None  # the architecture the checkpoint names (format fkd_dali: its config's arch)
+    image_size: int = 224  # the input size it was built for (the project's ReActNet / tiny models take it)
 
 
 class EmbeddingTeacher(nn.Module):
@@ -298,9 +300,13 @@ def _layout(ckpt: Any, spec: EmbeddingTeacherSpec) -> _Layout:
         return [_groups(rest)] if rest else []
 
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict) and {"fc.0.weight", "fc.2.weight"} <= set(keys):
+        config = ckpt["config"]
+        arch = config.get("arch") if isinstance(config.get("arch"), str) else None
+        size = config.get("input_size")
         return _Layout("fkd_dali", state, "", "fc", relu, r"SLAL", "fc.0 Linear, ReLU, fc.2 Linear",
                        "the encoder's MLP head output (fc), L2-normalised",
-                       [f"{k} (top level)" for k in ("moco", "optimizer", "ema") if ckpt.get(k) is not None])
+                       [f"{k} (top level)" for k in ("moco", "optimizer", "ema") if ckpt.get(k) is not None],
+                       arch, size if isinstance(size, int) and 1 <= size <= 4096 else 224)
     if any(k.startswith("encoder_q.") for k in keys):
         v1 = "encoder_q.fc.weight" in state
         return _Layout("moco_v1" if v1 else "moco_v2", state, "encoder_q.", "encoder_q.fc", relu, r"L|SLAL",
@@ -420,10 +426,13 @@ def _model(layout: _Layout, spec: EmbeddingTeacherSpec) -> tuple[nn.Module, str,
     its name, the classifier's name and its input width (the features)."""
     import torchvision  # noqa: PLC0415 - ~1.7 s; see models/__init__.py
 
-    arch = spec.arch or _resnet_arch(_under(layout.state, layout.backbone), spec.path)
-    if arch not in torchvision_models():
+    arch = spec.arch or layout.arch or _resnet_arch(_under(layout.state, layout.backbone), spec.path)
+    if arch in torchvision_models():
+        model = torchvision.models.get_model(arch, weights=None)
+    elif layout.arch and arch == layout.arch and arch in available():  # the project's own (ReActNet, ...)
+        model = create_model(arch, num_classes=1000, image_size=layout.image_size)  # the classifier is dropped
+    else:
         raise TeacherError(f"'{arch}' is not a torchvision classification model")
-    model = torchvision.models.get_model(arch, weights=None)
     try:
         name = classifier_name(model)
     except ModelError:

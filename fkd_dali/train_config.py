@@ -130,13 +130,20 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # of ke
 LINEAR_EVAL = {"labels": "hard", "opt": "sgd", "lr": 30.0, "momentum": 0.9, "weight_decay": 0.0, "epochs": 100,
                "cos": False, "schedule": (60, 80), "batch_size": 256, "num_crops": 1, "freeze_backbone": True}
 
+# MoCo v2 (facebookresearch/moco main_moco.py --mlp --moco-t 0.2 --aug-plus --cos): SGD momentum 0.9, weight decay
+# 1e-4, 200 epochs, cosine, T 0.2, 256 images a step (-b counts views here: two per image, 512) at lr 0.03, the lr
+# scaled with the batch when -b is given (0.03 x images / 256; recipe_config). Chosen for --labels moco.
+MOCO_V2_RECIPE = {"labels": "moco", "opt": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "epochs": 200,
+                  "cos": True, "linear": False, "temperature": 0.2, "batch_size": 512, "warmup_epochs": 0}
+MOCO_VIEWS = 2  # views per image of --labels moco (fkd_dali.objectives.moco.VIEWS)
+
 # Defaults by --recipe; options given explicitly win (recipe_config). fkd: TrainConfig's own (FKD's).
 RECIPES: dict[str, dict[str, Any]] = {"fkd": {}, "meal-v2": meal.RECIPE, "linear-eval": LINEAR_EVAL,
-                                     "s2-bnn": ssl_distill.RECIPE, "sre2l": SRE2L_RECIPE}
+                                     "s2-bnn": ssl_distill.RECIPE, "sre2l": SRE2L_RECIPE, "moco-v2": MOCO_V2_RECIPE}
 SSL_LABELS = ("ssl", "ssl-online")  # the objectives that learn embeddings (--recipe s2-bnn's)
 
 
-def choose_recipe(recipe: str | None, meal_options: Sequence[str]) -> str:
+def choose_recipe(recipe: str | None, meal_options: Sequence[str], labels: str | None = None) -> str:
     """``--recipe`` as given; when it is not: meal-v2 if the command line uses options of MEAL V2's own
     (``meal_options``: its spellings, or its discriminator on a trained start), else fkd. A user of MEAL V2 who
     types MEAL V2's command expects MEAL V2's defaults (lr 0.01, no weight decay), not FKD's (lr 0.1, wd 1e-4,
@@ -144,6 +151,8 @@ def choose_recipe(recipe: str | None, meal_options: Sequence[str]) -> str:
     (:func:`notes`), and the choice is recorded, so the same command resumes the same plan."""
     if recipe is not None:
         return recipe
+    if labels == "moco":  # MoCo's own defaults, not FKD's (T 1, lr 0.1, steps) made for distillation
+        return "moco-v2"
     return "meal-v2" if meal_options else "fkd"
 
 
@@ -153,7 +162,10 @@ def recipe_config(recipe: str = "fkd", **options) -> TrainConfig:
     if recipe not in RECIPES:
         raise TrainError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     given = {k: v for k, v in options.items() if v is not None}
-    return TrainConfig(recipe=recipe, **{**RECIPES[recipe], **given})
+    merged = {**RECIPES[recipe], **given}
+    if recipe == "moco-v2" and "lr" not in given:  # MoCo's lr 0.03 is for 256 images a step: linear scaling
+        merged["lr"] = MOCO_V2_RECIPE["lr"] * merged["batch_size"] / MOCO_VIEWS / 256
+    return TrainConfig(recipe=recipe, **merged)
 
 
 
@@ -172,6 +184,9 @@ def check(cfg: TrainConfig) -> None:
     if cfg.recipe == "s2-bnn" and cfg.labels not in SSL_LABELS:
         raise TrainError(f"--recipe s2-bnn distils a self-supervised teacher's embeddings: use it with --labels ssl "
                          f"(an embedding store from `fkd-dali generate --ssl-teacher`) or ssl-online, not --labels "
+                         f"{cfg.labels}")
+    if cfg.recipe == "moco-v2" and cfg.labels != "moco":
+        raise TrainError(f"--recipe moco-v2 pretrains without labels: use it with --labels moco, not --labels "
                          f"{cfg.labels}")
     if cfg.recipe == "sre2l" and cfg.labels not in RELABEL_LABELS:
         raise TrainError(f"--recipe sre2l trains a student on a relabel store (dataset distillation): use it with "
@@ -216,6 +231,15 @@ def notes(cfg: TrainConfig) -> list[str]:
     elif cfg.labels in RELABEL_LABELS:
         out.append(f"--labels {cfg.labels} on recipe {cfg.recipe} (lr {cfg.lr:g}, --temp {cfg.temperature:g}); "
                    "SRe2L's trainer defaults (AdamW lr 0.001, wd 0.01, cosine, --temp 3) are --recipe sre2l")
+    if cfg.recipe == "moco-v2":
+        out.append(f"recipe moco-v2: MoCo v2's main_moco.py defaults (--mlp --moco-t 0.2 --aug-plus --cos): SGD lr "
+                   f"{cfg.lr:g} (0.03 x images a step / 256 unless --lr is given), momentum {cfg.momentum:g}, weight "
+                   f"decay {cfg.weight_decay:g}, -b {cfg.batch_size} views ({cfg.batch_size // MOCO_VIEWS} images), "
+                   f"{cfg.epochs} epochs, {'cosine' if cfg.cos else 'linear' if cfg.linear else 'step'} schedule, "
+                   f"--temp {cfg.temperature:g}; options given win")
+    elif cfg.labels == "moco":
+        out.append(f"--labels moco on recipe {cfg.recipe} (lr {cfg.lr:g}, --temp {cfg.temperature:g}); MoCo v2's "
+                   "defaults (SGD lr 0.03 x images / 256, wd 1e-4, cosine, 200 epochs, --temp 0.2) are --recipe moco-v2")
     if cfg.unused:
         out.append(f"{', '.join(cfg.unused)}: accepted for MEAL V2's command line and not used: the soft labels "
                    f"come from --softlabel-path {cfg.softlabel_path} (MEAL V2's FKD_train.py does not read it either)")

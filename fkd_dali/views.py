@@ -66,13 +66,16 @@ def sample_views(seed: int, rows: Sequence[int], sizes: np.ndarray, num_crops: i
 FRESH_STREAM = 2  # the third word of a pass's seed: fresh views never coincide with a store's (seed, row) draws
 
 
-def pass_seed(seed: int, pass_index: int) -> int:
-    """The seed of pass ``pass_index``'s fresh views (``--labels moco``, ``ssl-online``): every pass draws new
-    views, and the same (seed, pass) draws the same ones, on any rank, after a resume."""
-    return int(np.random.SeedSequence([int(seed), int(pass_index), FRESH_STREAM]).generate_state(1)[0])
+def pass_seed(seed: int, pass_index: int, num_crops: int) -> int:
+    """The seed of pass ``pass_index``'s fresh views of ``num_crops`` views per image (``--labels moco``,
+    ``ssl-online``): every pass draws new views, and the same (seed, pass, crops) draws the same ones, on any rank,
+    after a resume. The crop count is part of it: segments with other crop counts restart their pass count at 0, and
+    a 1-view pass 0 must not repeat view 0 of a 4-view pass 0."""
+    return int(np.random.SeedSequence([int(seed), int(pass_index), FRESH_STREAM, int(num_crops)]).generate_state(1)[0])
 
 
 def fresh_views(seed: int, pass_index: int, rows: Sequence[int], sizes: np.ndarray, num_crops: int,
                 views: dict | None = None) -> dict[str, np.ndarray]:
-    """:func:`sample_views` of pass ``pass_index``: per row ``num_crops`` views drawn from ``(pass_seed, row)``."""
-    return sample_views(pass_seed(seed, pass_index), rows, sizes, num_crops, views)
+    """:func:`sample_views` of pass ``pass_index``: per row ``num_crops`` views drawn from ``(pass_seed, row)``, the pass seed
+    of (seed, pass, num_crops)."""
+    return sample_views(pass_seed(seed, pass_index, num_crops), rows, sizes, num_crops, views)

@@ -4,7 +4,8 @@ FKD_TEST_DIE_STEP set, that rank SIGKILLs itself after that step (a rank lost mi
 FKD_TEST_SIGNAL=TERM (or INT) it sends itself that signal instead (a stop asked of one rank only). With
 FKD_TEST_MEAL_INIT=CHECKPOINT it trains Fast MEAL V2 (discriminator on) from that checkpoint and also writes
 each rank's discriminator at the start and the end. With FKD_TEST_SSL=1 it trains --recipe s2-bnn (--labels ssl) from
-an embedding store."""
+an embedding store; with FKD_TEST_MOCO=1 it trains --labels moco (a ResNet-18, no store: give '-') and also
+writes each rank's queue."""
 
 import json
 import os
@@ -24,7 +25,11 @@ def main(data: str, store: str, out: str, *extra: str) -> None:
                   input_size=32, device=os.environ.get("FKD_TEST_DEVICE", "cpu"), output=os.path.join(out, "run"),
                   max_steps=3 if die_rank < 0 else None, show_progress=False, dist_timeout=timeout)
     meal_init = os.environ.get("FKD_TEST_MEAL_INIT")  # Fast MEAL V2 from this checkpoint, discriminator on
-    cfg = recipe_config("meal-v2", init_from=meal_init, **common) if meal_init else \
+    if os.environ.get("FKD_TEST_MOCO"):  # MoCo v2: no store, a model with a Linear fc for the MLP head
+        common.update(softlabel_path=None, arch="resnet18", labels="moco", temperature=0.2, moco_k=12, moco_m=0.9,
+                      moco_dim=16, batch_size=8, amp=False)
+    cfg = TrainConfig(lr=0.05, **common) if os.environ.get("FKD_TEST_MOCO") else \
+        recipe_config("meal-v2", init_from=meal_init, **common) if meal_init else \
         recipe_config("s2-bnn", lr=0.01, **common) if os.environ.get("FKD_TEST_SSL") else \
         TrainConfig(lr=0.05, cos=True, **common)
     trainer = Trainer(cfg)
@@ -51,6 +56,9 @@ def main(data: str, store: str, out: str, *extra: str) -> None:
     # Parameters are what DDP keeps identical; BatchNorm's running statistics (buffers) are each rank's own
     # until DDP broadcasts rank 0's at the next forward, and checkpoints hold rank 0's.
     torch.save({n: p.detach() for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+    moco = trainer.objective
+    if getattr(moco, "queue", None) is not None:
+        torch.save({"queue": moco.queue.cpu(), "queue_ptr": moco.queue_ptr}, os.path.join(out, f"rank{rank}.queue.pt"))
     if disc is not None:  # DDP made every rank's start rank 0's; the steps keep them equal
         torch.save({"start": disc_start, "end": disc.state_dict()}, os.path.join(out, f"rank{rank}.disc.pt"))
 

@@ -39,23 +39,39 @@ def test_bench_ssl_quick(tmp_path, capsys):
         assert not np.array_equal(a["embedding"][row], b["embedding"][row]), row
         assert np.array_equal(a["boxes"][row], b["boxes"][row]) and np.array_equal(a["blur_sigma"][row],
                                                                                    b["blur_sigma"][row])
-    assert sorted(map(bytes, b["embedding"].reshape(real.num_images, -1))) == \
-        sorted(map(bytes, a["embedding"].reshape(real.num_images, -1)))  # the same embeddings, moved
+    n_crops = a["embedding"].shape[1]
+    assert sorted(map(bytes, b["embedding"].reshape(real.num_images * n_crops, -1))) == \
+        sorted(map(bytes, a["embedding"].reshape(real.num_images * n_crops, -1)))  # the same embeddings, moved
     assert ctrl.meta.fingerprint == real.meta.fingerprint and ctrl.meta.complete
 
 
 def test_shuffled_copy_is_a_derangement(tmp_path):
-    """Each seed's control moves every image's embeddings to another image (no fixed point, across shards), and
-    keeps each image's own views."""
+    """Each seed's control moves every (image, crop)'s embedding to another slot, independently (no fixed point,
+    across shards; the crops of one image do not move together to one other image), and keeps each image's own
+    views."""
     from tests.test_store_kinds import filled  # noqa: PLC0415 - a real embedding store, written
     src = str(tmp_path / "src")
     filled(src, n=7, c=3)  # two shards of 4 rows
     want = labelstore.open_store(src).read_rows(np.arange(7))
     for seed in range(5):
         perm = shuffled_copy(src, str(tmp_path / f"c{seed}"), seed)
-        assert sorted(perm) == list(range(7)) and (perm != np.arange(7)).all()
+        assert sorted(perm) == list(range(21)) and (perm != np.arange(21)).all()
+        source_image = perm.reshape(7, 3) // 3  # the image each crop's embedding came from
+        assert any(len(set(r)) > 1 for r in source_image)  # one image's crops come from several images
         got = labelstore.open_store(str(tmp_path / f"c{seed}")).read_rows(np.arange(7))
-        assert np.array_equal(got["embedding"], want["embedding"][perm])
-        assert np.array_equal(got["embedding_scale"], want["embedding_scale"][perm])
+        assert np.array_equal(got["embedding"], want["embedding"].reshape(21, -1)[perm].reshape(7, 3, -1))
+        assert np.array_equal(got["embedding_scale"], want["embedding_scale"].reshape(21)[perm].reshape(7, 3))
         for k in ("boxes", "flips", "jitter", "jitter_factors", "jitter_order", "grayscale", "blur_sigma", "sizes"):
             assert np.array_equal(got[k], want[k]), k
+
+
+def test_the_control_is_not_tested_when_fkd_is_not_clearly_above_random():
+    from fkd_dali.bench.ssl import verdict  # noqa: PLC0415
+
+    def run(fkd, control):
+        return {"top1": {"teacher": 60.0, "random": 20.0, "online": fkd, "fkd": fkd, "control": control}}
+    weak = verdict([run(22.0, 21.0), run(23.0, 20.0)])  # FKD 2.5 points above random: the control shows nothing
+    assert any(v.startswith("- not tested: negative control") for v in weak)
+    strong = verdict([run(45.0, 21.0), run(47.0, 20.0)])
+    assert any(v.startswith("- met: negative control") for v in strong)
+    assert any(v.startswith("- NOT met: negative control") for v in verdict([run(45.0, 40.0), run(47.0, 41.0)]))

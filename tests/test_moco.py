@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from fkd_dali.cli import main
 from fkd_dali.dataset import scan_image_folder
 from fkd_dali.views import fresh_views, sample_views
 from pipelines import FreshViewLoader
-from tests.conftest import current_device, make_image_folder
+from tests.conftest import ROOT, current_device, free_port, make_image_folder, pythonpath
 
 DEVICE = current_device()
 D = 16
@@ -151,3 +153,80 @@ def test_fresh_views_are_drawn_per_pass_by_the_store_recipe():
     # the view recipe is honoured: no blur, no jitter when their probabilities are 0
     off = fresh_views(3, 0, [0, 1, 2], sizes, 4, {"blur_p": 0.0, "jitter_p": 0.0})
     assert (off["blur_sigma"] == 0).all() and not off["jitter"].any()
+    # a segment of another crop count (its pass count restarts at 0) draws other views, not view 0 of these
+    one = fresh_views(3, 0, [0, 1, 2], sizes, 1)
+    assert one["boxes"].shape == (3, 1, 4) and p0["boxes"].shape == (3, 4, 4)
+    assert not np.allclose(one["boxes"][:, 0], p0["boxes"][:, 0])
+
+
+@pytest.mark.slow
+def test_ddp_ranks_enqueue_every_ranks_keys_so_their_queues_are_one(data, tmp_path):
+    """MoCo's concat_all_gather: each rank enqueues all ranks' keys in rank order, so the queues stay identical and
+    the checkpoint's (rank 0's) queue is exact for every rank on --resume."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath(), FKD_TEST_MOCO="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), os.path.join(ROOT, "tests", "ddp_train_worker.py"), data, "-",
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    q0, q1 = torch.load(tmp_path / "rank0.queue.pt"), torch.load(tmp_path / "rank1.queue.pt")
+    seen = [json.load(open(tmp_path / f"rank{k}.json")) for k in (0, 1)]
+    keys = 2 * sum(len(rows) for rank in seen for rows in rank)  # two views per image, both ranks' images
+    assert q0["queue_ptr"] == q1["queue_ptr"] == keys % 12
+    assert torch.equal(q0["queue"], q1["queue"])
+    initial = torch.nn.functional.normalize(torch.randn(12, D, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert not torch.allclose(q0["queue"], initial)  # keys replaced the random start
+
+
+def test_the_keys_never_share_the_query_batchs_batchnorm_statistics(data, tmp_path):
+    """Shuffled BN below 32 views a rank: the keys run in two groups, so a key's BatchNorm statistics are not those
+    of the query batch (which holds the same views) — with one group they would be, and leak the positive."""
+    from fkd_dali.train import TrainConfig, Trainer  # noqa: PLC0415
+    cfg = TrainConfig(data=data, labels="moco", arch="resnet18", input_size=32, batch_size=8, epochs=1, lr=0.05,
+                      temperature=0.2, moco_k=12, moco_m=0.9, moco_dim=D, output=str(tmp_path / "run"),
+                      device=DEVICE, amp=False, show_progress=False)
+    trainer = Trainer(cfg)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(trainer.torch_device)
+    trainer.objective.targets(trainer, {}, images)
+    keys = trainer.objective._pending
+    with torch.no_grad():  # the key encoder on the 8 views as one batch: the query batch's statistics
+        one_batch = torch.nn.functional.normalize(trainer.objective.key_encoder.train()(images).float(), dim=1)
+    assert keys.shape == one_batch.shape and torch.allclose(keys.norm(dim=1), torch.ones(8), atol=1e-4)
+    assert not torch.allclose(keys, one_batch, atol=1e-3)
+
+
+def test_labels_moco_takes_moco_v2s_recipe_and_given_options_win(data):
+    """--labels moco alone trains with MoCo v2's main_moco.py defaults (--moco-t 0.2 --cos), not FKD's (T 1, lr 0.1,
+    steps); the lr scales with the images a step; options given win, and the run's notes say what was set."""
+    from fkd_dali.options import train_config, train_parser  # noqa: PLC0415
+    from fkd_dali.train_config import TrainError, check, notes  # noqa: PLC0415
+    c = train_config(train_parser().parse_args([data, "--labels", "moco"])).resolved()
+    check(c)
+    assert (c.recipe, c.opt, c.temperature, c.momentum, c.weight_decay, c.epochs, c.cos, c.batch_size) == \
+        ("moco-v2", "sgd", 0.2, 0.9, 1e-4, 200, True, 512)
+    assert c.lr == pytest.approx(0.03)  # 512 views = 256 images: MoCo's 0.03
+    assert "recipe moco-v2" in " ".join(notes(c))
+    c = train_config(train_parser().parse_args([data, "--labels", "moco", "-b", "128", "--temp", "0.07"])).resolved()
+    assert c.lr == pytest.approx(0.0075) and c.temperature == 0.07 and c.batch_size == 128  # 64 images: 0.03 / 4
+    c = train_config(train_parser().parse_args([data, "--labels", "moco", "--lr", "0.05", "--sched", "step"]))
+    assert c.lr == 0.05 and not c.resolved().cos
+    with pytest.raises(TrainError, match="--recipe moco-v2 pretrains without labels"):
+        check(train_config(train_parser().parse_args([data, "--recipe", "moco-v2", "--labels", "hard"])).resolved())
+
+
+@pytest.mark.parametrize("arch", ["regnet_x_400mf", "reactnet_a"])
+def test_a_non_resnet_encoder_of_the_project_loads_as_a_teacher(arch, tmp_path):
+    """The fkd_dali layout is built from its config's arch (a torchvision RegNet, the project's ReActNet — S2-BNN's
+    student), not guessed as a ResNet from the keys."""
+    from fkd_dali.models import create_model  # noqa: PLC0415
+    from fkd_dali.ssl_distill import attach_head  # noqa: PLC0415
+    from fkd_dali.ssl_teachers import load_embedding_teacher  # noqa: PLC0415
+    torch.manual_seed(0)
+    student = create_model(arch, D, 32)
+    attach_head(student, D)
+    path = str(tmp_path / "ckpt.pth.tar")
+    torch.save({"config": {"arch": arch, "input_size": 32}, "state_dict": student.state_dict()}, path)
+    teacher = load_embedding_teacher(path)
+    assert teacher.dim == D and teacher.describe()["arch"] == arch
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), torch.nn.functional.normalize(student.eval()(x), dim=1), atol=1e-4)

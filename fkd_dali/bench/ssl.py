@@ -8,8 +8,8 @@
    least twice the student's, as ResNet-50 -> ResNet-18 in S2-BNN);
 4. **generate --ssl-teacher**: the teacher's embeddings of ``epochs`` stored views of every student image (a fresh
    stored view every epoch, as the online student's fresh views), and the **negative control**: a copy of that
-   store, written with the store API, whose embeddings are moved across images (a derangement: no image keeps its
-   own);
+   store, written with the store API, whose per-crop embeddings are shuffled across all (image, crop) slots (a
+   derangement: no crop keeps its own, the views of one image get unrelated targets);
 5. **students** (``--recipe s2-bnn``'s loss and optimiser, the same epochs, batch and seed): random init (no
    training), online distillation (``--labels ssl-online``: the teacher on fresh views every step), FKD-SSL
    (``--labels ssl``, the stored views and embeddings), the control (``--labels ssl`` on the shuffled store);
@@ -125,27 +125,33 @@ def forward_ms(archs: list[str], size: int, batch: int = 32, repeats: int = 10) 
 
 
 def shuffled_copy(src: str, dst: str, seed: int) -> np.ndarray:
-    """A copy of the embedding store ``src`` at ``dst`` (replaced), written with the store API, in which image
-    ``i`` keeps its own views (boxes, flips, photometric parameters) but holds the embeddings of image
-    ``perm[i]``'s views (a single cycle through all images: none keeps its own): the control breaks only the
-    link between an image and its targets. Returns ``perm``."""
+    """A copy of the embedding store ``src`` at ``dst`` (replaced), written with the store API, in which every
+    image keeps its own views (boxes, flips, photometric parameters) but each (image, crop) slot holds the
+    embedding of another slot, drawn independently (one cycle through all N x C slots: none keeps its own), so the
+    views of one image get unrelated targets. Moving all of an image's views to one other image together would
+    keep them consistent with each other: exemplar-style learning, not a control. Returns ``perm``: slot ``j``
+    of the flattened (N * C) embeddings holds slot ``perm[j]``'s."""
     s = labelstore.open_store(src)
     m = s.meta
-    order = np.random.default_rng(seed).permutation(s.num_images)
+    slots = s.num_images * m.num_crops
+    order = np.random.default_rng(seed).permutation(slots)
     perm = np.empty_like(order)
-    perm[order] = np.roll(order, -1)  # order[j] takes order[j + 1]'s embeddings: one cycle, no fixed point
+    perm[order] = np.roll(order, -1)  # order[j] takes order[j + 1]'s embedding: one cycle, no fixed point
     rows = s.read_rows(np.arange(s.num_images))
+    for k in ("embedding", "embedding_scale"):
+        flat = rows[k].reshape(slots, *rows[k].shape[2:])
+        rows[k] = flat[perm].reshape(rows[k].shape)
     s.require_kind("embedding")
-    moved = ("embedding", "embedding_scale")  # the teacher's outputs; the views' arrays (boxes, jitter, ...) stay
     out = labelstore.create_store(
         dst, files=list(s.file_table()), targets=s.targets, classes=m.classes, fingerprint=m.fingerprint,
         dataset_root=m.dataset_root, num_crops=m.num_crops, num_classes=m.num_classes, teachers=m.teachers,
         crop=m.crop, seed=m.seed, kind=m.kind, kind_fields=m.kind_fields, overwrite=True,
-        source={"kind": "negative control", "of": os.path.abspath(src), "note": "embeddings moved across images"},
+        source={"kind": "negative control", "of": os.path.abspath(src),
+                "note": "each crop's embedding moved to another (image, crop)"},
         rows_per_shard=s.layout.rows_per_shard, crops_per_chunk=s.layout.crops_per_chunk)
     for a, b in out.shard_ranges():
         out.write_block(a, sizes=rows["sizes"][a:b], boxes=rows["boxes"][a:b], flips=rows["flips"][a:b],
-                        **{k: rows[k][perm[a:b]] if k in moved else rows[k][a:b] for k in s.kind.names})
+                        **{k: rows[k][a:b] for k in s.kind.names})
     out.finalize()
     return perm
 
@@ -322,6 +328,18 @@ def _row(label: str, v: dict[str, float], signed: bool = True) -> str:
             f"{v['cost']:.1f}x |")
 
 
+CONTROL_TOLERANCE = 5  # points: the control "at random-init level" is within this of random init
+
+
+def control_tells(runs: list[dict]) -> bool:
+    """Whether the control can fail: FKD-SSL is clearly above random init (mean margin above the control's
+    tolerance and above twice its standard deviation over the seeds); otherwise a control at random-init level
+    is what a broken pipeline gives too."""
+    d = [margins(r)["fkd_minus_random"] for r in runs]
+    _, mean, _, std = spread(d)
+    return mean > CONTROL_TOLERANCE and mean > 2 * std
+
+
 def verdict(runs: list[dict]) -> list[str]:
     """The issue's goals, each checked on the mean over the seeds."""
     mean = {k: statistics.fmean(margins(r)[k] for r in runs) for k in margins(runs[0])}
@@ -331,9 +349,13 @@ def verdict(runs: list[dict]) -> list[str]:
              ("FKD-SSL within 2 points of online distillation (or above it)", mean["fkd_minus_online"] >= -2, f"{mean['fkd_minus_online']:+.1f}"),
              ("FKD-SSL >= 0.85 x the teacher's probe", mean["fkd_over_teacher"] >= 0.85,
               f"{mean['fkd_over_teacher']:.2f}"),
-             ("negative control at random-init level (within 5 points)", abs(mean["control_minus_random"]) <= 5,
+             ("negative control at random-init level (within 5 points)",
+              abs(mean["control_minus_random"]) <= CONTROL_TOLERANCE if control_tells(runs) else None,
               f"{mean['control_minus_random']:+.1f}")]
-    lines = [f"- {'met' if ok else 'NOT met'}: {name} (mean over {len(runs)} seed(s): {value})"
+    lines = [f"- {'not tested' if ok is None else 'met' if ok else 'NOT met'}: {name} (mean over {len(runs)} "
+             f"seed(s): {value}" + (f"; FKD-SSL is not clearly above random init ({mean['fkd_minus_random']:+.1f}, "
+                                    f"needs > {CONTROL_TOLERANCE} and > 2 std), so a control at random-init level "
+                                    "shows nothing" if ok is None else "") + ")"
              for name, ok, value in goals]
     lines.append(f"- mean probe top-1: teacher {t['teacher']:.1f} %, random {t['random']:.1f} %, online "
                  f"{t['online']:.1f} %, FKD-SSL {t['fkd']:.1f} %, control {t['control']:.1f} %")

@@ -13,10 +13,13 @@ What facebookresearch/moco (``moco/builder.py``, ``main_moco.py --mlp --aug-plus
   queue (first in, first out).
 * **symmetric**: the loop runs the student on every view of the batch, so both views are queries (each against
   the other's key) and the loss is the mean of the two, as MoCo v3 and the symmetrised MoCo v2 baseline of MoCo v3's
-  paper; both views' keys are enqueued.
+  paper; both views' keys are enqueued, every rank's (gathered in rank order, MoCo's ``concat_all_gather``), so
+  every rank holds the same queue and rank 0's in the checkpoint resumes them all.
 * **shuffled BN**: MoCo shuffles the keys across GPUs so that a BatchNorm's batch statistics cannot tell a query its
   positive; here the key batch is permuted (seeded by the step) and run in chunks of at least 16 views (at most 8),
-  each chunk's statistics its own, as the MoCo authors' single-GPU CIFAR demo's split BatchNorm.
+  each chunk's statistics its own, as the MoCo authors' single-GPU CIFAR demo's split BatchNorm. Below 32 views a
+  rank still runs two chunks (smaller ones, down to 2 views), never the query batch as one: only a lone image (2
+  views) is one chunk. The query side keeps the whole batch's statistics, as in MoCo.
 * **views**: two views per image drawn anew every pass (:func:`fkd_dali.views.fresh_views`, MoCo v2's aug-plus)
   and applied by the replay graph of the embedding stores (``pipelines.FreshViewLoader``); ``-b`` counts views
   (two per image), an epoch is one pass over the images.
@@ -42,6 +45,25 @@ from .base import Loss, Mix, Objective, Run
 
 VIEWS = 2  # per image per step: each view is the query of the other's key
 MIN_CHUNK, MAX_CHUNKS = 16, 8  # the shuffled key batch's BatchNorm groups
+
+
+def _gathered(run: Run, keys: torch.Tensor) -> torch.Tensor:
+    """Every rank's keys of the step, rank 0's first (MoCo's ``concat_all_gather``): with several ranks each
+    enqueues them all, so the ranks' queues stay identical. A rank's last batch may be shorter: the counts are
+    gathered first and each rank's keys padded to the longest, then trimmed."""
+    if not run.dist.group:
+        return keys
+    import torch.distributed as dist  # noqa: PLC0415
+    world = dist.get_world_size()
+    count = torch.tensor([len(keys)], device=keys.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded = keys.new_zeros(max(counts), keys.shape[1])
+    padded[:len(keys)] = keys
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 class MoCo(Objective):
@@ -121,14 +143,16 @@ class MoCo(Objective):
             raise TrainError(f"a MoCo batch holds {VIEWS} views per image, got {n} views")
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + run.global_step)
         perm = torch.randperm(n, generator=g).to(images.device)
-        chunks = max(1, min(MAX_CHUNKS, n // MIN_CHUNK))
+        # at least two groups (of >= 2 views: a BatchNorm needs two): a single group would be the query batch's very
+        # views, so a key's BN statistics would match its query's and leak the positive
+        chunks = min(MAX_CHUNKS, max(2, n // MIN_CHUNK)) if n >= 4 else 1
         self.key_encoder.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.amp):
             shuffled = torch.cat([self.key_encoder(c).float() for c in images[perm].chunk(chunks)])
         keys = torch.empty_like(shuffled)
         keys[perm] = shuffled
         keys = F.normalize(keys, dim=1)
-        self._pending = keys
+        self._pending = _gathered(run, keys)
         return keys.view(n // VIEWS, VIEWS, -1).flip(1).reshape(n, -1)  # view v of an image: the other view's key
 
     def loss(self, run: Run, logits: torch.Tensor, targets: torch.Tensor, mix: Mix | None) -> Loss:
@@ -142,7 +166,8 @@ class MoCo(Objective):
 
     @torch.no_grad()
     def step(self) -> None:
-        """The step's keys enter the queue (after the loss used it), overwriting the oldest."""
+        """The step's keys, every rank's in rank order, enter the queue (after the loss used it), overwriting the
+        oldest: every rank's queue is the same, so rank 0's in the checkpoint is exact for all."""
         keys, self._pending = self._pending, None
         if keys is None:
             return
