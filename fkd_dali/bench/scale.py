@@ -20,6 +20,7 @@ tars on a moto S3 server (alternating fresh processes; the server's GETs counted
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -478,19 +479,38 @@ def run(args) -> dict:
     return res
 
 
-def _s3(info: dict, common: dict, args, out: str) -> dict:
+@contextlib.contextmanager
+def _bench_bucket(workdir: str):
+    """A local S3 server (moto) with an empty bucket ``bench``: yields (s3fs filesystem, endpoint, its access log,
+    a scratch folder), or None when moto / s3fs are not installed; the server and the folder go afterwards."""
     try:
         import moto  # noqa: F401
         import s3fs
-    except ImportError as e:
-        return {"skipped": f"needs moto[server] and s3fs ({e}); pip install 'moto[server]' s3fs"}
-    spill = tempfile.mkdtemp(prefix="fkd-bench-s3-", dir=args.workdir)
+    except ImportError:
+        yield None
+        return
+    spill = tempfile.mkdtemp(prefix="fkd-bench-s3-", dir=workdir)
     log = os.path.join(spill, "moto-access.log")
     proc, endpoint = s3_server(spill, log)
     try:
-        env = s3_env(endpoint)
         fs = s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint)
         fs.mkdir("bench")
+        yield fs, endpoint, log, spill
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+NO_S3 = {"skipped": "needs moto[server] and s3fs: pip install 'moto[server]' s3fs"}
+
+
+def _s3(info: dict, common: dict, args, out: str) -> dict:
+    with _bench_bucket(args.workdir) as bucket:
+        if bucket is None:
+            return NO_S3
+        fs, endpoint, log, _ = bucket
+        env = s3_env(endpoint)
         t = time.perf_counter()
         fs.put(info["store"], "bench/store", recursive=True)
         upload = time.perf_counter() - t
@@ -509,10 +529,6 @@ def _s3(info: dict, common: dict, args, out: str) -> dict:
         res["requests_measured_per_pass"] = per_pass
         res["requests_measured_once"] = sum(got.values()) - 2 * per_pass
         return res
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        shutil.rmtree(spill, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- the run, --format wds
@@ -604,17 +620,10 @@ def run_shards(args) -> dict:
 
 
 def _s3_shards(sh: dict, crops: dict, args, workdir: str) -> dict:
-    try:
-        import moto  # noqa: F401
-        import s3fs
-    except ImportError as e:
-        return {"skipped": f"needs moto[server] and s3fs ({e}); pip install 'moto[server]' s3fs"}
-    spill = tempfile.mkdtemp(prefix="fkd-bench-s3-", dir=workdir)
-    log = os.path.join(spill, "moto-access.log")
-    proc, endpoint = s3_server(spill, log)
-    try:
-        fs = s3fs.S3FileSystem(key="bench", secret="bench", endpoint_url=endpoint)
-        fs.mkdir("bench")
+    with _bench_bucket(workdir) as bucket:
+        if bucket is None:
+            return NO_S3
+        fs, endpoint, log, spill = bucket
         t = time.perf_counter()
         fs.put(os.path.join(sh["root"], "train"), "bench/shards/train", recursive=True)
         res: dict = {"upload_s": time.perf_counter() - t, "endpoint": "moto server on 127.0.0.1"}
@@ -633,10 +642,6 @@ def _s3_shards(sh: dict, crops: dict, args, workdir: str) -> dict:
         res["requests_per_image"] = one["shard_gets"] / one["rank_images"]  # the server's log: GETs of tars
         res["requests_per_pass_w8"] = int(res["requests_per_image"] * -(-sh["images"] // 8))
         return res
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _shard_gets(log: str, start: int) -> int:
