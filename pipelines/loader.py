@@ -291,6 +291,11 @@ class _DaliLoader:
         self.release(keep_state=False)
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in ("float32", "float16", "bfloat16", "uint8"):
+        raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype!r}")
+
+
 class FKDLoader(_DaliLoader):
     """Replays the stored crops of a label store, each with its stored soft label.
 
@@ -326,8 +331,7 @@ class FKDLoader(_DaliLoader):
                  decoder: graphs.DecoderOptions | None = None,
                  files: Sequence[str] | PathTable | None = None, targets: Sequence[int] | None = None,
                  reads: RoundReads | None = None):
-        if dtype not in ("float32", "float16", "bfloat16", "uint8"):
-            raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype!r}")
+        _check_dtype(dtype)
         reader = FKDReader(data, store, num_crops=num_crops, batch_size=batch_size, seed=seed, rank=rank,
                            world_size=world_size, shuffle=shuffle, drop_last=drop_last,
                            allow_incomplete=allow_incomplete, verify_files=verify_files, files=files, targets=targets,
@@ -336,6 +340,10 @@ class FKDLoader(_DaliLoader):
                          prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.store = reader.store
         self.output_names = ("images", *reader.label_names, "targets", "indices", "crop_ids")
+        self._view_settings(num_crops, crop_size, normalize, dtype, channels_last, mean, std, interp)
+
+    def _view_settings(self, num_crops, crop_size, normalize, dtype, channels_last, mean, std, interp) -> None:
+        """What the replay graph makes of each view (this loader's and FreshViewLoader's)."""
         self.num_crops, self.crop_size = num_crops, crop_size
         self.normalize = normalize and dtype != "uint8"
         self.dtype, self.channels_last = dtype, channels_last
@@ -413,18 +421,14 @@ class FreshViewLoader(FKDLoader):
                  std: Sequence[float] = graphs.IMAGENET_STD, interp: str = "bilinear", shuffle: bool = True,
                  drop_last: bool = False, num_threads: int | None = None, device_id: int | None = None,
                  prefetch_queue_depth: int = 2, decoder: graphs.DecoderOptions | None = None):
-        if dtype not in ("float32", "float16", "bfloat16", "uint8"):
-            raise ValueError(f"dtype must be float32, float16, bfloat16 or uint8, got {dtype!r}")
+        _check_dtype(dtype)
         reader = FreshViewReader(root, files, targets, draw=draw, num_crops=num_crops, batch_size=batch_size,
                                  seed=seed, rank=rank, world_size=world_size, shuffle=shuffle, drop_last=drop_last)
         _DaliLoader.__init__(self, reader, device=device, num_threads=num_threads, device_id=device_id,
                              prefetch_queue_depth=prefetch_queue_depth, decoder=decoder)
         self.store = None
         self.output_names = ("images", "targets", "indices", "crop_ids")
-        self.num_crops, self.crop_size = num_crops, crop_size
-        self.normalize = normalize and dtype != "uint8"
-        self.dtype, self.channels_last = dtype, channels_last
-        self.mean, self.std, self.interp = tuple(mean), tuple(std), interp
+        self._view_settings(num_crops, crop_size, normalize, dtype, channels_last, mean, std, interp)
 
     @property
     def num_classes(self) -> int:
